@@ -1,0 +1,16 @@
+"""seqbook: the library behind a runnable textbook on sequence models.
+
+Every core operation has a readable implementation (plain PyTorch, written to be
+read beside the math) and a Triton kernel with the same signature; the public
+entry of each operation takes ``backend="auto" | "reference" | "triton"``
+(see :mod:`seqbook.backend`).
+
+Modules, one per topic:
+
+- :mod:`seqbook.kalman`  linear-Gaussian state space models: filter, smoother, parallel filter
+- :mod:`seqbook.scan`    the diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t``
+- :mod:`seqbook.backend` which implementation runs, and the Triton interpreter switch
+- :mod:`seqbook.grading` releasing exercises and grading submissions
+"""
+
+__version__ = "0.1.0"

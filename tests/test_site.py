@@ -1,0 +1,119 @@
+"""The site builds with warnings as errors, and its pages render in a real browser
+with no internet: the maths is typeset by the MathJax we serve ourselves (no raw
+TeX left on the page) and every figure is there.
+
+The build uses the notebooks' committed outputs (execution off): the notebook tests
+(nbval) check that those outputs are what the code produces today.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=30000", "--dump-dom",
+]
+# Pages whose maths and figures are checked in the browser.
+PAGES = ["chapters/01_kalman/kalman.html"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.fail("headless Chromium is needed for the site test: `make test` installs Debian's `chromium`")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """Build the book once into a temporary folder, with the notebooks' committed outputs."""
+    config = yaml.safe_load((ROOT / "book.yml").read_text())
+    config["execute"]["execute_notebooks"] = "off"
+    config_path = tmp_path_factory.mktemp("config") / "book.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path_factory.mktemp("site")
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    build = subprocess.run(
+        [str(jupyter_book), "build", str(ROOT), "--config", str(config_path), "--toc", str(ROOT / "toc.yml"),
+         "--path-output", str(out), "--warningiserror", "--keep-going"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert build.returncode == 0, f"the site build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
+    return out / "_build" / "html"
+
+
+def render(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after its scripts ran in headless Chromium."""
+    result = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+class VisibleText(HTMLParser):
+    """Text a reader sees: outside <script>, <style>, and code (<pre>, <code>), where TeX may legitimately appear."""
+
+    HIDDEN = {"script", "style", "pre", "code"}
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.chunks = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.depth += tag in self.HIDDEN
+
+    def handle_endtag(self, tag):
+        self.depth -= tag in self.HIDDEN
+
+    def handle_data(self, data):
+        if self.depth == 0:
+            self.chunks.append(data)
+
+
+def visible_text(dom: str) -> str:
+    parser = VisibleText()
+    parser.feed(dom)
+    return " ".join(parser.chunks)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_maths_is_typeset_offline(site, page, tmp_path):
+    html = (site / page).read_text()
+    assert "mathjax/MathJax.js" in html and "cdn.jsdelivr" not in html, "MathJax must be served from the site"
+    dom = render(site / page, tmp_path)
+    sources = len(re.findall(r'<script type="math/tex', dom))
+    rendered = len(re.findall(r'class="MathJax(?:_Display|_SVG_Display)?"', dom))
+    assert sources > 10, f"{page}: expected the chapter's maths to be typeset, found {sources} formulas"
+    assert rendered >= sources, f"{page}: {sources} formulas but {rendered} rendered"
+    text = visible_text(dom)
+    leftovers = re.findall(r"\\\(|\\\[|\$\$|\\frac|\\mathbf|\\top|\\begin\{", text)
+    assert not leftovers, f"{page}: raw TeX left on the page: {leftovers[:5]}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_figures_are_present(site, page):
+    html = (site / page).read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    figures = [src for src in images if "_images/" in src]
+    assert len(figures) >= 4, f"{page}: expected the chapter's figures, found {figures}"
+    for src in figures:
+        path = (site / page).parent / src
+        assert path.is_file() and path.stat().st_size > 1000, f"{page}: figure {src} is missing or empty"
+
+
+def test_bibliography_resolves(site):
+    html = (site / PAGES[0]).read_text()
+    assert "Kalman" in html and "1960" in html, "the chapter's references should be rendered from references.bib"
