@@ -8,9 +8,14 @@ entry of each operation takes ``backend="auto" | "reference" | "triton"``
 Modules, one per topic:
 
 - :mod:`seqbook.kalman`  linear-Gaussian state space models: filter, smoother, parallel filter
+- :mod:`seqbook.ssm`     continuous-time SSMs, discretization, recurrent and convolutional views
 - :mod:`seqbook.scan`    the diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t``
 - :mod:`seqbook.backend` which implementation runs, and the Triton interpreter switch
 - :mod:`seqbook.grading` releasing exercises and grading submissions
 """
 
 __version__ = "0.1.0"
+
+# Imported first so that, without a GPU, the Triton interpreter is switched on
+# before anything imports triton (see seqbook.backend).
+from . import backend  # noqa: E402,F401

@@ -7,20 +7,29 @@ Every public operation takes ``backend``:
   Triton interpreter (``TRITON_INTERPRET=1``) on a machine without a GPU;
 - ``"auto"``: the kernel for CUDA tensors, the reference otherwise.
 
-The interpreter must be chosen before any ``@triton.jit`` function is decorated,
-so kernel modules are never imported at package import time: :func:`kernels`
-imports them on first use, after setting the switch.
+The interpreter must be chosen before Triton itself is imported: ``triton.language``
+decorates its own helpers (``tl.zeros``, ``tl.sum``, ...) at import time, and
+``@triton.jit`` reads the switch when it decorates. So this module, which
+``import seqbook`` imports first, switches the interpreter on when there is no
+GPU, and kernel modules are imported only on first use, through :func:`kernels`.
+Import ``seqbook`` before ``triton`` on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+
+# Decided once, before anything imports triton (see the module docstring).
+_TRITON_IMPORTED_FIRST = "triton" in sys.modules
+if not torch.cuda.is_available() and not _TRITON_IMPORTED_FIRST:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def interpreting() -> bool:
@@ -53,7 +62,11 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
 
 
 def kernels(name: str) -> ModuleType:
-    """Import ``seqbook.kernels.<name>``, switching the interpreter on first if needed."""
-    if interpreting():
-        os.environ["TRITON_INTERPRET"] = "1"
+    """Import ``seqbook.kernels.<name>`` (on first use; see the module docstring)."""
+    if interpreting() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "Triton kernels need the Triton interpreter on a machine without a GPU, but triton was "
+            "imported before seqbook, so the interpreter could not be switched on: import seqbook "
+            "first, or set TRITON_INTERPRET=1 before starting Python"
+        )
     return importlib.import_module(f"seqbook.kernels.{name}")
