@@ -28,16 +28,32 @@ symbol         shape                       meaning
 ``y, S``       (..., m), (..., m, m)       innovation z - H x and its covariance
 ``K``          (..., n, m)                 Kalman gain
 ``G``          (..., n, n)                 smoother gain
+``A, b, C``    (batch, T, n, n), (.., n)   scan element: x_t | x_{t-1}, z_t ~ N(A x_{t-1} + b, C)
+``eta, J``     (batch, T, n), (.., n, n)   scan element: evidence of z_t about x_{t-1} (information form)
 =============  ==========================  ==========================================
 
-References: Kalman (1960); Rauch, Tung & Striebel (1965) for the smoother;
-Bucy & Joseph (1968) for the Joseph form; Särkkä & García-Fernández (2021) for the
-parallel filter; Särkkä (2013) for all of it in one place.
+Every function that takes a whole sequence (``kalman_filter``, ``parallel_kalman_filter``,
+``batch_posterior``, ``simulate``) validates its inputs and raises a ``ValueError`` that names
+the argument and the shape it expected; the one-step functions check shapes and dtypes.
+
+References
+
+- R. E. Kalman (1960), A new approach to linear filtering and prediction problems,
+  J. Basic Engineering 82(1): the filter (predict, update).
+- H. E. Rauch, F. Tung, C. T. Striebel (1965), Maximum likelihood estimates of linear
+  dynamic systems, AIAA Journal 3(8): the backward smoother.
+- R. S. Bucy, P. D. Joseph (1968), Filtering for Stochastic Processes with Applications
+  to Guidance: the "Joseph form" of the covariance update.
+- S. Särkkä, Á. F. García-Fernández (2021), Temporal parallelization of Bayesian
+  smoothers, IEEE Trans. Automatic Control 66(1), Lemmas 8-9: the filter as an
+  associative scan.
+- S. Särkkä (2013), Bayesian Filtering and Smoothing: all of it in one place.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -45,8 +61,8 @@ from torch import Tensor
 
 __all__ = [
     "FilterResult", "SmootherResult", "predict", "update", "kalman_filter", "rts_step",
-    "rts_smoother", "parallel_kalman_filter", "batch_posterior", "simulate",
-    "constant_velocity", "nis", "nees", "chi2_interval",
+    "rts_smoother", "ScanElement", "scan_elements", "combine", "parallel_kalman_filter",
+    "batch_posterior", "simulate", "constant_velocity", "nis", "nees", "chi2_interval",
 ]
 
 
@@ -91,6 +107,7 @@ def predict(x: Tensor, P: Tensor, F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]
     A linear map of a Gaussian is Gaussian, and adding independent noise adds covariances.
     Shapes: x (..., n), P (..., n, n), F and Q (..., n, n); returns (x_pred, P_pred).
     """
+    _check_step(x=x, P=P, F=F, Q=Q)  # shapes and dtypes, or a ValueError naming the argument
     return _matvec(F, x), _symmetrize(F @ P @ F.mT + Q)
 
 
@@ -109,6 +126,7 @@ def update(x: Tensor, P: Tensor, z: Tensor, H: Tensor, R: Tensor, *, joseph: boo
     ``joseph=False`` uses the short form :math:`P^+ = (I - KH) P`, equal in exact
     arithmetic; see the comment below for why we do not.
     """
+    _check_step(x=x, P=P, z=z, H=H, R=R)
     missing = torch.isnan(z).any(dim=-1)
     Hx = _matvec(H, x)
     # A missing measurement is replaced by its prediction (zero innovation) before any
@@ -121,10 +139,12 @@ def update(x: Tensor, P: Tensor, z: Tensor, H: Tensor, R: Tensor, *, joseph: boo
     x_post = x + _matvec(K, y)
     I_KH = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device) - K @ H
     if joseph:
-        # Joseph form: a sum of two symmetric PSD terms, so rounding cannot make it
-        # indefinite. The short form (I - KH) P subtracts two nearly equal matrices when
-        # the measurement is precise, and its rounding error can push eigenvalues below
-        # zero; it is also only correct for the optimal K, while Joseph's is for any K.
+        # Joseph form (Bucy & Joseph 1968): a sum of two terms of the shape A M A^T with M
+        # PSD. Such a product has no cancellation: rounding moves its eigenvalues by about
+        # eps * |P|, so a PSD P stays PSD to rounding level. The short form (I - KH) P
+        # subtracts two nearly equal matrices when the measurement is precise (KH P ~ P),
+        # and the lost digits can push eigenvalues far below zero; it is also exact only
+        # for the optimal K, while the Joseph form is the covariance for any gain K.
         P_post = I_KH @ P @ I_KH.mT + K @ R @ K.mT
     else:
         P_post = I_KH @ P
@@ -149,11 +169,16 @@ def _gaussian_log_density(y: Tensor, S: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------
 
 def kalman_filter(z, F, H, Q, R, x0, P0, *, joseph: bool = True) -> FilterResult:
-    """Filter a batch of measurement sequences: predict, then update, at every step.
+    r"""Filter a batch of measurement sequences: predict, then update, at every step.
 
     Shapes in the module glossary: z (batch, T, m); the model may be shared or per batch.
     The loop over time is the point: the belief (x, P) is a fixed-size summary of
-    everything seen so far, carried from one step to the next.
+    everything seen so far, carried from one step to the next. The batch is not looped
+    over: a missing z[b, t] (NaN) only switches that track's update off at that step.
+
+    ``log_likelihood`` is log p(z_1..z_T) = Σ_t log N(y_t; 0, S_t), the "prediction error
+    decomposition": each measurement is scored against its prediction from the past.
+    Missing steps contribute nothing. ``joseph`` picks the covariance update (see :func:`update`).
     """
     z, F, H, Q, R, x0, P0 = _validate(z, F, H, Q, R, x0, P0)
     B, n = z.shape[0], F.shape[-1]
@@ -188,6 +213,8 @@ def rts_step(x_filt, P_filt, x_pred_next, P_pred_next, x_smooth_next, P_smooth_n
     differs from what the filter predicted for t+1. Shapes: means (..., n),
     covariances and F (..., n, n). Returns ``(x_smooth, P_smooth)``.
     """
+    _check_step(x_filt=x_filt, P_filt=P_filt, x_pred_next=x_pred_next, P_pred_next=P_pred_next,
+                x_smooth_next=x_smooth_next, P_smooth_next=P_smooth_next, F=F)
     G = _smoother_gain(P_filt, P_pred_next, F)
     x_s = x_filt + _matvec(G, x_smooth_next - x_pred_next)
     P_s = P_filt + G @ (P_smooth_next - P_pred_next) @ G.mT
@@ -199,6 +226,11 @@ def rts_smoother(result: FilterResult, F: Tensor) -> SmootherResult:
 
     Needs only the filter's stored beliefs and F: the predicted covariances already hold Q.
     """
+    if not isinstance(result, FilterResult):
+        raise TypeError(f"result must be the FilterResult of kalman_filter, got {type(result).__name__}")
+    B, n = result.x.shape[0], result.x.shape[-1]
+    _check_tensor("F", F, ("result.x", result.x))
+    _check_matrix("F", F, n, n, B, "n", "n")
     T = result.x.shape[1]
     x_s, P_s = result.x[:, -1], result.P[:, -1]
     xs, Ps, Gs = [x_s], [P_s], [torch.zeros_like(P_s)]
@@ -216,7 +248,7 @@ def rts_smoother(result: FilterResult, F: Tensor) -> SmootherResult:
 # The filter as an associative scan (Särkkä & García-Fernández 2021)
 # ----------------------------------------------------------------------------
 
-class _Element(NamedTuple):
+class ScanElement(NamedTuple):
     """One step of the filter as a function of the belief it receives (Lemma 8 of the paper).
 
     ``p(x_t | x_{t-1}, z_t) = N(A x_{t-1} + b, C)`` and the measurement's evidence about
@@ -230,7 +262,12 @@ class _Element(NamedTuple):
     J: Tensor    # (batch, T, n, n)
 
 
-def _elements(z, F, H, Q, R, x0, P0) -> _Element:
+def scan_elements(z, F, H, Q, R, x0, P0) -> ScanElement:
+    """The T elements of the scan, all at once (Lemma 8): each is an update step whose
+    "prediction" is N(F x_{t-1}, Q) for a given x_{t-1}, except the first, which starts
+    from the known prior and so is the filter's first step itself (A_1 = 0, J_1 = 0).
+    """
+    z, F, H, Q, R, x0, P0 = _validate(z, F, H, Q, R, x0, P0)
     B, T, m = z.shape
     n = F.shape[-1]
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
@@ -259,10 +296,10 @@ def _elements(z, F, H, Q, R, x0, P0) -> _Element:
     HF = H @ A_prior
     eta = _matvec(HF.mT, torch.linalg.solve(S, (z - _matvec(H, m_pred)).unsqueeze(-1)).squeeze(-1))
     J = _symmetrize(HF.mT @ torch.linalg.solve(S, HF))
-    return _Element(A, b, C, eta, J)
+    return ScanElement(A, b, C, eta, J)
 
 
-def _combine(i: _Element, j: _Element) -> _Element:
+def combine(i: ScanElement, j: ScanElement) -> ScanElement:
     """The associative operator: element i (earlier steps) followed by element j (later).
 
     Composes two Gaussian conditionals and two pieces of evidence (Lemma 9 of the paper).
@@ -278,27 +315,26 @@ def _combine(i: _Element, j: _Element) -> _Element:
     C = _symmetrize(j.A @ solve_M(i.C) @ j.A.mT + j.C)
     eta = _matvec(i.A.mT, solve_Mt((j.eta - _matvec(j.J, i.b)).unsqueeze(-1)).squeeze(-1)) + i.eta
     J = _symmetrize(i.A.mT @ solve_Mt(j.J @ i.A) + i.J)
-    return _Element(A, b, C, eta, J)
+    return ScanElement(A, b, C, eta, J)
 
 
 def parallel_kalman_filter(z, F, H, Q, R, x0, P0) -> tuple[Tensor, Tensor]:
-    """The Kalman filter as an inclusive scan with :func:`_combine` (Särkkä & García-Fernández 2021).
+    """The Kalman filter as an inclusive scan with :func:`combine` (Särkkä & García-Fernández 2021).
 
     Each step becomes an element; since the combine is associative, the prefix
     ``e_1 ∘ e_2 ∘ ... ∘ e_t`` can be computed in ceil(log2 T) rounds (Hillis–Steele:
-    at round d, every position t >= d combines with position t - d), each round one
-    batched call over all positions. The prefix's (b, C) are the filtered mean and
+    in the round with offset 2^d, every position t >= 2^d combines its partial prefix
+    with the one at t - 2^d), each round one batched call over all positions. The prefix's (b, C) are the filtered mean and
     covariance. Returns (x, P) with shapes (batch, T, n), (batch, T, n, n), equal to
     :func:`kalman_filter`'s ``x`` and ``P``.
     """
-    z, F, H, Q, R, x0, P0 = _validate(z, F, H, Q, R, x0, P0)
-    prefix = _elements(z, F, H, Q, R, x0, P0)
+    prefix = scan_elements(z, F, H, Q, R, x0, P0)
     T, offset = z.shape[1], 1
     while offset < T:
-        earlier = _Element(*(field[:, :-offset] for field in prefix))
-        later = _Element(*(field[:, offset:] for field in prefix))
-        combined = _combine(earlier, later)
-        prefix = _Element(*(torch.cat([old[:, :offset], new], dim=1) for old, new in zip(prefix, combined)))
+        earlier = ScanElement(*(field[:, :-offset] for field in prefix))
+        later = ScanElement(*(field[:, offset:] for field in prefix))
+        combined = combine(earlier, later)
+        prefix = ScanElement(*(torch.cat([old[:, :offset], new], dim=1) for old, new in zip(prefix, combined)))
         offset *= 2
     return prefix.b, prefix.C
 
@@ -310,45 +346,61 @@ def parallel_kalman_filter(z, F, H, Q, R, x0, P0) -> tuple[Tensor, Tensor]:
 def batch_posterior(z, F, H, Q, R, x0, P0) -> tuple[Tensor, Tensor]:
     r"""The exact posterior p(x_1..x_T | z_1..z_T), computed as one Gaussian, no recursion.
 
-    Stack the states into X (T n). The log joint density is quadratic in X, so the
-    posterior is N(Λ^{-1} η, Λ^{-1}) with the block-tridiagonal precision
+    Stack the states into X = (x_1, ..., x_T), a vector of T n numbers. The log joint
+    density log p(X, z) is a quadratic in X, so the posterior is N(Λ^{-1} η, Λ^{-1}) with
+    the block-tridiagonal precision (blocks indexed by time)
 
     .. math::
 
-        Λ = \mathrm{prior}(x_1)^{-1} + \sum_t \begin{bmatrix} F^\top Q^{-1} F & -F^\top Q^{-1} \\
-            -Q^{-1} F & Q^{-1} \end{bmatrix}_{(t-1, t)} + \sum_{t \text{ observed}} H^\top R^{-1} H .
+        Λ = \underbrace{P_1^{-1}}_{(1, 1)}
+            + \sum_{t=2}^T \begin{bmatrix} F^\top Q^{-1} F & -F^\top Q^{-1} \\
+                                            -Q^{-1} F & Q^{-1} \end{bmatrix}_{(t-1,\, t)}
+            + \sum_{t \text{ observed}} \big[H^\top R^{-1} H\big]_{(t, t)}, \qquad
+        η = \big[P_1^{-1} m_1\big]_{1} + \sum_{t \text{ observed}} \big[H^\top R^{-1} z_t\big]_{t},
 
-    Returns the marginal means (batch, T, n) and covariances (batch, T, n, n): the smoother's
-    answer. Called on z[:, :t] it gives the filter's answer at t. Needs Q invertible; it is
-    the O((T n)^3) check that the O(T n^3) recursions are exact, not a method to use.
+    where N(m_1, P_1) = N(F x0, F P0 F^T + Q) is the prior of x_1: the prior x_0 ~ N(x0, P0)
+    is integrated out first, which keeps the system T n in size and lets P0 be singular.
+
+    Returns the marginal means (batch, T, n) and covariances (batch, T, n, n) of all T
+    states given all of z: the smoother's answer. The filter's answer at t uses
+    z_1..z_t only, so compare it with ``batch_posterior(z[:, :t], ...)``, whose last
+    marginal is p(x_t | z_1..z_t). Needs Q and R invertible. This is the O((T n)^3)
+    check that the O(T n^3) recursions are exact, not a method to use.
     """
     z, F, H, Q, R, x0, P0 = _validate(z, F, H, Q, R, x0, P0)
     B, T, m = z.shape
     n = F.shape[-1]
     F, H, Q, R = (M.expand(B, *M.shape[-2:]) for M in (F, H, Q, R))
-    observed = ~torch.isnan(z).any(-1)
-    Q_inv, R_inv = torch.linalg.inv(Q), torch.linalg.inv(R)
+    observed = ~torch.isnan(z).any(-1)                       # (B, T): which z_t to use
+    # Precisions of the noises; an SPD matrix is inverted through its Cholesky factor.
+    spd_inverse = lambda S: torch.cholesky_inverse(torch.linalg.cholesky(S))  # noqa: E731
+    Q_inv, R_inv = spd_inverse(Q), spd_inverse(R)
     m1, P1 = predict(x0.expand(B, n), P0.expand(B, n, n), F, Q)   # prior of x_1
-    Lam = z.new_zeros(B, T, n, T, n)
+    P1_inv = spd_inverse(P1)
+
+    Lam = z.new_zeros(B, T, n, T, n)   # Λ, with its (T n) rows and columns split as (T, n)
     eta = z.new_zeros(B, T, n)
-    P1_inv = torch.linalg.inv(P1)
     Lam[:, 0, :, 0] += P1_inv
     eta[:, 0] += _matvec(P1_inv, m1)
-    for t in range(1, T):   # transition x_{t-1} -> x_t
+    for t in range(1, T):   # transition: -1/2 |x_t - F x_{t-1}|^2 in the metric Q^{-1}
         Lam[:, t - 1, :, t - 1] += F.mT @ Q_inv @ F
         Lam[:, t, :, t] += Q_inv
         Lam[:, t - 1, :, t] -= F.mT @ Q_inv
         Lam[:, t, :, t - 1] -= Q_inv @ F
     HtRinv = H.mT @ R_inv
-    for t in range(T):      # measurement of x_t
-        w = observed[:, t].to(z.dtype)[:, None, None]
-        Lam[:, t, :, t] += w * (HtRinv @ H)
-        eta[:, t] += w[..., 0] * _matvec(HtRinv, torch.nan_to_num(z[:, t]))
-    Lam = Lam.reshape(B, T * n, T * n)
-    cov = torch.linalg.inv(Lam)
-    mean = _matvec(cov, eta.reshape(B, T * n)).reshape(B, T, n)
-    idx = torch.arange(T)
-    marginals = cov.reshape(B, T, n, T, n)[:, idx, :, idx].permute(1, 0, 2, 3)
+    for t in range(T):      # measurement: -1/2 |z_t - H x_t|^2 in the metric R^{-1}, if observed
+        w = observed[:, t].to(z.dtype)
+        Lam[:, t, :, t] += w[:, None, None] * (HtRinv @ H)
+        eta[:, t] += w[:, None] * _matvec(HtRinv, torch.nan_to_num(z[:, t]))
+
+    # Λ is symmetric positive definite, so one Cholesky factorization Λ = L L^T serves
+    # both the mean (two triangular solves) and the covariance Λ^{-1}, all of which
+    # we need here: its diagonal (n, n) blocks are the marginal covariances.
+    L = torch.linalg.cholesky(Lam.reshape(B, T * n, T * n))
+    mean = torch.cholesky_solve(eta.reshape(B, T * n, 1), L).reshape(B, T, n)
+    cov = torch.cholesky_inverse(L).reshape(B, T, n, T, n)
+    t = torch.arange(T)
+    marginals = cov[:, t, :, t].permute(1, 0, 2, 3)   # advanced indexing puts T first
     return mean, _symmetrize(marginals)
 
 
@@ -363,10 +415,21 @@ def _sqrt_psd(P: Tensor) -> Tensor:
 
 
 def simulate(F, H, Q, R, x0, P0, length: int, *, batch: int = 1, generator: torch.Generator | None = None):
-    """Draw ``batch`` independent tracks of the model: returns (x_true (batch, T, n), z (batch, T, m))."""
+    """Draw ``batch`` independent tracks of the model: returns (x_true (batch, T, n), z (batch, T, m)).
+
+    x_0 ~ N(x0, P0), then for t = 1..T: x_t = F x_{t-1} + w_t, z_t = H x_t + v_t. A per-batch
+    model needs ``batch`` equal to its leading size. Pass a seeded ``generator`` to repeat a draw.
+    """
+    for name, count in (("length", length), ("batch", batch)):
+        if not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"{name} must be a positive int, got {count!r}")
+    _validate_model(F, H, Q, R, x0, P0, batch=batch)
     n, m = F.shape[-1], H.shape[-2]
-    dtype = F.dtype
-    noise = lambda size, cov: _matvec(_sqrt_psd(cov), torch.randn(*size, dtype=dtype, generator=generator))  # noqa: E731
+
+    def noise(size, cov):   # N(0, cov) draws: a square root of cov times standard normals
+        e = torch.randn(*size, dtype=F.dtype, device=F.device, generator=generator)
+        return _matvec(_sqrt_psd(cov), e)
+
     x = x0.expand(batch, n) + noise((batch, n), P0)
     xs, zs = [], []
     for _ in range(length):
@@ -404,11 +467,13 @@ def nis(innovation: Tensor, S: Tensor) -> Tensor:
 
     For a filter whose model is right, it is χ² with m degrees of freedom (NaN where missing).
     """
+    _check_step(innovation=innovation, S=S)
     return (innovation * torch.linalg.solve(S, innovation.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
 def nees(x_true: Tensor, x: Tensor, P: Tensor) -> Tensor:
     r"""Normalized estimation error squared :math:`e^\top P^{-1} e`, e = x_true - x; χ² with n dof if calibrated."""
+    _check_step(x_true=x_true, x=x, P=P)
     e = x_true - x
     return (e * torch.linalg.solve(P, e.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
@@ -444,21 +509,42 @@ def chi2_interval(dof: int, prob: float = 0.95, *, samples: int = 1) -> tuple[fl
 # Validation
 # ----------------------------------------------------------------------------
 
-def _check_matrix(name: str, M, rows: int, cols: int, batch: int, rows_sym: str, cols_sym: str) -> None:
+def _shape(M) -> str:
+    return str(tuple(M.shape)) if isinstance(M, Tensor) else type(M).__name__
+
+
+def _check_tensor(name: str, M, like: tuple[str, Tensor] | None = None) -> None:
+    """M is a floating-point tensor; with ``like = (other_name, other)``, of other's dtype and device."""
     if not isinstance(M, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(M).__name__}")
-    ok = M.shape[-2:] == (rows, cols) and (M.dim() == 2 or (M.dim() == 3 and M.shape[0] in (1, batch)))
-    if not ok:
-        raise ValueError(
-            f"{name} must be ({rows_sym}, {cols_sym}) = ({rows}, {cols}) or "
-            f"(batch, {rows}, {cols}) with batch = {batch}, got {tuple(M.shape)}"
-        )
+    if not M.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (float64 for the lesson), got {M.dtype}")
+    if like is not None:
+        other_name, other = like
+        if M.dtype != other.dtype:
+            raise ValueError(f"{name} has dtype {M.dtype} but {other_name} has {other.dtype}: "
+                             f"all inputs must share one dtype")
+        if M.device != other.device:
+            raise ValueError(f"{name} is on {M.device} but {other_name} is on {other.device}: "
+                             f"all inputs must share one device")
+
+
+def _check_matrix(name: str, M: Tensor, rows: int, cols: int, batch: int, rows_sym: str, cols_sym: str) -> None:
+    """M is (rows, cols), shared by all tracks, or (batch, rows, cols), one per track."""
+    expected = f"{name} must be ({rows_sym}, {cols_sym}) = ({rows}, {cols}) or (batch, {rows}, {cols})"
+    if M.dim() not in (2, 3) or M.shape[-2:] != (rows, cols):
+        raise ValueError(f"{expected}, got {_shape(M)}")
+    if M.dim() == 3 and M.shape[0] not in (1, batch):
+        raise ValueError(f"{expected} with batch = {batch}, got {_shape(M)}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} must be finite (no NaN or inf); only z may hold NaN, for a missing measurement")
 
 
 def _check_covariance(name: str, M: Tensor) -> None:
+    """M is symmetric and positive semi-definite, up to rounding (tolerances relative to its size)."""
     scale = M.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(M.dtype).tiny)
     asymmetry = (M - M.mT).abs().amax(dim=(-2, -1)) / scale
-    if (asymmetry > 1e-6 if M.dtype == torch.float64 else asymmetry > 1e-4).any():
+    if (asymmetry > (1e-6 if M.dtype == torch.float64 else 1e-4)).any():
         raise ValueError(f"{name} must be symmetric (a covariance), but |{name} - {name}^T| / |{name}| = "
                          f"{asymmetry.max().item():.2e}")
     smallest = torch.linalg.eigvalsh(_symmetrize(M)).amin(-1)
@@ -468,32 +554,73 @@ def _check_covariance(name: str, M: Tensor) -> None:
                          f"eigenvalue is {smallest.min().item():.3e}")
 
 
-def _validate(z, F, H, Q, R, x0, P0):
-    if not isinstance(z, Tensor) or z.dim() != 3:
-        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-        raise ValueError(f"z must be (batch, length, m), got {shape}")
-    B, T, m = z.shape
-    if T == 0:
-        raise ValueError("z must have at least one time step, got length 0")
-    if not isinstance(F, Tensor) or F.dim() not in (2, 3) or F.shape[-1] != F.shape[-2]:
-        raise ValueError(f"F must be (n, n) or (batch, n, n), got {tuple(F.shape) if isinstance(F, Tensor) else F}")
+def _validate_model(F, H, Q, R, x0, P0, *, batch: int, m: int | None = None, like=None):
+    """Shapes, dtypes and covariances of the model; ``m`` defaults to H's number of rows.
+
+    ``like = (name, tensor)`` is the input the model must agree with in dtype and device
+    (z for the filters); without it, F.
+    """
+    _check_tensor("F", F, like)
+    like = like or ("F", F)
+    for name, M in (("H", H), ("Q", Q), ("R", R), ("x0", x0), ("P0", P0)):
+        _check_tensor(name, M, like)
+    if F.dim() not in (2, 3) or F.shape[-1] != F.shape[-2]:
+        raise ValueError(f"F must be (n, n) or (batch, n, n), got {_shape(F)}")
     n = F.shape[-1]
-    _check_matrix("F", F, n, n, B, "n", "n")
-    _check_matrix("H", H, m, n, B, "m", "n")
-    _check_matrix("Q", Q, n, n, B, "n", "n")
-    _check_matrix("R", R, m, m, B, "m", "m")
-    _check_matrix("P0", P0, n, n, B, "n", "n")
-    if not isinstance(x0, Tensor) or x0.shape[-1:] != (n,) or x0.dim() > 2 or (x0.dim() == 2 and x0.shape[0] not in (1, B)):
-        raise ValueError(f"x0 must be (n,) = ({n},) or (batch, {n}) with batch = {B}, "
-                         f"got {tuple(x0.shape) if isinstance(x0, Tensor) else x0}")
-    tensors = {"z": z, "F": F, "H": H, "Q": Q, "R": R, "x0": x0, "P0": P0}
-    for name, M in tensors.items():
-        if not M.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {M.dtype}")
-        if M.dtype != z.dtype:
-            raise TypeError(f"{name} has dtype {M.dtype} but z has {z.dtype}: all inputs must share one dtype")
-        if M.device != z.device:
-            raise ValueError(f"{name} is on {M.device} but z is on {z.device}: all inputs must share one device")
-    for name in ("Q", "R", "P0"):
-        _check_covariance(name, tensors[name])
+    if m is None:
+        if H.dim() not in (2, 3):
+            raise ValueError(f"H must be (m, n) or (batch, m, n), got {_shape(H)}")
+        m = H.shape[-2]
+    _check_matrix("F", F, n, n, batch, "n", "n")
+    _check_matrix("H", H, m, n, batch, "m", "n")
+    _check_matrix("Q", Q, n, n, batch, "n", "n")
+    _check_matrix("R", R, m, m, batch, "m", "m")
+    _check_matrix("P0", P0, n, n, batch, "n", "n")
+    if x0.dim() not in (1, 2) or x0.shape[-1] != n or (x0.dim() == 2 and x0.shape[0] not in (1, batch)):
+        raise ValueError(f"x0 must be (n,) = ({n},) or (batch, {n}) with batch = {batch}, got {_shape(x0)}")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 must be finite (no NaN or inf)")
+    for name, M in (("Q", Q), ("R", R), ("P0", P0)):
+        _check_covariance(name, M)
+
+
+def _validate(z, F, H, Q, R, x0, P0):
+    """The checks every whole-sequence function makes on its inputs."""
+    _check_tensor("z", z)
+    if z.dim() != 3:
+        raise ValueError(f"z must be (batch, length, m), got {_shape(z)}")
+    B, T, m = z.shape
+    if B == 0 or T == 0 or m == 0:
+        raise ValueError(f"z must be (batch, length, m) with no empty dimension, got {_shape(z)}")
+    if torch.isinf(z).any():
+        raise ValueError("z must not hold inf (NaN is allowed: it marks a missing measurement)")
+    _validate_model(F, H, Q, R, x0, P0, batch=B, m=m, like=("z", z))
     return z, F, H, Q, R, x0, P0
+
+
+# Trailing dimensions of each argument of the one-step functions, by name.
+_TRAILING = {
+    "x": "n", "P": "nn", "F": "nn", "Q": "nn", "z": "m", "H": "mn", "R": "mm",
+    "x_filt": "n", "P_filt": "nn", "x_pred_next": "n", "P_pred_next": "nn",
+    "x_smooth_next": "n", "P_smooth_next": "nn", "innovation": "m", "S": "mm", "x_true": "n",
+}
+
+
+def _check_step(**arrays: Tensor) -> None:
+    """Light checks for the one-step functions: floating tensors of one dtype whose last
+    dimensions agree (n from the first state-sized argument, m from the first measurement-
+    sized one). Leading dimensions only need to broadcast, which torch checks itself.
+    """
+    first = next(iter(arrays.items()))
+    sizes: dict[str, int] = {}
+    for name, A in arrays.items():
+        _check_tensor(name, A, first)
+        symbols = _TRAILING[name]
+        if A.dim() < len(symbols):
+            raise ValueError(f"{name} must be (..., {', '.join(symbols)}), got {_shape(A)}")
+        for symbol, size in zip(symbols, A.shape[-len(symbols):]):
+            sizes.setdefault(symbol, size)
+        expected = tuple(sizes[symbol] for symbol in symbols)
+        if tuple(A.shape[-len(symbols):]) != expected:
+            raise ValueError(f"{name} must be (..., {', '.join(symbols)}) = (..., "
+                             f"{', '.join(map(str, expected))}), got {_shape(A)}")
