@@ -1,0 +1,161 @@
+"""Run the GPU benchmark suite: check, measure the ceilings, time, write the result file, print a table.
+
+``python -m benchmarks.run [--ops scan] [--quick] [--sweep] [--out DIR]`` (``make bench``).
+
+1. Every registered family's correctness check against its float64 reference, on the GPU
+   (a failure is reported, marked in the JSON and in the exit code; the timings still run).
+2. The ceilings, measured in this run: copy bandwidth and bf16 matrix rate.
+3. Every (op, shape, implementation) in the registry: median milliseconds, TB/s, TFLOP/s
+   where FLOPs bound the op, fraction of the floor.
+4. ``<DIR>/<date>-<gpu>.json`` in the schema of shared/GPU.md ("Result files"), with the
+   check's errors, notes on skipped anchors, and the eager times of graph-timed rows;
+   with ``--sweep``, the kernel sweeps in ``<DIR>/sweeps/<date>-<gpu>-<family>.json``.
+5. A short table, last.
+
+To add an operation: a module that registers ``Op``s (see :mod:`benchmarks.suite` and
+:mod:`benchmarks.scan`), named in ``OP_MODULES`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import seqbook  # noqa: F401  (first: see seqbook.backend)
+import torch
+
+from . import suite
+
+#: The modules that register operations: one line per family.
+OP_MODULES = ["benchmarks.scan"]
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=suite.ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=suite.ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        return done.stdout.strip() + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def _gpu_tag(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    return name.replace("NVIDIA ", "").split()[0].lower()
+
+
+def table(rows: list[dict]) -> str:
+    """Every row, with its speed-up over the reference at the same (op, shape)."""
+    ref = {(r["op"], r["shape"]): r["ms"] for r in rows if r["impl"] == "seqbook.reference"}
+    lines = [f"{'op':<12} {'impl':<38} {'shape':<24} {'ms':>9} {'TB/s':>6} {'floor':>6} {'x ref':>7}"]
+    for r in rows:
+        speedup = ref.get((r["op"], r["shape"]), float("nan")) / r["ms"]
+        tbps = f"{r['tbps']:.2f}" if r["tbps"] is not None else "-"
+        lines.append(f"{r['op']:<12} {r['impl']:<38} {r['shape']:<24} {r['ms']:>9.4f} {tbps:>6} "
+                     f"{r['floor_fraction']:>6.1%} {speedup:>7.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def short_table(rows: list[dict], eager: list[dict] = ()) -> str:
+    """The kernel against the reference, one line per (op, shape), with the kernel's eager time:
+    the table printed last."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["op"], r["shape"]), {})[r["impl"]] = r
+    eager_ms = {(r["op"], r["shape"]): r["ms"] for r in eager if r["impl"] == "seqbook.triton"}
+    lines = [f"{'op':<12} {'shape':<24} {'triton ms':>10} {'TB/s':>6} {'floor':>6} {'eager ms':>9} "
+             f"{'ref ms':>9} {'x ref':>7}"]  # fmt: skip
+    for (op, shape), impls in by.items():
+        k, ref = impls.get("seqbook.triton"), impls.get("seqbook.reference")
+        if k is None:
+            continue
+        ref_ms = ref["ms"] if ref else float("nan")
+        lines.append(f"{op:<12} {shape:<24} {k['ms']:>10.4f} {k['tbps']:>6.2f} {k['floor_fraction']:>6.1%} "
+                     f"{eager_ms.get((op, shape), float('nan')):>9.4f} {ref_ms:>9.3f} {ref_ms / k['ms']:>7.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _one(op_name: str, impl_name: str, shape_json: str) -> int:
+    """Child-process mode for isolated implementations: time one row, print ``RESULT <ms>``."""
+    op = suite.REGISTRY[op_name]
+    impl = next(i for i in op.impls if i.name == impl_name)
+    ms = suite.time_one(op, impl, json.loads(shape_json))
+    print("RESULT", ms, flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="*", default=None, help="families to run (default: all), e.g. scan")
+    parser.add_argument("--quick", action="store_true", help="only the shapes at L=4096 (no length sweep)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the kernels' configurations")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(suite.ROOT / "benchmarks" / "results"))
+    parser.add_argument("--isolate-budget", type=float, default=300.0,
+                        help="seconds, in all, for anchors timed in a child process (compilers)")  # fmt: skip
+    parser.add_argument("--commit", default=None, help="git sha of the code measured (default: from git)")
+    parser.add_argument("--one", nargs=3, metavar=("OP", "IMPL", "SHAPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in OP_MODULES:
+        importlib.import_module(name)
+    if args.one:
+        return _one(*args.one)
+    if not torch.cuda.is_available():
+        print("benchmarks.run needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    families = args.ops or sorted({name.split(".")[0] for name in suite.REGISTRY})
+    ops = [op for name, op in suite.REGISTRY.items() if name.split(".")[0] in families]
+
+    checks = {}
+    for family in families:
+        if family in suite.CHECKS:
+            checks[family] = suite.CHECKS[family]()
+            bad = checks[family]["failures"]
+            worst = max(checks[family]["errors"].values(), default=float("nan"))
+            print(f"check {family}: largest relative error {worst:.1e}", "FAILED" if bad else "ok", flush=True)
+            for line in bad:
+                print("  FAILED:", line)
+    ceilings = suite.measure_ceilings()
+    print("ceilings:", ceilings, flush=True)
+    notes: list[str] = []
+    quick = (lambda s: s.get("L") in (None, 4096)) if args.quick else (lambda s: True)
+    eager: list[dict] = []
+    rows = suite.run_ops(ops, ceilings, notes, isolate_budget_s=args.isolate_budget, shape_filter=quick, eager=eager)
+    sweeps = {f: suite.SWEEPS[f]() for f in families if args.sweep and f in suite.SWEEPS}
+
+    name = torch.cuda.get_device_name()
+    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _commit(),
+              "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings, "rows": rows,
+              "check": checks, "notes": notes,
+              "timing": "median of triton.testing.do_bench; seqbook.* rows: CUDA-graph replays (GPU time); "
+                        "anchors: eager calls; 'eager' holds the seqbook.* rows timed eagerly",
+              "eager": eager}  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"{result['date']}-{_gpu_tag(name)}"
+    path = os.path.join(args.out, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    # Sweeps go beside, in sweeps/: the book's page reads only the result files.
+    for family, found in sweeps.items():
+        os.makedirs(os.path.join(args.out, "sweeps"), exist_ok=True)
+        meta = {k: result[k] for k in ("device", "date", "commit", "torch", "triton")}
+        with open(os.path.join(args.out, "sweeps", f"{stem}-{family}.json"), "w") as f:
+            json.dump(dict(meta, family=family, sweep=found), f, indent=1)
+    print(table(rows))
+    for note in notes:
+        print("note:", note)
+    print("wrote", path)
+    print(short_table(rows, eager))
+    failed = any(c["failures"] for c in checks.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The benchmark suite's machinery: operations, implementations, ceilings, timing, result rows.
+
+An :class:`Op` is one operation in one direction (``scan.fwd``, ``scan.fwdbwd``): the
+shapes to time it at, how to make random inputs for a shape, the fewest bytes it must
+move (and FLOPs it must do, if those bound it), and its implementations. An
+:class:`Impl` turns (shape, inputs) into a closure that runs the operation once; it
+may decline a shape (``when``), be absent on this machine (``available``: anchors
+loaded from the git-ignored ``.anchors/`` folder), or be timed in a child process
+under a time limit (``isolate_s``: for compilers whose compile time is unknown).
+
+Every time is the median of ``triton.testing.do_bench`` (events on the GPU, L2 flushed
+before each run), on fresh seeded random inputs. Implementations marked ``graph`` (ours)
+are captured once in a CUDA graph and its replays are timed: that is the GPU's time for
+the work. Eagerly, a fwd+bwd through ``torch.autograd`` costs about 0.4 ms of Python and
+autograd-engine time on the H100's host, as much as the kernels themselves at the target
+shape, and the GPU would wait on it; :func:`run_ops` records the eager times of those
+implementations too (``eager`` in the result file). Anchors run eagerly, as a user runs
+them: the readable loop's launch-by-launch cost is its lesson. The floor of a row is the larger of
+its bytes over the measured copy bandwidth and its FLOPs over the measured matrix rate;
+``floor_fraction`` = floor / time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHORS = ROOT / ".anchors"  # third-party sources (fla, mamba): git-ignored, never committed
+
+
+@dataclasses.dataclass
+class Impl:
+    name: str  # "seqbook.triton", "seqbook.reference" or "anchor:<name>"
+    build: Callable[[dict, dict], Callable[[], Any]]  # (shape, inputs) -> a closure running the op once
+    when: Callable[[dict], bool] = lambda shape: True  # which shapes it is timed at
+    available: Callable[[], str | None] = lambda: None  # None, or why it cannot run here
+    isolate_s: float | None = None  # time it in a child process killed after this many seconds
+    graph: bool = False  # time replays of a CUDA graph of it (GPU time, without Python's launch gaps)
+
+
+@dataclasses.dataclass
+class Op:
+    name: str  # "<family>.<direction>", e.g. "scan.fwd"
+    shapes: list[dict]
+    shape_name: Callable[[dict], str]  # the row's "shape" string; rows that compare share it
+    make_inputs: Callable[[dict, str, int], dict]  # (shape, device, seed) -> inputs; "grads": tensors to reset
+    bytes: Callable[[dict], int]  # the fewest bytes: each input read once, each output written once
+    impls: list[Impl]
+    flops: Callable[[dict], int] | None = None  # None: bound by memory, FLOPs not counted
+    flops_ceiling: str = "bf16_mm_TFLOPs"  # which measured rate the FLOPs are held to
+
+
+REGISTRY: dict[str, Op] = {}
+CHECKS: dict[str, Callable[[], dict]] = {}  # family -> correctness check on the GPU
+SWEEPS: dict[str, Callable[[], list]] = {}  # family -> kernel-configuration sweep
+
+
+def register(op: Op) -> Op:
+    REGISTRY[op.name] = op
+    return op
+
+
+def register_check(family: str, check: Callable[[], dict]) -> None:
+    """``check()`` returns ``{"errors": {name: relative error}, "failures": [message, ...]}``."""
+    CHECKS[family] = check
+
+
+def register_sweep(family: str, sweep: Callable[[], list]) -> None:
+    SWEEPS[family] = sweep
+
+
+# --------------------------------------------------------------------------------------
+# Anchors from .anchors/
+# --------------------------------------------------------------------------------------
+
+
+def anchor_module(folder: str, module: str):
+    """Import ``module`` from ``.anchors/<folder>``, or return ``(None, why not)``.
+
+    Anchors are third-party code brought by hand onto the GPU machine; the committed
+    suite only imports those that are present and skips the others with a note.
+    """
+    path = ANCHORS / folder
+    if not path.is_dir():
+        return None, f".anchors/{folder} is absent"
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    try:
+        return importlib.import_module(module), None
+    except Exception as e:  # a broken or partial copy is skipped, not fatal
+        return None, f"importing {module} from .anchors/{folder} failed: {type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------------------
+# Timing and ceilings
+# --------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], Any], grads: list | None = None, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` by ``triton.testing.do_bench`` (warm-up and repeat in ms)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+
+
+def measure_ceilings(device: str = "cuda") -> dict:
+    """The two ceilings, measured in this run: device-to-device copy (bytes read + written)
+    of 1 GiB, and a bf16 8192^3 matrix product."""
+    src = torch.randn(256 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    copy = 2 * src.nbytes / (ms * 1e-3) / 1e12
+    del src, dst
+    n = 8192
+    x, y = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: x @ y)
+    mm = 2 * n**3 / (ms * 1e-3) / 1e12
+    del x, y
+    torch.cuda.empty_cache()
+    return {"copy_TBps": round(copy, 3), "bf16_mm_TFLOPs": round(mm, 1)}
+
+
+def make_row(op: Op, impl: Impl, shape: dict, ms: float, ceilings: dict) -> dict:
+    nbytes = op.bytes(shape)
+    flops = op.flops(shape) if op.flops else None
+    floor_ms = nbytes / (ceilings["copy_TBps"] * 1e12) * 1e3
+    if flops:
+        floor_ms = max(floor_ms, flops / (ceilings[op.flops_ceiling] * 1e12) * 1e3)
+    return {
+        "op": op.name, "impl": impl.name, "shape": op.shape_name(shape), "ms": round(ms, 4),
+        "tflops": round(flops / (ms * 1e-3) / 1e12, 3) if flops else None,
+        "tbps": round(nbytes / (ms * 1e-3) / 1e12, 3),
+        "floor_fraction": round(floor_ms / ms, 4),
+    }  # fmt: skip
+
+
+def graphed(fn: Callable[[], Any], grads: list | None = None) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream, as PyTorch requires);
+    returns its replay. Gradients are reset first, so the graph assigns them rather than
+    accumulating."""
+
+    def reset():
+        for x in grads or ():
+            x.grad = None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            reset()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def time_one(op: Op, impl: Impl, shape: dict, device: str = "cuda", seed: int = 0, eager: bool = False) -> float:
+    """Milliseconds of one (op, impl, shape), in this process: graph replays if ``impl.graph``
+    (and not ``eager``), else the eager calls."""
+    inputs = op.make_inputs(shape, device, seed)
+    fn = impl.build(shape, inputs)
+    torch.cuda.synchronize()
+    if impl.graph and not eager:
+        replay = graphed(fn, inputs.get("grads"))
+        ms = time_ms(replay)
+        del replay
+    else:
+        ms = time_ms(fn, grads=inputs.get("grads"))
+    del inputs, fn
+    torch.cuda.empty_cache()
+    return ms
+
+
+def time_isolated(op: Op, impl: Impl, shape: dict, limit_s: float) -> tuple[float | None, str | None]:
+    """Time in a child process (``python -m benchmarks.run --one ...``), killed after ``limit_s``."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--one", op.name, impl.name, json.dumps(shape)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return None, f"did not finish within {limit_s:.0f} s (compiling), skipped"
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return float(line.split()[1]), None
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return None, f"failed: {tail[0][:200]}"
+
+
+def run_ops(ops: list[Op], ceilings: dict, notes: list[str], isolate_budget_s: float = 300.0,
+            shape_filter: Callable[[dict], bool] = lambda s: True, eager: list | None = None) -> list[dict]:
+    """Time every (op, shape, impl) that applies; one result row each, a note for each skip.
+    Graph-timed implementations are also timed eagerly into ``eager`` (rows of the same schema)."""
+    import time
+
+    rows = []
+    budget = isolate_budget_s
+    for op in ops:
+        for shape in op.shapes:
+            if not shape_filter(shape):
+                continue
+            for impl in op.impls:
+                if not impl.when(shape):
+                    continue
+                where = f"{op.name} {impl.name} {op.shape_name(shape)}"
+                why = impl.available()
+                if why:
+                    notes.append(f"{where}: {why}")
+                    continue
+                if impl.isolate_s:
+                    if budget <= 0:
+                        notes.append(f"{where}: skipped, the time budget for isolated runs is spent")
+                        continue
+                    start = time.monotonic()
+                    ms, why = time_isolated(op, impl, shape, min(impl.isolate_s, budget))
+                    budget -= time.monotonic() - start
+                    if ms is None:
+                        notes.append(f"{where}: {why}")
+                        print("skipped:", where, why, flush=True)
+                        continue
+                elif impl.graph:
+                    try:
+                        ms = time_one(op, impl, shape)
+                    except Exception as e:  # capture refused: fall back to eager, and say so
+                        notes.append(f"{where}: CUDA graph capture failed ({type(e).__name__}: {e}); timed eagerly")
+                        ms = time_one(op, impl, shape, eager=True)
+                    if eager is not None:
+                        eager.append(make_row(op, impl, shape, time_one(op, impl, shape, eager=True), ceilings))
+                        print("eager", json.dumps(eager[-1]), flush=True)
+                else:
+                    ms = time_one(op, impl, shape)
+                rows.append(make_row(op, impl, shape, ms, ceilings))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
