@@ -241,10 +241,6 @@ def graded(tmp_path_factory):
     nbformat.write(notebook(["def double(x):\n    return 2 * x\n"], chapter=None), subs / "toy_by_name" / "toy.ipynb")
     (subs / "garbage.ipynb").write_text("{ this is not json")
     nbformat.write(notebook(SOLUTIONS, chapter=None), subs / "anonymous.ipynb")
-    if REAL_NOTEBOOK.exists():
-        real = nbformat.read(REAL_NOTEBOOK, as_version=4)
-        nbformat.write(real, subs / "real_solution.ipynb")
-        nbformat.write(release_notebook(real), subs / "real_release.ipynb")
 
     protected = [tests / "test_01_kalman.py", out / "keep.txt", canary] + sorted(subs.rglob("*.ipynb"))
     before = {p: sha(p) for p in protected}
@@ -350,15 +346,46 @@ def test_results_do_not_depend_on_parallelism(graded, tmp_path):
         assert entry["tests"] == graded["book"]["students"][student]["tests"]
 
 
+def chapter_notebooks() -> list[Path]:
+    """Every chapter notebook that holds exercises."""
+    return [path for path in sorted((REPO / "chapters").glob("*/*.ipynb"))
+            if any("exercise" in cell.metadata.get("tags", []) for cell in nbformat.read(path, as_version=4).cells)]
+
+
+@pytest.fixture(scope="module")
+def chapters_graded(tmp_path_factory):
+    """Each chapter notebook as committed (the solutions) and as released, graded in one run
+    against the real grading tests."""
+    root = tmp_path_factory.mktemp("chapters")
+    subs, out = root / "submissions", root / "gradebook"
+    subs.mkdir()
+    for path in chapter_notebooks():
+        real = nbformat.read(path, as_version=4)
+        nbformat.write(real, subs / f"{path.stem}_solution.ipynb")
+        nbformat.write(release_notebook(real), subs / f"{path.stem}_release.ipynb")
+    rc = main(["grade", str(subs), "--out", str(out), "--tests", str(REPO / "tests" / "grading"),
+               "--chapters", str(REPO / "chapters"), "--jobs", "2"])
+    return rc, json.loads((out / "gradebook.json").read_text())["students"]
+
+
 @pytest.mark.slow
-def test_real_notebook_full_marks_and_release_zero(graded):
-    assert REAL_NOTEBOOK.exists(), f"{REAL_NOTEBOOK} is missing"
-    book = graded["book"]["students"]
-    assert book["real_solution"]["max"] == 10
-    assert book["real_solution"]["total"] == 10, book["real_solution"]
-    assert book["real_release"]["total"] == 0 and book["real_release"]["error"] is None
-    for test in FULL:
-        assert "NotImplementedError: Exercise" in message(graded, "real_release", test)
+@pytest.mark.parametrize("path", chapter_notebooks(), ids=lambda path: path.parent.name)
+def test_chapter_solutions_score_full_marks_and_release_zero(chapters_graded, path):
+    rc, book = chapters_graded
+    assert rc == 0
+    solution, release = book[f"{path.stem}_solution"], book[f"{path.stem}_release"]
+    assert solution["max"] >= 3, f"{path}: expected at least three graded points, got {solution}"
+    assert solution["total"] == solution["max"], solution
+    assert release["total"] == 0 and release["max"] == solution["max"] and release["error"] is None, release
+    for test in release["tests"]:
+        assert "NotImplementedError: Exercise" in test["message"], test
+
+
+def test_every_chapter_with_exercises_is_graded():
+    assert len(chapter_notebooks()) >= 2
+    for path in chapter_notebooks():
+        chapter = path.parent.name
+        assert (REPO / "tests" / "grading" / f"test_{chapter}.py").exists(), f"{path} has exercises but no grading tests"
 
 
 # ---------------------------------------------------------------- the release

@@ -25,7 +25,7 @@ CHROMIUM_FLAGS = [
     "--virtual-time-budget=30000", "--dump-dom",
 ]
 # Pages whose maths and figures are checked in the browser.
-PAGES = ["chapters/01_kalman/kalman.html"]
+PAGES = ["chapters/01_kalman/kalman.html", "chapters/02_ssm/ssm.html"]
 
 
 def chromium() -> str:
@@ -40,6 +40,9 @@ def site(tmp_path_factory) -> Path:
     """Build the book once into a temporary folder, with the notebooks' committed outputs."""
     config = yaml.safe_load((ROOT / "book.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
+    # The copied config lives elsewhere: make the paths it holds absolute.
+    config["sphinx"]["local_extensions"] = {name: str(ROOT / path) for name, path in config["sphinx"]["local_extensions"].items()}
+    config["bibtex_bibfiles"] = [str(ROOT / path) for path in config["bibtex_bibfiles"]]
     config_path = tmp_path_factory.mktemp("config") / "book.yml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path_factory.mktemp("site")
@@ -98,6 +101,8 @@ def test_maths_is_typeset_offline(site, page, tmp_path):
     rendered = len(re.findall(r'class="MathJax(?:_Display|_SVG_Display)?"', dom))
     assert sources > 10, f"{page}: expected the chapter's maths to be typeset, found {sources} formulas"
     assert rendered >= sources, f"{page}: {sources} formulas but {rendered} rendered"
+    errors = re.findall(r'class="(?:MathJax_Error|merror|noError)"[^>]*>([^<]*)', dom)
+    assert not errors, f"{page}: MathJax could not typeset: {errors[:5]}"
     text = visible_text(dom)
     leftovers = re.findall(r"\\\(|\\\[|\$\$|\\frac|\\mathbf|\\top|\\begin\{", text)
     assert not leftovers, f"{page}: raw TeX left on the page: {leftovers[:5]}"
