@@ -5,7 +5,7 @@ Sphinx loads MathJax 3 from a CDN by default. We take MathJax 2.7 from the
 it into ``_static/mathjax`` of the built site, and point ``mathjax_path`` at it.
 MyST's MathJax 3 configuration is switched off and the equivalent MathJax 2
 configuration set: only elements of class ``math`` (what MyST and Sphinx emit)
-and notebook outputs are typeset.
+and notebook outputs are typeset, with the STIX-Web fonts (the only ones shipped).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ MATHJAX2_CONFIG = {
         "ignoreClass": "tex2jax_ignore|mathjax_ignore|document",
     },
     "TeX": {"extensions": ["AMSmath.js", "AMSsymbols.js"], "equationNumbers": {"autoNumber": "none"}},
+    # The package ships only the STIX-Web fonts. MathJax's default (TeX fonts, then image
+    # fonts) fails on the first glyph it must load from them, e.g. a prime: "[Math Processing Error]".
+    "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None},
+    "SVG": {"font": "STIX-Web"},
     "messageStyle": "none",
 }
 

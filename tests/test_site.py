@@ -103,6 +103,7 @@ def test_maths_is_typeset_offline(site, page, tmp_path):
     assert rendered >= sources, f"{page}: {sources} formulas but {rendered} rendered"
     errors = re.findall(r'class="(?:MathJax_Error|merror|noError)"[^>]*>([^<]*)', dom)
     assert not errors, f"{page}: MathJax could not typeset: {errors[:5]}"
+    assert "Math Processing Error" not in dom, f"{page}: MathJax failed on a formula (a font it lacks?)"
     text = visible_text(dom)
     leftovers = re.findall(r"\\\(|\\\[|\$\$|\\frac|\\mathbf|\\top|\\begin\{", text)
     assert not leftovers, f"{page}: raw TeX left on the page: {leftovers[:5]}"
