@@ -21,7 +21,8 @@ def as_tuple(result, names: tuple[str, ...], function: str) -> tuple:
 
 
 def assert_close(actual, expected: torch.Tensor, name: str, *, rtol: float = 1e-8, atol: float = 1e-8) -> None:
-    """``actual`` matches ``expected`` in type, shape, dtype and value (NaN where it is NaN).
+    """``actual`` matches ``expected`` in type, shape, dtype and value (NaN where it is NaN);
+    real or complex.
 
     Values must satisfy ``|actual - expected| <= atol + rtol * |expected|``
     entrywise; the message names the worst entry.
@@ -38,16 +39,18 @@ def assert_close(actual, expected: torch.Tensor, name: str, *, rtol: float = 1e-
         raise AssertionError(
             f"{name} is NaN where the reference is not (or the other way round), first at index {index}"
         )
+    # Complex entries are compared by the modulus of their difference.
     both = ~torch.isnan(expected)
-    error = torch.where(both, (actual - expected).abs(), torch.zeros_like(expected))
+    error = torch.where(both, (actual - expected).abs(), torch.zeros(expected.shape, dtype=expected.abs().dtype))
     bound = atol + rtol * expected.abs()
     bad = error > torch.where(both, bound, torch.ones_like(bound))
     if bad.any():
         flat = int((error - bound).flatten().argmax())
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), expected.shape))
+        value = complex if expected.is_complex() else float
         raise AssertionError(
             f"{name} differs from the reference at {int(bad.sum())} of {expected.numel()} entries; "
-            f"worst at index {index}: got {float(actual[index]):.10g}, expected {float(expected[index]):.10g} "
+            f"worst at index {index}: got {value(actual[index]):.10g}, expected {value(expected[index]):.10g} "
             f"(tolerance {atol:g} + {rtol:g}*|expected|)"
         )
 
