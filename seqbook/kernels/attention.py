@@ -1,0 +1,466 @@
+r"""Triton kernel: FlashAttention, forward and backward, reading ``(batch, length, heads, d)`` tensors.
+
+The readable forms are in :mod:`seqbook.attention` (glossary and shapes there); this
+module has the same signature, ``attention(q, k, v, causal, scale) -> o``, behind a
+:class:`torch.autograd.Function`. :func:`seqbook.attention.attention_tiled` and
+:func:`seqbook.attention.attention_backward_tiled` are this kernel's algorithm written
+in PyTorch, loop for loop; read them first.
+
+What bounds it
+--------------
+Naive attention writes the ``(L, L)`` scores to memory and reads them back, several
+times (scores, softmax, the product with ``V``): :math:`O(L^2)` bytes, so it is bound
+by memory long before the arithmetic matters. Here a program keeps one block of
+``BLOCK_M`` queries on chip, in registers, and streams the keys and values past it in
+blocks of ``BLOCK_N``; the scores of one tile live only in registers. Memory traffic is
+``q, k, v`` read and ``o`` written (plus ``K, V`` re-read once per query block, mostly
+from L2), and the kernel is bound by its two matrix products per tile,
+:math:`4 L^2 d` FLOPs per head (half that when causal), and by the exponentials.
+
+The forward, per program (one query block of one (batch, head))
+----------------------------------------------------------------
+1. Load the query block; set the running max :math:`m = -\infty`, normalizer
+   :math:`l = 0`, accumulator :math:`\mathrm{acc} = 0` (float32).
+2. For each key block: scores :math:`S = s\,q k^\top`, then the online softmax update
+   (:func:`seqbook.attention.online_softmax_update`) with the accumulator rescaled by the
+   same factor :math:`e^{m - m'}`, and :math:`\mathrm{acc} \mathrel{+}= e^{S - m'} v`.
+3. Write :math:`o = \mathrm{acc}/l` and the log-sum-exp :math:`m + \log l` of each row:
+   ``(batch, heads, length)`` float32, all that the backward keeps of the softmax.
+
+Exponentials are taken base 2 (``exp2`` is the GPU's native instruction; ``exp`` is
+``exp2`` after a multiply): :math:`e^{x} = 2^{x \log_2 e}`, and :math:`\log_2 e` is folded
+into the scale once, so a score costs one multiply and one ``exp2``. The running max is
+kept in those base-2 units; the stored log-sum-exp is converted back to base ``e``.
+
+Causal: a key block entirely after the query block contributes nothing and is never
+loaded; blocks entirely before it need no mask; only the blocks on the diagonal are
+masked (``BLOCK_M / BLOCK_N`` of them per query block). Sequence lengths that are not a
+multiple of the block are masked at the edge: rows past the end are loaded as zeros and
+never stored, keys past the end get score :math:`-\infty`. Since query blocks near the end
+have the most key blocks to visit, programs are numbered from the last query block down,
+so that the longest start first and the short ones fill in at the end.
+
+The backward: recompute, do not store
+-------------------------------------
+With :math:`\delta_i = dO_i \cdot O_i` (a preprocess kernel, one dot product per row) and
+:math:`P_{ij} = e^{S_{ij} - \mathrm{lse}_i}` recomputed tile by tile from the saved
+log-sum-exp, the gradients (derived in :func:`seqbook.attention.attention_backward_tiled`)
+are :math:`dV = P^\top dO`, :math:`dS = P \circ (dO\,V^\top - \delta)`,
+:math:`dQ = s\, dS\, K`, :math:`dK = s\, dS^\top Q`. Two kernels, neither writing to
+memory another program writes (no atomics, so the result does not depend on scheduling):
+
+- ``_attn_bwd_dkdv``: one program per key block; it holds ``k, v`` and accumulates
+  ``dk, dv`` over the query blocks that see it (causal: from the diagonal on);
+- ``_attn_bwd_dq``: one program per query block; it holds ``q, dO``, accumulates ``dq``.
+
+Each recomputes the tile's scores and :math:`dP = dO\,V^\top`: seven tile products in
+all against five if one kernel gathered ``dq`` with atomic additions (FlashAttention-2's
+choice), a price paid for determinism and simplicity.
+
+Precision: products accumulate in float32; ``P`` and ``dS`` are rounded to the input
+dtype before their products with ``V``, ``dO``, ``Q``, ``K`` (as every fast attention kernel
+does; bf16 keeps 8 bits). Float32 inputs use true float32 products (``ieee``), not TF32.
+
+Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the CPU interpreter): ``tl.dot``,
+``tl.range``, ``tl.exp2``; no tensor descriptors. Head dimension a power of two in
+16..128 (a tile holds whole rows). ``Lq == Lk``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend as _backend
+
+LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2 e)
+LN2 = 0.6931471805599453  # ln(2): ln x = log2(x) ln 2
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Fold key blocks [lo, hi) into (acc, l, m); MASKED: blocks on the diagonal or at the end."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        # Scores in base-2 units: s * log2(e) * q.k
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        # The online softmax: move the reference point to the new max, rescale what was summed.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,  # q, k, v, o: (B, L, H, d) with unit stride along d; LSE: (B, H, L) float32
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+    H, L, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    # Program (query block, batch x head); causal: the last query block (the most work) first.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: B * L * H * d may pass 2^31
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # Keys before the block: all visible, no mask. Then the diagonal: masked.
+        diagonal = start_m * BLOCK_M
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, diagonal,
+                                   tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM,
+                                   BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+    else:
+        # Whole key blocks without a mask, then the partial block at the end (if any) with one.
+        whole = (L // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, 0, whole, L,
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, whole, L, L,
+                                   qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+
+    # Every row saw at least its own key (or key 0), so l >= 1: no division by zero.
+    o = acc / l_i[:, None]
+    o_base = O + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, stride_ob, stride_ol, stride_oh, stride_db, stride_dl, stride_dh, H, L,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta_i = dO_i . O_i, (B, H, L) float32: the row sums sum_j P_ij dP_ij, one dot product each."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n, lo, hi, L, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED: the causal diagonal.
+    Tiles are transposed (keys along rows), so that dk and dv come out as plain products."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=NUM_STAGES):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # Queries past the end get lse = +inf, so P = 2^(s - inf) = 0: they contribute nothing.
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if MASKED:  # a score of -inf gives P = 0 (masking P after the exp2 could overflow first)
+            sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        do = tl.load(do_base + offs_m[:, None] * stride_dl + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_db, stride_dl, stride_dh, stride_dkb, stride_dkl, stride_dkh, stride_dvb, stride_dvl, stride_dvh,
+    H, L, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    # Program (key block, batch x head); causal: the first key blocks have the most queries, and run first.
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = (offs_n < L)[:, None]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :], mask=key_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :], mask=key_ok, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    lse_base = LSE + bh.to(tl.int64) * L
+    delta_base = DELTA + bh.to(tl.int64) * L
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # Queries on the diagonal (masked), then every later query (none masked).
+        diagonal = start_n * BLOCK_N
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+                             diagonal, tl.minimum(diagonal + BLOCK_N, L), L, qk_scale, True, HEAD_DIM, BLOCK_M,
+                             PRECISION, NUM_STAGES)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+                             diagonal + BLOCK_N, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES)
+    else:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+                             0, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES)  # fmt: skip
+    dk = dk * sm_scale  # dK = s dS^T Q: the scale s of the scores, in natural units
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok)  # fmt: skip
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dq of one query block over key blocks [lo, hi); MASKED: the diagonal or the end."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_db, stride_dl, stride_dh, stride_dqb, stride_dql, stride_dqh,
+    H, L, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        diagonal = start_m * BLOCK_M
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, diagonal,
+                       tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N,
+                       PRECISION, NUM_STAGES)  # fmt: skip
+    else:
+        whole = (L // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, 0, whole, L,
+                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, whole, L, L,
+                       qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Configurations and launches
+# --------------------------------------------------------------------------------------
+
+#: (kernel, element bytes, head dim) -> tile sizes, warps, pipeline stages, for compiled
+#: kernels (Hopper). "dkdv" tiles are (BLOCK_M queries streamed, BLOCK_N keys held); the
+#: forward and "dq" hold BLOCK_M queries and stream BLOCK_N keys. Causal masking needs
+#: the held block to be a multiple of the streamed one.
+CONFIGS = {
+    ("fwd", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3),
+    ("fwd", 2, 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, NUM_STAGES=3),
+    ("fwd", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
+    ("fwd", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
+    ("dkdv", 2, 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
+    ("dkdv", 2, 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
+    ("dkdv", 2, 32): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
+    ("dkdv", 2, 16): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
+    ("dq", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
+    ("dq", 2, 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
+    ("dq", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
+    ("dq", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
+}
+#: float32 tiles take twice the registers and shared memory: smaller tiles for every kind and head dim.
+FP32_CONFIG = {
+    "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, NUM_STAGES=2),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
+    "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, NUM_STAGES=2),
+}
+#: Under the interpreter every program runs in Python: small tiles, so tests at L < 70 still
+#: cross block edges and the diagonal (held blocks twice the streamed ones, as on the GPU).
+INTERPRETER_CONFIG = {
+    "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, NUM_STAGES=1),
+    "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, NUM_STAGES=1),
+    "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, NUM_STAGES=1),
+}
+
+
+def config_for(kind: str, dtype: torch.dtype, head_dim: int) -> dict:
+    """The launch configuration of kernel ``kind`` ("fwd", "dkdv" or "dq")."""
+    if _backend.interpreting():
+        return dict(INTERPRETER_CONFIG[kind])
+    if dtype == torch.float32:
+        return dict(FP32_CONFIG[kind])
+    return dict(CONFIGS[(kind, 2, head_dim)])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of d contiguous elements; any other layout is copied once."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
+    """``(o, lse)``: ``o`` like ``q``; ``lse (B, H, L)`` float32, natural log."""
+    B, L, H, d = q.shape
+    cfg = config or config_for("fwd", q.dtype, d)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    _attn_fwd[grid](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, L, scale * LOG2E,
+        CAUSAL=causal, HEAD_DIM=d, PRECISION=_precision(q.dtype), **cfg,
+    )  # fmt: skip
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, configs: dict | None = None):
+    """``(dq, dk, dv)``, each like its input."""
+    B, L, H, d = q.shape
+    configs = configs or {}
+    delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    block = 64 if not _backend.interpreting() else 16
+    _attn_bwd_delta[(triton.cdiv(L, block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=d, BLOCK_M=block
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    precision = _precision(q.dtype)
+    cfg = configs.get("dkdv") or config_for("dkdv", q.dtype, d)
+    _attn_bwd_dkdv[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), H, L, scale * LOG2E, scale,
+        CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
+    )  # fmt: skip
+    cfg = configs.get("dq") or config_for("dq", q.dtype, d)
+    _attn_bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, L, scale * LOG2E, scale, CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """``o = attention(q, k, v)``; saves ``q, k, v, o`` and the log-sum-exp (not the probabilities)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
+        o, lse = _forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, _unit_stride(do), ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """The kernel behind :func:`seqbook.attention.attention` (no validation here: call that)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return FlashAttention.apply(q, k, v, causal, scale)
+
+
+def attention_with_lse(q, k, v, causal: bool = False, scale: float | None = None, config: dict | None = None):
+    """The forward kernel alone: ``(o, lse)``, no autograd (for tests and the notebook)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
+    return _forward(q, k, v, causal, scale, config)
