@@ -25,7 +25,8 @@ CHROMIUM_FLAGS = [
     "--virtual-time-budget=30000", "--dump-dom",
 ]
 # Pages whose maths and figures are checked in the browser.
-PAGES = ["chapters/01_kalman/kalman.html", "chapters/02_ssm/ssm.html"]
+PAGES = ["chapters/01_kalman/kalman.html", "chapters/02_ssm/ssm.html", "chapters/03_hippo_s4/hippo.html",
+         "chapters/03_hippo_s4/s4.html"]
 
 
 def chromium() -> str:

@@ -1,0 +1,133 @@
+r"""A small training loop, deterministic given a seed, that chapter notebooks share.
+
+:func:`fit` draws a fresh batch from ``data_fn(generator)`` at every step, takes one AdamW
+step, and records the loss (and the accuracy, for classification) of that batch;
+:func:`evaluate` scores a model on a fixed batch. Two things follow S4 and S4D's training
+recipe: parameters tagged ``_ssm`` (the SSM's ``A``, ``B``, step; see :mod:`seqbook.nn`)
+get a smaller learning rate and no weight decay, and the learning rate follows a cosine
+schedule with a short warm-up.
+
+Determinism: ``torch.manual_seed(seed)`` before the first step (dropout) and a data
+generator seeded with ``seed``; on CPU the same call returns the same history. The
+model's initialization is the caller's: seed before building it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+LOSSES = ("auto", "mse", "cross_entropy")
+
+
+def _loss(kind: str, out: torch.Tensor, y: torch.Tensor):
+    """The loss, and the accuracy (None for regression)."""
+    if kind == "auto":
+        kind = "mse" if y.is_floating_point() else "cross_entropy"
+    if kind == "cross_entropy":
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        acc = (out.argmax(-1) == y).float().mean().item()
+        return loss, acc
+    if out.shape[-1] == 1 and y.ndim == out.ndim - 1:  # (batch, 1) prediction for a (batch,) target
+        out = out[..., 0]
+    return F.mse_loss(out, y), None
+
+
+def fit(
+    model: torch.nn.Module,
+    data_fn: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float = 1e-3,
+    *,
+    seed: int = 0,
+    loss: str = "auto",
+    weight_decay: float = 0.0,
+    ssm_lr: float | None = None,
+    warmup: int = 0,
+    clip: float | None = 1.0,
+    progress: bool = False,
+    log_every: int = 50,
+) -> dict:
+    r"""Train ``model`` for ``steps`` AdamW steps; returns the history.
+
+    Args:
+        model: maps ``x`` to predictions: ``(batch, classes)`` logits or ``(batch, 1)`` / ``(batch,)`` values.
+        data_fn: ``data_fn(generator) -> (x, y)``, a fresh batch each call, e.g.
+            ``lambda g: tasks.adding_problem(32, 200, generator=g)``.
+        steps: optimizer steps.
+        lr: peak learning rate (cosine decay to 0 after ``warmup`` linear steps).
+        seed: seeds the data generator and torch's global RNG (dropout).
+        loss: ``"mse"``, ``"cross_entropy"``, or ``"auto"`` (cross-entropy for integer targets).
+        weight_decay: AdamW's, for all parameters not tagged ``_ssm``.
+        ssm_lr: the learning rate of parameters tagged ``_ssm`` (default ``min(lr, 1e-3)``,
+            S4D's choice); they get no weight decay.
+        clip: gradient-norm clipping (None: off).
+        progress: print a line every ``log_every`` steps.
+
+    Returns:
+        ``{"step": [...], "loss": [...], "accuracy": [...], "seconds": float}``, one entry per
+        step (training-batch loss; ``accuracy`` only for classification).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ssm = [p for p in model.parameters() if p.requires_grad and getattr(p, "_ssm", False)]
+    rest = [p for p in model.parameters() if p.requires_grad and not getattr(p, "_ssm", False)]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+    if ssm:
+        groups.append({"params": ssm, "lr": min(lr, 1e-3) if ssm_lr is None else ssm_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    peak = [g["lr"] for g in opt.param_groups]
+
+    def schedule(step):  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    history = {"step": [], "loss": [], "accuracy": []}
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for g, p in zip(opt.param_groups, peak):
+            g["lr"] = p * schedule(step)
+        x, y = data_fn(gen)
+        value, acc = _loss(loss, model(x), y)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        history["step"].append(step)
+        history["loss"].append(value.item())
+        if acc is not None:
+            history["accuracy"].append(acc)
+        if progress and (step % log_every == 0 or step == steps - 1):
+            extra = f"  accuracy {acc:.3f}" if acc is not None else ""
+            print(f"step {step:5d}  loss {value.item():.4f}{extra}  ({time.perf_counter() - start:.1f} s)")
+    history["seconds"] = time.perf_counter() - start
+    if not history["accuracy"]:
+        del history["accuracy"]
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "auto") -> dict:
+    """Loss (and accuracy, for classification) of ``model`` on one fixed batch, in eval mode (no dropout)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    was_training = model.training
+    model.eval()
+    value, acc = _loss(loss, model(x), y)
+    model.train(was_training)
+    out = {"loss": value.item()}
+    if acc is not None:
+        out["accuracy"] = acc
+    return out
