@@ -10,6 +10,13 @@ Modules, one per topic:
 - :mod:`seqbook.kalman`  linear-Gaussian state space models: filter, smoother, parallel filter
 - :mod:`seqbook.ssm`     continuous-time SSMs, discretization, recurrent and convolutional views
 - :mod:`seqbook.scan`    the diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t``
+- :mod:`seqbook.hippo`   HiPPO matrices (LegT, LegS, LagT, FouT), online projection, NPLR form
+- :mod:`seqbook.s4`      the Cauchy kernel, S4's kernel (Woodbury, roots of unity), S4D initializations
+- :mod:`seqbook.mamba`   Mamba's selective scan (loop, parallel, kernel) and SSD (quadratic, chunked, kernel)
+- :mod:`seqbook.nn`      S4D and S4 layers, residual block, sequence and language models with a pluggable mixer
+- :mod:`seqbook.tasks`   seeded synthetic tasks: adding problem, delayed recall
+- :mod:`seqbook.train`   a small deterministic training loop and evaluation
+- :mod:`seqbook.corpus`  the shipped text (Shakespeare), characters <-> ids, language-model batches
 - :mod:`seqbook.backend` which implementation runs, and the Triton interpreter switch
 - :mod:`seqbook.grading` releasing exercises and grading submissions
 """
