@@ -9,7 +9,15 @@ draws time against length from those files.
 - :mod:`benchmarks.suite`: the machinery (``Op``, ``Impl``, the registry, ceilings,
   timing, the result file);
 - :mod:`benchmarks.scan`: the diagonal linear recurrence (``scan.fwd``, ``scan.fwdbwd``);
-- :mod:`benchmarks.ssm_kernel`: the SSM convolution kernel (a standalone script).
+- :mod:`benchmarks.selective_scan`: Mamba's selective scan (``selective_scan.fwd``, ``selective_scan.fwdbwd``)
+  and Mamba-2's chunked SSD forward (``ssd.fwd``);
+- :mod:`benchmarks.ssm_kernel`: the diagonal SSM convolution kernel (``ssm_kernel.*``,
+  and its core alone, ``vandermonde.*``);
+- :mod:`benchmarks.cauchy`: the Cauchy kernel of S4 (``cauchy.fwd``, ``cauchy.fwdbwd``).
+- :mod:`benchmarks.attention`: softmax attention, our FlashAttention kernel against PyTorch's SDPA
+  (``attention.fwd``, ``attention.fwdbwd``).
+
+``python -m benchmarks.run --list`` prints the registry without a GPU.
 
 Adding an operation is one module that calls :func:`benchmarks.suite.register` and one
 line in ``benchmarks.run.OP_MODULES``; see chapters/appendix_kernels.md.

@@ -1,6 +1,8 @@
 """Run the GPU benchmark suite: check, measure the ceilings, time, write the result file, print a table.
 
-``python -m benchmarks.run [--ops scan] [--quick] [--sweep] [--out DIR]`` (``make bench``).
+``python -m benchmarks.run [--ops scan] [--quick] [--sweep] [--out DIR]`` (``make bench``);
+``python -m benchmarks.run --list`` prints the registry (ops, shapes, implementations) and
+needs no GPU.
 
 1. Every registered family's correctness check against its float64 reference, on the GPU
    (a failure is reported, marked in the JSON and in the exit code; the timings still run).
@@ -32,7 +34,8 @@ import torch
 from . import suite
 
 #: The modules that register operations: one line per family.
-OP_MODULES = ["benchmarks.scan"]
+OP_MODULES = ["benchmarks.scan", "benchmarks.ssm_kernel", "benchmarks.cauchy", "benchmarks.selective_scan",
+              "benchmarks.attention"]
 
 
 def _commit() -> str:
@@ -53,11 +56,11 @@ def _gpu_tag(name: str) -> str:
 def table(rows: list[dict]) -> str:
     """Every row, with its speed-up over the reference at the same (op, shape)."""
     ref = {(r["op"], r["shape"]): r["ms"] for r in rows if r["impl"] == "seqbook.reference"}
-    lines = [f"{'op':<12} {'impl':<38} {'shape':<24} {'ms':>9} {'TB/s':>6} {'floor':>6} {'x ref':>7}"]
+    lines = [f"{'op':<20} {'impl':<38} {'shape':<40} {'ms':>9} {'TB/s':>6} {'floor':>6} {'x ref':>7}"]
     for r in rows:
         speedup = ref.get((r["op"], r["shape"]), float("nan")) / r["ms"]
         tbps = f"{r['tbps']:.2f}" if r["tbps"] is not None else "-"
-        lines.append(f"{r['op']:<12} {r['impl']:<38} {r['shape']:<24} {r['ms']:>9.4f} {tbps:>6} "
+        lines.append(f"{r['op']:<20} {r['impl']:<38} {r['shape']:<40} {r['ms']:>9.4f} {tbps:>6} "
                      f"{r['floor_fraction']:>6.1%} {speedup:>7.1f}")  # fmt: skip
     return "\n".join(lines)
 
@@ -69,15 +72,34 @@ def short_table(rows: list[dict], eager: list[dict] = ()) -> str:
     for r in rows:
         by.setdefault((r["op"], r["shape"]), {})[r["impl"]] = r
     eager_ms = {(r["op"], r["shape"]): r["ms"] for r in eager if r["impl"] == "seqbook.triton"}
-    lines = [f"{'op':<12} {'shape':<24} {'triton ms':>10} {'TB/s':>6} {'floor':>6} {'eager ms':>9} "
+    lines = [f"{'op':<20} {'shape':<40} {'triton ms':>10} {'TB/s':>6} {'floor':>6} {'eager ms':>9} "
              f"{'ref ms':>9} {'x ref':>7}"]  # fmt: skip
     for (op, shape), impls in by.items():
         k, ref = impls.get("seqbook.triton"), impls.get("seqbook.reference")
         if k is None:
             continue
         ref_ms = ref["ms"] if ref else float("nan")
-        lines.append(f"{op:<12} {shape:<24} {k['ms']:>10.4f} {k['tbps']:>6.2f} {k['floor_fraction']:>6.1%} "
+        lines.append(f"{op:<20} {shape:<40} {k['ms']:>10.4f} {k['tbps']:>6.2f} {k['floor_fraction']:>6.1%} "
                      f"{eager_ms.get((op, shape), float('nan')):>9.4f} {ref_ms:>9.3f} {ref_ms / k['ms']:>7.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def listing(families=None) -> str:
+    """The registry as text: per op, its shapes (with the floor's bytes and FLOPs) and
+    implementations; then the families with a GPU check and a sweep."""
+    lines = []
+    for name, op in suite.REGISTRY.items():
+        if families and name.split(".")[0] not in families:
+            continue
+        ceiling = f", {getattr(op, 'work', 'flop')} count held to {op.flops_ceiling}" if op.flops else ""
+        lines.append(f"{name}{ceiling}")
+        for shape in op.shapes:
+            unit = "FLOP" if getattr(op, "work", "flop") == "flop" else op.work
+            flops = f", {op.flops(shape) / 1e9:.1f} G{unit}" if op.flops else ""
+            impls = [i.name for i in op.impls if i.when(shape)]
+            lines.append(f"  {op.shape_name(shape):<40} {op.bytes(shape) / 1e6:10.1f} MB{flops}   {', '.join(impls)}")
+    lines.append("checks: " + ", ".join(sorted(suite.CHECKS)))
+    lines.append("sweeps: " + ", ".join(sorted(suite.SWEEPS)))
     return "\n".join(lines)
 
 
@@ -93,7 +115,10 @@ def _one(op_name: str, impl_name: str, shape_json: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="*", default=None, help="families to run (default: all), e.g. scan")
-    parser.add_argument("--quick", action="store_true", help="only the shapes at L=4096 (no length sweep)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the target shapes (marked target=True, or at L=4096): no length sweep")
+    parser.add_argument("--list", action="store_true", help="print the registered ops, shapes and implementations, "
+                        "with the floor's bytes and FLOPs, and exit (no GPU needed)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernels' configurations")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(suite.ROOT / "benchmarks" / "results"))
     parser.add_argument("--isolate-budget", type=float, default=300.0,
@@ -105,6 +130,9 @@ def main(argv=None) -> int:
         importlib.import_module(name)
     if args.one:
         return _one(*args.one)
+    if args.list:
+        print(listing(args.ops))
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks.run needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -125,7 +153,7 @@ def main(argv=None) -> int:
     ceilings = suite.measure_ceilings()
     print("ceilings:", ceilings, flush=True)
     notes: list[str] = []
-    quick = (lambda s: s.get("L") in (None, 4096)) if args.quick else (lambda s: True)
+    quick = (lambda s: s.get("target") or s.get("L") in (None, 4096)) if args.quick else (lambda s: True)
     eager: list[dict] = []
     rows = suite.run_ops(ops, ceilings, notes, isolate_budget_s=args.isolate_budget, shape_filter=quick, eager=eager)
     sweeps = {f: suite.SWEEPS[f]() for f in families if args.sweep and f in suite.SWEEPS}

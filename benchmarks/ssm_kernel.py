@@ -8,12 +8,18 @@ Ops (rows in the results schema of ``shared/GPU.md``):
 - ``vandermonde.fwd`` / ``vandermonde.fwdbwd``: the O(HNL) core alone,
   ``seqbook.ssm.vandermonde_kernel(W, log_A_bar, L)``, from ``W = C * B_bar`` and
   ``log_A_bar = step * A``: the same work without the O(HN) discretization, whose dozen
-  small PyTorch launches are most of the gap between the two ops' times.
+  small PyTorch launches are most of the gap between the two ops' eager times.
 
-Impls: ``seqbook.triton`` (the fused kernel, :mod:`seqbook.kernels.ssm_kernel`) and
-``seqbook.reference`` (the readable form: materializes the ``(H, N, L)`` complex
-tensor ``exp(l * step * A)``, 8.6 GB at the target shape, then one einsum). Both go
-through the public entries, with the same discretization code in front.
+Shape: ``H=1024, N=64, L=16384`` (the target).
+
+Impls: ``seqbook.triton`` (the fused kernel, :mod:`seqbook.kernels.ssm_kernel`), timed
+as CUDA-graph replays like every ``seqbook.triton`` row (the suite records the eager
+times beside them), and ``seqbook.reference`` (the readable form: materializes the
+``(H, N, L)`` complex tensor ``exp(l * step * A)``, 8.6 GB at the target shape, then one
+einsum), timed eagerly: its launches take milliseconds each, and a graph would hold a
+second copy of its memory. Both go through the public entries, with the same
+discretization code in front. (The first results, ``results/2026-11-24-h100-ssm_kernel.json``,
+came from this module's earlier standalone form and timed the kernel eagerly too.)
 
 What is counted (the floor)
 ---------------------------
@@ -33,35 +39,33 @@ the same run as an fp32 matrix product with TF32 off (``fp32_mm_TFLOPs``): the k
 uses ``tl.dot(..., input_precision="ieee")``, i.e. fp32 FMAs. Bytes (``K`` written,
 ``dK`` read: 64 MiB each at the target shape) are 20x below that.
 
-Run on a CUDA machine: ``python -m benchmarks.ssm_kernel [--out DIR] [--sweep]``. It
-checks the kernel against the float64 reference on the GPU first (output and every
-gradient), then times, prints a table, and writes ``<DIR>/<date>-<gpu>-ssm_kernel.json``
-(the rows, plus the check's errors, the fp32 ceiling measured, and with ``--sweep`` the
-kernels' times over block sizes).
+``python -m benchmarks.run --ops ssm_kernel vandermonde [--sweep]`` (or
+``python -m benchmarks.ssm_kernel [--sweep]``, the same): checks the kernel against the
+float64 reference on the GPU first (output and every gradient), then times; ``--sweep``
+also times the two kernels alone over block sizes and warps, to choose ``fwd_config`` /
+``bwd_config`` in :mod:`seqbook.kernels.ssm_kernel`.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
+import functools
 import math
-import os
-import subprocess
 import sys
 
 import torch
 
 from seqbook import ssm
+from seqbook.backend import kernels
 
-OP = "ssm_kernel"
-SHAPES = [dict(H=1024, N=64, L=16384)]
+from .suite import Impl, Op, register, register_check, register_sweep, time_ms
+
+TARGET = dict(H=1024, N=64, L=16384, target=True)
+SHAPES = [TARGET]
 FLOP_PER_HNL = {"fwd": 4, "fwdbwd": 12}
-IMPLS = {"seqbook.triton": "triton", "seqbook.reference": "reference"}
 
 
-def shape_name(H: int, N: int, L: int) -> str:
-    return f"H={H},N={N},L={L},complex64,zoh"
+def shape_name(s: dict) -> str:
+    return f"H={s['H']},N={s['N']},L={s['L']},complex64,zoh"
 
 
 def make_params(H: int, N: int, device, seed: int = 0, dtype=torch.complex64):
@@ -76,30 +80,127 @@ def make_params(H: int, N: int, device, seed: int = 0, dtype=torch.complex64):
     C = torch.complex(torch.randn(H, N, generator=gen, dtype=torch.float64),
                       torch.randn(H, N, generator=gen, dtype=torch.float64)) / math.sqrt(2)
     step = torch.exp(torch.empty(H, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e-1), generator=gen))
-    return [A.to(device, dtype), B.to(device, dtype), C.to(device, dtype), step.to(device, dtype.to_real())]
+    return [A.to(device, dtype), B.to(device, dtype), C.to(device, dtype), step.to(device, dtype.to_real())]  # fmt: skip
+
+
+def _prelude(params):
+    """W = C * B_bar and log A_bar = step * A (ZOH), as s4d_kernel forms them: the inputs of the core op."""
+    A, B, C, step = (p.detach() for p in params)
+    _, B_bar = ssm.discretize(A, B, step, "zoh", diagonal=True)
+    return [(C * B_bar).contiguous(), (step[:, None] * A).contiguous()]
+
+
+def make_inputs(shape: dict, device: str, seed: int, entry: str = "ssm_kernel", grad: bool = False) -> dict:
+    """The parameters (``ssm_kernel``) or ``W, log_A_bar`` (``vandermonde``) under ``"args"``;
+    for fwd+bwd they require grad, and ``dK`` is a standard normal output gradient."""
+    params = make_params(shape["H"], shape["N"], device, seed=seed)
+    args = params if entry == "ssm_kernel" else _prelude(params)
+    inputs = dict(args=args)
+    if grad:
+        for x in args:
+            x.requires_grad_()
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        inputs["dK"] = torch.randn(shape["H"], shape["L"], generator=gen, device=device)
+        inputs["grads"] = args
+    return inputs
+
+
+def _bytes(s: dict, entry: str, backward: bool) -> int:
+    """complex64 parameters (8 bytes) read, float32 K (4 bytes) written; backward also dK read
+    and a gradient written per parameter."""
+    H, N, L = s["H"], s["N"], s["L"]
+    params = 3 * H * N * 8 + H * 4 if entry == "ssm_kernel" else 2 * H * N * 8
+    once = params + H * L * 4
+    return once * (2 if backward else 1)
+
+
+def _flops(s: dict, direction: str) -> int:
+    return FLOP_PER_HNL[direction] * s["H"] * s["N"] * s["L"]
+
+
+def _call(entry: str, backend: str):
+    fn = ssm.s4d_kernel if entry == "ssm_kernel" else ssm.vandermonde_kernel
+    return functools.partial(fn, backend=backend)
+
+
+def _forward(entry: str, backend: str):
+    def build(shape, inputs):
+        fn = _call(entry, backend)
+
+        def run():
+            with torch.no_grad():
+                fn(*inputs["args"], shape["L"])
+
+        return run
+
+    return build
+
+
+def _forward_backward(entry: str, backend: str):
+    def build(shape, inputs):
+        fn = _call(entry, backend)
+
+        def run():
+            fn(*inputs["args"], shape["L"]).backward(inputs["dK"])
+
+        return run
+
+    return build
+
+
+for _entry in ("ssm_kernel", "vandermonde"):
+    for _direction, _wrap in (("fwd", _forward), ("fwdbwd", _forward_backward)):
+        register(Op(
+            f"{_entry}.{_direction}", SHAPES, shape_name,
+            functools.partial(make_inputs, entry=_entry, grad=_direction == "fwdbwd"),
+            functools.partial(_bytes, entry=_entry, backward=_direction == "fwdbwd"),
+            [Impl("seqbook.triton", _wrap(_entry, "triton"), graph=True),
+             Impl("seqbook.reference", _wrap(_entry, "reference"))],
+            flops=functools.partial(_flops, direction=_direction), flops_ceiling="fp32_mm_TFLOPs",
+        ))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Correctness on the GPU, before timing
+# --------------------------------------------------------------------------------------
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.to(want.dtype) - want).abs().max() / want.abs().max()).item()
 
 
+def _judged(errors: dict) -> dict:
+    """The checks past float32-level error (relative to the largest entry): 1e-5 for K, 1e-4 for gradients."""
+    failures = []
+    for what, err in errors.items():
+        limit = 1e-5 if what.startswith("K") else 1e-4
+        if not err < limit:  # NaN fails too
+            failures.append(f"{what} relative error {err:.2e} >= {limit:.0e}")
+    return {"errors": errors, "failures": failures}
+
+
+def _wide(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().to(torch.complex128 if p.is_complex() else torch.float64).requires_grad_()
+
+
 def check(device="cuda", H=128, N=64, L=16384, chunk=32) -> dict:
-    """The fused kernel against the float64 reference on this device: K at the full target
-    shape (reference computed in chunks of channels to bound memory), K and all gradients at
-    ``H`` channels. Returns the relative errors; :func:`failures` judges them."""
+    """The fused kernel against the float64 reference on this device, through ``s4d_kernel``:
+    K at the full target shape (reference computed in chunks of channels to bound memory),
+    K and all gradients (A, B, C, step) at ``H`` channels."""
     errors = {}
-    params = make_params(SHAPES[0]["H"], SHAPES[0]["N"], device)
-    Lf = SHAPES[0]["L"]
+    params = make_params(TARGET["H"], TARGET["N"], device)
+    Lf = TARGET["L"]
     K = ssm.s4d_kernel(*params, Lf, backend="triton")
     worst = 0.0
     for h0 in range(0, params[0].shape[0], chunk):
         sl = [p[h0 : h0 + chunk].to(torch.complex128 if p.is_complex() else torch.float64) for p in params]
-        K_ref = ssm.s4d_kernel(*sl, Lf, backend="reference")
-        worst = max(worst, _rel_err(K[h0 : h0 + chunk], K_ref))
+        worst = max(worst, _rel_err(K[h0 : h0 + chunk], ssm.s4d_kernel(*sl, Lf, backend="reference")))
     errors["K_full_shape"] = worst
+    del params, K
+    torch.cuda.empty_cache()
 
     params = [p.requires_grad_() for p in make_params(H, N, device, seed=1)]
-    ref = [p.detach().to(torch.complex128 if p.is_complex() else torch.float64).requires_grad_() for p in params]
+    ref = [_wide(p) for p in params]
     dK = torch.randn(H, L, device=device, dtype=torch.float64)
     K = ssm.s4d_kernel(*params, L, backend="triton")
     K_ref = ssm.s4d_kernel(*ref, L, backend="reference")
@@ -108,88 +209,31 @@ def check(device="cuda", H=128, N=64, L=16384, chunk=32) -> dict:
     (K_ref * dK).sum().backward()
     for name, p, r in zip(("A", "B", "C", "step"), params, ref):
         errors[f"grad_{name}"] = _rel_err(p.grad, r.grad)
-    return errors
+    return _judged(errors)
 
 
-def failures(errors: dict) -> list[str]:
-    """The checks past float32-level error (relative to the largest entry): 1e-5 for K, 1e-4 for gradients."""
-    bad = []
-    for what, err in errors.items():
-        limit = 1e-5 if what.startswith("K") else 1e-4
-        if not err < limit:
-            bad.append(f"{what} relative error {err:.2e} >= {limit:.0e}")
-    return bad
+def check_core(device="cuda", H=128, N=64, L=16384) -> dict:
+    """``vandermonde_kernel`` alone against its float64 reference: K and the gradients of W, log_A_bar."""
+    args = [p.requires_grad_() for p in _prelude(make_params(H, N, device, seed=2))]
+    ref = [_wide(p) for p in args]
+    dK = torch.randn(H, L, device=device, dtype=torch.float64)
+    K = ssm.vandermonde_kernel(*args, L, backend="triton")
+    K_ref = ssm.vandermonde_kernel(*ref, L, backend="reference")
+    errors = {"K": _rel_err(K, K_ref)}
+    (K * dK.float()).sum().backward()
+    (K_ref * dK).sum().backward()
+    for name, p, r in zip(("W", "log_A_bar"), args, ref):
+        errors[f"grad_{name}"] = _rel_err(p.grad, r.grad)
+    return _judged(errors)
 
 
-def fp32_fma_tflops(device="cuda", n=8192) -> float:
-    """The fp32 FMA ceiling, measured: an n^3 fp32 matrix product with TF32 off (cuBLAS SGEMM)."""
-    from triton.testing import do_bench
-
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        a, b = (torch.randn(n, n, device=device) for _ in range(2))
-        ms = do_bench(lambda: a @ b, warmup=50, rep=300)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+register_check("ssm_kernel", check)
+register_check("vandermonde", check_core)
 
 
-def _prelude(params, L):
-    """W = C * B_bar and log A_bar = step * A (ZOH), as s4d_kernel forms them: the inputs of the core op."""
-    A, B, C, step = (p.detach() for p in params)
-    _, B_bar = ssm.discretize(A, B, step, "zoh", diagonal=True)
-    return [(C * B_bar).contiguous(), (step[:, None] * A).contiguous()]
-
-
-def _bench_fn(entry: str, backend: str, inputs: list, L: int, dK):
-    """A closure for do_bench: the forward (no graph) when ``dK`` is None, else forward + backward."""
-    call = ssm.s4d_kernel if entry == "ssm_kernel" else ssm.vandermonde_kernel
-
-    if dK is None:
-        def fn():
-            with torch.no_grad():
-                call(*inputs, L, backend=backend)
-    else:
-        def fn():
-            call(*inputs, L, backend=backend).backward(dK)
-    return fn
-
-
-def rows(ceilings: dict, device="cuda", shapes=SHAPES) -> list[dict]:
-    """Time every (op, impl, shape); one row each in the results schema.
-
-    ``ssm_kernel.*`` times the public entry (discretization + kernel); ``vandermonde.*``
-    the O(HNL) core alone, from ``W`` and ``log A_bar``.
-    """
-    from triton.testing import do_bench
-
-    out = []
-    for shp in shapes:
-        H, N, L = shp["H"], shp["N"], shp["L"]
-        for entry in ("ssm_kernel", "vandermonde"):
-            for direction in ("fwd", "fwdbwd"):
-                for impl, backend in IMPLS.items():
-                    params = make_params(H, N, device, seed=2)
-                    inputs = params if entry == "ssm_kernel" else _prelude(params, L)
-                    dK = None
-                    if direction == "fwdbwd":
-                        inputs = [x.requires_grad_() for x in inputs]
-                        dK = torch.randn(H, L, device=device)
-                    fn = _bench_fn(entry, backend, inputs, L, dK)
-                    torch.cuda.synchronize()
-                    ms = do_bench(fn, warmup=25, rep=200 if backend == "triton" else 100,
-                                  grad_to_none=inputs if dK is not None else None)
-                    flops = FLOP_PER_HNL[direction] * H * N * L
-                    floor_ms = flops / (ceilings["fp32_mm_TFLOPs"] * 1e12) * 1e3
-                    out.append(dict(op=f"{entry}.{direction}", impl=impl, shape=shape_name(H, N, L),
-                                    ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 3), tbps=None,
-                                    floor_fraction=round(floor_ms / ms, 4)))
-                    print(out[-1], flush=True)
-                    del params, inputs, fn, dK
-                    torch.cuda.empty_cache()
-    return out
-
+# --------------------------------------------------------------------------------------
+# Kernel configurations (to choose fwd_config / bwd_config in seqbook.kernels.ssm_kernel)
+# --------------------------------------------------------------------------------------
 
 # (BLOCK_N, S_A, S_B, num_warps) tried by sweep(): the defaults and their neighbours.
 SWEEP_FWD = [(16, 64, 64, 8), (16, 64, 64, 4), (16, 128, 32, 8), (16, 32, 128, 8), (32, 64, 64, 8), (16, 32, 32, 4)]
@@ -197,15 +241,11 @@ SWEEP_BWD = [(16, 32, 32, 4), (16, 32, 32, 8), (16, 64, 16, 4), (16, 16, 64, 4),
 
 
 def sweep(device="cuda", H=1024, N=64, L=16384) -> list[dict]:
-    """Time the forward and backward Triton kernels alone over block sizes and warps, to choose
-    ``fwd_config`` / ``bwd_config`` in :mod:`seqbook.kernels.ssm_kernel` (kept in the JSON under "sweep")."""
+    """Time the forward and backward Triton kernels alone over block sizes and warps."""
     import triton
-    from triton.testing import do_bench
-
-    from seqbook.backend import kernels
 
     k = kernels("ssm_kernel")
-    W, lam = _prelude(make_params(H, N, device, seed=3), L)
+    W, lam = _prelude(make_params(H, N, device, seed=3))
     w, lm = k._as_real_pairs(W), k._as_real_pairs(lam)
     K = torch.empty(H, L, device=device)
     dK = torch.randn(H, L, device=device)
@@ -221,67 +261,19 @@ def sweep(device="cuda", H=1024, N=64, L=16384) -> list[dict]:
                 grid = (H, triton.cdiv(N, block_n))
                 fn = lambda: k._vandermonde_bwd[grid](w, lm, dK, dw, dlm, N, L, **cfg)  # noqa: E731
             try:
-                ms = do_bench(fn, warmup=10, rep=50)
+                ms = time_ms(fn, warmup=10, rep=50)
             except Exception as e:  # e.g. out of shared memory for a large tile
                 ms = float("nan")
-                print("sweep", kind, cfg, "failed:", type(e).__name__, str(e)[:120])
+                print("sweep", kind, cfg, "failed:", type(e).__name__, str(e)[:120], flush=True)
             found.append(dict(cfg, kernel=kind, ms=round(ms, 4)))
             print("sweep", found[-1], flush=True)
     return found
 
 
-def _table(rows_: list[dict]) -> str:
-    lines = [f"{'op':<22} {'impl':<18} {'ms':>9} {'TFLOP/s':>8} {'floor':>6} {'x ref':>6}"]
-    ref = {(r["op"], r["shape"]): r["ms"] for r in rows_ if r["impl"] == "seqbook.reference"}
-    for r in rows_:
-        speedup = ref.get((r["op"], r["shape"]), float("nan")) / r["ms"]
-        lines.append(f"{r['op']:<22} {r['impl']:<18} {r['ms']:>9.3f} {r['tflops']:>8.2f} "
-                     f"{r['floor_fraction']:>6.1%} {speedup:>6.1f}")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for the JSON")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels over block sizes")
-    parser.add_argument("--commit", default=None, help="git sha of the code measured (default: git rev-parse HEAD)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks.ssm_kernel needs a CUDA GPU", file=sys.stderr)
-        return 2
-    import triton
-
-    errors = check()
-    bad = failures(errors)
-    print("check against float64:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), "FAILED" if bad else "ok")
-    for line in bad:  # timed anyway, and marked in the JSON: a wrong kernel's speed is still worth seeing
-        print("  FAILED:", line)
-    ceilings = {"copy_TBps": 3.0, "bf16_mm_TFLOPs": 747, "fp32_mm_TFLOPs": round(fp32_fma_tflops(), 1)}
-    print("ceilings:", ceilings, flush=True)
-    result_rows = rows(ceilings)
-    swept = sweep() if args.sweep else None
-    commit = args.commit
-    if commit is None:
-        try:
-            git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-            commit = git.stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    name = torch.cuda.get_device_name()
-    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": commit,
-              "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings,
-              "check": {"errors": errors, "failures": bad}, "rows": result_rows}
-    if swept is not None:
-        result["sweep"] = swept
-    os.makedirs(args.out, exist_ok=True)
-    gpu = name.replace("NVIDIA ", "").split()[0].lower()
-    path = os.path.join(args.out, f"{result['date']}-{gpu}-{OP}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(_table(result_rows))
-    print("wrote", path)
-    return 1 if bad else 0
+register_sweep("ssm_kernel", sweep)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run
+
+    sys.exit(run.main(["--ops", "ssm_kernel", "vandermonde", *sys.argv[1:]]))

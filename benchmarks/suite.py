@@ -16,8 +16,9 @@ autograd-engine time on the H100's host, as much as the kernels themselves at th
 shape, and the GPU would wait on it; :func:`run_ops` records the eager times of those
 implementations too (``eager`` in the result file). Anchors run eagerly, as a user runs
 them: the readable loop's launch-by-launch cost is its lesson. The floor of a row is the larger of
-its bytes over the measured copy bandwidth and its FLOPs over the measured matrix rate;
-``floor_fraction`` = floor / time.
+its bytes over the measured copy bandwidth and its FLOPs over the measured matrix rate (bf16,
+or fp32 for kernels bound by float32 arithmetic: ``Op.flops_ceiling``); ``floor_fraction`` =
+floor / time.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ class Op:
     impls: list[Impl]
     flops: Callable[[dict], int] | None = None  # None: bound by memory, FLOPs not counted
     flops_ceiling: str = "bf16_mm_TFLOPs"  # which measured rate the FLOPs are held to
+    work: str = "flop"  # what `flops` counts: "flop", or e.g. "exp" (row key "texps", T exp/s, for exp-bound ops)
 
 
 REGISTRY: dict[str, Op] = {}
 CHECKS: dict[str, Callable[[], dict]] = {}  # family -> correctness check on the GPU
 SWEEPS: dict[str, Callable[[], list]] = {}  # family -> kernel-configuration sweep
+CEILING_PROBES: dict[str, Callable[[], float]] = {}  # extra ceilings, name -> measurement (e.g. "exp_Tps")
 
 
 def register(op: Op) -> Op:
@@ -76,6 +79,11 @@ def register_check(family: str, check: Callable[[], dict]) -> None:
 
 def register_sweep(family: str, sweep: Callable[[], list]) -> None:
     SWEEPS[family] = sweep
+
+
+def register_ceiling(name: str, probe: Callable[[], float]) -> None:
+    """An extra ceiling, measured by ``probe()`` in :func:`measure_ceilings`; an op names it in ``flops_ceiling``."""
+    CEILING_PROBES[name] = probe
 
 
 # --------------------------------------------------------------------------------------
@@ -113,8 +121,9 @@ def time_ms(fn: Callable[[], Any], grads: list | None = None, warmup: int = 25, 
 
 
 def measure_ceilings(device: str = "cuda") -> dict:
-    """The two ceilings, measured in this run: device-to-device copy (bytes read + written)
-    of 1 GiB, and a bf16 8192^3 matrix product."""
+    """The ceilings, measured in this run: device-to-device copy (bytes read + written)
+    of 1 GiB, a bf16 8192^3 matrix product, and an fp32 one with TF32 off (cuBLAS SGEMM:
+    the FMA rate, for kernels bound by float32 arithmetic on the CUDA cores)."""
     src = torch.randn(256 * 2**20, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
@@ -125,8 +134,18 @@ def measure_ceilings(device: str = "cuda") -> dict:
     ms = time_ms(lambda: x @ y)
     mm = 2 * n**3 / (ms * 1e-3) / 1e12
     del x, y
+    x, y = (torch.randn(n, n, device=device) for _ in range(2))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ms = time_ms(lambda: x @ y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    fp32 = 2 * n**3 / (ms * 1e-3) / 1e12
+    del x, y
     torch.cuda.empty_cache()
-    return {"copy_TBps": round(copy, 3), "bf16_mm_TFLOPs": round(mm, 1)}
+    extra = {name: probe() for name, probe in CEILING_PROBES.items()}
+    return {"copy_TBps": round(copy, 3), "bf16_mm_TFLOPs": round(mm, 1), "fp32_mm_TFLOPs": round(fp32, 1), **extra}
 
 
 def make_row(op: Op, impl: Impl, shape: dict, ms: float, ceilings: dict) -> dict:
@@ -135,12 +154,16 @@ def make_row(op: Op, impl: Impl, shape: dict, ms: float, ceilings: dict) -> dict
     floor_ms = nbytes / (ceilings["copy_TBps"] * 1e12) * 1e3
     if flops:
         floor_ms = max(floor_ms, flops / (ceilings[op.flops_ceiling] * 1e12) * 1e3)
-    return {
+    rate = round(flops / (ms * 1e-3) / 1e12, 3) if flops else None
+    row = {
         "op": op.name, "impl": impl.name, "shape": op.shape_name(shape), "ms": round(ms, 4),
-        "tflops": round(flops / (ms * 1e-3) / 1e12, 3) if flops else None,
+        "tflops": rate if op.work == "flop" else None,
         "tbps": round(nbytes / (ms * 1e-3) / 1e12, 3),
         "floor_fraction": round(floor_ms / ms, 4),
     }  # fmt: skip
+    if op.work != "flop":  # e.g. "texps": tera-exponentials per second
+        row[f"t{op.work}s"] = rate
+    return row
 
 
 def graphed(fn: Callable[[], Any], grads: list | None = None) -> Callable[[], None]:
