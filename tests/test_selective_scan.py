@@ -89,8 +89,12 @@ def check_kernel(device, shape, *, dtype=torch.float32, rel=1e-5, seed=0, use_la
             assert grads[name] is None
             continue
         assert grads[name].dtype == inputs[name].dtype, f"grad {name}: dtype {grads[name].dtype}"
-        if length == 1 and name == "A":  # h_{-1} = 0: dA is exactly zero
-            assert torch.all(grads[name] == 0), "grad A at length 1"
+        if length == 1 and name == "A":
+            # h_{-1} = 0, so dA = 0 exactly in float64; the kernel's x = h_0 - b_0 is b_0's
+            # rounding error where the compiler fuses the subtraction into an FMA (on the GPU),
+            # so dA is zero to within that rounding, on the scale of lambda * Delta * b.
+            scale = grads_ref["B"].abs().max() * inputs["B"].abs().max().to(F64)
+            assert grads[name].abs().max() <= rel * scale, f"grad A at length 1: {grads[name].abs().max():.2e}"
             continue
         assert_near(grads[name], grads_ref[name], rel, f"grad {name}")
 
