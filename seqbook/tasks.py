@@ -113,8 +113,7 @@ def delayed_recall(
     return x[..., None], y
 
 
-#: Token ids of :func:`selective_copying`: the blank, and the marker that asks for the answer.
-#: The colours are the ids ``1, ..., n_colors``; ``MARKER`` stands for ``n_colors + 1``.
+#: The blank's token id in :func:`selective_copying` (the colours are ``1 .. n_colors``, the marker ``n_colors + 1``).
 BLANK = 0
 
 
