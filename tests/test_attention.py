@@ -420,6 +420,13 @@ def test_kernel_other_tiles(device, config):
         assert_near(o, attn.attention_naive(*(x.double() for x in (q, k, v)), causal), 1e-5, f"o {config}")
 
 
+def test_kernel_rejects_misaligned_tiles(device):
+    q, k, v = qkv(1, 40, 1, 16, device=device, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"held block \(48\) must be a multiple of the streamed one \(32\)"):
+        backend.kernels("attention").attention_with_lse(q, k, v, True, config=dict(BLOCK_M=48, BLOCK_N=32, num_warps=4,
+                                                                                      NUM_STAGES=1))  # fmt: skip
+
+
 def test_mha_uses_the_kernel(device):
     # The mixer's forward through backend="triton" equals its reference forward.
     torch.manual_seed(0)

@@ -345,25 +345,35 @@ def _attn_bwd_dq(
 #: kernels (Hopper). "dkdv" tiles are (BLOCK_M queries streamed, BLOCK_N keys held); the
 #: forward and "dq" hold BLOCK_M queries and stream BLOCK_N keys. Causal masking needs
 #: the held block to be a multiple of the streamed one.
+#:
+#: Not yet timed on a GPU: chosen by compiling every candidate for sm_90 without one
+#: (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, Triton 3.9) and reading each
+#: cubin's registers and local-memory stack, then taking the largest tiles that keep the
+#: matrix products on wgmma and spill little or nothing. dk/dv at d = 128 is the tight one:
+#: the two float32 accumulators and the held k, v fill the 255 registers of a thread, so it
+#: holds 64 keys (128 spilled 300-600 bytes per thread). ``python -m benchmarks.run --ops
+#: attention --sweep`` times the candidates; its results should replace this table.
 CONFIGS = {
     ("fwd", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3),
     ("fwd", 2, 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, NUM_STAGES=3),
     ("fwd", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     ("fwd", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
-    ("dkdv", 2, 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
+    ("dkdv", 2, 128): dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
     ("dkdv", 2, 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
-    ("dkdv", 2, 32): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
+    ("dkdv", 2, 32): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
     ("dkdv", 2, 16): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
     ("dq", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
     ("dq", 2, 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
     ("dq", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
     ("dq", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
 }
-#: float32 tiles take twice the registers and shared memory: smaller tiles for every kind and head dim.
+#: float32 inputs use true float32 products, which Hopper's tensor cores do not have: the
+#: products run on the FMA units, and larger tiles spill kilobytes per thread. Small tiles;
+#: float32 on a GPU is for checking, bf16 and fp16 for speed.
 FP32_CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, NUM_STAGES=2),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
-    "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, NUM_STAGES=2),
+    "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, NUM_STAGES=1),
+    "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, NUM_STAGES=1),
+    "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, NUM_STAGES=1),
 }
 #: Under the interpreter every program runs in Python: small tiles, so tests at L < 70 still
 #: cross block edges and the diagonal (held blocks twice the streamed ones, as on the GPU).
@@ -396,10 +406,20 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _check_tiles(kind: str, cfg: dict) -> None:
+    """The held block must be a whole number of streamed blocks: the causal loops split at
+    the held block's first row, which must fall on a streamed block's edge."""
+    held, streamed = (cfg["BLOCK_N"], cfg["BLOCK_M"]) if kind == "dkdv" else (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    if held % streamed:
+        raise ValueError(f"attention kernel {kind}: the held block ({held}) must be a multiple of the streamed "
+                         f"one ({streamed}), got {cfg}")  # fmt: skip
+
+
 def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     """``(o, lse)``: ``o`` like ``q``; ``lse (B, H, L)`` float32, natural log."""
     B, L, H, d = q.shape
     cfg = config or config_for("fwd", q.dtype, d)
+    _check_tiles("fwd", cfg)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
@@ -422,12 +442,14 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, configs: dict | N
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     precision = _precision(q.dtype)
     cfg = configs.get("dkdv") or config_for("dkdv", q.dtype, d)
+    _check_tiles("dkdv", cfg)
     _attn_bwd_dkdv[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), H, L, scale * LOG2E, scale,
         CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
     )  # fmt: skip
     cfg = configs.get("dq") or config_for("dq", q.dtype, d)
+    _check_tiles("dq", cfg)
     _attn_bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, scale * LOG2E, scale, CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
