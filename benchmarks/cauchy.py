@@ -72,7 +72,7 @@ import torch
 
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, time_ms
 
 TARGET = dict(H=1024, N=64, L=16384, z="per-head", target=True)
 LENGTHS = [1024, 4096, 16384, 65536]
@@ -257,16 +257,6 @@ def _config(entry: tuple) -> dict:
     return cfg
 
 
-def _kernel_info(handle) -> dict:
-    """Registers per thread and spilled bytes of a compiled kernel, where Triton reports them."""
-    info = {}
-    for key in ("n_regs", "n_spills"):
-        value = getattr(handle, key, None)
-        if isinstance(value, int):
-            info[key] = value
-    return info
-
-
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward (``POWER=1`` and ``2``) and backward kernels alone at the target shape
     over the configurations above; then the backward's number of splits at the small grid.
@@ -279,7 +269,7 @@ def sweep(device: str = "cuda") -> list[dict]:
     def record(entry: dict, fn, instructions: int, shape: dict):
         info = {}
         try:
-            info = _kernel_info(fn())  # the first call compiles; a kernel launch returns its handle
+            info = kernel_info(fn())  # the first call compiles; a kernel launch returns its handle
             ms = time_ms(fn, warmup=10, rep=40)
         except Exception as e:  # e.g. out of registers or shared memory
             ms = float("nan")

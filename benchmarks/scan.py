@@ -49,7 +49,7 @@ import torch
 from seqbook import scan
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = dict(B=4, L=4096, D=2048, dtype="fp32")
@@ -208,16 +208,6 @@ register_check("scan", check)
 TILES = [(32, 64), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64)]
 
 
-def _kernel_info(handle) -> dict:
-    """Registers per thread and spilled bytes of a compiled kernel, where Triton reports them."""
-    info = {}
-    for key in ("n_regs", "n_spills"):
-        value = getattr(handle, key, None)
-        if isinstance(value, int):
-            info[key] = value
-    return info
-
-
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward and backward kernels alone, single pass, at the target shape in
     float32 and bfloat16 over tile sizes, warps and pipeline stages; then the number of
@@ -244,7 +234,7 @@ def sweep(device: str = "cuda") -> list[dict]:
                             fn = lambda: k._launch_bwd(a, h, h0, g, None, da, db, delta, None, L, 1, cfg)  # noqa: E731
                         info = {}
                         try:
-                            info = _kernel_info(fn())
+                            info = kernel_info(fn())
                             ms = time_ms(fn, warmup=10, rep=40)
                         except Exception as e:  # e.g. out of shared memory
                             ms = float("nan")

@@ -77,7 +77,7 @@ from seqbook.backend import kernels
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .suite import ANCHORS, Impl, Op, register, register_ceiling, register_check, register_sweep, time_ms
+from .suite import ANCHORS, Impl, Op, kernel_info, register, register_ceiling, register_check, register_sweep, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = dict(B=4, L=4096, D=2048, N=16, dtype="bf16")
@@ -380,16 +380,6 @@ BWD_CONFIGS = [
 ]  # fmt: skip
 
 
-def _kernel_info(handle) -> dict:
-    """Registers per thread and spilled bytes of a compiled kernel, where Triton reports them."""
-    info = {}
-    for key in ("n_regs", "n_spills"):
-        value = getattr(handle, key, None)
-        if isinstance(value, int):
-            info[key] = value
-    return info
-
-
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward kernels (no states saved) and the backward kernel alone at the target
     shape, bfloat16 and float32, over :data:`FWD_CONFIGS` and :data:`BWD_CONFIGS`; each row
@@ -427,7 +417,7 @@ def _time_config(kind: str, cfg: dict, fn, shape: dict, floor_ms: float) -> dict
     info = {}
     try:
         fn()  # compile
-        info = _kernel_info(kernels("selective_scan").LAST_LAUNCH.get(kind))
+        info = kernel_info(kernels("selective_scan").LAST_LAUNCH.get(kind))
         ms = time_ms(fn, warmup=10, rep=40)
     except Exception as e:  # e.g. out of registers or shared memory
         ms = float("nan")

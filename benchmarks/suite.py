@@ -166,6 +166,17 @@ def make_row(op: Op, impl: Impl, shape: dict, ms: float, ceilings: dict) -> dict
     return row
 
 
+def kernel_info(handle) -> dict:
+    """Registers per thread and spilled bytes of a compiled Triton kernel (the handle a
+    launch returns), where Triton reports them: the sweeps record them beside the times."""
+    info = {}
+    for key in ("n_regs", "n_spills"):
+        value = getattr(handle, key, None)
+        if isinstance(value, int):
+            info[key] = value
+    return info
+
+
 def graphed(fn: Callable[[], Any], grads: list | None = None) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (after a warm-up on a side stream, as PyTorch requires);
     returns its replay. Gradients are reset first, so the graph assigns them rather than
