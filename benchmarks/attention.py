@@ -3,7 +3,11 @@ r"""Benchmark: softmax attention (``seqbook.attention``), our FlashAttention ker
 Ops (rows in the results schema of shared/GPU.md):
 
 - ``attention.fwd``: ``o = attention(q, k, v, causal=True)``, no autograd graph;
-- ``attention.fwdbwd``: the same with ``q, k, v`` requiring grad, then ``o.backward(do)``.
+- ``attention.fwdbwd``: the same with ``q, k, v`` requiring grad, then ``o.backward(do)``;
+- ``attention.decode``: one decoding step, the new token's query against a KV cache of ``L``
+  tokens (:func:`seqbook.attention.decode_step`, ``B=1, H=32, d=128``, ``L = 1k ... 128k``),
+  against SDPA with a one-row query; memory-bound, so its floor is the cache's bytes over the
+  copy bandwidth. Our kernel needs ``Lq == Lk`` and has no row here.
 
 Shapes, bf16, causal, ``(batch, length, heads, d)`` for ours: the target ``B=1, L=16384,
 H=16, d=128``; ``B=4, L=4096, H=32, d=64``; and the sweep ``L = 512 ... 32768`` at
@@ -165,6 +169,60 @@ register(Op("attention.fwd", SHAPES, shape_name, make_inputs, functools.partial(
             flops=forward_flops))
 register(Op("attention.fwdbwd", SHAPES, shape_name, functools.partial(make_inputs, grad=True),
             functools.partial(_bytes, arrays=12), _impls(1), flops=lambda s: int(3.5 * forward_flops(s))))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Decoding: one new token against a KV cache
+# --------------------------------------------------------------------------------------
+
+DECODE_SHAPES = [dict(B=1, L=L, H=32, d=128, dtype="bf16") for L in (1024, 4096, 16384, 65536, 131072)]
+
+
+def decode_shape_name(s: dict) -> str:
+    return f"B={s['B']},H={s['H']},L={s['L']},d={s['d']},{s['dtype']},decode"
+
+
+def decode_inputs(shape: dict, device: str, seed: int) -> dict:
+    """The new token's query ``(B, H, d)`` and caches of ``L`` tokens ``(B, L, H, d)``; the same
+    in SDPA's layout, ``(B, H, 1, d)`` and ``(B, H, L, d)``, contiguous."""
+    B, L, H, d, dtype = shape["B"], shape["L"], shape["H"], shape["d"], DTYPES[shape["dtype"]]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q_t = torch.randn(B, H, d, generator=gen, device=device).to(dtype)
+    k, v = (torch.randn(B, L, H, d, generator=gen, device=device).to(dtype) for _ in range(2))
+    return dict(q_t=q_t, k=k, v=v, qt=q_t[:, :, None].contiguous(), kt=k.transpose(1, 2).contiguous(),
+                vt=v.transpose(1, 2).contiguous())
+
+
+def _decode_reference(shape, inputs):
+    def run():
+        attn.decode_step(inputs["q_t"], inputs["k"], inputs["v"])
+
+    return run
+
+
+def _decode_sdpa(name: str):
+    def build(shape, inputs):
+        from torch.nn.attention import sdpa_kernel
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        backend = _sdpa_backend(name)
+
+        def run():
+            with sdpa_kernel(backend), torch.no_grad():
+                sdpa(inputs["qt"], inputs["kt"], inputs["vt"])
+
+        return run
+
+    return build
+
+
+# A decoding step reads the whole cache once and does 4 L d FLOPs per head on it: bound by
+# memory, its floor is the cache's bytes over the copy bandwidth.
+register(Op("attention.decode", DECODE_SHAPES, decode_shape_name, decode_inputs,
+            lambda s: 2 * s["B"] * s["L"] * s["H"] * s["d"] * DTYPES[s["dtype"]].itemsize,
+            [Impl("seqbook.reference", _decode_reference, graph=True),
+             Impl("anchor:sdpa-flash", _decode_sdpa("flash"), available=lambda: _sdpa_available("flash")),
+             Impl("anchor:sdpa-cudnn", _decode_sdpa("cudnn"), available=lambda: _sdpa_available("cudnn"))]))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
