@@ -13,11 +13,13 @@ draws time against length from those files.
   and Mamba-2's chunked SSD forward (``ssd.fwd``);
 - :mod:`benchmarks.ssm_kernel`: the diagonal SSM convolution kernel (``ssm_kernel.*``,
   and its core alone, ``vandermonde.*``);
-- :mod:`benchmarks.cauchy`: the Cauchy kernel of S4 (``cauchy.fwd``, ``cauchy.fwdbwd``).
+- :mod:`benchmarks.cauchy`: the Cauchy kernel of S4 (``cauchy.fwd``, ``cauchy.fwdbwd``);
 - :mod:`benchmarks.attention`: softmax attention, our FlashAttention kernel against PyTorch's SDPA
   (``attention.fwd``, ``attention.fwdbwd``).
 
-``python -m benchmarks.run --list`` prints the registry without a GPU.
+``python -m benchmarks.run --list`` prints the registry without a GPU, and
+``python -m benchmarks.compile_check`` compiles every kernel for sm_90 without one
+(:mod:`benchmarks.compile_check`).
 
 Adding an operation is one module that calls :func:`benchmarks.suite.register` and one
 line in ``benchmarks.run.OP_MODULES``; see chapters/appendix_kernels.md.
