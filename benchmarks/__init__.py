@@ -16,6 +16,8 @@ draws time against length from those files.
 - :mod:`benchmarks.cauchy`: the Cauchy kernel of S4 (``cauchy.fwd``, ``cauchy.fwdbwd``);
 - :mod:`benchmarks.attention`: softmax attention, our FlashAttention kernel against PyTorch's SDPA
   (``attention.fwd``, ``attention.fwdbwd``).
+- :mod:`benchmarks.linear_attention`: causal linear attention, our chunked kernel against
+  flash-linear-attention's (``linear_attention.fwd``, ``.fwdbwd``, ``.decay_fwd``, ``.decay_fwdbwd``).
 
 ``python -m benchmarks.run --list`` prints the registry without a GPU, and
 ``python -m benchmarks.compile_check`` compiles every kernel for sm_90 without one

@@ -76,7 +76,7 @@ def cases():
     import importlib
 
     k = {m: importlib.import_module(f"seqbook.kernels.{m}") for m in
-         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention")}  # fmt: skip
+         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention")}  # fmt: skip
     for m in k.values():  # modules that took `interpreting` by name
         if hasattr(m, "interpreting"):
             m.interpreting = lambda: False
@@ -121,6 +121,12 @@ def cases():
         q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
         k["attention"].attention(q, kk, v, causal).float().sum().backward()
 
+    def linear_attention(dtype, d, decay, chunk=64):
+        q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
+        a, s0 = _grads(-torch.rand(1, 300, 2), r(1, 2, d, d)) if decay else (None, None)
+        o, last = k["linear_attention"].linear_attention(q, kk, v, a, s0, None, chunk)
+        (o.float().sum() + last.sum()).backward()
+
     out = [(f"scan {dt}, {s} segment(s)", lambda dt=dt, s=s: scan(dt, s))
            for dt in (torch.float32, torch.bfloat16) for s in (1, 3)]
     out += [("ssm_kernel (Vandermonde)", vandermonde)]
@@ -133,6 +139,11 @@ def cases():
     out += [(f"attention {dt}, d={d}, {'causal' if c else 'full'}", lambda dt=dt, d=d, c=c: attention(dt, d, c))
             for dt in (torch.bfloat16, torch.float16) for d in (64, 128) for c in (True, False)]
     out += [(f"attention float32, d={d}", lambda d=d: attention(torch.float32, d, True)) for d in (32, 64)]
+    out += [(f"linear_attention {dt}, d={d}, {'decay + state' if g else 'no decay'}",
+             lambda dt=dt, d=d, g=g: linear_attention(dt, d, g))
+            for dt in (torch.bfloat16, torch.float16) for d in (64, 128) for g in (False, True)]
+    out += [("linear_attention torch.float32, d=32, decay + state", lambda: linear_attention(torch.float32, 32, True)),
+            ("linear_attention torch.bfloat16, d=16, chunk 128", lambda: linear_attention(torch.bfloat16, 16, True, 128))]
     return out
 
 

@@ -35,7 +35,7 @@ from . import suite
 
 #: The modules that register operations: one line per family.
 OP_MODULES = ["benchmarks.scan", "benchmarks.ssm_kernel", "benchmarks.cauchy", "benchmarks.selective_scan",
-              "benchmarks.attention"]
+              "benchmarks.attention", "benchmarks.linear_attention"]
 
 
 def _commit() -> str:

@@ -1,0 +1,335 @@
+r"""Triton kernel: chunked linear attention with an optional scalar decay, forward and backward.
+
+The readable forms, the glossary and the shapes are in :mod:`seqbook.linear_attention`; this
+module has the signature ``linear_attention(q, k, v, log_decay, initial_state, scale,
+chunk_size) -> (o, final_state)`` behind a :class:`torch.autograd.Function`.
+:func:`seqbook.linear_attention.linear_attention_chunked` is the algorithm written in
+PyTorch; read it first.
+
+Design: the sequential part apart from the parallel part
+---------------------------------------------------------
+The chunked form has one sequential piece, the state passing between chunks, and two
+pieces that are independent per chunk once the state entering each chunk is known. So the
+forward is two kernels:
+
+1. ``_state_pass``: one program per (batch, head, block of ``BLOCK_V`` value columns)
+   walks the chunks in order with its ``(d_k, BLOCK_V)`` slice of the state in registers
+   (float32), writes the state *entering* each chunk to ``states (B, H, n_chunks, d_k,
+   d_v)``, and folds the chunk in: :math:`S \leftarrow e^{c_\text{last}} S + (k \circ
+   e^{c_\text{last} - c})^\top v`, one ``(d_k, C) x (C, BLOCK_V)`` product per chunk. The
+   columns of the state never mix, hence the split over ``v``.
+2. ``_chunk_out``: one program per (batch, head, chunk, value block) computes the chunk's
+   outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from its own
+   inputs and the saved state: every chunk at once, all matrix products.
+
+The saved states are what the backward needs (``n_chunks * d_k * d_v`` floats per head,
+:math:`1/C` of the keys' size times ``d_v``), so nothing is recomputed by a second scan.
+
+The backward: the same recurrence, run in reverse
+-------------------------------------------------
+Write :math:`\bar S` for the gradient of the loss with respect to the state leaving a chunk.
+Going back through the chunk, :math:`\bar S` picks up the outputs' gradients and decays:
+
+.. math::
+
+    \bar S_\text{in} = e^{c_\text{last}}\, \bar S_\text{out} + s\,(q \circ e^{c})^\top\, do,
+
+the forward's state passing with time reversed, ``q`` in the place of ``k``, ``do`` in the
+place of ``v`` and the weights :math:`e^{c_t}` (decay from the chunk's start to step t) in
+place of :math:`e^{c_\text{last} - c_s}`. So ``_state_pass`` runs again with ``REVERSE``
+set, starting from the final state's gradient, and saves :math:`\bar S_\text{out}` of every
+chunk; what it ends with is the initial state's gradient. Then ``_chunk_grads``, one program
+per (batch, head, chunk), has everything to hand: with :math:`D_{ts} = e^{c_t - c_s}`
+(:math:`s \le t`), :math:`A = s\,(q k^\top) \circ D` and :math:`dA = s\,(do\, v^\top) \circ D`,
+
+.. math::
+
+    dq = dA\, k + s\, e^{c} \circ (do\, S_\text{in}^\top), \qquad
+    dk = dA^\top q + e^{c_\text{last} - c} \circ (v\, \bar S_\text{out}^\top), \qquad
+    dv = A^\top do + e^{c_\text{last} - c} \circ (k\, \bar S_\text{out}).
+
+The decay's gradient needs no kernel of its own. On paper :math:`q_t` enters only as
+:math:`q_t e^{\sum_{r\le t} a_r}` and :math:`k_s` as :math:`k_s e^{-\sum_{r\le s} a_r}`
+(and the final state carries one more :math:`e^{\sum_r a_r}`), so the gradient with respect
+to the running sum at step t is :math:`q_t\cdot dq_t - k_t\cdot dk_t` (plus
+:math:`\langle \bar S_\text{final}, S_\text{final}\rangle` at the last step), and
+:math:`da_r` is its sum over :math:`t \ge r`: a reverse cumulative sum, done in PyTorch
+(:func:`_log_decay_grad`). The exponentials that would overflow (:math:`e^{-\sum a}`) are
+never computed: they cancel in the identity.
+
+Numerics
+--------
+Every exponent in every kernel is :math:`\le 0`: cumulative log-decays are taken inside
+a chunk only (``tl.cumsum`` over at most ``C`` steps), and each factor is a decay from
+an earlier step to a later one. Padded steps past the end of the sequence load
+``q = k = v = 0`` and ``a = 0`` (an identity step), so they change nothing.
+
+Precision: float32 inputs multiply in true float32 (``ieee``). With float16 or bfloat16
+inputs, the products of inputs (:math:`qk^\top`, :math:`do\,v^\top`, and the masked
+scores times ``v``) feed the tensor cores in that format; products with a float32 state
+take float32 operands at TF32 precision; everything accumulates in float32, and the state
+and the final state are float32.
+
+Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the interpreter): ``tl.dot``,
+``tl.cumsum``, ``tl.range``. Head dimensions ``d_k, d_v`` in 16..128, chunk ``C`` a power
+of two in 16..128 (tile sides). Inputs are made contiguous ``(B, L, H, d)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend as _backend
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """``a @ b`` accumulated in float32; ``WIDEN`` (the interpreter) multiplies in float32."""
+    if WIDEN:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _chunk_log_decay(A, base, t, live, H, C: tl.constexpr, HAS_DECAY: tl.constexpr):
+    """``c`` (C,): the cumulative log-decay inside the chunk at each step (0 without decay)."""
+    if HAS_DECAY:
+        a = tl.load(A + base + t * H, mask=live, other=0.0).to(tl.float32)
+        c = tl.cumsum(a, axis=0)
+    else:
+        c = tl.zeros((C,), dtype=tl.float32)
+    return c
+
+
+@triton.jit
+def _state_pass(
+    X, Y,  # (B, L, H, DK), (B, L, H, DV): k and v (forward), q and do (reverse)
+    A,  # (B, L, H) log-decays (if HAS_DECAY)
+    S0,  # (B, H, DK, DV) float32: the state before the first chunk of the walk (if HAS_S0)
+    STATES,  # (B, H, NC, DK, DV) float32 out: the state entering each chunk (in walk order)
+    S_END,  # (B, H, DK, DV) float32 out: the state after the walk
+    L, H, NC, x_scale,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows_k = tl.arange(0, DK)
+    steps = tl.arange(0, C)
+    state_offs = rows_k[:, None] * DV + cols[None, :]  # inside one (DK, DV) state
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * DK * DV + state_offs)
+    else:
+        S = tl.zeros((DK, BLOCK_V), dtype=tl.float32)
+    for i in range(0, NC):
+        if REVERSE:
+            chunk = NC - 1 - i
+        else:
+            chunk = i
+        t = chunk * C + steps
+        live = t < L
+        tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S)
+        tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
+        x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
+        y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
+        c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+        c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
+        if REVERSE:
+            w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
+        else:
+            w = tl.exp(c_last - c)  # from step s to the chunk's end
+        xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
+        S = tl.exp(c_last) * S + _mm(tl.trans(xw), y, PRECISION, WIDEN)
+    tl.store(S_END + bh.to(tl.int64) * DK * DV + state_offs, S)
+
+
+@triton.jit
+def _chunk_out(
+    Q, K, V, A, STATES, O,
+    L, H, NC, scale,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows_k = tl.arange(0, DK)
+    steps = tl.arange(0, C)
+    t = chunk * C + steps
+    live = t < L
+    tok = (b * L + t.to(tl.int64)) * H + h
+    q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
+    k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
+    v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
+    S = tl.load(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + rows_k[:, None] * DV + cols[None, :])
+    c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+    # 1. intra-chunk: (s q k^T o D) v, D_ts = exp(c_t - c_s) for s <= t
+    causal = steps[:, None] >= steps[None, :]
+    D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
+    scores = _mm(q, tl.trans(k), PRECISION, WIDEN) * (D * scale)  # (C, C)
+    o = _mm(scores.to(v.dtype), v, PRECISION, WIDEN)
+    # 2. inter-chunk: the entering state, decayed to step t
+    o += (tl.exp(c) * scale)[:, None] * _mm(q.to(tl.float32), S, STATE_PRECISION, WIDEN)
+    tl.store(O + tok[:, None] * DV + cols[None, :], o.to(O.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
+def _chunk_grads(
+    Q, K, V, A, DO, STATES, DSTATES, DQ, DK_, DV_,
+    L, H, NC, scale,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows_k = tl.arange(0, DK)
+    cols = tl.arange(0, DV)
+    steps = tl.arange(0, C)
+    t = chunk * C + steps
+    live = t < L
+    tok = (b * L + t.to(tl.int64)) * H + h
+    q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
+    k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
+    v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, DV)
+    do = tl.load(DO + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
+    state = (bh.to(tl.int64) * NC + chunk) * DK * DV + rows_k[:, None] * DV + cols[None, :]
+    S_in = tl.load(STATES + state)  # (DK, DV) float32: the state entering the chunk
+    dS_out = tl.load(DSTATES + state)  # ... and the gradient of the one leaving it
+    c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+    c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)
+    causal = steps[:, None] >= steps[None, :]
+    D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf"))) * scale  # s D, (C, C)
+    A_ = _mm(q, tl.trans(k), PRECISION, WIDEN) * D  # the forward's masked scores
+    dA = _mm(do, tl.trans(v), PRECISION, WIDEN) * D  # their gradient, masked the same way
+    to_end = tl.exp(c_last - c)  # (C,)
+    # dq: through the intra-chunk scores, and through the entering state
+    dq = _mm(dA.to(k.dtype), k, PRECISION, WIDEN)
+    dq += (tl.exp(c) * scale)[:, None] * _mm(do.to(tl.float32), tl.trans(S_in), STATE_PRECISION, WIDEN)
+    # dk, dv: through the intra-chunk scores, and through the state the chunk leaves behind
+    dk = _mm(tl.trans(dA).to(q.dtype), q, PRECISION, WIDEN)
+    dk += to_end[:, None] * _mm(v.to(tl.float32), tl.trans(dS_out), STATE_PRECISION, WIDEN)
+    dv = _mm(tl.trans(A_).to(do.dtype), do, PRECISION, WIDEN)
+    dv += to_end[:, None] * _mm(k.to(tl.float32), dS_out, STATE_PRECISION, WIDEN)
+    tl.store(DQ + tok[:, None] * DK + rows_k[None, :], dq.to(DQ.dtype.element_ty), mask=live[:, None])
+    tl.store(DK_ + tok[:, None] * DK + rows_k[None, :], dk.to(DK_.dtype.element_ty), mask=live[:, None])
+    tl.store(DV_ + tok[:, None] * DV + cols[None, :], dv.to(DV_.dtype.element_ty), mask=live[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+#: Warps by kernel, and the value block of the state-passing and output kernels. Chosen by
+#: compiling for sm_90 (Triton 3.6) so that nothing is refused; not yet timed on a GPU.
+CONFIG = dict(BLOCK_V=64, state_warps=4, out_warps=4, grad_warps=8)
+
+
+def _precisions(dtype):
+    """(products of inputs, products with the float32 state)."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+
+
+def _forward(q, k, v, log_decay, initial_state, scale, C):
+    """``(o, final_state, states)``; inputs contiguous; ``states (B, H, n_chunks, d_k, d_v)`` float32."""
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(L, C)
+    BLOCK_V = min(CONFIG["BLOCK_V"], DV)
+    precision, state_precision = _precisions(q.dtype)
+    widen = _backend.interpreting()
+    states = torch.empty(B, H, NC, DK, DV, dtype=torch.float32, device=q.device)
+    final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
+    a = log_decay if log_decay is not None else q  # a placeholder pointer, never read
+    s0 = initial_state if initial_state is not None else final
+    _state_pass[(B * H, triton.cdiv(DV, BLOCK_V))](
+        k, v, a, s0, states, final, L, H, NC, 1.0, DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V,
+        HAS_DECAY=log_decay is not None, HAS_S0=initial_state is not None, REVERSE=False,
+        PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
+    )  # fmt: skip
+    o = torch.empty_like(v)
+    _chunk_out[(B * H, NC, triton.cdiv(DV, BLOCK_V))](
+        q, k, v, a, states, o, L, H, NC, scale, DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V,
+        HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision, WIDEN=widen,
+        num_warps=CONFIG["out_warps"],
+    )  # fmt: skip
+    return o, final, states
+
+
+def _backward(q, k, v, log_decay, states, do, d_final, scale, C):
+    """``(dq, dk, dv, d_initial_state)``, the last float32."""
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(L, C)
+    BLOCK_V = min(CONFIG["BLOCK_V"], DV)
+    precision, state_precision = _precisions(q.dtype)
+    widen = _backend.interpreting()
+    dstates = torch.empty_like(states)
+    d_initial = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
+    a = log_decay if log_decay is not None else q
+    _state_pass[(B * H, triton.cdiv(DV, BLOCK_V))](
+        q, do, a, d_final if d_final is not None else d_initial, dstates, d_initial, L, H, NC, scale,
+        DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V, HAS_DECAY=log_decay is not None, HAS_S0=d_final is not None,
+        REVERSE=True, PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
+    )  # fmt: skip
+    # The reverse walk stored, at each chunk, the gradient arriving from the chunks after it:
+    # exactly the gradient of the state that chunk leaves behind.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _chunk_grads[(B * H, NC)](
+        q, k, v, a, do, states, dstates, dq, dk, dv, L, H, NC, scale, DK=DK, DV=DV, C=C,
+        HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision, WIDEN=widen,
+        num_warps=CONFIG["grad_warps"],
+    )  # fmt: skip
+    return dq, dk, dv, d_initial
+
+
+def _log_decay_grad(q, k, dq, dk, final, d_final):
+    r"""``d log_decay (B, L, H)`` float32: the reverse cumulative sum of
+    :math:`q_t\cdot dq_t - k_t\cdot dk_t`, plus :math:`\langle \bar S_\text{final}, S_\text{final}\rangle`
+    at the last step (module docstring)."""
+    g = (q.float() * dq.float()).sum(-1) - (k.float() * dk.float()).sum(-1)  # (B, L, H)
+    if d_final is not None:
+        g[:, -1] += (d_final.float() * final).sum((-2, -1))
+    return g.flip(1).cumsum(1).flip(1)
+
+
+class ChunkedLinearAttention(torch.autograd.Function):
+    """``(o, final_state)``; saves the inputs and the state entering each chunk."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size):
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        a = None if log_decay is None else log_decay.float().contiguous()
+        s0 = None if initial_state is None else initial_state.float().contiguous()
+        o, final, states = _forward(q, k, v, a, s0, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, a, states, final)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
+        ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, a, states, final = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        d_final = None if d_final is None else d_final.float().contiguous()
+        dq, dk, dv, d_initial = _backward(q, k, v, a, states, do, d_final, ctx.scale, ctx.chunk_size)
+        d_log_decay = None
+        if a is not None and ctx.needs_input_grad[3]:
+            d_log_decay = _log_decay_grad(q, k, dq, dk, final, d_final).to(ctx.log_decay_dtype)
+        d_s0 = d_initial.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
+        return dq, dk, dv, d_log_decay, d_s0, None, None
+
+
+def linear_attention(q, k, v, log_decay=None, initial_state=None, scale=None, chunk_size=64):
+    """The kernel behind :func:`seqbook.linear_attention.linear_attention` (no validation
+    here: call that). Returns ``(o, final_state)``, the final state float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return ChunkedLinearAttention.apply(q, k, v, log_decay, initial_state, scale, chunk_size)

@@ -1,0 +1,486 @@
+r"""Linear attention: softmax replaced by a feature map, and attention becomes a recurrence.
+
+Causal softmax attention weighs value :math:`v_s` by :math:`e^{q_t\cdot k_s}` and has to keep
+every key. Replace the exponential by a product of features, :math:`\phi(q_t)^\top\phi(k_s)`,
+and the sum over the past factors (Katharopoulos et al. 2020, "Transformers are RNNs"):
+
+.. math::
+
+    o_t = \sum_{s \le t} (\phi(q_t)^\top \phi(k_s))\, v_s
+        = \phi(q_t)^\top \underbrace{\sum_{s \le t} \phi(k_s)\, v_s^\top}_{S_t},
+    \qquad S_t = S_{t-1} + \phi(k_t)\, v_t^\top.
+
+The past is now a ``(d_k, d_v)`` matrix :math:`S_t`, whatever the length. With a decay
+per step and head, :math:`\gamma_t = e^{a_t} \in (0, 1]` (RetNet's fixed :math:`\gamma`,
+Sun et al. 2023; data-dependent :math:`\gamma_t` as in gated linear attention, Yang et al.
+2023, and Mamba-2), the state forgets geometrically:
+
+.. math::
+
+    S_t = \gamma_t\, S_{t-1} + k_t v_t^\top, \qquad o_t = s\, q_t^\top S_t.
+
+The operation below takes ``q, k`` after the feature map (it is any of them); the mixer
+:class:`LinearAttention` applies one.
+
+Glossary (symbol -> shape)
+--------------------------
+::
+
+    q, k        (batch, length, heads, d_k)   queries and keys (feature map already applied)
+    v           (batch, length, heads, d_v)   values
+    o           (batch, length, heads, d_v)   outputs
+    log_decay   (batch, length, heads)        a_t = log gamma_t <= 0; None: no decay (a_t = 0)
+    S           (batch, heads, d_k, d_v)      the state; initial_state S_{-1}, final_state S_{L-1}
+    scale       float                         s, default 1/sqrt(d_k)
+    chunk_size  int                           C, the chunked form's block of steps
+    c_t         (batch, length, heads)        cumulative log-decay sum_{r <= t} a_r (inside a chunk)
+    D           (batch, heads, length, length)  the decay mask, D_ts = exp(sum_{r=s+1}^t a_r), s <= t
+
+Three forms of one map, ``(q, k, v, log_decay, initial_state, scale) -> (o, final_state)``:
+
+- :func:`linear_attention_quadratic`: :math:`O = (s\,QK^\top \circ D)\,V`, attention with
+  the softmax replaced by the decay mask; :math:`O(L^2 d)` work, parallel.
+- :func:`linear_attention_recurrent`: the loop over :math:`t`, :math:`O(L\, d_k d_v)`,
+  sequential; the loop is the lesson, so it stays a loop.
+- :func:`linear_attention_chunked`: quadratic inside chunks of ``C`` steps, the recurrence
+  between them: :math:`O(L C d + L d_k d_v)`, and only :math:`L / C` sequential steps.
+- :mod:`seqbook.kernels.linear_attention`: the chunked form as a Triton kernel, forward
+  and backward.
+
+The public entry :func:`linear_attention` validates and picks one with ``backend``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import backend as _backend
+from .mamba import segsum
+
+#: dtypes the readable forms accept.
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes the Triton kernel accepts; it accumulates in float32 whatever the input.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: head dimensions (d_k and d_v) the Triton kernel accepts: tl.dot needs sides >= 16.
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+#: chunk sizes the Triton kernel accepts (a power of two: a tile side).
+KERNEL_CHUNK_SIZES = (16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------------------
+# Feature maps and the decay mask
+# --------------------------------------------------------------------------------------
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\phi(x) = \mathrm{elu}(x) + 1`, Katharopoulos et al.'s choice: positive (so that
+    :math:`\phi(q)^\top\phi(k) > 0` is a valid unnormalized weight), smooth, and the identity
+    plus one for :math:`x > 0`, so gradients flow."""
+    return F.elu(x) + 1.0
+
+
+def default_scale(d_k: int) -> float:
+    r""":math:`1/\sqrt{d_k}`, as in softmax attention: keeps :math:`q \cdot k` of order one."""
+    return 1.0 / math.sqrt(d_k)
+
+
+def decay_mask(log_decay: torch.Tensor) -> torch.Tensor:
+    r"""The decay mask :math:`D_{ts} = \prod_{r=s+1}^{t} \gamma_r = e^{\sum_{r=s+1}^t a_r}`
+    for :math:`s \le t`, 0 above the diagonal: ``(batch, length, heads) -> (batch, heads, length, length)``.
+
+    Each exponent is summed from its own terms (:func:`seqbook.mamba.segsum`), so it is
+    :math:`\le 0` and accurate: no entry overflows, and an entry underflows only when the
+    true decay is below float's range, where 0 is the right answer.
+    """
+    return torch.exp(segsum(log_decay.transpose(1, 2)))
+
+
+def decay_mask_unstable(log_decay: torch.Tensor) -> torch.Tensor:
+    r"""The same mask as a ratio of cumulative products, :math:`D_{ts} = P_t / P_s` with
+    :math:`P_t = \prod_{r \le t} \gamma_r`: exact on paper. In float32 :math:`P_t` falls below
+    :math:`10^{-45}` once :math:`\sum a_r < -103`, and then :math:`0/0` gives ``nan`` for
+    every pair of late steps, however close they are."""
+    P = torch.exp(torch.cumsum(log_decay.transpose(1, 2), dim=-1))  # (batch, heads, length)
+    D = P[..., :, None] / P[..., None, :]
+    L = log_decay.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=log_decay.device).tril()
+    return D.masked_fill(~causal, 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Three readable forms
+# --------------------------------------------------------------------------------------
+
+
+def _prepare(q, log_decay, initial_state, scale):
+    """Defaults shared by the readable forms: zero log-decays, zero state, 1/sqrt(d_k)."""
+    B, L, H, d_k = q.shape
+    if log_decay is None:
+        log_decay = torch.zeros(B, L, H, dtype=q.dtype, device=q.device)
+    scale = default_scale(d_k) if scale is None else scale
+    return log_decay.to(q.dtype), initial_state, scale
+
+
+def linear_attention_quadratic(q, k, v, log_decay=None, initial_state=None, scale=None):
+    r"""The attention-like form, :math:`O = (s\,QK^\top \circ D)\,V` plus the initial state's share.
+
+    .. math::
+
+        o_t = s \sum_{s \le t} D_{ts}\, (q_t \cdot k_s)\, v_s
+              \;+\; s\, e^{\sum_{r \le t} a_r}\, q_t^\top S_{-1},
+
+    with :math:`D` from :func:`decay_mask` (all ones below the diagonal without decay: then
+    this is causal softmax attention with :math:`e^{q\cdot k}` replaced by :math:`q \cdot k`
+    and no normalization). Materializes ``(batch, heads, L, L)``: :math:`O(L^2 d)` work.
+    Shapes as in the module glossary; returns ``(o, final_state)``.
+    """
+    log_decay, S0, scale = _prepare(q, log_decay, initial_state, scale)
+    D = decay_mask(log_decay)  # (b, h, t, s)
+    scores = torch.einsum("bthk,bshk->bhts", q, k)
+    o = scale * torch.einsum("bhts,bhts,bshv->bthv", scores, D, v)
+    # The final state is the last row of the same matrix, before the query: sum_s D_{L-1,s} k_s v_s^T.
+    S = torch.einsum("bhs,bshk,bshv->bhkv", D[:, :, -1], k, v)
+    if S0 is not None:
+        total = torch.cumsum(log_decay, dim=1)  # (b, t, h): the decay from before step 0 to step t
+        o = o + scale * torch.einsum("bth,bthk,bhkv->bthv", torch.exp(total), q, S0.to(q.dtype))
+        S = S + torch.exp(total[:, -1])[..., None, None] * S0.to(q.dtype)
+    return o, S
+
+
+def linear_attention_recurrent(q, k, v, log_decay=None, initial_state=None, scale=None):
+    r"""The recurrence, one step at a time: :math:`S_t = \gamma_t S_{t-1} + k_t v_t^\top`,
+    :math:`o_t = s\, q_t^\top S_t`.
+
+    :math:`O(d_k d_v)` work and memory per step, whatever the length: what decoding needs.
+    :math:`L` sequential steps, though, each a rank-one update too small to keep a GPU busy.
+    Shapes as in the module glossary; returns ``(o, final_state)``.
+    """
+    log_decay, S0, scale = _prepare(q, log_decay, initial_state, scale)
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if S0 is None else S0.to(q.dtype)
+    o = []
+    for t in range(L):
+        o_t, S = recurrent_step(q[:, t], k[:, t], v[:, t], S, log_decay[:, t], scale)
+        o.append(o_t)
+    o = torch.stack(o, dim=1) if o else v.new_zeros(v.shape)
+    return o, S
+
+
+def recurrent_step(q_t, k_t, v_t, S, log_decay_t=None, scale=None):
+    r"""One step: ``q_t, k_t (batch, heads, d_k)``, ``v_t (batch, heads, d_v)``, ``S (batch, heads, d_k, d_v)``,
+    ``log_decay_t (batch, heads)`` or None -> ``(o_t (batch, heads, d_v), S')``.
+
+    .. math:: S' = e^{a_t} S + k_t v_t^\top, \qquad o_t = s\, q_t^\top S'.
+    """
+    scale = default_scale(q_t.shape[-1]) if scale is None else scale
+    if log_decay_t is not None:
+        S = torch.exp(log_decay_t)[..., None, None] * S
+    S = S + torch.einsum("bhk,bhv->bhkv", k_t, v_t)
+    return scale * torch.einsum("bhk,bhkv->bhv", q_t, S), S
+
+
+def linear_attention_chunked(q, k, v, log_decay=None, initial_state=None, scale=None, chunk_size=64):
+    r"""The chunked form: quadratic inside chunks of ``C = chunk_size`` steps, recurrent between them.
+
+    For the chunk of steps :math:`t_0 \dots t_0 + C - 1`, with the state :math:`S` that
+    enters it and :math:`c_t = \sum_{r=t_0}^{t} a_r` the log-decay accumulated inside the
+    chunk (at most ``C`` terms: it stays small and accurate, however long the sequence):
+
+    1. **intra-chunk**, the chunk's own tokens: :math:`(s\,Q K^\top \circ D)\,V` on ``C``
+       steps, with :math:`D_{ts} = e^{c_t - c_s}` for :math:`s \le t`;
+    2. **inter-chunk**, what the past contributes: :math:`s\, e^{c_t}\, q_t^\top S`;
+    3. **state passing**: :math:`S \leftarrow e^{c_{\text{last}}} S + \sum_s e^{c_{\text{last}} - c_s} k_s v_s^\top`.
+
+    Every exponent is :math:`\le 0`. Work :math:`O(L C d)` for step 1 and :math:`O(L d_k d_v)`
+    for steps 2 and 3, all matrix products; only the loop over :math:`L / C` chunks is
+    sequential. ``C = 1`` is the recurrence, ``C = L`` the quadratic form. Lengths need not
+    be multiples of ``C`` (the last chunk is shorter). Returns ``(o, final_state)``.
+    """
+    log_decay, S0, scale = _prepare(q, log_decay, initial_state, scale)
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if S0 is None else S0.to(q.dtype)
+    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    for t0 in range(0, L, chunk_size):
+        qc, kc, vc = q[:, t0 : t0 + chunk_size], k[:, t0 : t0 + chunk_size], v[:, t0 : t0 + chunk_size]
+        c = torch.cumsum(log_decay[:, t0 : t0 + chunk_size], dim=1).transpose(1, 2)  # (b, h, C)
+        n = c.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        D = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, t, s)
+        # 1. intra-chunk
+        scores = torch.einsum("bthk,bshk->bhts", qc, kc)
+        oc = scale * torch.einsum("bhts,bhts,bshv->bthv", scores, D, vc)
+        # 2. inter-chunk: the state entering the chunk, decayed to step t
+        oc = oc + scale * torch.einsum("bht,bthk,bhkv->bthv", torch.exp(c), qc, S)
+        o[:, t0 : t0 + n] = oc
+        # 3. state passing: decay the old state across the chunk, add the chunk's keys and values
+        to_end = torch.exp(c[..., -1:] - c)  # (b, h, s): from step s to the chunk's end
+        S = torch.exp(c[..., -1])[..., None, None] * S + torch.einsum("bhs,bshk,bshv->bhkv", to_end, kc, vc)
+    return o, S
+
+
+def normalizer(q, k, log_decay=None, eps: float = 1e-6):
+    r"""The denominator of normalized linear attention, ``(batch, length, heads)``:
+    :math:`q_t^\top z_t + \varepsilon` with :math:`z_t = \gamma_t z_{t-1} + k_t`.
+
+    Linear attention with the values replaced by ones (then :math:`S_t = z_t`, one column),
+    so it reuses :func:`linear_attention_chunked` with ``scale = 1``. With positive features
+    the sum of the weights :math:`\sum_{s\le t} D_{ts}\,\phi(q_t)^\top\phi(k_s)` is positive,
+    and dividing by it makes each output a weighted average of values, as the softmax does.
+    """
+    ones = torch.ones(*k.shape[:-1], 1, dtype=k.dtype, device=k.device)
+    z, _ = linear_attention_chunked(q, k, ones, log_decay, None, 1.0)
+    return z[..., 0] + eps
+
+
+# --------------------------------------------------------------------------------------
+# The public entry
+# --------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    return_final_state: bool = False,
+    backend: str = "auto",
+):
+    r"""Causal linear attention with optional decay, :math:`S_t = e^{a_t} S_{t-1} + k_t v_t^\top`,
+    :math:`o_t = s\, q_t^\top S_t`, per batch element and head.
+
+    Args:
+        q, k: ``(batch, length, heads, d_k)``, the features (apply the feature map first).
+        v: ``(batch, length, heads, d_v)``; one dtype and device for all.
+        log_decay: ``(batch, length, heads)``, :math:`a_t = \log\gamma_t \le 0` (any float
+            dtype; used in float32 or better), or None for no decay.
+        initial_state: ``(batch, heads, d_k, d_v)``, :math:`S_{-1}`, or None (zeros).
+        scale: ``s``, a positive number; default :math:`1/\sqrt{d_k}`.
+        chunk_size: ``C`` of the chunked form (a positive int); it changes how the work is
+            cut, not the result. The kernel takes powers of two in ``KERNEL_CHUNK_SIZES``.
+        return_final_state: also return :math:`S_{L-1}`.
+        backend: ``"reference"`` (:func:`linear_attention_chunked`), ``"triton"``
+            (:mod:`seqbook.kernels.linear_attention`: float32, float16, bfloat16 on CUDA;
+            ``d_k, d_v`` in ``KERNEL_HEAD_DIMS``), or ``"auto"``: the kernel for CUDA
+            tensors it supports, the reference otherwise.
+
+    Returns:
+        ``o (batch, length, heads, d_v)`` in the inputs' dtype, and with
+        ``return_final_state`` the pair ``(o, final_state)``; the final state is float64
+        for float64 inputs and float32 otherwise (the accumulator's dtype, in both backends).
+        Differentiable in every tensor argument.
+
+    Mismatched shapes, dtypes or devices and bad arguments raise ``ValueError``/``TypeError``
+    naming the argument.
+    """
+    scale = _check_inputs(q, k, v, log_decay, initial_state, scale, chunk_size)
+    tensors = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
+    chosen = _backend.resolve(backend, *tensors)
+    if chosen == "triton":
+        refusal = _kernel_refuses(q, v, chunk_size)
+        if refusal and backend == "auto":
+            chosen = "reference"
+        elif refusal:
+            error, why = refusal
+            raise error(f"linear_attention(backend='triton'): {why}; use backend='reference' for it")
+    if chosen == "triton" and q.numel() * v.shape[-1] == 0:
+        chosen = "reference"  # nothing to launch
+    if chosen == "reference":
+        # 16-bit inputs are computed in float32, as the kernel accumulates: a float16 state
+        # summing thousands of rank-one updates would keep three digits.
+        work = torch.promote_types(q.dtype, torch.float32)
+        o, S = linear_attention_chunked(q.to(work), k.to(work), v.to(work),
+                                        None if log_decay is None else log_decay.to(work),
+                                        None if initial_state is None else initial_state.to(work),
+                                        scale, chunk_size)  # fmt: skip
+        o = o.to(q.dtype)
+    else:
+        o, S = _backend.kernels("linear_attention").linear_attention(q, k, v, log_decay, initial_state, scale,
+                                                                     chunk_size)  # fmt: skip
+    return (o, S) if return_final_state else o
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _kernel_refuses(q, v, chunk_size):
+    """Why the kernel cannot take these inputs (the exception to raise, and the message), or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return TypeError, f"the kernel supports dtypes {_names(KERNEL_DTYPES)} (float32 accumulation), got {q.dtype}"
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        return TypeError, "the Triton interpreter cannot run bfloat16 (NumPy has no such type): use float32 or float16 on CPU"
+    for name, d in (("d_k", q.shape[-1]), ("d_v", v.shape[-1])):
+        if d not in KERNEL_HEAD_DIMS:
+            return ValueError, f"the kernel supports head dims {name} in {KERNEL_HEAD_DIMS}, got {name} = {d}"
+    if chunk_size not in KERNEL_CHUNK_SIZES:
+        return ValueError, f"the kernel supports chunk_size in {KERNEL_CHUNK_SIZES}, got {chunk_size}"
+    return None
+
+
+def _check_inputs(q, k, v, log_decay, initial_state, scale, chunk_size) -> float:
+    """Validate the public entry's arguments; return the scale to use."""
+    where = "linear_attention"
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state)):
+        if x is None and name in ("log_decay", "initial_state"):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"{where}: {name} must be a floating tensor, one of {_names(REFERENCE_DTYPES)}; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{where}: {name} must be on the device of q ({q.device}), got {x.device}")
+    if q.dim() != 4:
+        raise ValueError(f"{where}: q must be (batch, length, heads, d_k), got shape {tuple(q.shape)}")
+    B, L, H, d_k = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"{where}: k must have the shape of q, (batch, length, heads, d_k) = {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")  # fmt: skip
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{where}: v must be (batch, length, heads, d_v) with (batch, length, heads) = {(B, L, H)} "
+                         f"as in q, got {tuple(v.shape)}")  # fmt: skip
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{where}: {name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+    if log_decay is not None:
+        if log_decay.shape != (B, L, H):
+            raise ValueError(f"{where}: log_decay must be (batch, length, heads) = {(B, L, H)}, "
+                             f"got {tuple(log_decay.shape)}")  # fmt: skip
+        if log_decay.numel() and not bool((log_decay <= 0).all()):
+            raise ValueError(f"{where}: log_decay must be <= 0 (a decay gamma = exp(log_decay) in (0, 1]), "
+                             f"got a maximum of {log_decay.max().item():.3g}")  # fmt: skip
+    if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
+        raise ValueError(f"{where}: initial_state must be (batch, heads, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")  # fmt: skip
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is None:
+        return default_scale(d_k)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where}: scale must be a positive finite number or None (1/sqrt(d_k)), got {scale!r}")
+    return float(scale)
+
+
+# --------------------------------------------------------------------------------------
+# The mixer
+# --------------------------------------------------------------------------------------
+
+FEATURE_MAPS = {"elu": elu_feature_map, "identity": lambda x: x}
+DECAYS = (None, "fixed", "gated")
+
+
+def retnet_decays(n_heads: int) -> torch.Tensor:
+    r"""RetNet's fixed decays, one per head: :math:`\gamma_h = 1 - 2^{-5-h}`, ``(n_heads,)``
+    float64 (Sun et al. 2023, Sec. 2.2, for heads spread over 8 values): from 0.97 (a memory
+    of about 32 tokens) to :math:`1 - 2^{-12}` (about 4096), so the heads see different spans."""
+    h = torch.arange(n_heads, dtype=torch.float64)
+    return 1.0 - 2.0 ** (-5.0 - 8.0 * h / max(n_heads, 1))
+
+
+class LinearAttention(nn.Module):
+    r"""Multi-head causal linear attention, ``(batch, length, d_model) -> (batch, length, d_model)``.
+
+    .. math::
+
+        [q\ k\ v] = x\, W_{qkv}, \quad q, k \leftarrow \phi(q), \phi(k), \quad
+        o = \mathrm{linear\_attention}(q, k, v, a), \quad y = \mathrm{norm}(o)\, W_o,
+
+    with ``n_heads`` heads of ``d = d_model / n_heads`` and :math:`\phi` the feature map.
+
+    Args:
+        d_model, n_heads: the width and the number of heads (dividing it).
+        feature_map: ``"elu"`` (:func:`elu_feature_map`) or ``"identity"``.
+        decay: None (the sum never forgets), ``"fixed"`` (RetNet's per-head :math:`\gamma_h`,
+            :func:`retnet_decays`) or ``"gated"`` (data-dependent, :math:`a_t =
+            \log\sigma(x_t w_h + b_h) / 16` per head, as in gated linear attention: the
+            division keeps :math:`\gamma_t` near 1 at initialization).
+        normalize: divide by :math:`\phi(q_t)^\top z_t` (:func:`normalizer`), Katharopoulos
+            et al.'s denominator; otherwise (the default, as in RetNet, GLA and Mamba-2)
+            each head's output is RMS-normalized instead: a denominator that can approach
+            zero is unstable to train, and a norm fixes the output's scale just as well.
+        backend: for :func:`linear_attention` in :meth:`forward`.
+
+    **Decoding.** The state is ``(S, z)``: ``S (batch, n_heads, d, d)`` and the
+    normalizer's running sum ``z (batch, n_heads, d)`` (kept at zero without ``normalize``).
+    Its size does not grow with the context, unlike a KV cache: :meth:`step` costs the same at
+    token 10 and at token 10 million, and reproduces :meth:`forward`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, feature_map: str = "elu", decay: str | None = None,
+                 normalize: bool = False, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"LinearAttention: d_model must be a positive int, got {d_model!r}")
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"LinearAttention: n_heads must be a positive int dividing d_model = {d_model}, "
+                             f"got {n_heads!r}")  # fmt: skip
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"LinearAttention: feature_map must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"LinearAttention: decay must be one of {DECAYS}, got {decay!r}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.feature_map, self.decay, self.normalize, self.backend = feature_map, decay, normalize, backend
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        if decay == "fixed":
+            self.register_buffer("log_gamma", torch.log(retnet_decays(n_heads)).float())
+        elif decay == "gated":
+            self.gate = nn.Linear(d_model, n_heads)
+            nn.init.constant_(self.gate.bias, 4.0)  # sigma(4) = 0.98: start by remembering
+        if not normalize:
+            self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def _project(self, x):
+        """``x (batch, length, d_model)`` -> ``q, k, v (batch, length, n_heads, d)``, ``log_decay`` or None."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=2)
+        phi = FEATURE_MAPS[self.feature_map]
+        q, k = phi(q), phi(k)
+        if self.decay == "fixed":
+            log_decay = self.log_gamma.to(x.dtype).expand(*x.shape[:-1], self.n_heads)
+        elif self.decay == "gated":
+            log_decay = F.logsigmoid(self.gate(x)) / 16.0
+        else:
+            log_decay = None
+        return q, k, v, log_decay
+
+    def _finish(self, o, z):
+        """Normalize each head's output (by ``z`` or by its RMS) and project: ``(..., n_heads, d) -> (..., d_model)``."""
+        if self.normalize:
+            o = o / (z[..., None] * default_scale(self.head_dim))  # the op scaled o by s; the denominator was not
+        else:
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        return self.out(o.flatten(-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"LinearAttention: x must be (batch, length, d_model) with d_model = {self.d_model}, "
+                             f"got shape {tuple(x.shape)}")  # fmt: skip
+        q, k, v, log_decay = self._project(x)
+        o = linear_attention(q, k, v, log_decay=log_decay, backend=self.backend)
+        z = normalizer(q, k, log_decay) if self.normalize else None
+        return self._finish(o, z)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """The empty state ``(S, z)``: zeros ``(batch, n_heads, d, d)`` and ``(batch, n_heads, d)``."""
+        d = self.head_dim
+        return (torch.zeros(batch, self.n_heads, d, d, device=device, dtype=dtype),
+                torch.zeros(batch, self.n_heads, d, device=device, dtype=dtype))  # fmt: skip
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token: ``x_t (batch, d_model)``, ``state = (S, z)`` -> ``(y_t (batch, d_model), (S', z'))``."""
+        S, z = state
+        q, k, v, log_decay = self._project(x_t[:, None])
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        a = None if log_decay is None else log_decay[:, 0]
+        o, S = recurrent_step(q, k, v, S, a)
+        if self.normalize:
+            z = (z if a is None else torch.exp(a)[..., None] * z) + k
+            return self._finish(o, (q * z).sum(-1) + 1e-6), (S, z)
+        return self._finish(o, None), (S, z)
