@@ -28,7 +28,8 @@ CHROMIUM_FLAGS = [
 # Pages whose maths and figures are checked in the browser.
 PAGES = ["chapters/01_kalman/kalman.html", "chapters/02_ssm/ssm.html", "chapters/03_hippo_s4/hippo.html",
          "chapters/03_hippo_s4/s4.html", "chapters/04_mamba/selective_scan.html", "chapters/04_mamba/mamba.html",
-         "chapters/05_attention/attention.html"]
+         "chapters/05_attention/attention.html",
+         "chapters/06_linear_attention/linear_attention.html"]
 
 
 def chromium() -> str:
