@@ -48,6 +48,12 @@ per (batch, head, chunk), has everything to hand: with :math:`D_{ts} = e^{c_t - 
     dk = dA^\top q + e^{c_\text{last} - c} \circ (v\, \bar S_\text{out}^\top), \qquad
     dv = A^\top do + e^{c_\text{last} - c} \circ (k\, \bar S_\text{out}).
 
+It visits the value columns in blocks of ``BLOCK_V``: each block finishes its columns of
+``dv`` and adds its share to the sums over columns that ``dq`` and ``dk`` need
+(:math:`do\,v^\top`, :math:`do\,S_\text{in}^\top`, :math:`v\,\bar S_\text{out}^\top`), so that
+only a ``(d_k, BLOCK_V)`` slice of each float32 state is on chip at a time. Holding both
+whole states at ``d = 128`` needed 256 KB of shared memory, more than a Hopper block has.
+
 The decay's gradient needs no kernel of its own. On paper :math:`q_t` enters only as
 :math:`q_t e^{\sum_{r\le t} a_r}` and :math:`k_s` as :math:`k_s e^{-\sum_{r\le s} a_r}`
 (and the final state carries one more :math:`e^{\sum_r a_r}`), so the gradient with respect
@@ -65,14 +71,18 @@ an earlier step to a later one. Padded steps past the end of the sequence load
 ``q = k = v = 0`` and ``a = 0`` (an identity step), so they change nothing.
 
 Precision: float32 inputs multiply in true float32 (``ieee``). With float16 or bfloat16
-inputs, the products of inputs (:math:`qk^\top`, :math:`do\,v^\top`, and the masked
-scores times ``v``) feed the tensor cores in that format; products with a float32 state
+inputs, the products of inputs (:math:`qk^\top`, :math:`do\,v^\top`, the masked scores
+times ``v``, and the state updates :math:`(k \circ w)^\top v`, the decay weights rounded to
+the input format) feed the tensor cores in that format; products that read a float32 state
 take float32 operands at TF32 precision; everything accumulates in float32, and the state
 and the final state are float32.
 
 Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the interpreter): ``tl.dot``,
-``tl.cumsum``, ``tl.range``. Head dimensions ``d_k, d_v`` in 16..128, chunk ``C`` a power
-of two in 16..128 (tile sides). Inputs are made contiguous ``(B, L, H, d)``.
+``tl.cumsum``; no tensor descriptors. Head dimensions ``d_k, d_v`` in 16..128, chunk ``C``
+in 16, 32, 64 (tile sides; at 128, float32 tiles at ``d = 128`` pass the shared-memory
+limit). Every configuration in that range was compiled for sm_90 with Triton 3.6 and fits
+in shared memory (the largest, ``_chunk_grads`` for float32 at ``d = 128``, ``C = 64``, takes
+176 KB of the 227 KB). Inputs are made contiguous ``(B, L, H, d)``.
 """
 
 from __future__ import annotations
@@ -184,43 +194,52 @@ def _chunk_out(
 def _chunk_grads(
     Q, K, V, A, DO, STATES, DSTATES, DQ, DK_, DV_,
     L, H, NC, scale,
-    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows_k = tl.arange(0, DK)
-    cols = tl.arange(0, DV)
     steps = tl.arange(0, C)
     t = chunk * C + steps
     live = t < L
     tok = (b * L + t.to(tl.int64)) * H + h
     q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
     k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
-    v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, DV)
-    do = tl.load(DO + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
-    state = (bh.to(tl.int64) * NC + chunk) * DK * DV + rows_k[:, None] * DV + cols[None, :]
-    S_in = tl.load(STATES + state)  # (DK, DV) float32: the state entering the chunk
-    dS_out = tl.load(DSTATES + state)  # ... and the gradient of the one leaving it
     c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
     c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)
     causal = steps[:, None] >= steps[None, :]
     D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf"))) * scale  # s D, (C, C)
-    A_ = _mm(q, tl.trans(k), PRECISION, WIDEN) * D  # the forward's masked scores
-    dA = _mm(do, tl.trans(v), PRECISION, WIDEN) * D  # their gradient, masked the same way
-    to_end = tl.exp(c_last - c)  # (C,)
+    A_T = tl.trans(_mm(q, tl.trans(k), PRECISION, WIDEN) * D).to(q.dtype)  # the forward's masked scores, transposed
+    to_end = tl.exp(c_last - c)  # (C,): from step s to the chunk's end
+    # The value columns are visited in blocks of BLOCK_V, so that only a (DK, BLOCK_V) slice of
+    # the two float32 states is on chip at a time: dv is finished block by block, and the
+    # sums over the value columns that dq and dk need are accumulated.
+    dA = tl.zeros((C, C), dtype=tl.float32)  # do v^T
+    dq_state = tl.zeros((C, DK), dtype=tl.float32)  # do S_in^T
+    dk_state = tl.zeros((C, DK), dtype=tl.float32)  # v dS_out^T
+    state_base = (bh.to(tl.int64) * NC + chunk) * DK * DV
+    for v0 in range(0, DV, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
+        do = tl.load(DO + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
+        state = state_base + rows_k[:, None] * DV + cols[None, :]
+        S_in = tl.load(STATES + state)  # (DK, BLOCK_V) float32: the state entering the chunk
+        dS_out = tl.load(DSTATES + state)  # ... and the gradient of the one leaving it
+        dA += _mm(do, tl.trans(v), PRECISION, WIDEN)
+        dq_state += _mm(do.to(tl.float32), tl.trans(S_in), STATE_PRECISION, WIDEN)
+        dk_state += _mm(v.to(tl.float32), tl.trans(dS_out), STATE_PRECISION, WIDEN)
+        # dv: through the intra-chunk scores, and through the state the chunk leaves behind
+        dv = _mm(A_T, do, PRECISION, WIDEN) + to_end[:, None] * _mm(k.to(tl.float32), dS_out, STATE_PRECISION, WIDEN)
+        tl.store(DV_ + tok[:, None] * DV + cols[None, :], dv.to(DV_.dtype.element_ty), mask=live[:, None])
+    dA = dA * D  # masked like the scores
     # dq: through the intra-chunk scores, and through the entering state
-    dq = _mm(dA.to(k.dtype), k, PRECISION, WIDEN)
-    dq += (tl.exp(c) * scale)[:, None] * _mm(do.to(tl.float32), tl.trans(S_in), STATE_PRECISION, WIDEN)
-    # dk, dv: through the intra-chunk scores, and through the state the chunk leaves behind
-    dk = _mm(tl.trans(dA).to(q.dtype), q, PRECISION, WIDEN)
-    dk += to_end[:, None] * _mm(v.to(tl.float32), tl.trans(dS_out), STATE_PRECISION, WIDEN)
-    dv = _mm(tl.trans(A_).to(do.dtype), do, PRECISION, WIDEN)
-    dv += to_end[:, None] * _mm(k.to(tl.float32), dS_out, STATE_PRECISION, WIDEN)
+    dq = _mm(dA.to(k.dtype), k, PRECISION, WIDEN) + (tl.exp(c) * scale)[:, None] * dq_state
+    # dk: through the intra-chunk scores, and through the state the chunk leaves behind
+    dk = _mm(tl.trans(dA).to(q.dtype), q, PRECISION, WIDEN) + to_end[:, None] * dk_state
     tl.store(DQ + tok[:, None] * DK + rows_k[None, :], dq.to(DQ.dtype.element_ty), mask=live[:, None])
     tl.store(DK_ + tok[:, None] * DK + rows_k[None, :], dk.to(DK_.dtype.element_ty), mask=live[:, None])
-    tl.store(DV_ + tok[:, None] * DV + cols[None, :], dv.to(DV_.dtype.element_ty), mask=live[:, None])
 
 
 # --------------------------------------------------------------------------------------
@@ -229,7 +248,7 @@ def _chunk_grads(
 
 #: Warps by kernel, and the value block of the state-passing and output kernels. Chosen by
 #: compiling for sm_90 (Triton 3.6) so that nothing is refused; not yet timed on a GPU.
-CONFIG = dict(BLOCK_V=64, state_warps=4, out_warps=4, grad_warps=8)
+CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_warps=4, out_warps=4, grad_warps=8)
 
 
 def _precisions(dtype):
@@ -263,8 +282,8 @@ def _forward(q, k, v, log_decay, initial_state, scale, C):
     return o, final, states
 
 
-def _backward(q, k, v, log_decay, states, do, d_final, scale, C):
-    """``(dq, dk, dv, d_initial_state)``, the last float32."""
+def _backward(q, k, v, log_decay, states, do, d_final, scale, C, float32_dqdk=False):
+    """``(dq, dk, dv, d_initial_state)``, the last float32; ``dq, dk`` too with ``float32_dqdk``."""
     B, L, H, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(L, C)
@@ -281,9 +300,11 @@ def _backward(q, k, v, log_decay, states, do, d_final, scale, C):
     )  # fmt: skip
     # The reverse walk stored, at each chunk, the gradient arriving from the chunks after it:
     # exactly the gradient of the state that chunk leaves behind.
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq_dtype = torch.float32 if float32_dqdk else q.dtype
+    dq, dk, dv = torch.empty_like(q, dtype=dq_dtype), torch.empty_like(k, dtype=dq_dtype), torch.empty_like(v)
     _chunk_grads[(B * H, NC)](
         q, k, v, a, do, states, dstates, dq, dk, dv, L, H, NC, scale, DK=DK, DV=DV, C=C,
+        BLOCK_V=min(CONFIG["grad_block_v"], DV),
         HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision, WIDEN=widen,
         num_warps=CONFIG["grad_warps"],
     )  # fmt: skip
@@ -320,10 +341,14 @@ class ChunkedLinearAttention(torch.autograd.Function):
         q, k, v, a, states, final = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
-        dq, dk, dv, d_initial = _backward(q, k, v, a, states, do, d_final, ctx.scale, ctx.chunk_size)
+        # The decay's gradient is a difference q.dq - k.dk whose terms may nearly cancel: it is
+        # taken from dq and dk in float32, before they are rounded to a 16-bit input dtype.
+        wants_decay = a is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, d_initial = _backward(q, k, v, a, states, do, d_final, ctx.scale, ctx.chunk_size, wants_decay)
         d_log_decay = None
-        if a is not None and ctx.needs_input_grad[3]:
+        if wants_decay:
             d_log_decay = _log_decay_grad(q, k, dq, dk, final, d_final).to(ctx.log_decay_dtype)
+            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
         d_s0 = d_initial.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
         return dq, dk, dv, d_log_decay, d_s0, None, None
 
