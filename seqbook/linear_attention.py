@@ -1,13 +1,13 @@
 r"""Linear attention: softmax replaced by a feature map, and attention becomes a recurrence.
 
-Causal softmax attention weighs value :math:`v_s` by :math:`e^{q_t\cdot k_s}` and has to keep
-every key. Replace the exponential by a product of features, :math:`\phi(q_t)^\top\phi(k_s)`,
+Causal softmax attention weighs value :math:`v_j` by :math:`e^{q_t\cdot k_j}` and has to keep
+every key. Replace the exponential by a product of features, :math:`\phi(q_t)^\top\phi(k_j)`,
 and the sum over the past factors (Katharopoulos et al. 2020, "Transformers are RNNs"):
 
 .. math::
 
-    o_t = \sum_{s \le t} (\phi(q_t)^\top \phi(k_s))\, v_s
-        = \phi(q_t)^\top \underbrace{\sum_{s \le t} \phi(k_s)\, v_s^\top}_{S_t},
+    o_t = \sum_{j \le t} (\phi(q_t)^\top \phi(k_j))\, v_j
+        = \phi(q_t)^\top \underbrace{\sum_{j \le t} \phi(k_j)\, v_j^\top}_{S_t},
     \qquad S_t = S_{t-1} + \phi(k_t)\, v_t^\top.
 
 The past is now a ``(d_k, d_v)`` matrix :math:`S_t`, whatever the length. With a decay
@@ -34,7 +34,7 @@ Glossary (symbol -> shape)
     scale       float                         s, default 1/sqrt(d_k)
     chunk_size  int                           C, the chunked form's block of steps
     c_t         (batch, length, heads)        cumulative log-decay sum_{r <= t} a_r (inside a chunk)
-    D           (batch, heads, length, length)  the decay mask, D_ts = exp(sum_{r=s+1}^t a_r), s <= t
+    D           (batch, heads, length, length)  the decay mask, D_tj = exp(sum_{r=j+1}^t a_r), j <= t
 
 Three forms of one map, ``(q, k, v, log_decay, initial_state, scale) -> (o, final_state)``:
 
@@ -90,8 +90,8 @@ def default_scale(d_k: int) -> float:
 
 
 def decay_mask(log_decay: torch.Tensor) -> torch.Tensor:
-    r"""The decay mask :math:`D_{ts} = \prod_{r=s+1}^{t} \gamma_r = e^{\sum_{r=s+1}^t a_r}`
-    for :math:`s \le t`, 0 above the diagonal: ``(batch, length, heads) -> (batch, heads, length, length)``.
+    r"""The decay mask :math:`D_{tj} = \prod_{r=j+1}^{t} \gamma_r = e^{\sum_{r=j+1}^t a_r}`
+    for :math:`j \le t`, 0 above the diagonal: ``(batch, length, heads) -> (batch, heads, length, length)``.
 
     Each exponent is summed from its own terms (:func:`seqbook.mamba.segsum`), so it is
     :math:`\le 0` and accurate: no entry overflows, and an entry underflows only when the
@@ -101,7 +101,7 @@ def decay_mask(log_decay: torch.Tensor) -> torch.Tensor:
 
 
 def decay_mask_unstable(log_decay: torch.Tensor) -> torch.Tensor:
-    r"""The same mask as a ratio of cumulative products, :math:`D_{ts} = P_t / P_s` with
+    r"""The same mask as a ratio of cumulative products, :math:`D_{tj} = P_t / P_j` with
     :math:`P_t = \prod_{r \le t} \gamma_r`: exact on paper. In float32 :math:`P_t` falls below
     :math:`10^{-45}` once :math:`\sum a_r < -103`, and then :math:`0/0` gives ``nan`` for
     every pair of late steps, however close they are."""
@@ -118,7 +118,8 @@ def decay_mask_unstable(log_decay: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(q, log_decay, initial_state, scale):
-    """Defaults shared by the readable forms: zero log-decays, zero state, 1/sqrt(d_k)."""
+    """Defaults shared by the readable forms: zero log-decays (no decay) and s = 1/sqrt(d_k);
+    an initial state of None stays None (each form starts from zeros)."""
     B, L, H, d_k = q.shape
     if log_decay is None:
         log_decay = torch.zeros(B, L, H, dtype=q.dtype, device=q.device)
@@ -131,7 +132,7 @@ def linear_attention_quadratic(q, k, v, log_decay=None, initial_state=None, scal
 
     .. math::
 
-        o_t = s \sum_{s \le t} D_{ts}\, (q_t \cdot k_s)\, v_s
+        o_t = s \sum_{j \le t} D_{tj}\, (q_t \cdot k_j)\, v_j
               \;+\; s\, e^{\sum_{r \le t} a_r}\, q_t^\top S_{-1},
 
     with :math:`D` from :func:`decay_mask` (all ones below the diagonal without decay: then
@@ -140,15 +141,16 @@ def linear_attention_quadratic(q, k, v, log_decay=None, initial_state=None, scal
     Shapes as in the module glossary; returns ``(o, final_state)``.
     """
     log_decay, S0, scale = _prepare(q, log_decay, initial_state, scale)
-    D = decay_mask(log_decay)  # (b, h, t, s)
-    scores = torch.einsum("bthk,bshk->bhts", q, k)
-    o = scale * torch.einsum("bhts,bhts,bshv->bthv", scores, D, v)
-    # The final state is the last row of the same matrix, before the query: sum_s D_{L-1,s} k_s v_s^T.
-    S = torch.einsum("bhs,bshk,bshv->bhkv", D[:, :, -1], k, v)
+    D = decay_mask(log_decay)  # (b, h, t, j)
+    scores = torch.einsum("bthk,bjhk->bhtj", q, k)
+    o = scale * torch.einsum("bhtj,bhtj,bjhv->bthv", scores, D, v)
+    # The final state is the last row of the same matrix, before the query: sum_j D_{L-1,j} k_j v_j^T.
+    last_row = D[:, :, -1] if q.shape[1] else D.new_zeros(D.shape[:3])  # (an empty sequence: no row)
+    S = torch.einsum("bhj,bjhk,bjhv->bhkv", last_row, k, v)
     if S0 is not None:
         total = torch.cumsum(log_decay, dim=1)  # (b, t, h): the decay from before step 0 to step t
         o = o + scale * torch.einsum("bth,bthk,bhkv->bthv", torch.exp(total), q, S0.to(q.dtype))
-        S = S + torch.exp(total[:, -1])[..., None, None] * S0.to(q.dtype)
+        S = S + torch.exp(log_decay.sum(dim=1))[..., None, None] * S0.to(q.dtype)
     return o, S
 
 
@@ -192,9 +194,9 @@ def linear_attention_chunked(q, k, v, log_decay=None, initial_state=None, scale=
     chunk (at most ``C`` terms: it stays small and accurate, however long the sequence):
 
     1. **intra-chunk**, the chunk's own tokens: :math:`(s\,Q K^\top \circ D)\,V` on ``C``
-       steps, with :math:`D_{ts} = e^{c_t - c_s}` for :math:`s \le t`;
+       steps, with :math:`D_{tj} = e^{c_t - c_j}` for :math:`j \le t`;
     2. **inter-chunk**, what the past contributes: :math:`s\, e^{c_t}\, q_t^\top S`;
-    3. **state passing**: :math:`S \leftarrow e^{c_{\text{last}}} S + \sum_s e^{c_{\text{last}} - c_s} k_s v_s^\top`.
+    3. **state passing**: :math:`S \leftarrow e^{c_{\text{last}}} S + \sum_j e^{c_{\text{last}} - c_j} k_j v_j^\top`.
 
     Every exponent is :math:`\le 0`. Work :math:`O(L C d)` for step 1 and :math:`O(L d_k d_v)`
     for steps 2 and 3, all matrix products; only the loop over :math:`L / C` chunks is
@@ -210,16 +212,16 @@ def linear_attention_chunked(q, k, v, log_decay=None, initial_state=None, scale=
         c = torch.cumsum(log_decay[:, t0 : t0 + chunk_size], dim=1).transpose(1, 2)  # (b, h, C)
         n = c.shape[-1]
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        D = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, t, s)
+        D = torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, t, j)
         # 1. intra-chunk
-        scores = torch.einsum("bthk,bshk->bhts", qc, kc)
-        oc = scale * torch.einsum("bhts,bhts,bshv->bthv", scores, D, vc)
+        scores = torch.einsum("bthk,bjhk->bhtj", qc, kc)
+        oc = scale * torch.einsum("bhtj,bhtj,bjhv->bthv", scores, D, vc)
         # 2. inter-chunk: the state entering the chunk, decayed to step t
         oc = oc + scale * torch.einsum("bht,bthk,bhkv->bthv", torch.exp(c), qc, S)
         o[:, t0 : t0 + n] = oc
         # 3. state passing: decay the old state across the chunk, add the chunk's keys and values
-        to_end = torch.exp(c[..., -1:] - c)  # (b, h, s): from step s to the chunk's end
-        S = torch.exp(c[..., -1])[..., None, None] * S + torch.einsum("bhs,bshk,bshv->bhkv", to_end, kc, vc)
+        to_end = torch.exp(c[..., -1:] - c)  # (b, h, j): from step j to the chunk's end
+        S = torch.exp(c[..., -1])[..., None, None] * S + torch.einsum("bhj,bjhk,bjhv->bhkv", to_end, kc, vc)
     return o, S
 
 
@@ -229,7 +231,7 @@ def normalizer(q, k, log_decay=None, eps: float = 1e-6):
 
     Linear attention with the values replaced by ones (then :math:`S_t = z_t`, one column),
     so it reuses :func:`linear_attention_chunked` with ``scale = 1``. With positive features
-    the sum of the weights :math:`\sum_{s\le t} D_{ts}\,\phi(q_t)^\top\phi(k_s)` is positive,
+    the sum of the weights :math:`\sum_{j\le t} D_{tj}\,\phi(q_t)^\top\phi(k_j)` is positive,
     and dividing by it makes each output a weighted average of values, as the softmax does.
     """
     ones = torch.ones(*k.shape[:-1], 1, dtype=k.dtype, device=k.device)
@@ -291,7 +293,7 @@ def linear_attention(
         elif refusal:
             error, why = refusal
             raise error(f"linear_attention(backend='triton'): {why}; use backend='reference' for it")
-    if chosen == "triton" and q.numel() * v.shape[-1] == 0:
+    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
         chosen = "reference"  # nothing to launch
     if chosen == "reference":
         # 16-bit inputs are computed in float32, as the kernel accumulates: a float16 state

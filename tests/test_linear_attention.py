@@ -108,6 +108,16 @@ def test_final_state_continues_the_sequence():
     torch.testing.assert_close(S2, S, rtol=1e-12, atol=1e-12)
 
 
+def test_empty_sequence_keeps_the_initial_state(device):
+    q, k, v, a, S0 = problem(1, 0, 2, 16, 16, seed=24, dtype=torch.float32, device=device)
+    for form in (la.linear_attention_quadratic, la.linear_attention_recurrent, la.linear_attention_chunked):
+        o, S = form(q, k, v, a, S0)
+        assert o.shape == (1, 0, 2, 16) and torch.equal(S, S0), form.__name__
+    for backend in ("reference", "triton"):
+        o, S = la.linear_attention(q, k, v, log_decay=a, initial_state=S0, return_final_state=True, backend=backend)
+        assert o.shape == (1, 0, 2, 16) and torch.equal(S, S0), backend
+
+
 def test_recurrent_step_is_one_update():
     q, k, v, a, S0 = problem(2, 1, 3, 4, 5, seed=3)
     o_t, S = la.recurrent_step(q[:, 0], k[:, 0], v[:, 0], S0, a[:, 0], scale=0.5)

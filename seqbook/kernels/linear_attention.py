@@ -22,8 +22,10 @@ forward is two kernels:
    outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from its own
    inputs and the saved state: every chunk at once, all matrix products.
 
-The saved states are what the backward needs (``n_chunks * d_k * d_v`` floats per head,
-:math:`1/C` of the keys' size times ``d_v``), so nothing is recomputed by a second scan.
+The saved states are what the backward needs (``n_chunks * d_k * d_v`` float32 numbers per
+head: the keys' count times ``d_v / C``, as many as the keys at ``C = d_v``), so the backward
+reads them instead of running the forward scan again; memory for time, and the scan is the
+part that parallelizes worst.
 
 The backward: the same recurrence, run in reverse
 -------------------------------------------------
@@ -36,11 +38,11 @@ Going back through the chunk, :math:`\bar S` picks up the outputs' gradients and
 
 the forward's state passing with time reversed, ``q`` in the place of ``k``, ``do`` in the
 place of ``v`` and the weights :math:`e^{c_t}` (decay from the chunk's start to step t) in
-place of :math:`e^{c_\text{last} - c_s}`. So ``_state_pass`` runs again with ``REVERSE``
+place of :math:`e^{c_\text{last} - c_j}`. So ``_state_pass`` runs again with ``REVERSE``
 set, starting from the final state's gradient, and saves :math:`\bar S_\text{out}` of every
 chunk; what it ends with is the initial state's gradient. Then ``_chunk_grads``, one program
-per (batch, head, chunk), has everything to hand: with :math:`D_{ts} = e^{c_t - c_s}`
-(:math:`s \le t`), :math:`A = s\,(q k^\top) \circ D` and :math:`dA = s\,(do\, v^\top) \circ D`,
+per (batch, head, chunk), has everything to hand: with :math:`D_{tj} = e^{c_t - c_j}`
+(:math:`j \le t`), :math:`A = s\,(q k^\top) \circ D` and :math:`dA = s\,(do\, v^\top) \circ D`,
 
 .. math::
 
@@ -55,7 +57,7 @@ only a ``(d_k, BLOCK_V)`` slice of each float32 state is on chip at a time. Hold
 whole states at ``d = 128`` needed 256 KB of shared memory, more than a Hopper block has.
 
 The decay's gradient needs no kernel of its own. On paper :math:`q_t` enters only as
-:math:`q_t e^{\sum_{r\le t} a_r}` and :math:`k_s` as :math:`k_s e^{-\sum_{r\le s} a_r}`
+:math:`q_t e^{\sum_{r\le t} a_r}` and :math:`k_j` as :math:`k_j e^{-\sum_{r\le j} a_r}`
 (and the final state carries one more :math:`e^{\sum_r a_r}`), so the gradient with respect
 to the running sum at step t is :math:`q_t\cdot dq_t - k_t\cdot dk_t` (plus
 :math:`\langle \bar S_\text{final}, S_\text{final}\rangle` at the last step), and
@@ -153,7 +155,7 @@ def _state_pass(
         if REVERSE:
             w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
         else:
-            w = tl.exp(c_last - c)  # from step s to the chunk's end
+            w = tl.exp(c_last - c)  # from step j to the chunk's end
         xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
         S = tl.exp(c_last) * S + _mm(tl.trans(xw), y, PRECISION, WIDEN)
     tl.store(S_END + bh.to(tl.int64) * DK * DV + state_offs, S)
@@ -180,7 +182,7 @@ def _chunk_out(
     v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
     S = tl.load(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + rows_k[:, None] * DV + cols[None, :])
     c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
-    # 1. intra-chunk: (s q k^T o D) v, D_ts = exp(c_t - c_s) for s <= t
+    # 1. intra-chunk: (s q k^T o D) v, D_tj = exp(c_t - c_j) for j <= t
     causal = steps[:, None] >= steps[None, :]
     D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
     scores = _mm(q, tl.trans(k), PRECISION, WIDEN) * (D * scale)  # (C, C)
@@ -212,7 +214,7 @@ def _chunk_grads(
     causal = steps[:, None] >= steps[None, :]
     D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf"))) * scale  # s D, (C, C)
     A_T = tl.trans(_mm(q, tl.trans(k), PRECISION, WIDEN) * D).to(q.dtype)  # the forward's masked scores, transposed
-    to_end = tl.exp(c_last - c)  # (C,): from step s to the chunk's end
+    to_end = tl.exp(c_last - c)  # (C,): from step j to the chunk's end
     # The value columns are visited in blocks of BLOCK_V, so that only a (DK, BLOCK_V) slice of
     # the two float32 states is on chip at a time: dv is finished block by block, and the
     # sums over the value columns that dq and dk need are accumulated.
