@@ -380,11 +380,15 @@ DECAYS = (None, "fixed", "gated")
 
 
 def retnet_decays(n_heads: int) -> torch.Tensor:
-    r"""RetNet's fixed decays, one per head: :math:`\gamma_h = 1 - 2^{-5-h}`, ``(n_heads,)``
-    float64 (Sun et al. 2023, Sec. 2.2, for heads spread over 8 values): from 0.97 (a memory
-    of about 32 tokens) to :math:`1 - 2^{-12}` (about 4096), so the heads see different spans."""
+    r"""Fixed decays, one per head, ``(n_heads,)`` float64, spanning RetNet's range.
+
+    Sun et al. (2023, Sec. 2.2) give head :math:`h` of 8 the decay :math:`\gamma_h = 1 - 2^{-5-h}`:
+    from :math:`1 - 2^{-5} \approx 0.97` (a memory of about 32 tokens) to :math:`1 - 2^{-12}`
+    (about 4096), so that the heads see different spans. Here the same range is spread over
+    any number of heads, :math:`\gamma_h = 1 - 2^{-5 - 7h/(H-1)}` (RetNet's exactly for 8).
+    """
     h = torch.arange(n_heads, dtype=torch.float64)
-    return 1.0 - 2.0 ** (-5.0 - 8.0 * h / max(n_heads, 1))
+    return 1.0 - 2.0 ** (-5.0 - 7.0 * h / max(n_heads - 1, 1))
 
 
 class LinearAttention(nn.Module):
@@ -404,8 +408,9 @@ class LinearAttention(nn.Module):
             :func:`retnet_decays`) or ``"gated"`` (data-dependent, :math:`a_t =
             \log\sigma(x_t w_h + b_h) / 16` per head, as in gated linear attention: the
             division keeps :math:`\gamma_t` near 1 at initialization).
-        normalize: divide by :math:`\phi(q_t)^\top z_t` (:func:`normalizer`), Katharopoulos
-            et al.'s denominator; otherwise (the default, as in RetNet, GLA and Mamba-2)
+        normalize: divide by :math:`\phi(q_t)^\top z_t` (:func:`normalizer`, always the
+            readable form: it is for the lesson, not for speed), Katharopoulos et al.'s
+            denominator; otherwise (the default, as in RetNet, GLA and Mamba-2)
             each head's output is RMS-normalized instead: a denominator that can approach
             zero is unstable to train, and a norm fixes the output's scale just as well.
         backend: for :func:`linear_attention` in :meth:`forward`.

@@ -308,8 +308,9 @@ def test_mixer_is_causal_and_forgets_with_decay():
     y, y2 = mixer(x), mixer(x2)
     torch.testing.assert_close(y2[:, :10], y[:, :10], rtol=0, atol=0)
     assert (y2[:, 10:] - y[:, 10:]).abs().max() > 1e-3
-    gammas = la.retnet_decays(8)
-    assert gammas[0] == 1 - 2**-5 and (gammas.diff() > 0).all() and gammas[-1] < 1
+    gammas = la.retnet_decays(8)  # RetNet's eight: 1 - 2^(-5-h)
+    torch.testing.assert_close(gammas, 1 - 2.0 ** (-5.0 - torch.arange(8, dtype=F64)), rtol=0, atol=1e-15)
+    assert la.retnet_decays(1).tolist() == [1 - 2**-5] and (la.retnet_decays(5).diff() > 0).all()
 
 
 def test_language_model_step_equals_forward():
