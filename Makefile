@@ -5,6 +5,7 @@
 #   make release  the student release of the exercises, into release/
 #   make grade SUBMISSIONS=dir   grade a folder of submitted notebooks into gradebook/
 #   make bench    the GPU benchmark suite (needs CUDA)
+#   make compile-check   compile every Triton kernel for sm_90 (Hopper), no GPU needed
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +16,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 SUBMISSIONS ?= submissions
 
-.PHONY: all book test lab release grade bench browser clean
+.PHONY: all book test lab release grade bench compile-check browser clean
 
 all: test
 
@@ -47,6 +48,9 @@ grade: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
+
+compile-check: $(VENV)/.installed
+	$(PY) -m benchmarks.compile_check
 
 clean:
 	rm -rf _build release gradebook .pytest_cache
