@@ -51,7 +51,7 @@ import torch
 from seqbook import attention as attn
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, register, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = dict(B=1, L=16384, H=16, d=128, dtype="bf16", causal=True, target=True)
@@ -258,7 +258,7 @@ def check(device: str = "cuda") -> dict:
         out_limit, grad_limit = LIMITS[shape["dtype"]]
         for name in got:
             limit = out_limit if name == "o" else grad_limit
-            err = ((got[name].double() - want[name]).abs().max() / want[name].abs().max()).item()
+            err = relative_error(got[name], want[name])
             errors[f"{label}:{name}"] = err
             if not err < limit:  # NaN fails too
                 failures.append(f"{label} {shape_name(shape)}: {name} relative error {err:.2e} >= {limit:.0e}")

@@ -72,7 +72,7 @@ import torch
 
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, relative_error, time_ms
 
 TARGET = dict(H=1024, N=64, L=16384, z="per-head", target=True)
 LENGTHS = [1024, 4096, 16384, 65536]
@@ -190,10 +190,6 @@ def _reference64(v, z, w):
     return (v[:, :, None] / (z[:, None, :] - w[:, :, None])).sum(1)
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.to(want.dtype) - want).abs().max() / want.abs().max()).item()
-
-
 def check(device: str = "cuda") -> dict:
     """The kernel against the float64 reference on this GPU, relative to the largest entry:
 
@@ -215,7 +211,7 @@ def check(device: str = "cuda") -> dict:
     worst = 0.0
     for h0 in range(0, TARGET["H"], 32):
         sl = slice(h0, h0 + 32)
-        worst = max(worst, _rel(k[sl], _reference64(inp["v"][sl], inp["z"][sl], inp["w"][sl])))
+        worst = max(worst, relative_error(k[sl], _reference64(inp["v"][sl], inp["z"][sl], inp["w"][sl])))
     judge("target:k", worst, 1e-5)
     del inp, k
     torch.cuda.empty_cache()
@@ -227,9 +223,9 @@ def check(device: str = "cuda") -> dict:
         wide = [x.detach().to(torch.complex128).requires_grad_() for x in (inp["v"], inp["z"], inp["w"])]
         k_ref = _reference64(*wide)
         k_ref.backward(inp["g"].to(torch.complex128))
-        judge(f"{label}:k", _rel(k, k_ref.detach()), 1e-5)
+        judge(f"{label}:k", relative_error(k, k_ref.detach()), 1e-5)
         for name, x, r in zip(("v", "z", "w"), inp["grads"], wide):
-            judge(f"{label}:grad_{name}", _rel(x.grad, r.grad), 1e-4)
+            judge(f"{label}:grad_{name}", relative_error(x.grad, r.grad), 1e-4)
         del inp, k, wide, k_ref
         torch.cuda.empty_cache()
     return {"errors": errors, "failures": failures}

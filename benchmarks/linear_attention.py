@@ -51,7 +51,7 @@ import torch
 
 from seqbook import linear_attention as la
 
-from .suite import Impl, Op, anchor_module, register, register_check
+from .suite import Impl, Op, anchor_module, register, register_check, relative_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WIDE = dict(B=4, L=4096, H=32, d=64, dtype="bf16")
@@ -218,7 +218,7 @@ def check(device: str = "cuda") -> dict:
         out_limit, grad_limit = LIMITS[shape["dtype"]]
         for name in got:
             limit = out_limit if name == "o" else grad_limit
-            err = ((got[name].double() - want[name]).abs().max() / want[name].abs().max()).item()
+            err = relative_error(got[name], want[name])
             errors[f"{label}:{name}"] = err
             if not err < limit:  # NaN fails too
                 failures.append(f"{label} {shape_name(shape)}: {name} relative error {err:.2e} >= {limit:.0e}")
@@ -226,7 +226,7 @@ def check(device: str = "cuda") -> dict:
         if fla_fn is not None and not decay and shape["dtype"] != "fp32":
             with torch.no_grad():
                 o_fla = fla_fn(inputs["q"], inputs["k"], inputs["v"], normalize=False)[0]
-            err = ((o_fla.double() - o_ref.detach()).abs().max() / o_ref.detach().abs().max()).item()
+            err = relative_error(o_fla, o_ref.detach())
             errors[f"{label}:fla chunk_linear_attn o"] = err
             if not err < out_limit:
                 failures.append(f"fla chunk_linear_attn differs from our float64 form at {label}: {err:.2e}")

@@ -49,7 +49,7 @@ import torch
 from seqbook import scan
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = dict(B=4, L=4096, D=2048, dtype="fp32")
@@ -188,7 +188,7 @@ def check(device: str = "cuda") -> dict:
         want = dict(h=h_ref, h_last=last_ref, grad_a=wide[0].grad, grad_b=wide[1].grad, grad_h0=wide[2].grad)
         limit = 1e-5 if shape["dtype"] == "fp32" else 1e-2
         for name in got:
-            err = ((got[name].double() - want[name]).abs().max() / want[name].abs().max()).item()
+            err = relative_error(got[name], want[name])
             errors[f"{label}:{name}"] = err
             if not err < limit:  # NaN fails too
                 failures.append(f"{label} {shape_name(shape)}: {name} relative error {err:.2e} >= {limit:.0e}")

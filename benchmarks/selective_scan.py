@@ -77,7 +77,7 @@ from seqbook.backend import kernels
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .suite import ANCHORS, Impl, Op, kernel_info, register, register_ceiling, register_check, register_sweep, time_ms
+from .suite import ANCHORS, Impl, Op, kernel_info, register, register_ceiling, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = dict(B=4, L=4096, D=2048, N=16, dtype="bf16")
@@ -338,7 +338,7 @@ def check(device: str = "cuda") -> dict:
         limit = 1e-4 if dtype == torch.float32 else 2e-2
         for name, want in outs["reference"].items():
             got = outs["kernel"][name]
-            err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            err = relative_error(got, want)
             errors[f"{label}:{name}"] = err
             if not err < limit:  # NaN fails too
                 failures.append(f"{label} {shape} {dtype}: {name} relative error {err:.2e} >= {limit:.0e}")
@@ -350,7 +350,7 @@ def check(device: str = "cuda") -> dict:
         T = lambda t: t.transpose(1, 2)  # noqa: E731
         want = ref(T(x["u"]), T(x["delta"]), x["A"], T(x["B"]), T(x["C"]), x["D"], T(x["z"]), x["delta_bias"], True)
         got = mamba.selective_scan_parallel(*(x[n] for n in names), delta_softplus=True)
-        err = ((T(got) - want).abs().max() / want.abs().max()).item()
+        err = relative_error(T(got), want)
         errors["semantics vs mamba_ssm.selective_scan_ref:y"] = err
         if not err < 1e-4:
             failures.append(f"our reference differs from mamba_ssm's selective_scan_ref: relative error {err:.2e}")
@@ -535,7 +535,7 @@ def ssd_check(device: str = "cuda") -> dict:
         y_ref, final_ref = mamba.ssd_chunked(*wide, chunk_size=64, initial_state=s0.double(), return_final_state=True)
         limit = 1e-4 if shape["dtype"] == "fp32" else 3e-2
         for name, got, want in (("y", y, y_ref), ("final", final, final_ref)):
-            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            err = relative_error(got, want)
             errors[f"{label}:{name}"] = err
             if not err < limit:
                 failures.append(f"ssd {label} {ssd_shape_name(shape)}: {name} relative error {err:.2e} >= {limit:.0e}")
@@ -543,7 +543,7 @@ def ssd_check(device: str = "cuda") -> dict:
         if anchor is not None and label == "bf16":
             got = anchor(x, dt, A, B, C, chunk_size=256)  # without the initial state: compare with y from zero
             y0 = mamba.ssd_chunked(*wide, chunk_size=64)
-            err = ((got.double() - y0).abs().max() / y0.abs().max()).item()
+            err = relative_error(got, y0)
             errors["semantics vs mamba_chunk_scan_combined:y"] = err
             if not err < limit:
                 failures.append(f"mamba_chunk_scan_combined differs from our float64 SSD: relative error {err:.2e}")

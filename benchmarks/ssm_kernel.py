@@ -57,7 +57,7 @@ import torch
 from seqbook import ssm
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, register, register_check, register_sweep, time_ms
+from .suite import Impl, Op, register, register_check, register_sweep, relative_error, time_ms
 
 TARGET = dict(H=1024, N=64, L=16384, target=True)
 SHAPES = [TARGET]
@@ -165,10 +165,6 @@ for _entry in ("ssm_kernel", "vandermonde"):
 # --------------------------------------------------------------------------------------
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.to(want.dtype) - want).abs().max() / want.abs().max()).item()
-
-
 def _judged(errors: dict) -> dict:
     """The checks past float32-level error (relative to the largest entry): 1e-5 for K, 1e-4 for gradients."""
     failures = []
@@ -194,7 +190,7 @@ def check(device="cuda", H=128, N=64, L=16384, chunk=32) -> dict:
     worst = 0.0
     for h0 in range(0, params[0].shape[0], chunk):
         sl = [p[h0 : h0 + chunk].to(torch.complex128 if p.is_complex() else torch.float64) for p in params]
-        worst = max(worst, _rel_err(K[h0 : h0 + chunk], ssm.s4d_kernel(*sl, Lf, backend="reference")))
+        worst = max(worst, relative_error(K[h0 : h0 + chunk], ssm.s4d_kernel(*sl, Lf, backend="reference")))
     errors["K_full_shape"] = worst
     del params, K
     torch.cuda.empty_cache()
@@ -204,11 +200,11 @@ def check(device="cuda", H=128, N=64, L=16384, chunk=32) -> dict:
     dK = torch.randn(H, L, device=device, dtype=torch.float64)
     K = ssm.s4d_kernel(*params, L, backend="triton")
     K_ref = ssm.s4d_kernel(*ref, L, backend="reference")
-    errors["K"] = _rel_err(K, K_ref)
+    errors["K"] = relative_error(K, K_ref)
     (K * dK.float()).sum().backward()
     (K_ref * dK).sum().backward()
     for name, p, r in zip(("A", "B", "C", "step"), params, ref):
-        errors[f"grad_{name}"] = _rel_err(p.grad, r.grad)
+        errors[f"grad_{name}"] = relative_error(p.grad, r.grad)
     return _judged(errors)
 
 
@@ -219,11 +215,11 @@ def check_core(device="cuda", H=128, N=64, L=16384) -> dict:
     dK = torch.randn(H, L, device=device, dtype=torch.float64)
     K = ssm.vandermonde_kernel(*args, L, backend="triton")
     K_ref = ssm.vandermonde_kernel(*ref, L, backend="reference")
-    errors = {"K": _rel_err(K, K_ref)}
+    errors = {"K": relative_error(K, K_ref)}
     (K * dK.float()).sum().backward()
     (K_ref * dK).sum().backward()
     for name, p, r in zip(("W", "log_A_bar"), args, ref):
-        errors[f"grad_{name}"] = _rel_err(p.grad, r.grad)
+        errors[f"grad_{name}"] = relative_error(p.grad, r.grad)
     return _judged(errors)
 
 

@@ -166,6 +166,14 @@ def make_row(op: Op, impl: Impl, shape: dict, ms: float, ceilings: dict) -> dict
     return row
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The GPU checks' measure: max |got - want| over max |want|, in ``want``'s (wide) dtype.
+
+    Scale-aware, so one limit serves outputs and gradients of any magnitude; NaN in ``got``
+    gives NaN, which fails every ``err < limit``. An all-zero ``want`` is held to 1e-30."""
+    return ((got.to(want.dtype) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 def kernel_info(handle) -> dict:
     """Registers per thread and spilled bytes of a compiled Triton kernel (the handle a
     launch returns), where Triton reports them: the sweeps record them beside the times."""
