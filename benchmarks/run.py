@@ -9,9 +9,12 @@ needs no GPU.
 2. The ceilings, measured in this run: copy bandwidth and bf16 matrix rate.
 3. Every (op, shape, implementation) in the registry: median milliseconds, TB/s, TFLOP/s
    where FLOPs bound the op, fraction of the floor.
-4. ``<DIR>/<date>-<gpu>.json`` in the schema of shared/GPU.md ("Result files"), with the
-   check's errors, notes on skipped anchors, and the eager times of graph-timed rows;
-   with ``--sweep``, the kernel sweeps in ``<DIR>/sweeps/<date>-<gpu>-<family>.json``.
+4. ``<DIR>/<date>-<gpu><tag>.json`` in the schema of shared/GPU.md ("Result files"), with the
+   check's errors, notes on skipped anchors, and the eager times of graph-timed rows. It is
+   rewritten after every row (``"complete": false`` until the last), so that a run stopped
+   from outside keeps what it measured; ``--max-seconds S`` ends a family's timing once it
+   has spent S seconds (its remaining rows become notes). With ``--sweep``, the kernel
+   sweeps in ``<DIR>/sweeps/<date>-<gpu><tag>-<family>.json``.
 5. A short table, last.
 
 To add an operation: a module that registers ``Op``s (see :mod:`benchmarks.suite` and
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="*", default=None, help="families to run (default: all), e.g. scan")
     parser.add_argument("--quick", action="store_true",
-                        help="only the target shapes (marked target=True, or at L=4096): no length sweep")
+                        help="only the target shapes (marked target=True or quick=True, or at L=4096): no length sweep")
     parser.add_argument("--list", action="store_true", help="print the registered ops, shapes and implementations, "
                         "with the floor's bytes and FLOPs, and exit (no GPU needed)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernels' configurations")
@@ -124,6 +127,10 @@ def main(argv=None) -> int:
     parser.add_argument("--isolate-budget", type=float, default=300.0,
                         help="seconds, in all, for anchors timed in a child process (compilers)")  # fmt: skip
     parser.add_argument("--commit", default=None, help="git sha of the code measured (default: from git)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="per family: once a family has spent this long timing, its remaining rows are skipped "
+                             "(with a note)")  # fmt: skip
+    parser.add_argument("--tag", default="", help="suffix of the result file's name: <date>-<gpu><tag>.json")
     parser.add_argument("--one", nargs=3, metavar=("OP", "IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in OP_MODULES:
@@ -141,7 +148,26 @@ def main(argv=None) -> int:
     families = args.ops or sorted({name.split(".")[0] for name in suite.REGISTRY})
     ops = [op for name, op in suite.REGISTRY.items() if name.split(".")[0] in families]
 
-    checks = {}
+    name = torch.cuda.get_device_name()
+    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _commit(),
+              "torch": torch.__version__, "triton": triton.__version__, "ceilings": {}, "rows": [],
+              "check": {}, "notes": [],
+              "timing": "median of triton.testing.do_bench; seqbook.* rows: CUDA-graph replays (GPU time); "
+                        "anchors: eager calls; 'eager' holds the seqbook.* rows timed eagerly",
+              "eager": [], "complete": False}  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"{result['date']}-{_gpu_tag(name)}{args.tag}"
+    path = os.path.join(args.out, f"{stem}.json")
+
+    def write():
+        # Rewritten whole after every row (then renamed over the old file, so that a run
+        # killed mid-write leaves the previous version): a family that overruns its time-out
+        # loses only the rows it had not measured yet.
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    checks = result["check"]
     for family in families:
         if family in suite.CHECKS:
             checks[family] = suite.CHECKS[family]()
@@ -150,32 +176,27 @@ def main(argv=None) -> int:
             print(f"check {family}: largest relative error {worst:.1e}", "FAILED" if bad else "ok", flush=True)
             for line in bad:
                 print("  FAILED:", line)
+            write()
     ceilings = suite.measure_ceilings()
+    result["ceilings"] = ceilings
     print("ceilings:", ceilings, flush=True)
-    notes: list[str] = []
-    quick = (lambda s: s.get("target") or s.get("L") in (None, 4096)) if args.quick else (lambda s: True)
-    eager: list[dict] = []
-    rows = suite.run_ops(ops, ceilings, notes, isolate_budget_s=args.isolate_budget, shape_filter=quick, eager=eager)
-    sweeps = {f: suite.SWEEPS[f]() for f in families if args.sweep and f in suite.SWEEPS}
-
-    name = torch.cuda.get_device_name()
-    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _commit(),
-              "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings, "rows": rows,
-              "check": checks, "notes": notes,
-              "timing": "median of triton.testing.do_bench; seqbook.* rows: CUDA-graph replays (GPU time); "
-                        "anchors: eager calls; 'eager' holds the seqbook.* rows timed eagerly",
-              "eager": eager}  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    stem = f"{result['date']}-{_gpu_tag(name)}"
-    path = os.path.join(args.out, f"{stem}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    # Sweeps go beside, in sweeps/: the book's page reads only the result files.
-    for family, found in sweeps.items():
-        os.makedirs(os.path.join(args.out, "sweeps"), exist_ok=True)
-        meta = {k: result[k] for k in ("device", "date", "commit", "torch", "triton")}
-        with open(os.path.join(args.out, "sweeps", f"{stem}-{family}.json"), "w") as f:
-            json.dump(dict(meta, family=family, sweep=found), f, indent=1)
+    write()
+    notes, rows, eager = result["notes"], result["rows"], result["eager"]
+    quick = (lambda s: s.get("target") or s.get("quick") or s.get("L") in (None, 4096)) if args.quick else (
+        lambda s: True)  # fmt: skip
+    suite.run_ops(ops, ceilings, notes, isolate_budget_s=args.isolate_budget, shape_filter=quick, eager=eager,
+                  max_seconds=args.max_seconds, on_row=write, rows=rows)  # fmt: skip
+    result["complete"] = True
+    write()
+    sweeps = {}
+    for family in families:
+        if args.sweep and family in suite.SWEEPS:
+            sweeps[family] = suite.SWEEPS[family]()
+            # Sweeps go beside, in sweeps/: the book's page reads only the result files.
+            os.makedirs(os.path.join(args.out, "sweeps"), exist_ok=True)
+            meta = {k: result[k] for k in ("device", "date", "commit", "torch", "triton")}
+            with open(os.path.join(args.out, "sweeps", f"{stem}-{family}.json"), "w") as f:
+                json.dump(dict(meta, family=family, sweep=sweeps[family]), f, indent=1)
     print(table(rows))
     for note in notes:
         print("note:", note)

@@ -11,8 +11,8 @@ sizes are drawn already positive, log-uniform in [1e-3, 1e-1] as Mamba initializ
 C`` (and ``g``) random in the shape's dtype.
 
 Shapes: the target ``B=4, L=4096, D=2048, N=16`` in bfloat16 (and float32, to compare with
-the float32 anchor figures below), and the length sweep ``L = 512 ... 65536`` at
-``B=4, D=2048, N=16``, bfloat16.
+the float32 anchor figures below), the length sweep ``L = 512 ... 65536`` at
+``B=4, D=2048, N=16``, bfloat16, and ``B=1, L=1024`` float32, where the slow loop is timed.
 
 The CUDA anchor
 ---------------
@@ -49,8 +49,9 @@ Implementations
 - ``seqbook.reference``: :func:`seqbook.mamba.selective_scan_parallel` (materializes
   ``(B, L, D, N)`` float32 tensors, 2 GiB each at the target), at ``L <= 4096``;
 - ``anchor:mamba_ssm.selective_scan_ref``: mamba_ssm's PyTorch loop, loaded by file path
-  from the git-ignored ``.anchors/mamba/`` (absent: skipped with a note), at the target
-  shapes only (one ``einsum`` per step: about half a second per forward there). It takes
+  from the git-ignored ``.anchors/mamba/`` (absent: skipped with a note), only at the small
+  shape ``B=1, L=1024`` in float32 (one ``einsum`` per step: about half a second per forward at
+  the target; 123 ms forward at the small shape on the H100). It takes
   ``(batch, d, length)`` tensors: they are transposed once when the closure is built,
   outside the timing.
 
@@ -82,12 +83,18 @@ from .suite import ANCHORS, Impl, Op, kernel_info, register, register_ceiling, r
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = dict(B=4, L=4096, D=2048, N=16, dtype="bf16")
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-SHAPES = [dict(TARGET, L=L) for L in LENGTHS] + [dict(TARGET, dtype="fp32")]
+# The slow references' shape (mamba_ssm's PyTorch loop: about 0.5 s a forward at the target),
+# GPU.md's H100 figure for that loop; part of --quick runs.
+SMALL = dict(B=1, L=1024, D=2048, N=16, dtype="fp32", quick=True)
+# Mamba's own call adds a per-channel delta_bias and a softplus on the step sizes (the
+# configuration of GPU.md's anchor figures): the target in both dtypes with them.
+SOFTPLUS = [dict(TARGET, softplus=True, target=True), dict(TARGET, dtype="fp32", softplus=True, target=True)]
+SHAPES = [dict(TARGET, L=L) for L in LENGTHS] + [dict(TARGET, dtype="fp32"), SMALL] + SOFTPLUS
 REFERENCE_MAX_L = 4096  # the reference's (B, L, D, N) tensors: about 30 GB for fwd+bwd at 4096
 
 
 def shape_name(s: dict) -> str:
-    return f"B={s['B']},L={s['L']},D={s['D']},N={s['N']},{s['dtype']},Dskip"
+    return f"B={s['B']},L={s['L']},D={s['D']},N={s['N']},{s['dtype']},Dskip" + (",bias,softplus" if s.get("softplus") else "")
 
 
 def make_inputs(shape: dict, device: str, seed: int, grad: bool = False) -> dict:
@@ -104,10 +111,18 @@ def make_inputs(shape: dict, device: str, seed: int, grad: bool = False) -> dict
         C=torch.randn(B, L, N, generator=gen, device=device).to(dtype),
         D=torch.randn(D, generator=gen, device=device),
     )
+    names = ["u", "delta", "A", "B", "C", "D"]
+    x["softplus"] = bool(shape.get("softplus"))
+    if x["softplus"]:
+        # softplus(delta + bias) in [1e-3, 1e-1] as above: delta = log(e^step - 1) - bias
+        bias = 0.5 * torch.randn(D, generator=gen, device=device)
+        x["delta"] = (torch.log(torch.expm1(x["delta"].float())) - bias).to(dtype)
+        x["delta_bias"] = bias
+        names.append("delta_bias")
     if grad:
-        for t in x.values():
-            t.requires_grad_()
-        x["grads"] = [x[k] for k in ("u", "delta", "A", "B", "C", "D")]
+        for k in names:
+            x[k].requires_grad_()
+        x["grads"] = [x[k] for k in names]
         x["g"] = torch.randn(B, L, D, generator=gen, device=device).to(dtype)
     return x
 
@@ -164,6 +179,9 @@ register_ceiling("exp_Tps", measure_exp_rate)
 
 
 def _call(fn, inputs):
+    if inputs["softplus"]:
+        return fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                  delta_bias=inputs["delta_bias"], delta_softplus=True)  # fmt: skip
     return fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"])
 
 
@@ -234,28 +252,34 @@ def _mamba_build(which: str, backward: bool):
         T = lambda x: x.detach().transpose(1, 2).contiguous()  # noqa: E731
         args = [T(inputs["u"]), T(inputs["delta"]), inputs["A"].detach(), T(inputs["B"]), T(inputs["C"]),
                 inputs["D"].detach()]  # fmt: skip
+        kwargs = {}
+        if inputs["softplus"]:
+            args.append(None)  # z
+            args.append(inputs["delta_bias"].detach())
+            kwargs["delta_softplus"] = True
         if backward:
             for x in args:
-                x.requires_grad_()
-            inputs["grads"] = args  # their leaves are the ones to reset between runs
+                if x is not None:
+                    x.requires_grad_()
+            inputs["grads"] = [x for x in args if x is not None]  # their leaves are the ones to reset between runs
             g = T(inputs["g"])
 
             def run():
-                fn(*args).backward(g)
+                fn(*args, **kwargs).backward(g)
 
         else:
 
             def run():
                 with torch.no_grad():
-                    fn(*args)
+                    fn(*args, **kwargs)
 
         return run
 
     return build
 
 
-def _is_target(s: dict) -> bool:
-    return s["L"] == TARGET["L"] and s["B"] == TARGET["B"] and s["D"] == TARGET["D"]
+def _is_small(s: dict) -> bool:
+    return s["B"] * s["L"] <= SMALL["B"] * SMALL["L"]
 
 
 def _impls(wrap, backward: bool) -> list[Impl]:
@@ -263,7 +287,7 @@ def _impls(wrap, backward: bool) -> list[Impl]:
         Impl("seqbook.triton", wrap(functools.partial(mamba.selective_scan, backend="triton")), graph=True),
         Impl("seqbook.reference", wrap(functools.partial(mamba.selective_scan, backend="reference")),
              when=lambda s: s["L"] <= REFERENCE_MAX_L, graph=True),
-        Impl("anchor:mamba_ssm.selective_scan_ref", _mamba_build("ref", backward), when=_is_target,
+        Impl("anchor:mamba_ssm.selective_scan_ref", _mamba_build("ref", backward), when=_is_small,
              available=lambda: _mamba_ref()[1]),
         Impl("anchor:mamba_ssm.selective_scan_fn", _mamba_build("cuda", backward),
              available=lambda: _mamba_cuda()[1]),

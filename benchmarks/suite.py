@@ -242,14 +242,24 @@ def time_isolated(op: Op, impl: Impl, shape: dict, limit_s: float) -> tuple[floa
 
 
 def run_ops(ops: list[Op], ceilings: dict, notes: list[str], isolate_budget_s: float = 300.0,
-            shape_filter: Callable[[dict], bool] = lambda s: True, eager: list | None = None) -> list[dict]:
+            shape_filter: Callable[[dict], bool] = lambda s: True, eager: list | None = None,
+            max_seconds: float | None = None, on_row: Callable[[], None] = lambda: None,
+            rows: list | None = None) -> list[dict]:
     """Time every (op, shape, impl) that applies; one result row each, a note for each skip.
-    Graph-timed implementations are also timed eagerly into ``eager`` (rows of the same schema)."""
+    Graph-timed implementations are also timed eagerly into ``eager`` (rows of the same schema).
+
+    ``max_seconds``: a family (``scan`` of ``scan.fwd``) that has spent this long starts no
+    further rows (a note names each skipped row). ``on_row()`` is called after every row,
+    so that the caller can write the result file as it grows: a run stopped from outside
+    keeps every row measured before; the rows are appended to ``rows`` if given."""
     import time
 
-    rows = []
+    rows = [] if rows is None else rows
     budget = isolate_budget_s
+    started: dict[str, float] = {}
     for op in ops:
+        family = op.name.split(".")[0]
+        started.setdefault(family, time.monotonic())
         for shape in op.shapes:
             if not shape_filter(shape):
                 continue
@@ -257,6 +267,11 @@ def run_ops(ops: list[Op], ceilings: dict, notes: list[str], isolate_budget_s: f
                 if not impl.when(shape):
                     continue
                 where = f"{op.name} {impl.name} {op.shape_name(shape)}"
+                spent = time.monotonic() - started[family]
+                if max_seconds is not None and spent > max_seconds:
+                    notes.append(f"{where}: skipped, the family {family} spent its {max_seconds:.0f} s")
+                    print("skipped:", where, f"(family past {max_seconds:.0f} s)", flush=True)
+                    continue
                 why = impl.available()
                 if why:
                     notes.append(f"{where}: {why}")
@@ -285,4 +300,5 @@ def run_ops(ops: list[Op], ceilings: dict, notes: list[str], isolate_budget_s: f
                     ms = time_one(op, impl, shape)
                 rows.append(make_row(op, impl, shape, ms, ceilings))
                 print(json.dumps(rows[-1]), flush=True)
+                on_row()
     return rows
