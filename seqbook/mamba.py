@@ -86,6 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend as _backend
+from . import ssm as _ssm
 from .scan import linear_recurrence_parallel
 
 #: dtypes the readable forms accept (they compute in float32, or float64 for float64 inputs).
@@ -515,6 +516,16 @@ class Mamba(nn.Module):
             ``[dt_min, dt_max]`` and at least ``dt_init_floor``, set through ``dt_proj.bias``.
         bias: biases in ``in_proj`` and ``out_proj`` (Mamba: none); ``conv_bias``: in the convolution.
         backend: for :func:`selective_scan` (``"auto"``, ``"reference"``, ``"triton"``).
+        selective: ``True`` (Mamba's S6): :math:`\Delta_t, B_t, C_t` computed from each input.
+            ``False``: the same block around a **time-invariant** (S4-style, LTI) SSM, the
+            ablation of Mamba's Table 1: :math:`\Delta = \mathrm{softplus}(b_\Delta)` ``(E,)``,
+            :math:`B` and :math:`C` ``(E, N)`` are learned parameters that no input changes
+            (no ``x_proj``, no ``dt_proj``; ``dt_bias``, ``B``, ``C`` instead). The SSM is then
+            S4D-real (diagonal :math:`A`, ZOH for :math:`A`, Euler for :math:`B`, as in S6), and
+            the scan is one causal convolution with the kernel
+            :math:`K_{e,l} = \sum_n C_{en}\,\Delta_e B_{en}\,e^{l\Delta_e A_{en}}`
+            (:meth:`lti_kernel`), computed by FFT. Initialization: :math:`B = 1`, :math:`C`
+            standard normal (S4D's), :math:`A` and :math:`\Delta` as in the selective block.
 
     Initialization, as in the paper's code: :math:`A_n = -(n + 1)` in every channel (S4D-real,
     Gu et al. 2022; stored as :math:`\log(n + 1)` so that :math:`A` stays negative whatever
@@ -542,8 +553,12 @@ class Mamba(nn.Module):
         bias: bool = False,
         conv_bias: bool = True,
         backend: str = "auto",
+        selective: bool = True,
     ):
         super().__init__()
+        if not isinstance(selective, bool):
+            raise TypeError(f"Mamba: selective must be a bool, got {type(selective).__name__}")
+        self.selective = selective
         self.d_model = _positive_int("d_model", d_model)
         self.d_state = _positive_int("d_state", d_state)
         self.d_conv = _positive_int("d_conv", d_conv)
@@ -564,13 +579,21 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(self.d_model, 2 * E, bias=bias)
         # padding d_conv - 1 on both sides; forward keeps the first `length` outputs: a causal filter
         self.conv1d = nn.Conv1d(E, E, self.d_conv, groups=E, padding=self.d_conv - 1, bias=conv_bias)
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(R, E, bias=True)
+        if selective:
+            self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+            self.dt_proj = nn.Linear(R, E, bias=True)
+            with torch.no_grad():
+                nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
         with torch.no_grad():
-            nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
             u = torch.rand(E)
             steps = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(dt_init_floor)
-            self.dt_proj.bias.copy_(inverse_softplus(steps))
+        if selective:
+            with torch.no_grad():
+                self.dt_proj.bias.copy_(inverse_softplus(steps))
+        else:  # LTI: one step per channel and fixed B, C, whatever the input says
+            self.dt_bias = nn.Parameter(inverse_softplus(steps))
+            self.B = nn.Parameter(torch.ones(E, N))
+            self.C = nn.Parameter(torch.randn(E, N))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, self.d_model, bias=bias)
@@ -594,10 +617,24 @@ class Mamba(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, length, E) each
         x = self.conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2)  # causal: output t sees inputs <= t
         x = F.silu(x)
+        if not self.selective:  # time-invariant: one kernel per channel, a convolution
+            y = _ssm.ssm_convolve(x, self.lti_kernel(length).to(x.dtype), self.D.to(x.dtype))
+            return self.out_proj(y * F.silu(z))
         delta, B, C = self._select(x)
         y = selective_scan(x, delta, self.A, B, C, self.D, z, self.dt_proj.bias, delta_softplus=True,
                            backend=self.backend)  # fmt: skip
         return self.out_proj(y)
+
+    def lti_kernel(self, length: int) -> torch.Tensor:
+        r"""``selective=False`` only: the convolution kernel ``(E, length)`` of the time-invariant SSM,
+        :math:`K_{e,l} = \sum_n C_{en}\,\Delta_e B_{en}\,e^{l\Delta_e A_{en}}` (chapter 2's kernel of a
+        diagonal system; the same :math:`\bar A, \bar B` at every step is what makes it one kernel)."""
+        if self.selective:
+            raise TypeError("Mamba.lti_kernel: only a time-invariant block (selective=False) has one kernel")
+        Delta = F.softplus(self.dt_bias)  # (E,)
+        lags = torch.arange(length, dtype=Delta.dtype, device=Delta.device)
+        A_bar_powers = torch.exp(torch.einsum("en,l->enl", Delta[:, None] * self.A, lags))  # e^{l Delta A}
+        return torch.einsum("en,enl->el", self.C * Delta[:, None] * self.B, A_bar_powers)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32):
         """Zeros: ``(conv (batch, d_inner, d_conv - 1), ssm (batch, d_inner, d_state))``, the same size
@@ -630,11 +667,16 @@ class Mamba(nn.Module):
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        delta, B, C = self._select(x)
-        Delta = F.softplus(delta + self.dt_proj.bias)  # (batch, E)
-        A_bar = torch.exp(torch.einsum("be,en->ben", Delta, self.A))  # ZOH
-        h = A_bar * h + torch.einsum("be,bn,be->ben", Delta, B, x)  # (2a), Euler for B
-        y = torch.einsum("ben,bn->be", h, C) + self.D * x  # (2b) and the skip
+        if self.selective:
+            delta, B, C = self._select(x)
+            Delta = F.softplus(delta + self.dt_proj.bias)  # (batch, E)
+            A_bar = torch.exp(torch.einsum("be,en->ben", Delta, self.A))  # ZOH
+            h = A_bar * h + torch.einsum("be,bn,be->ben", Delta, B, x)  # (2a), Euler for B
+            y = torch.einsum("ben,bn->be", h, C) + self.D * x  # (2b) and the skip
+        else:  # the same update with Delta (E,), B, C (E, N) that no input changes
+            Delta = F.softplus(self.dt_bias)
+            h = torch.exp(Delta[:, None] * self.A) * h + (Delta * x)[:, :, None] * self.B
+            y = (h * self.C).sum(-1) + self.D * x
         y = y * F.silu(z)
         return self.out_proj(y), (window[:, :, 1:], h)
 

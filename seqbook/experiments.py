@@ -1,0 +1,215 @@
+r"""Experiments too long for a notebook: run once from the command line, recorded as JSON, plotted by the book.
+
+A chapter's notebook must execute in a few minutes on a laptop CPU; an honest experiment (several
+seeds, full training runs) often cannot. So each such experiment is a function here, run as
+
+    python -m seqbook.experiments NAME [--seeds 3] [--steps 1000] [--out FILE]
+
+which writes a JSON record (the command, the git commit, the seeds, the wall time, the package
+versions and every number measured) into the chapter's ``results/`` folder. The notebook plots the
+committed record and re-runs a small live version of the same function (one seed, fewer steps)
+whose result must agree with it in direction. ``python -m seqbook.experiments --list`` lists them.
+
+Experiments:
+
+- :func:`selective_copying_ablation` (chapter 4): Mamba's Table 1 on a laptop scale: the same
+  Mamba block around a time-invariant SSM (S4-style, LTI) or the selective one (S6), each with and
+  without the short convolution, on selective copying; several seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import tasks, train
+from .nn import S4D, SequenceModel
+from .mamba import Mamba
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: name -> (function, default output path relative to the repository root)
+EXPERIMENTS: dict[str, tuple[Callable, str]] = {}
+
+
+def experiment(name: str, default_out: str):
+    """Register ``fn`` as experiment ``name``; its record goes to ``default_out`` unless ``--out`` says otherwise."""
+
+    def register(fn):
+        EXPERIMENTS[name] = (fn, default_out)
+        return fn
+
+    return register
+
+
+def git_commit() -> str:
+    """The checkout's commit, with ``+uncommitted`` when tracked files differ from it ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        return commit + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 4: selective copying, LTI against S6, with and without the convolution
+# --------------------------------------------------------------------------------------
+
+
+class ReadAnswers(nn.Module):
+    """A sequence-to-sequence model read at its last ``n`` steps (the marker steps of selective copying)."""
+
+    def __init__(self, model: nn.Module, n: int):
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, -self.n :]
+
+
+#: The ablation's models: the mixer inside the same one-layer SequenceModel of width 32.
+#: Every "Mamba" variant is seqbook.mamba.Mamba(32, d_state=8) with only ``selective`` and ``d_conv`` changed.
+ABLATION_MIXERS: dict[str, Callable[[int], nn.Module]] = {
+    "S6 + conv": lambda d: Mamba(d, d_state=8, d_conv=4, selective=True),
+    "S6, no conv": lambda d: Mamba(d, d_state=8, d_conv=1, selective=True),
+    "LTI + conv": lambda d: Mamba(d, d_state=8, d_conv=4, selective=False),
+    "LTI, no conv": lambda d: Mamba(d, d_state=8, d_conv=1, selective=False),
+    "S4D layer": lambda d: S4D(d, 64),  # chapter 3's layer alone, for reference
+}
+
+
+def copying_model(mixer_factory: Callable[[int], nn.Module], seed: int, *, n_tokens: int = 4, n_colors: int = 4,
+                  d_model: int = 32) -> nn.Module:  # fmt: skip
+    """One residual block of ``mixer_factory(d_model)`` between a linear encoder and decoder, read at the
+    ``n_tokens`` marker steps; initialized from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    model = SequenceModel(mixer_factory, d_input=n_colors + 2, d_model=d_model, n_layers=1, d_output=n_colors,
+                          pool=None)  # fmt: skip
+    return ReadAnswers(model, n_tokens)
+
+
+@experiment("selective_copying_ablation", "chapters/04_mamba/results/selective_copying_ablation.json")
+def selective_copying_ablation(
+    seeds=(0, 1, 2),
+    steps: int = 1000,
+    *,
+    models=tuple(ABLATION_MIXERS),
+    length: int = 64,
+    n_tokens: int = 4,
+    n_colors: int = 4,
+    batch: int = 32,
+    lr: float = 1e-2,
+    n_test: int = 1000,
+    curve_every: int = 10,
+    progress: bool = False,
+) -> dict:
+    r"""Selective copying with the same block around an LTI or a selective SSM, with and without the convolution.
+
+    For every model in ``models`` (keys of :data:`ABLATION_MIXERS`) and every seed: build the model
+    from ``torch.manual_seed(seed)``, train it ``steps`` AdamW steps on fresh batches drawn with
+    ``seed`` (:func:`seqbook.train.fit`, cosine schedule, 50 warm-up steps, the same learning rate for
+    every parameter), and score it on one fixed test set of ``n_test`` sequences (seed 1234).
+
+    Returns the record: ``{"config": {...}, "runs": [{"model", "seed", "test_accuracy", "test_loss",
+    "parameters", "seconds", "curve": training-batch accuracy averaged over blocks of
+    curve_every steps}, ...], "summary": {model: {"mean", "std", "min", "max", "n"}}}``.
+    """
+    seeds = [int(s) for s in seeds]
+    unknown = [m for m in models if m not in ABLATION_MIXERS]
+    if unknown:
+        raise ValueError(f"models must be among {list(ABLATION_MIXERS)}, got {unknown}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    x_test, y_test = tasks.selective_copying(n_test, length, n_tokens, n_colors,
+                                             generator=torch.Generator().manual_seed(1234))  # fmt: skip
+
+    def data(g):
+        return tasks.selective_copying(batch, length, n_tokens, n_colors, generator=g)
+
+    runs = []
+    for name in models:
+        for seed in seeds:
+            model = copying_model(ABLATION_MIXERS[name], seed, n_tokens=n_tokens, n_colors=n_colors)
+            if progress:
+                print(f"{name}, seed {seed}", flush=True)
+            history = train.fit(model, data, steps, lr=lr, ssm_lr=lr, warmup=min(50, steps // 10), seed=seed,
+                                progress=progress, log_every=max(1, steps // 5))  # fmt: skip
+            test = train.evaluate(model, x_test, y_test)
+            acc = torch.tensor(history["accuracy"])
+            blocks = acc[: len(acc) // curve_every * curve_every].reshape(-1, curve_every).mean(1)
+            runs.append({"model": name, "seed": seed, "test_accuracy": round(test["accuracy"], 4),
+                         "test_loss": round(test["loss"], 4),
+                         "parameters": sum(p.numel() for p in model.parameters()),
+                         "seconds": round(history["seconds"], 1),
+                         "curve": [round(v, 4) for v in blocks.tolist()]})  # fmt: skip
+    summary = {}
+    for name in models:
+        accs = torch.tensor([r["test_accuracy"] for r in runs if r["model"] == name], dtype=torch.float64)
+        summary[name] = {"mean": round(accs.mean().item(), 4),
+                         "std": round(accs.std().item(), 4) if len(accs) > 1 else 0.0,
+                         "min": round(accs.min().item(), 4), "max": round(accs.max().item(), 4), "n": len(accs)}  # fmt: skip
+    config = dict(seeds=seeds, steps=steps, models=list(models), length=length, n_tokens=n_tokens,
+                  n_colors=n_colors, batch=batch, lr=lr, n_test=n_test, test_seed=1234, d_model=32, d_state=8,
+                  curve_every=curve_every, chance=1 / n_colors)  # fmt: skip
+    return {"config": config, "runs": runs, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqbook.experiments", description=__doc__.split("\n")[0])
+    parser.add_argument("name", nargs="?", help="the experiment: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON record (default: the chapter's results/)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible sums)")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    args = parser.parse_args(argv)
+    if args.list or args.name is None:
+        for name, (fn, out) in EXPERIMENTS.items():
+            print(f"{name}: {fn.__doc__.splitlines()[0]} -> {out}")
+        return 0
+    if args.name not in EXPERIMENTS:
+        parser.error(f"unknown experiment {args.name!r}; known: {', '.join(EXPERIMENTS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    torch.set_num_threads(args.threads)
+    fn, default_out = EXPERIMENTS[args.name]
+    kwargs = {"seeds": tuple(range(args.seeds)), "progress": True}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    commit = git_commit()
+    start = time.perf_counter()
+    record = fn(**kwargs)
+    wall = time.perf_counter() - start
+    out = args.out if args.out is not None else ROOT / default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"experiment": args.name, "command": "python -m seqbook.experiments " + " ".join(
+                  sys.argv[1:] if argv is None else argv),
+              "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "wall_seconds": round(wall, 1), "threads": args.threads,
+              "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "processor": platform.machine(), "cpus": __import__("os").cpu_count()},
+              **record}  # fmt: skip
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
