@@ -492,3 +492,340 @@ class LinearAttention(nn.Module):
             z = (z if a is None else torch.exp(a)[..., None] * z) + k
             return self._finish(o, (q * z).sum(-1) + 1e-6), (S, z)
         return self._finish(o, None), (S, z)
+
+
+# --------------------------------------------------------------------------------------
+# Vector gates (GLA) and the delta rule (DeltaNet): chapter 6's stepping stones to RWKV
+# --------------------------------------------------------------------------------------
+#
+# Glossary (symbol -> shape), in addition to the module's:
+#
+#     log_alpha   (batch, length, heads, d_k)   log alpha_t <= 0: one decay per key channel (GLA)
+#     bonus       (heads, d_k)                  u, RWKV-6's weight for the current token (optional)
+#     b_t         (batch, length, heads, d_k)   cumulative log-gate sum_{r <= t} log alpha_r
+#     beta        (batch, length, heads)        beta_t, the delta rule's writing strength (in (0, 1] usually)
+#     W, U        (batch, C, heads, d_k / d_v)  the WY representation of one chunk (delta rule)
+#     T           (batch, heads, C, C)          the UT transform, (I + tril_{-1}(diag(beta) K K^T))^{-1} diag(beta)
+
+
+def _gla_defaults(q, log_alpha, scale):
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return log_alpha.to(q.dtype), scale
+
+
+def gla_recurrent(q, k, v, log_alpha, initial_state=None, scale=None, bonus=None):
+    r"""Gated linear attention with a vector gate, one step at a time (Yang et al. 2024, "GLA", Eq. 3).
+
+    .. math::
+
+        S_t = \mathrm{Diag}(\alpha_t)\, S_{t-1} + k_t v_t^\top, \qquad o_t = s\, q_t^\top S_t,
+
+    with :math:`\alpha_t = e^{\text{log\_alpha}_t} \in (0, 1]^{d_k}`: each *key channel* (row
+    of the state) forgets at its own data-dependent rate, where :func:`linear_attention`
+    had one scalar per head. With ``bonus = u`` (RWKV-6, Peng et al. 2024, Eq. 17-18) the
+    output reads the state *before* this step's decay and update, plus the current token
+    weighted by :math:`u`:
+
+    .. math:: o_t = s\, q_t^\top \big(S_{t-1} + \mathrm{Diag}(u)\, k_t v_t^\top\big).
+
+    Shapes: ``q, k, log_alpha (batch, length, heads, d_k)``, ``v (batch, length, heads, d_v)``,
+    ``initial_state (batch, heads, d_k, d_v)`` or None, ``bonus (heads, d_k)`` or None.
+    Returns ``(o, final_state)``.
+    """
+    log_alpha, scale = _gla_defaults(q, log_alpha, scale)
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None \
+        else initial_state.to(q.dtype)  # fmt: skip
+    o = []
+    for t in range(L):
+        kv = torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        if bonus is not None:  # read first, then write
+            o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S + bonus.to(q.dtype)[..., None] * kv))
+        S = torch.exp(log_alpha[:, t])[..., None] * S + kv
+        if bonus is None:
+            o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(o, dim=1) if o else v.new_zeros(v.shape)
+    return o, S
+
+
+def gla_quadratic(q, k, v, log_alpha, initial_state=None, scale=None, bonus=None):
+    r"""The attention-like form of :func:`gla_recurrent`: ``(batch, heads, L, L, d_k)`` decays, materialized.
+
+    With :math:`b_t = \sum_{r \le t} \log\alpha_r` (a vector), the weight of value :math:`j`
+    in output :math:`t` is :math:`s \sum_c q_{tc}\, k_{jc}\, e^{b_{tc} - b_{jc}}`: a decay
+    *per channel*, so unlike the scalar case it cannot be pulled out of the dot product as
+    one mask :math:`D \circ (QK^\top)`; it is a dot product with a different decay in each
+    term. Every exponent :math:`b_t - b_j` (:math:`j \le t`) is :math:`\le 0`: summed from
+    its own terms, it never overflows. With ``bonus`` the past is decayed to step
+    :math:`t - 1` (:math:`b_{t-1} - b_j`, :math:`j < t`) and the diagonal weighted by :math:`u`.
+    :math:`O(L^2 d_k)` memory: for checking and teaching, not for long sequences.
+    """
+    log_alpha, scale = _gla_defaults(q, log_alpha, scale)
+    B, L, H, d_k = q.shape
+    b = torch.cumsum(log_alpha, dim=1)  # (b, t, h, k)
+    bq = b if bonus is None else b - log_alpha  # the query reads the state at t (or t - 1 with the bonus)
+    t_idx = torch.arange(L, device=q.device)
+    keep = (t_idx[:, None] >= t_idx[None, :]) if bonus is None else (t_idx[:, None] > t_idx[None, :])
+    expo = (bq[:, :, None] - b[:, None, :]).masked_fill(~keep[None, :, :, None, None], -math.inf)  # (b, t, j, h, k)
+    A = torch.einsum("bthk,bjhk,btjhk->bhtj", q, k, torch.exp(expo))
+    if bonus is not None:
+        A = A + torch.diag_embed(torch.einsum("bthk,hk,bthk->bht", q, bonus.to(q.dtype), k))
+    o = scale * torch.einsum("bhtj,bjhv->bthv", A, v)
+    to_end = torch.exp(b[:, -1:] - b) if L else b  # (b, j, h, k): decay from step j to the end
+    S = torch.einsum("bjhk,bjhk,bjhv->bhkv", to_end, k, v)
+    if initial_state is not None:
+        S0 = initial_state.to(q.dtype)
+        o = o + scale * torch.einsum("bthk,bhkv->bthv", q * torch.exp(bq), S0)
+        S = S + torch.exp(b[:, -1])[..., None] * S0 if L else S0.clone()
+    return o, S
+
+
+def gla_chunked(q, k, v, log_alpha, initial_state=None, scale=None, bonus=None, chunk_size=64,
+                sub_chunk_size=16):  # fmt: skip
+    r"""The chunked form of :func:`gla_recurrent`, with log-space cumulative gates and secondary chunking.
+
+    Inside a chunk, with :math:`c_t = \sum_{r=t_0}^t \log\alpha_r` (a vector per step), the
+    scalar-decay trick would write the intra-chunk weights as one matrix product,
+    :math:`(Q \circ e^{c})(K \circ e^{-c})^\top`. With vector gates that product is the
+    only way to use matrix units, but :math:`e^{-c_j}` grows without bound: after 64 steps of
+    :math:`\alpha = e^{-2}` it is :math:`e^{128}`, past float32's :math:`3\cdot10^{38}`. Hence:
+
+    1. **secondary chunking** (GLA, Sec. 4.2): cut the chunk into sub-chunks of
+       ``sub_chunk_size`` steps. For a query sub-chunk :math:`I` and an earlier key
+       sub-chunk :math:`J`, rebase both sides on :math:`c_r`, the gate at :math:`J`'s last
+       step: :math:`(q_t \circ e^{c_t - c_r}) \cdot (k_j \circ e^{c_r - c_j})`, each
+       exponent :math:`\le 0`, one matrix product per pair; :math:`j \le r < t`.
+    2. **the diagonal sub-blocks** (:math:`I = J`) are computed with the exponent
+       :math:`c_t - c_j` formed first, per channel: ``(sub, sub, d_k)`` numbers, exact;
+    3. **between chunks**, as in :func:`linear_attention_chunked`: the state enters decayed
+       by :math:`e^{c_t}`, and leaves as :math:`\mathrm{Diag}(e^{c_{\text{last}}}) S +
+       \sum_j (k_j \circ e^{c_{\text{last}} - c_j})\, v_j^\top`.
+
+    Every exponential in this function has a non-positive exponent. With ``bonus`` the
+    query side uses :math:`c_{t-1}` (the state before step :math:`t`'s decay), pairs are
+    strictly causal, and the diagonal gets :math:`s\,(q_t \circ u \cdot k_t)\, v_t`.
+    Returns ``(o, final_state)``; equal to :func:`gla_recurrent` and :func:`gla_quadratic`.
+    """
+    log_alpha, scale = _gla_defaults(q, log_alpha, scale)
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None \
+        else initial_state.to(q.dtype)  # fmt: skip
+    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    for t0 in range(0, L, chunk_size):
+        qc, kc, vc = q[:, t0 : t0 + chunk_size], k[:, t0 : t0 + chunk_size], v[:, t0 : t0 + chunk_size]
+        ac = log_alpha[:, t0 : t0 + chunk_size]
+        n = qc.shape[1]
+        c = torch.cumsum(ac, dim=1)  # (b, n, h, k): inclusive, within the chunk
+        cq = c if bonus is None else c - ac  # what the query side reads
+        oc = scale * torch.einsum("bthk,bhkv->bthv", qc * torch.exp(cq), S)  # inter-chunk
+        for i0 in range(0, n, sub_chunk_size):
+            I = slice(i0, min(i0 + sub_chunk_size, n))
+            # 1. earlier sub-chunks J: both sides rebased on c at J's last step r
+            for j0 in range(0, i0, sub_chunk_size):
+                J = slice(j0, j0 + sub_chunk_size)
+                r = c[:, J.stop - 1 : J.stop]  # (b, 1, h, k)
+                qs = qc[:, I] * torch.exp(cq[:, I] - r)  # cq_t >= ... : t > r, so cq_t - c_r <= 0
+                ks = kc[:, J] * torch.exp(r - c[:, J])
+                oc[:, I] += scale * torch.einsum("bthk,bjhk,bjhv->bthv", qs, ks, vc[:, J])
+            # 2. the diagonal sub-block: exponents formed per channel, then exponentiated
+            m = I.stop - I.start
+            idx = torch.arange(m, device=q.device)
+            keep = (idx[:, None] >= idx[None, :]) if bonus is None else (idx[:, None] > idx[None, :])
+            expo = (cq[:, I, None] - c[:, None, I]).masked_fill(~keep[None, :, :, None, None], -math.inf)
+            A = torch.einsum("bthk,bjhk,btjhk->bhtj", qc[:, I], kc[:, I], torch.exp(expo))
+            if bonus is not None:
+                A = A + torch.diag_embed(torch.einsum("bthk,hk,bthk->bht", qc[:, I], bonus.to(q.dtype), kc[:, I]))
+            oc[:, I] += scale * torch.einsum("bhtj,bjhv->bthv", A, vc[:, I])
+        o[:, t0 : t0 + n] = oc
+        # 3. state passing
+        S = torch.exp(c[:, -1])[..., None] * S + torch.einsum("bjhk,bjhv->bhkv", kc * torch.exp(c[:, -1:] - c), vc)
+    return o, S
+
+
+def delta_rule_recurrent(q, k, v, beta, initial_state=None, scale=None):
+    r"""The delta rule, one step at a time (Schlag et al. 2021; DeltaNet, Yang et al. 2024b).
+
+    .. math::
+
+        S_t = (I - \beta_t k_t k_t^\top)\, S_{t-1} + \beta_t k_t v_t^\top
+            = S_{t-1} + \beta_t\, k_t \big(v_t - S_{t-1}^\top k_t\big)^\top,
+        \qquad o_t = s\, q_t^\top S_t.
+
+    Read as online regression: :math:`S^\top k` predicts :math:`v`; each step takes one
+    gradient step of size :math:`\beta_t` on :math:`\tfrac12\lVert S^\top k_t - v_t\rVert^2`.
+    With :math:`\lVert k_t\rVert = 1` and :math:`\beta_t = 1` the state's answer for key
+    :math:`k_t` is *replaced* by :math:`v_t`, where additive linear attention would add
+    :math:`v_t` on top of whatever was stored there. (State convention here: ``(d_k, d_v)``,
+    the transpose of the papers' :math:`S \in \mathbb R^{d_v \times d_k}`.)
+
+    Shapes: ``q, k (batch, length, heads, d_k)`` (normalize the keys: the step is a
+    contraction only for :math:`0 \le \beta_t \lVert k_t\rVert^2 \le 2`), ``v (batch, length,
+    heads, d_v)``, ``beta (batch, length, heads)``. Returns ``(o, final_state)``.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None \
+        else initial_state.to(q.dtype)  # fmt: skip
+    beta = beta.to(q.dtype)
+    o = []
+    for t in range(L):
+        k_t = k[:, t]
+        error = v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S)  # what S gets wrong about k_t
+        S = S + torch.einsum("bh,bhk,bhv->bhkv", beta[:, t], k_t, error)
+        o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(o, dim=1) if o else v.new_zeros(v.shape)
+    return o, S
+
+
+def ut_transform(k, beta):
+    r"""The UT transform of one chunk: :math:`T = (I + \mathrm{tril}_{-1}(\mathrm{Diag}(\beta) K K^\top))^{-1}\mathrm{Diag}(\beta)`.
+
+    ``k (batch, C, heads, d_k)``, ``beta (batch, C, heads)`` -> ``T (batch, heads, C, C)``,
+    lower triangular. The matrix inverted is unit lower triangular, so the inverse is
+    forward substitution (:math:`C^2/2` dot products), exact and always defined.
+    """
+    K = k.transpose(1, 2)  # (b, h, C, d_k)
+    bet = beta.transpose(1, 2).to(k.dtype)  # (b, h, C)
+    A = (bet[..., :, None] * (K @ K.transpose(-1, -2))).tril(-1)
+    eye = torch.eye(K.shape[-2], dtype=k.dtype, device=k.device)
+    return torch.linalg.solve_triangular(eye + A, torch.diag_embed(bet), upper=False, unitriangular=True)
+
+
+def delta_rule_chunked(q, k, v, beta, initial_state=None, scale=None, chunk_size=64):
+    r"""The delta rule by chunks, through the WY representation (Yang et al. 2024b, Sec. 3).
+
+    Inside a chunk entered with state :math:`S_0`, write each step's change as
+    :math:`S_t = S_0 + \sum_{j \le t} k_j u_j^\top` with the *pseudo-values*
+    :math:`u_t = \beta_t (v_t - S_{t-1}^\top k_t)`. Substituting :math:`S_{t-1}` gives a
+    triangular system, all steps at once (rows are steps):
+
+    .. math::
+
+        \big(I + \mathrm{tril}_{-1}(\mathrm{Diag}(\beta) K K^\top)\big)\, U = \mathrm{Diag}(\beta)\,(V - K S_0)
+        \;\Longrightarrow\; U = T V - (T K)\, S_0 = \tilde U - W S_0,
+
+    with :math:`T` from :func:`ut_transform`. :math:`W = TK` and :math:`\tilde U = TV` do
+    not depend on the state (the WY form of the product of Householder-like factors
+    :math:`\prod_t (I - \beta_t k_t k_t^\top)`), so they are computed for every chunk in
+    parallel; only :math:`S_0` flows from chunk to chunk:
+
+    .. math::
+
+        O = s\big(Q S_0 + \mathrm{tril}(Q K^\top)\, U\big), \qquad S_{\text{end}} = S_0 + K^\top U.
+
+    Returns ``(o, final_state)``, equal to :func:`delta_rule_recurrent`.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    B, L, H, d_k = q.shape
+    S = torch.zeros(B, H, d_k, v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None \
+        else initial_state.to(q.dtype)  # fmt: skip
+    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    for t0 in range(0, L, chunk_size):
+        qc, kc, vc = (x[:, t0 : t0 + chunk_size].transpose(1, 2) for x in (q, k, v))  # (b, h, n, d)
+        T = ut_transform(k[:, t0 : t0 + chunk_size], beta[:, t0 : t0 + chunk_size])
+        W, U_tilde = T @ kc, T @ vc  # the WY representation: independent of S
+        U = U_tilde - W @ S  # the pseudo-values, now that the entering state is known
+        o[:, t0 : t0 + chunk_size] = (scale * (qc @ S + (qc @ kc.transpose(-1, -2)).tril() @ U)).transpose(1, 2)
+        S = S + kc.transpose(-1, -2) @ U
+    return o, S
+
+
+def _check_gated(where, q, k, v, extra, initial_state, scale, chunk_size):
+    """Validation shared by :func:`gla` and :func:`delta_rule`; ``extra`` is ``[(name, tensor, shape or None)]``."""
+    for name, x in (("q", q), ("k", k), ("v", v), *[(n, t) for n, t, _ in extra], ("initial_state", initial_state)):
+        if x is None and name not in ("q", "k", "v"):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"{where}: {name} must be a floating tensor, one of {_names(REFERENCE_DTYPES)}; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{where}: {name} must be on the device of q ({q.device}), got {x.device}")
+    if q.dim() != 4:
+        raise ValueError(f"{where}: q must be (batch, length, heads, d_k), got shape {tuple(q.shape)}")
+    B, L, H, d_k = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"{where}: k must have the shape of q, (batch, length, heads, d_k) = {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")  # fmt: skip
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{where}: v must be (batch, length, heads, d_v) with (batch, length, heads) = {(B, L, H)} "
+                         f"as in q, got {tuple(v.shape)}")  # fmt: skip
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{where}: {name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+    for name, x, shape in extra:
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(x.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
+        raise ValueError(f"{where}: initial_state must be (batch, heads, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")  # fmt: skip
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is None:
+        return default_scale(d_k)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where}: scale must be a positive finite number or None (1/sqrt(d_k)), got {scale!r}")
+    return float(scale)
+
+
+def _no_kernel(where, backend, *tensors):
+    """This operation has no Triton kernel yet: "auto" takes the reference, "triton" says so."""
+    if _backend.resolve(backend, *tensors) == "triton" and backend == "triton":
+        raise NotImplementedError(f"{where}(backend='triton'): no Triton kernel for this operation yet; "
+                                  "use backend='reference' (or 'auto')")  # fmt: skip
+
+
+def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk_size=64, sub_chunk_size=16,
+        return_final_state=False, backend="auto"):  # fmt: skip
+    r"""Gated linear attention with vector gates, :math:`S_t = \mathrm{Diag}(\alpha_t) S_{t-1} + k_t v_t^\top`,
+    :math:`o_t = s\, q_t^\top S_t` (or, with ``bonus``, RWKV-6's :math:`o_t = s\, q_t^\top(S_{t-1} + \mathrm{Diag}(u) k_t v_t^\top)`).
+
+    Args:
+        q, k: ``(batch, length, heads, d_k)``; v: ``(batch, length, heads, d_v)``.
+        log_alpha: ``(batch, length, heads, d_k)``, :math:`\log\alpha_t \le 0`.
+        initial_state: ``(batch, heads, d_k, d_v)`` or None; scale: ``s`` (default :math:`1/\sqrt{d_k}`).
+        bonus: ``(heads, d_k)`` or None. chunk_size, sub_chunk_size: of :func:`gla_chunked`.
+        backend: ``"reference"`` or ``"auto"`` (:func:`gla_chunked`); no Triton kernel yet.
+
+    Returns ``o`` in the inputs' dtype (computed in float32 or better), and with
+    ``return_final_state`` also the final state (float32, or float64 for float64 inputs).
+    """
+    where = "gla"
+    B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
+    d_k = q.shape[-1] if isinstance(q, torch.Tensor) else None
+    scale = _check_gated(where, q, k, v, [("log_alpha", log_alpha, (B, L, H, d_k)), ("bonus", bonus, (H, d_k))],
+                         initial_state, scale, chunk_size)  # fmt: skip
+    if log_alpha.numel() and not bool((log_alpha <= 0).all()):
+        raise ValueError(f"{where}: log_alpha must be <= 0 (gates alpha = exp(log_alpha) in (0, 1]), "
+                         f"got a maximum of {log_alpha.max().item():.3g}")  # fmt: skip
+    _no_kernel(where, backend, q, k, v)
+    work = torch.promote_types(q.dtype, torch.float32)
+    cast = lambda x: None if x is None else x.to(work)  # noqa: E731
+    o, S = gla_chunked(cast(q), cast(k), cast(v), cast(log_alpha), cast(initial_state), scale, cast(bonus),
+                       chunk_size, sub_chunk_size)  # fmt: skip
+    o = o.to(q.dtype)
+    return (o, S) if return_final_state else o
+
+
+def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, return_final_state=False,
+               backend="auto"):  # fmt: skip
+    r"""The delta rule, :math:`S_t = (I - \beta_t k_t k_t^\top) S_{t-1} + \beta_t k_t v_t^\top`, :math:`o_t = s\, q_t^\top S_t`.
+
+    Args:
+        q, k: ``(batch, length, heads, d_k)`` (keys L2-normalized, for a stable recurrence);
+        v: ``(batch, length, heads, d_v)``; beta: ``(batch, length, heads)``, in ``[0, 2]``.
+        initial_state, scale, chunk_size, return_final_state: as in :func:`gla`.
+        backend: ``"reference"`` or ``"auto"`` (:func:`delta_rule_chunked`); no Triton kernel yet.
+    """
+    where = "delta_rule"
+    B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
+    scale = _check_gated(where, q, k, v, [("beta", beta, (B, L, H))], initial_state, scale, chunk_size)
+    if beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
+        raise ValueError(f"{where}: beta must lie in [0, 2] (the step is a contraction only there, for unit keys), "
+                         f"got values in [{beta.min().item():.3g}, {beta.max().item():.3g}]")  # fmt: skip
+    _no_kernel(where, backend, q, k, v)
+    work = torch.promote_types(q.dtype, torch.float32)
+    cast = lambda x: None if x is None else x.to(work)  # noqa: E731
+    o, S = delta_rule_chunked(cast(q), cast(k), cast(v), cast(beta), cast(initial_state), scale, chunk_size)
+    o = o.to(q.dtype)
+    return (o, S) if return_final_state else o

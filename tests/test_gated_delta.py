@@ -1,0 +1,197 @@
+"""Tests for chapter 6's vector gates (GLA) and delta rule in seqbook.linear_attention.
+
+The recurrent, quadratic and chunked forms of gated linear attention (with and without
+RWKV-6's bonus) are checked against each other and against a term-by-term definition in
+float64; the chunked form against the recurrence in float32 under gates strong enough that
+the one-product form (Q e^c)(K e^-c)^T overflows; gradients of the chunked form against the
+quadratic form's. The delta rule's chunked (WY / UT transform) form is checked against its
+recurrence, and the recurrence against its regression reading.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seqbook import linear_attention as la
+
+F64 = torch.float64
+
+
+def randn(*shape, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=F64).to(dtype)
+
+
+def gates(*shape, seed=0, strength=1.0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return (-strength * torch.rand(*shape, generator=gen, dtype=F64)).to(dtype)
+
+
+def gla_problem(B, L, H, d_k, d_v, seed=0, strength=1.0, dtype=F64):
+    return (randn(B, L, H, d_k, seed=seed, dtype=dtype), randn(B, L, H, d_k, seed=seed + 1, dtype=dtype),
+            randn(B, L, H, d_v, seed=seed + 2, dtype=dtype), gates(B, L, H, d_k, seed=seed + 3, strength=strength,
+                                                                  dtype=dtype),
+            randn(B, H, d_k, d_v, seed=seed + 4, dtype=dtype), randn(H, d_k, seed=seed + 5, dtype=dtype))  # fmt: skip
+
+
+def gla_by_definition(q, k, v, log_alpha, S0, scale, bonus):
+    """o_t term by term: sum_j s sum_c q_tc k_jc prod_{r=j+1}^{t} alpha_rc v_j (+ the state's share); tiny sizes."""
+    B, L, H, d_k = q.shape
+    alpha = torch.exp(log_alpha)
+    o = torch.zeros(v.shape, dtype=F64)
+    for t in range(L):
+        last = t if bonus is None else t - 1  # the bonus form reads the state before step t
+        for j in range(last + 1):
+            decay = torch.prod(alpha[:, j + 1 : last + 1], dim=1)  # (B, H, d_k)
+            o[:, t] += scale * (q[:, t] * k[:, j] * decay).sum(-1)[..., None] * v[:, j]
+        if bonus is not None:
+            o[:, t] += scale * (q[:, t] * bonus * k[:, t]).sum(-1)[..., None] * v[:, t]
+        if S0 is not None:
+            decay = torch.prod(alpha[:, : last + 1], dim=1)
+            o[:, t] += scale * torch.einsum("bhk,bhkv->bhv", q[:, t] * decay, S0)
+    return o
+
+
+@pytest.mark.parametrize("with_bonus", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gla_quadratic_is_the_definition(with_bonus, with_state):
+    q, k, v, a, S0, u = gla_problem(2, 8, 2, 3, 4, seed=1)
+    S0, u = (S0 if with_state else None), (u if with_bonus else None)
+    o, _ = la.gla_quadratic(q, k, v, a, S0, 0.7, u)
+    torch.testing.assert_close(o, gla_by_definition(q, k, v, a, S0, 0.7, u), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bonus", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("L", [1, 29, 64])
+def test_gla_three_forms_agree(L, with_state, with_bonus):
+    q, k, v, a, S0, u = gla_problem(2, L, 3, 5, 4, seed=L)
+    S0, u = (S0 if with_state else None), (u if with_bonus else None)
+    o_rec, S_rec = la.gla_recurrent(q, k, v, a, S0, None, u)
+    o_quad, S_quad = la.gla_quadratic(q, k, v, a, S0, None, u)
+    torch.testing.assert_close(o_quad, o_rec, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S_quad, S_rec, rtol=1e-12, atol=1e-12)
+    for C, c in ((1, 1), (7, 3), (16, 16), (16, 5), (100, 16)):  # neither divides 29; 100 > L
+        o, S = la.gla_chunked(q, k, v, a, S0, None, u, chunk_size=C, sub_chunk_size=c)
+        torch.testing.assert_close(o, o_rec, rtol=1e-12, atol=1e-12, msg=f"chunk {C}, sub-chunk {c}")
+        torch.testing.assert_close(S, S_rec, rtol=1e-12, atol=1e-12, msg=f"chunk {C}, sub-chunk {c}")
+
+
+def test_gla_with_equal_gates_is_scalar_decay_linear_attention():
+    q, k, v, _, S0, _ = gla_problem(1, 21, 2, 4, 3, seed=5)
+    a = gates(1, 21, 2, seed=6)
+    o, S = la.gla_chunked(q, k, v, a[..., None].expand(-1, -1, -1, 4), S0, chunk_size=8)
+    o_ref, S_ref = la.linear_attention_quadratic(q, k, v, a, S0)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gla_strong_gates_float32_need_secondary_chunking():
+    # 64 steps of alpha ~ e^-3 per channel: e^{-c} reaches e^{~100}, past float32's range, so the
+    # one-product intra-chunk form (Q e^c)(K e^-c)^T is inf * 0 = nan; the sub-chunked form is fine.
+    q, k, v, a, S0, u = gla_problem(1, 64, 1, 4, 4, seed=7, strength=6.0, dtype=torch.float32)
+    c = torch.cumsum(a, dim=1)
+    one_product = torch.einsum("bthk,bjhk->bhtj", q * torch.exp(c), k * torch.exp(-c)).tril()
+    assert not torch.isfinite(one_product).all()
+    o_ref, S_ref = la.gla_recurrent(*(x.double() for x in (q, k, v, a, S0)))
+    for bonus in (None, u):
+        o, S = la.gla_chunked(q, k, v, a, S0, bonus=bonus, chunk_size=64, sub_chunk_size=16)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        if bonus is None:
+            err = ((o.double() - o_ref).abs().max() / o_ref.abs().max()).item()
+            assert err < 1e-5, err
+            torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gla_chunked_gradients_equal_recurrent_gradients():
+    inputs = gla_problem(1, 19, 2, 3, 4, seed=8)
+    def grads(fn, **kw):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        q, k, v, a, S0, u = leaves
+        o, S = fn(q, k, v, a, S0, None, u, **kw)
+        (o.sin().sum() + S.cos().sum()).backward()
+        return [x.grad for x in leaves]
+    want = grads(la.gla_recurrent)
+    for name, g, w in zip(("q", "k", "v", "log_alpha", "initial_state", "bonus"),
+                          grads(la.gla_chunked, chunk_size=8, sub_chunk_size=3), want):  # fmt: skip
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_delta_rule_chunked_equals_recurrent():
+    for L, C in ((1, 4), (23, 1), (23, 5), (23, 8), (64, 64), (50, 100)):
+        q, k, v = randn(2, L, 3, 6, seed=L), randn(2, L, 3, 6, seed=L + 1), randn(2, L, 3, 5, seed=L + 2)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        beta = torch.rand(2, L, 3, generator=torch.Generator().manual_seed(L), dtype=F64)
+        S0 = randn(2, 3, 6, 5, seed=L + 3)
+        for state in (None, S0):
+            o_rec, S_rec = la.delta_rule_recurrent(q, k, v, beta, state)
+            o, S = la.delta_rule_chunked(q, k, v, beta, state, chunk_size=C)
+            torch.testing.assert_close(o, o_rec, rtol=1e-12, atol=1e-12, msg=f"L={L}, C={C}")
+            torch.testing.assert_close(S, S_rec, rtol=1e-12, atol=1e-12, msg=f"L={L}, C={C}")
+
+
+def test_delta_rule_replaces_what_linear_attention_adds():
+    # A unit key written twice with beta = 1: the delta rule's state answers the second value,
+    # additive linear attention the sum of both.
+    k = torch.nn.functional.normalize(randn(1, 2, 1, 8, seed=9), dim=-1)
+    k[:, 1] = k[:, 0]
+    v = randn(1, 2, 1, 4, seed=10)
+    _, S = la.delta_rule_recurrent(k, k, v, torch.ones(1, 2, 1, dtype=F64))
+    torch.testing.assert_close(torch.einsum("k,kv->v", k[0, 0, 0], S[0, 0]), v[0, 1, 0], rtol=1e-12, atol=1e-12)
+    _, S_add = la.linear_attention_recurrent(k, k, v)
+    torch.testing.assert_close(torch.einsum("k,kv->v", k[0, 0, 0], S_add[0, 0]), v[0, 0, 0] + v[0, 1, 0])
+
+
+def test_delta_rule_step_is_a_gradient_step():
+    # S_t = S_{t-1} - beta grad_S (1/2)|S^T k - v|^2
+    q, k, v = randn(1, 1, 1, 5, seed=11), randn(1, 1, 1, 5, seed=12), randn(1, 1, 1, 3, seed=13)
+    S0 = randn(1, 1, 5, 3, seed=14).requires_grad_()
+    loss = 0.5 * ((torch.einsum("k,kv->v", k[0, 0, 0], S0[0, 0]) - v[0, 0, 0]) ** 2).sum()
+    (g,) = torch.autograd.grad(loss, S0)
+    beta = torch.full((1, 1, 1), 0.3, dtype=F64)
+    _, S = la.delta_rule_recurrent(q, k, v, beta, S0.detach())
+    torch.testing.assert_close(S, S0.detach() - 0.3 * g, rtol=1e-12, atol=1e-12)
+
+
+def test_ut_transform_is_forward_substitution():
+    k, beta = randn(2, 9, 3, 4, seed=15), torch.rand(2, 9, 3, generator=torch.Generator().manual_seed(16), dtype=F64)
+    T = la.ut_transform(k, beta)
+    K = k.transpose(1, 2)
+    A = torch.eye(9, dtype=F64) + (beta.transpose(1, 2)[..., None] * (K @ K.mT)).tril(-1)
+    torch.testing.assert_close(A @ T, torch.diag_embed(beta.transpose(1, 2)), rtol=1e-12, atol=1e-12)
+    assert torch.equal(T, T.tril())
+
+
+def test_public_entries_and_errors():
+    q, k, v, a, S0, u = gla_problem(2, 13, 2, 4, 3, seed=17)
+    o, S = la.gla(q, k, v, a, initial_state=S0, bonus=u, chunk_size=5, return_final_state=True)
+    o_ref, S_ref = la.gla_recurrent(q, k, v, a, S0, None, u)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=1e-12, atol=1e-12)
+    o16 = la.gla(q.half(), k.half(), v.half(), a)
+    assert o16.dtype == torch.float16
+    kn = torch.nn.functional.normalize(k, dim=-1)
+    beta = torch.rand(2, 13, 2, dtype=F64)
+    torch.testing.assert_close(la.delta_rule(q, kn, v, beta, chunk_size=4), la.delta_rule_recurrent(q, kn, v, beta)[0],
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match=r"log_alpha must have shape \(2, 13, 2, 4\)"):
+        la.gla(q, k, v, a[..., 0])
+    with pytest.raises(ValueError, match="log_alpha must be <= 0"):
+        la.gla(q, k, v, -a)
+    with pytest.raises(ValueError, match=r"bonus must have shape \(2, 4\)"):
+        la.gla(q, k, v, a, bonus=u[0])
+    with pytest.raises(ValueError, match=r"v must be \(batch, length, heads, d_v\)"):
+        la.gla(q, k, v[:, :3], a)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        la.delta_rule(q, kn.float(), v, beta)
+    with pytest.raises(ValueError, match=r"beta must have shape \(2, 13, 2\)"):
+        la.delta_rule(q, kn, v, beta[..., 0])
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 2\]"):
+        la.delta_rule(q, kn, v, 3 * beta)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        la.delta_rule(q, kn, v, beta, chunk_size=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        la.gla(q, k, v, a, backend="fast")
