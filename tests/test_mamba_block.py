@@ -226,6 +226,69 @@ def test_bad_inputs_raise():
         m.init_state(0)
 
 
+# ---------------------------------------------------------------- the time-invariant block (selective=False)
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_lti_step_reproduces_forward(d_conv, length):
+    torch.manual_seed(d_conv * 10 + length)
+    m = perturbed(Mamba(6, d_state=5, d_conv=d_conv, selective=False), seed=length).double()
+    u = torch.randn(3, length, 6, dtype=F64)
+    with torch.no_grad():
+        y = m(u)  # by one FFT convolution
+        y_steps, (_, h) = run_steps(m, u)  # by the recurrence
+    assert (y_steps - y).abs().max().item() <= 1e-10 * max(1.0, y.abs().max().item())
+    assert h.shape == (3, m.d_inner, 5)
+
+
+def test_lti_kernel_is_the_powers_of_a_fixed_system():
+    torch.manual_seed(3)
+    m = perturbed(Mamba(4, d_state=3, selective=False), seed=4).double()
+    with torch.no_grad():
+        K = m.lti_kernel(20)  # (E, 20)
+        Delta = F.softplus(m.dt_bias)
+        A_bar, B_bar = torch.exp(Delta[:, None] * m.A), Delta[:, None] * m.B  # one (A_bar, B_bar) for every step
+        want = torch.stack([(m.C * A_bar**l * B_bar).sum(-1) for l in range(20)], dim=-1)
+    assert K.shape == (8, 20)
+    assert torch.allclose(K, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="only a time-invariant block"):
+        Mamba(4).lti_kernel(5)
+
+
+def test_lti_block_has_no_selection_and_is_time_invariant():
+    torch.manual_seed(0)
+    lti, s6 = Mamba(8, d_state=4, selective=False), Mamba(8, d_state=4)
+    names = {n for n, _ in lti.named_parameters()}
+    assert {"dt_bias", "B", "C"} <= names and not any(n.startswith(("x_proj", "dt_proj")) for n in names)
+    assert lti.B.shape == lti.C.shape == (16, 4) and torch.equal(lti.B.detach(), torch.ones(16, 4))
+    # the same block otherwise: same projections, convolution, A and D; initial steps in [dt_min, dt_max]
+    for name in ("in_proj.weight", "conv1d.weight", "out_proj.weight", "A_log", "D"):
+        assert dict(lti.named_parameters())[name].shape == dict(s6.named_parameters())[name].shape
+    steps = F.softplus(lti.dt_bias.detach())
+    assert steps.min() >= 1e-3 * (1 - 1e-5) and steps.max() <= 1e-1 * (1 + 1e-5)
+    # the SSM is linear and time-invariant: with d_conv = 1 and no convolution bias, the block's output
+    # at step t for an input that is zero before step k is the same as for the input shifted to the start
+    m = perturbed(Mamba(5, d_state=3, d_conv=1, conv_bias=False, selective=False), seed=1).double()
+    u = torch.randn(2, 12, 5, dtype=F64)
+    shifted = torch.cat([torch.zeros(2, 4, 5, dtype=F64), u], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(m(shifted)[:, 4:], m(u), rtol=1e-10, atol=1e-12)
+
+
+def test_lti_gradients_reach_every_parameter():
+    torch.manual_seed(1)
+    m = Mamba(6, d_state=4, selective=False)
+    m(torch.randn(2, 9, 6)).pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+def test_selective_must_be_a_bool():
+    with pytest.raises(TypeError, match="selective must be a bool"):
+        Mamba(4, selective=1)
+
+
 # ---------------------------------------------------------------- selective copying
 
 
