@@ -320,6 +320,53 @@ def hippo_online(
     return torch.stack(out, dim=1)
 
 
+def legs_eigenvector_condition(N: int, *, digits: int | None = None) -> float:
+    r"""The 2-norm condition number of LegS's eigenvector matrix, computed in high precision (mpmath).
+
+    LegS's :math:`A` (``transition("legs", N)``) is lower triangular with distinct eigenvalues
+    :math:`\lambda_k = -(k + 1)`, so its eigenvectors follow by forward substitution, exactly:
+    :math:`v^{(k)}_j = 0` for :math:`j < k`, :math:`v^{(k)}_k = 1`, and for :math:`n > k`
+
+    .. math::
+
+        v^{(k)}_n = \frac{-\sum_{k \le j < n} A_{nj} v^{(k)}_j}{A_{nn} - \lambda_k} .
+
+    Each column is scaled to unit norm (as ``torch.linalg.eig`` returns them), and the condition
+    number :math:`\sigma_{\max}/\sigma_{\min}` of :math:`W` comes from an SVD in ``digits``
+    decimal digits (default ``30 + N``: the condition number grows like :math:`10^{0.75 N}`, and
+    every digit of it is a digit the arithmetic must carry). In float64 the same computation
+    saturates near :math:`10^{16}`-:math:`10^{18}` (the inverse of the rounding unit), whatever
+    the truth: S4, Lemma 3.2, shows the growth is exponential. Needs ``mpmath`` (installed with
+    the ``test`` and ``book`` extras; it is also a dependency of sympy, which torch installs).
+    """
+    _check_N(N)
+    try:
+        import mpmath
+    except ImportError as error:  # pragma: no cover - mpmath comes with torch's sympy
+        raise ImportError("legs_eigenvector_condition needs mpmath: pip install mpmath") from error
+    if digits is None:
+        digits = 30 + N
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 20:
+        raise ValueError(f"digits must be an int >= 20, got {digits!r}")
+    with mpmath.workdps(digits):
+        s = [mpmath.sqrt(2 * n + 1) for n in range(N)]
+
+        def A(n, k):
+            return -s[n] * s[k] if n > k else (-(n + 1) if n == k else 0)
+
+        W = mpmath.matrix(N, N)
+        for k in range(N):
+            v = [mpmath.mpf(0)] * N
+            v[k] = mpmath.mpf(1)
+            for n in range(k + 1, N):  # (A_nn - lambda_k) v_n = -sum_j A_nj v_j
+                v[n] = -mpmath.fsum(A(n, j) * v[j] for j in range(k, n)) / (A(n, n) + (k + 1))
+            norm = mpmath.sqrt(mpmath.fsum(x * x for x in v))
+            for n in range(N):
+                W[n, k] = v[n] / norm
+        sigma = mpmath.svd_r(W, compute_uv=False)
+        return float(max(sigma) / min(sigma))
+
+
 # --------------------------------------------------------------------------------------
 # Normal plus low-rank (S4)
 # --------------------------------------------------------------------------------------

@@ -329,3 +329,24 @@ def test_validation():
         hippo.hippo_online("legt", torch.zeros(2, 5), 4, method="rk4")
     with pytest.raises(ValueError, match="dt must be a positive number"):
         hippo.hippo_online("legt", torch.zeros(2, 5), 4, dt=-1.0)
+
+
+def test_legs_eigenvector_condition_in_high_precision():
+    # N = 2 by hand: A = [[-1, 0], [-sqrt 3, -2]], eigenvectors (1, -sqrt 3)/2 and (0, 1)
+    W2 = np.array([[0.5, 0.0], [-math.sqrt(3) / 2, 1.0]])
+    assert abs(hippo.legs_eigenvector_condition(2) - np.linalg.cond(W2)) < 1e-12 * np.linalg.cond(W2)
+    # small N: float64 is still accurate (condition below 1e7), and numpy's eigenvectors agree
+    for N in (3, 6, 10):
+        A, _ = hippo.transition("legs", N)
+        _, W = np.linalg.eig(A.numpy())
+        want = np.linalg.cond(W)
+        assert abs(hippo.legs_eigenvector_condition(N) - want) < 1e-6 * want, N
+    # large N: more digits change nothing (the answer is converged), and the growth is exponential,
+    # with the values an independent high-precision computation gave (9.9e16, 1.1e20, 1.2e23)
+    c24 = hippo.legs_eigenvector_condition(24)
+    assert abs(hippo.legs_eigenvector_condition(24, digits=90) - c24) < 1e-12 * c24
+    conds = {N: hippo.legs_eigenvector_condition(N) for N in (24, 28, 32)}
+    assert f"{conds[24]:.1e}" == "9.9e+16" and f"{conds[28]:.1e}" == "1.1e+20" and f"{conds[32]:.1e}" == "1.2e+23"
+    assert 10 ** (0.7 * 4) < conds[28] / conds[24] < 10 ** (0.85 * 4)  # ~10^0.76 per unit of N
+    with pytest.raises(ValueError, match="digits must be an int >= 20"):
+        hippo.legs_eigenvector_condition(4, digits=5)
