@@ -413,6 +413,11 @@ def attention(
         elif refusal:
             error, why = refusal
             raise error(f"attention(backend='triton'): {why}; use backend='reference' for it")
+    if q.shape[1] == 0:
+        # An empty sequence: no query, so no output row (the softmax over zero keys is
+        # undefined, and the reference's max over them would fail). The empty result still
+        # comes from v, so that autograd reaches the inputs.
+        return v.clone()
     if chosen == "triton" and q.numel() == 0:
         chosen = "reference"  # nothing to launch
     if chosen == "reference":

@@ -87,6 +87,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import ssm as _ssm
+from . import validate as _validate
 from .scan import linear_recurrence_parallel
 
 #: dtypes the readable forms accept (they compute in float32, or float64 for float64 inputs).
@@ -339,20 +340,18 @@ def ssd_chunked(
     not a multiple of ``Q`` is padded with steps :math:`\Delta = 0`, which decay nothing
     and add nothing.
     """
-    _check_ssd(x, dt, A, B, C, "ssd_chunked")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"ssd_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+    _check_ssd(x, dt, A, B, C, "ssd_chunked", initial_state)
+    _validate.check_positive_int("ssd_chunked", "chunk_size", chunk_size)
     batch, length, heads, P = x.shape
     N = B.shape[-1]
-    if initial_state is not None and initial_state.shape != (batch, heads, P, N):
-        raise ValueError(
-            f"ssd_chunked: initial_state must be (batch, heads, P, N) = ({batch}, {heads}, {P}, {N}), "
-            f"got shape {tuple(initial_state.shape)}"
-        )
     out_dtype = x.dtype
     x, dt, A, B, C = _common_dtype(x, dt, A, B, C)
     if initial_state is not None:
         initial_state = initial_state.to(x.dtype)
+    if batch == 0 or length == 0:  # no chunks: nothing is read, the state passes through
+        y = x.new_zeros(batch, length, heads, P).to(out_dtype)
+        final = x.new_zeros(batch, heads, P, N) if initial_state is None else initial_state
+        return (y, final) if return_final_state else y
     B, C = _expand_groups(B, heads), _expand_groups(C, heads)
     Q = chunk_size
     pad = (-length) % Q
@@ -411,7 +410,8 @@ def ssd(
     >= 16), or ``"auto"``: the kernel for CUDA tensors of float32, bfloat16 or float16
     when no gradient is needed, the reference otherwise.
     """
-    _check_ssd(x, dt, A, B, C, "ssd")
+    _check_ssd(x, dt, A, B, C, "ssd", initial_state)
+    _validate.check_positive_int("ssd", "chunk_size", chunk_size, optional=True)
     tensors = [t for t in (x, dt, A, B, C, initial_state) if t is not None]
     chosen = _backend.resolve(backend, *tensors)
     if chosen == "triton":
@@ -427,12 +427,8 @@ def ssd(
         if why or x.numel() == 0:
             chosen = "reference"
     if chosen == "reference":
-        return ssd_chunked(x, dt, A, B, C, chunk_size or 64, initial_state, return_final_state)
-    if initial_state is not None and initial_state.shape != (x.shape[0], x.shape[2], x.shape[3], B.shape[-1]):
-        raise ValueError(
-            f"ssd: initial_state must be (batch, heads, P, N) = "
-            f"{(x.shape[0], x.shape[2], x.shape[3], B.shape[-1])}, got shape {tuple(initial_state.shape)}"
-        )
+        return ssd_chunked(x, dt, A, B, C, 64 if chunk_size is None else chunk_size, initial_state,
+                           return_final_state)  # fmt: skip
     y, final = _backend.kernels("ssd").ssd_forward(x, dt, A, B, C, chunk_size, initial_state)
     return (y, final) if return_final_state else y
 
@@ -732,7 +728,7 @@ def _check_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
             raise ValueError(f"{fn}: {name} must be on the device of u ({u.device}), got {x.device}")
 
 
-def _check_ssd(x, dt, A, B, C, fn: str) -> None:
+def _check_ssd(x, dt, A, B, C, fn: str, initial_state=None) -> None:
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
         _check_tensor(fn, name, t)
     if x.dim() != 4:
@@ -757,3 +753,8 @@ def _check_ssd(x, dt, A, B, C, fn: str) -> None:
             raise TypeError(f"{fn}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
+    # S_{-1}, the state before the first step: any floating dtype (used in the computation's).
+    _validate.check_tensor(fn, "initial_state", initial_state, REFERENCE_DTYPES, optional=True)
+    _validate.check_shape(fn, "initial_state", initial_state, (batch, heads, x.shape[3], B.shape[-1]),
+                          "(batch, heads, P, N)")  # fmt: skip
+    _validate.check_device(fn, "initial_state", initial_state, "x", x)

@@ -258,6 +258,8 @@ def s4_kernel(
     K_hat = torch.where(at_minus_one, (step / 2)[:, None] * (C_tilde * B).sum(-1, keepdim=True), K_hat)
 
     # 6. Back from the roots of unity: K_hat(z_k) = sum_l K_l z_k^l is the DFT of K.
+    if H == 0:
+        return K_hat.real  # (0, L): nothing to transform (MKL's FFT refuses an empty batch)
     return torch.fft.ifft(K_hat, n=L, dim=-1).real
 
 

@@ -110,7 +110,7 @@ def _step(step, like: torch.Tensor) -> torch.Tensor:
         step = torch.tensor(float(step), dtype=real, device=like.device)
     step = _tensor("step", step, complex_ok=False)
     if step.device != like.device:
-        raise ValueError(f"step must be on {like.device} like A, got {step.device}")
+        raise ValueError(f"step must be on the device of A ({like.device}), got {step.device}")
     # Checked where it is free: on a GPU the comparison would stall the host until the
     # device catches up (a synchronization per call), so CUDA tensors are trusted.
     if step.device.type == "cpu" and not torch.all(step > 0):

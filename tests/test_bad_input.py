@@ -1,0 +1,264 @@
+"""Every public operation against the inputs a user gets wrong, or that are legitimately empty.
+
+For each operation with a ``backend`` argument (the readable reference and the Triton kernel,
+interpreted on a machine without a GPU, compiled on CUDA):
+
+- an **empty batch** and an **empty length** return correctly shaped, empty outputs (and, at
+  length 0, the initial state as the final one), on both backends;
+- a **wrong dtype** (an integer tensor in any tensor argument) raises ``TypeError`` naming
+  that argument;
+- a **wrong device** (any tensor argument on another device than the others) raises
+  ``ValueError`` naming it and saying "device". On a CPU-only machine the other device is
+  ``"meta"`` (tensors with shapes and no data: the check must come before any computation);
+  with a GPU, the inputs live on CUDA and the odd one out is on the CPU, the mistake a user
+  actually makes, and on "meta" too.
+
+Each operation is described once (:class:`Op`): how to build its arguments at a given batch
+and length, how to call it, and the shapes of its results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import pytest
+import torch
+
+from seqbook import attention, linear_attention, mamba, s4, scan, ssm
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+#: where the odd argument goes in the wrong-device test
+OTHER_DEVICES = ["meta"] + (["cpu"] if ON_GPU else [])
+F32, C64 = torch.float32, torch.complex64
+
+
+def rand(*shape, dtype=F32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed + sum(shape))
+    if dtype.is_complex:
+        real = torch.randn(*shape, 2, generator=gen)
+        return torch.complex(real[..., 0], real[..., 1]).to(device=device, dtype=dtype)
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Op:
+    """``make(batch, length)`` -> the tensor arguments by name (None for an optional one left
+    out); ``call(backend=..., **tensors)`` -> the result; ``shapes(batch, length)`` -> the
+    result's shapes (a tuple of shapes for a tuple of results); ``state``: the names of the
+    argument and of the result (its index) that must be equal at length 0, if any.
+    ``empty_length``: None where length 0 is a valid, empty sequence, else the ``match`` of
+    the ``ValueError`` it raises (a kernel generator asked for zero taps)."""
+
+    make: Callable[[int, int], dict]
+    call: Callable[..., object]
+    shapes: Callable[[int, int], tuple]
+    state: tuple[str, int] | None = None
+    empty_length: str | None = None
+
+
+# Sizes: heads/channels/state small, head dims 16 (the smallest the kernels take).
+H, N, D, P = 2, 4, 16, 16
+
+OPS = {
+    "scan.linear_recurrence": Op(
+        make=lambda b, l: dict(a=rand(b, l, 3).sigmoid(), b=rand(b, l, 3, seed=1), h0=rand(b, 3, seed=2)),
+        call=lambda backend, **t: scan.linear_recurrence(t["a"], t["b"], t["h0"], backend=backend),
+        shapes=lambda b, l: ((b, l, 3), (b, 3)),
+        state=("h0", 1),
+    ),
+    "ssm.vandermonde_kernel": Op(  # batch: the channels H; length: the taps
+        make=lambda b, l: dict(W=rand(b, N, dtype=C64), log_A_bar=-rand(b, N, dtype=C64, seed=1).abs()),
+        call=lambda backend, length, **t: ssm.vandermonde_kernel(t["W"], t["log_A_bar"], length, backend=backend),
+        shapes=lambda b, l: (b, l),
+        empty_length="length must be a positive int",
+    ),
+    "ssm.s4d_kernel": Op(
+        make=lambda b, l: dict(A=-rand(b, N, dtype=C64).abs(), B=rand(b, N, dtype=C64, seed=1),
+                               C=rand(b, N, dtype=C64, seed=2), step=rand(b, seed=3).abs() * 0.1),  # fmt: skip
+        call=lambda backend, length, **t: ssm.s4d_kernel(t["A"], t["B"], t["C"], t["step"], length, backend=backend),
+        shapes=lambda b, l: (b, l),
+        empty_length="length must be a positive int",
+    ),
+    "s4.cauchy": Op(  # batch: the rows H; length: the evaluation points L
+        make=lambda b, l: dict(v=rand(b, N, dtype=C64), z=rand(b, l, dtype=C64, seed=1) + 3j,
+                               w=rand(b, N, dtype=C64, seed=2)),  # fmt: skip
+        call=lambda backend, length, **t: s4.cauchy(t["v"], t["z"], t["w"], backend=backend),
+        shapes=lambda b, l: (b, l),
+    ),
+    "s4.s4_kernel": Op(
+        make=lambda b, l: dict(Lambda=-rand(b, N, dtype=C64).abs(), P=rand(b, N, dtype=C64, seed=1) * 0.1,
+                               B=rand(b, N, dtype=C64, seed=2), C=rand(b, N, dtype=C64, seed=3),
+                               log_step=rand(b, seed=4) - 3),  # fmt: skip
+        call=lambda backend, length, **t: s4.s4_kernel(*t.values(), length, backend=backend),
+        shapes=lambda b, l: (b, l),
+        empty_length="L must be a positive int",
+    ),
+    "mamba.selective_scan": Op(
+        make=lambda b, l: dict(u=rand(b, l, D), delta=rand(b, l, D, seed=1), A=-rand(D, N, seed=2).abs(),
+                               B=rand(b, l, N, seed=3), C=rand(b, l, N, seed=4), D=rand(D, seed=5),
+                               z=rand(b, l, D, seed=6), delta_bias=rand(D, seed=7)),  # fmt: skip
+        call=lambda backend, **t: mamba.selective_scan(*t.values(), True, True, backend=backend),
+        shapes=lambda b, l: ((b, l, D), (b, D, N)),
+    ),
+    "mamba.ssd": Op(
+        make=lambda b, l: dict(x=rand(b, l, H, P), dt=rand(b, l, H, seed=1).abs(), A=-rand(H, seed=2).abs(),
+                               B=rand(b, l, 1, N, seed=3), C=rand(b, l, 1, N, seed=4),
+                               initial_state=rand(b, H, P, N, seed=5)),  # fmt: skip
+        call=lambda backend, **t: mamba.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], None, t["initial_state"], True,
+                                            backend=backend),  # fmt: skip
+        shapes=lambda b, l: ((b, l, H, P), (b, H, P, N)),
+        state=("initial_state", 1),
+    ),
+    "attention.attention": Op(
+        make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2)),
+        call=lambda backend, **t: attention.attention(t["q"], t["k"], t["v"], causal=True, backend=backend),
+        shapes=lambda b, l: (b, l, H, D),
+    ),
+    "attention.attention(causal=False)": Op(
+        make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2)),
+        call=lambda backend, **t: attention.attention(t["q"], t["k"], t["v"], causal=False, backend=backend),
+        shapes=lambda b, l: (b, l, H, D),
+    ),
+    "linear_attention.linear_attention": Op(
+        make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2),
+                               log_decay=-rand(b, l, H, seed=3).abs(), initial_state=rand(b, H, D, D, seed=4)),
+        call=lambda backend, **t: linear_attention.linear_attention(*list(t.values())[:3], log_decay=t["log_decay"],
+                                                                   initial_state=t["initial_state"],
+                                                                   return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
+        state=("initial_state", 1),
+    ),
+}  # fmt: skip
+
+LENGTH = 5  # the length (or number of taps) when the batch is the empty one
+BACKENDS = ["reference", "triton"]
+
+
+def run(op: Op, backend: str, tensors: dict, length: int):
+    kwargs = dict(tensors, backend=backend)
+    if "length" in op.call.__code__.co_varnames:
+        kwargs["length"] = length
+    return op.call(**kwargs)
+
+
+def check_shapes(op: Op, result, batch: int, length: int):
+    want = op.shapes(batch, length)
+    results = result if isinstance(want[0], tuple) else (result,)
+    wants = want if isinstance(want[0], tuple) else (want,)
+    assert isinstance(results, tuple) and len(results) == len(wants), type(result)
+    for got, shape in zip(results, wants):
+        assert isinstance(got, torch.Tensor) and tuple(got.shape) == shape, (tuple(got.shape), shape)
+        assert got.device.type == DEVICE
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPS))
+def test_empty_batch(name, backend):
+    op = OPS[name]
+    check_shapes(op, run(op, backend, op.make(0, LENGTH), LENGTH), 0, LENGTH)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPS))
+def test_empty_length(name, backend):
+    op = OPS[name]
+    tensors = op.make(2, 0)
+    if op.empty_length is not None:
+        with pytest.raises(ValueError, match=op.empty_length):
+            run(op, backend, tensors, 0)
+        return
+    results = check_shapes(op, run(op, backend, tensors, 0), 2, 0)
+    if op.state is not None:  # nothing happened: the final state is the initial one
+        arg, index = op.state
+        torch.testing.assert_close(results[index].to(tensors[arg].dtype), tensors[arg], rtol=0, atol=0)
+
+
+def tensor_args(name):
+    return [(name, arg) for arg, x in OPS[name].make(2, 3).items() if isinstance(x, torch.Tensor)]
+
+
+ARGS = [case for name in OPS for case in tensor_args(name)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,arg", ARGS, ids=[f"{n}-{a}" for n, a in ARGS])
+def test_wrong_dtype(name, arg, backend):
+    op = OPS[name]
+    tensors = op.make(2, LENGTH)
+    tensors[arg] = torch.ones(tensors[arg].shape, dtype=torch.int64, device=tensors[arg].device)
+    with pytest.raises(TypeError) as error:
+        run(op, backend, tensors, LENGTH)
+    assert f"{arg} must" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("other", OTHER_DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,arg", ARGS, ids=[f"{n}-{a}" for n, a in ARGS])
+def test_wrong_device(name, arg, backend, other):
+    op = OPS[name]
+    tensors = op.make(2, LENGTH)
+    tensors[arg] = tensors[arg].to(other)
+    with pytest.raises(ValueError) as error:
+        run(op, backend, tensors, LENGTH)
+    message = str(error.value)
+    assert "device" in message and re.search(rf"\b{arg}\b", message), message
+
+
+# --------------------------------------------------------------------------------------
+# The holes found by hand (issue 11), one test each
+# --------------------------------------------------------------------------------------
+
+
+def ssd_inputs(b=2, l=LENGTH):
+    t = OPS["mamba.ssd"].make(b, l)
+    return [t[n] for n in ("x", "dt", "A", "B", "C")], t["initial_state"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [0, -1, True, False, 2.0, "64"])
+def test_ssd_refuses_a_chunk_size_that_is_not_a_positive_int(chunk_size, backend):
+    # 0 used to mean "the default" (chunk_size or 64), and True was taken as the int 1.
+    args, _ = ssd_inputs()
+    with pytest.raises(ValueError, match=r"ssd: chunk_size must be a positive int or None, got"):
+        mamba.ssd(*args, chunk_size, backend=backend)
+    with pytest.raises(ValueError, match=r"ssd_chunked: chunk_size must be a positive int, got"):
+        mamba.ssd_chunked(*args, chunk_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ssd_validates_initial_state(backend):
+    args, S0 = ssd_inputs()
+    with pytest.raises(TypeError, match=r"ssd: initial_state must be a torch.Tensor, got list"):
+        mamba.ssd(*args, None, S0.tolist(), backend=backend)
+    with pytest.raises(TypeError, match=r"ssd: initial_state must be a tensor of dtype .*got torch.int64"):
+        mamba.ssd(*args, None, S0.long(), backend=backend)
+    with pytest.raises(ValueError, match=r"ssd: initial_state must be \(batch, heads, P, N\) = \(2, 2, 16, 4\), "
+                                         r"got shape \(2, 2, 4, 16\)"):  # fmt: skip
+        mamba.ssd(*args, None, S0.transpose(-1, -2), backend=backend)
+    for other in OTHER_DEVICES:
+        with pytest.raises(ValueError, match=rf"ssd: initial_state must be on the device of x \({args[0].device}\), "
+                                             rf"got {other}"):  # fmt: skip
+            mamba.ssd(*args, None, S0.to(other), backend=backend)
+    with pytest.raises(TypeError, match=r"ssd_chunked: initial_state must be a torch.Tensor, got list"):
+        mamba.ssd_chunked(*args, 16, S0.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequences_pass_gradients_through(backend):
+    # ssd at length 0: y is empty and the final state is the initial one, so the gradient
+    # of the final state flows to the initial state unchanged; attention at length 0: an
+    # empty output that backward() accepts.
+    args, S0 = ssd_inputs(2, 0)
+    S0 = S0.clone().requires_grad_()
+    y, final = mamba.ssd(*args, None, S0, True, backend="reference")  # the SSD kernel is forward-only
+    assert y.shape == (2, 0, H, P)
+    (final * 3).sum().backward()
+    torch.testing.assert_close(S0.grad, torch.full_like(S0, 3.0), rtol=0, atol=0)
+    q, k, v = (x.requires_grad_() for x in OPS["attention.attention"].make(2, 0).values())
+    o = attention.attention(q, k, v, causal=True, backend=backend)
+    o.sum().backward()
+    assert o.shape == (2, 0, H, D) and v.grad.shape == v.shape
