@@ -478,3 +478,4 @@ class LanguageModel(nn.Module):
 
 
 from .mamba import Mamba  # noqa: E402  (chapter 4's mixer, exported here beside the other mixers)
+from .rwkv import RWKV6, RWKV7  # noqa: E402  (chapter 7's mixers)
