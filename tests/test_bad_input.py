@@ -50,13 +50,15 @@ class Op:
     result's shapes (a tuple of shapes for a tuple of results); ``state``: the names of the
     argument and of the result (its index) that must be equal at length 0, if any.
     ``empty_length``: None where length 0 is a valid, empty sequence, else the ``match`` of
-    the ``ValueError`` it raises (a kernel generator asked for zero taps)."""
+    the ``ValueError`` it raises (a kernel generator asked for zero taps). ``backends``: those
+    it has (an operation with no kernel yet is tested through its reference only)."""
 
     make: Callable[[int, int], dict]
     call: Callable[..., object]
     shapes: Callable[[int, int], tuple]
     state: tuple[str, int] | None = None
     empty_length: str | None = None
+    backends: tuple[str, ...] = ("reference", "triton")
 
 
 # Sizes: heads/channels/state small, head dims 16 (the smallest the kernels take).
@@ -131,10 +133,32 @@ OPS = {
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
         state=("initial_state", 1),
     ),
+    "linear_attention.gla": Op(
+        make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2),
+                               log_alpha=-rand(b, l, H, D, seed=3).abs(), initial_state=rand(b, H, D, D, seed=4),
+                               bonus=rand(H, D, seed=5)),
+        call=lambda backend, **t: linear_attention.gla(*list(t.values())[:4], initial_state=t["initial_state"],
+                                                       bonus=t["bonus"], return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
+        state=("initial_state", 1),
+        backends=("reference",),
+    ),
+    "linear_attention.delta_rule": Op(
+        make=lambda b, l: dict(q=rand(b, l, H, D), k=torch.nn.functional.normalize(rand(b, l, H, D, seed=1), dim=-1),
+                               v=rand(b, l, H, D, seed=2), beta=rand(b, l, H, seed=3).sigmoid(),
+                               initial_state=rand(b, H, D, D, seed=4)),
+        call=lambda backend, **t: linear_attention.delta_rule(*list(t.values())[:4], initial_state=t["initial_state"],
+                                                              return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
+        state=("initial_state", 1),
+        backends=("reference",),
+    ),
 }  # fmt: skip
 
 LENGTH = 5  # the length (or number of taps) when the batch is the empty one
 BACKENDS = ["reference", "triton"]
+#: (operation, backend) for every backend each operation has
+OP_BACKENDS = [(name, backend) for name, op in OPS.items() for backend in op.backends]
 
 
 def run(op: Op, backend: str, tensors: dict, length: int):
@@ -155,15 +179,13 @@ def check_shapes(op: Op, result, batch: int, length: int):
     return results
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name,backend", OP_BACKENDS)
 def test_empty_batch(name, backend):
     op = OPS[name]
     check_shapes(op, run(op, backend, op.make(0, LENGTH), LENGTH), 0, LENGTH)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name,backend", OP_BACKENDS)
 def test_empty_length(name, backend):
     op = OPS[name]
     tensors = op.make(2, 0)
@@ -181,11 +203,10 @@ def tensor_args(name):
     return [(name, arg) for arg, x in OPS[name].make(2, 3).items() if isinstance(x, torch.Tensor)]
 
 
-ARGS = [case for name in OPS for case in tensor_args(name)]
+ARGS = [(name, arg, backend) for name in OPS for _, arg in tensor_args(name) for backend in OPS[name].backends]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,arg", ARGS, ids=[f"{n}-{a}" for n, a in ARGS])
+@pytest.mark.parametrize("name,arg,backend", ARGS, ids=[f"{n}-{a}-{b}" for n, a, b in ARGS])
 def test_wrong_dtype(name, arg, backend):
     op = OPS[name]
     tensors = op.make(2, LENGTH)
@@ -196,8 +217,7 @@ def test_wrong_dtype(name, arg, backend):
 
 
 @pytest.mark.parametrize("other", OTHER_DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,arg", ARGS, ids=[f"{n}-{a}" for n, a in ARGS])
+@pytest.mark.parametrize("name,arg,backend", ARGS, ids=[f"{n}-{a}-{b}" for n, a, b in ARGS])
 def test_wrong_device(name, arg, backend, other):
     op = OPS[name]
     tensors = op.make(2, LENGTH)
