@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from seqbook import backend
+from compare import assert_near
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 
@@ -67,14 +68,6 @@ def run(fn, v, z, w, g, grad=(True, True, True)):
     k = fn(*leaves)
     (k * g.to(k.dtype).conj()).real.sum().backward()
     return k.detach(), [x.grad for x in leaves]
-
-
-def assert_near(got, want, rel, what):
-    """Max error relative to the largest reference entry (scale-aware; NaN or inf fails)."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: not finite"
-    err = ((got.to(want.dtype) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    assert err < rel, f"{what}: relative error {err:.2e} >= {rel:.0e}"
 
 
 def check_kernel(device, H, N, L, *, per_head, geometry="halfplane", splits=None, seed=0, rel=(5e-6, 5e-6)):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from seqbook import backend, scan
+from compare import assert_near
 
 F64 = torch.float64
 # The readable code runs on every device present; the kernel runs where conftest's `device` says.
@@ -39,13 +40,6 @@ def grads_of(fn, a, b, h0, g, g_last):
     loss = (h * g.to(h.dtype)).sum() + (h_last * g_last.to(h.dtype)).sum()
     loss.backward()
     return h.detach(), h_last.detach(), [x.grad if x is not None else None for x in leaves]
-
-
-def assert_near(got, want, rel, what):
-    """Max error relative to the largest reference entry: scale-aware, NaN fails."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = ((got.to(F64) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    assert err < rel, f"{what}: relative error {err:.2e} >= {rel:.0e}"
 
 
 # --------------------------------------------------------------------------------------

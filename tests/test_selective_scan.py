@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from seqbook import backend, mamba
+from compare import assert_near
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -55,14 +56,6 @@ def run_with_grads(fn, inputs, g, g_last, softplus, **kwargs):
         loss = loss + (last * g_last.to(last.dtype)).sum()
     loss.backward()
     return y.detach(), last.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
-
-
-def assert_near(got, want, rel, what):
-    """Max error relative to the largest reference entry: scale-aware; NaN fails."""
-    assert got is not None, f"{what}: no gradient"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = ((got.to(F64) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    assert err < rel, f"{what}: relative error {err:.2e} >= {rel:.0e}"
 
 
 def check_kernel(device, shape, *, dtype=torch.float32, rel=1e-5, seed=0, use_last=True, fwd_config=None,
