@@ -6,7 +6,7 @@ Every task is a function ``task(batch, length, *, generator=None, ...) -> (x, y)
 the same data on every machine. Pass one generator to successive calls for a stream of
 new batches (what :func:`seqbook.train.fit` does), or a fixed seed for a fixed test set.
 
-Tasks (chapters 3 and 4; later chapters add associative recall):
+Tasks (chapters 3, 4 and 6):
 
 - :func:`adding_problem`: regression; add the two numbers marked somewhere in the sequence
   (Hochreiter and Schmidhuber 1997, "Long Short-Term Memory", Sec. 5.4).
@@ -16,6 +16,9 @@ Tasks (chapters 3 and 4; later chapters add associative recall):
 - :func:`selective_copying`: sequence to sequence; a few coloured tokens scattered among
   blanks, to be repeated in order at the end (Gu and Dao 2023, "Mamba", Sec. 3.1): what to
   keep depends on the input, which a time-invariant model cannot decide.
+- :func:`associative_recall`: multi-query associative recall (MQAR; Arora et al. 2023,
+  "Zoology"); key-value pairs, then keys again, whose values must be recalled. Token ids, for
+  a language model: recall with a fixed-size state against attention's growing cache.
 
 Glossary (symbol -> shape)
 --------------------------
@@ -165,3 +168,50 @@ def selective_copying(
     ids[:, span:] = n_colors + 1  # the markers
     x = torch.nn.functional.one_hot(ids, n_colors + 2).float()
     return x, colors
+
+
+def associative_recall(
+    batch: int,
+    n_pairs: int,
+    n_queries: int | None = None,
+    *,
+    n_keys: int = 64,
+    n_values: int = 64,
+    generator: torch.Generator | None = None,
+):
+    r"""Multi-query associative recall (MQAR): ``x (batch, 2 n_pairs + n_queries)`` int64 token ids, ``y (batch, n_queries)`` int64.
+
+    Each sequence stores ``n_pairs`` key-value pairs, written ``k_1 v_1 k_2 v_2 ...``, then asks
+    for ``n_queries`` of the keys again; at each query the answer is the value stored under that
+    key (Arora et al. 2023, "Zoology", Sec. 3: the task on which the gap between attention and
+    fixed-state recurrent models shows up first). Keys are the token ids ``0 .. n_keys - 1``,
+    values ``n_keys .. n_keys + n_values - 1``, so a language model over ``n_keys + n_values``
+    tokens reads it; the keys of one sequence are distinct, the values drawn uniformly with
+    repeats, and the queried keys distinct when ``n_queries <= n_pairs`` (default: every key,
+    in a random order). Read the model's output at the query positions, ``out[:, -n_queries:]``,
+    as for :func:`selective_copying`; ``y`` holds the answers as token ids. Chance is
+    ``1 / n_values`` per answer.
+
+    Unlike the other tasks, ``x`` is token ids, not features: it is meant for
+    :class:`seqbook.nn.LanguageModel`. Zoology spreads the queries over the rest of the sequence
+    with filler tokens in between; here they follow the pairs directly, so the answer
+    positions are fixed.
+    """
+    for name, v, low in (("batch", batch, 1), ("n_pairs", n_pairs, 1), ("n_keys", n_keys, 1), ("n_values", n_values, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    n_queries = n_pairs if n_queries is None else n_queries
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
+        raise ValueError(f"n_queries must be an int >= 1 or None, got {n_queries!r}")
+    if n_pairs > n_keys:
+        raise ValueError(f"n_pairs must be <= n_keys = {n_keys} (the keys of a sequence are distinct), got {n_pairs}")
+    gen = _generator(generator)
+    keys = torch.rand(batch, n_keys, generator=gen).argsort(dim=1)[:, :n_pairs]  # distinct keys per row
+    values = n_keys + torch.randint(0, n_values, (batch, n_pairs), generator=gen)
+    if n_queries <= n_pairs:
+        which = torch.rand(batch, n_pairs, generator=gen).argsort(dim=1)[:, :n_queries]
+    else:
+        which = torch.randint(0, n_pairs, (batch, n_queries), generator=gen)
+    pairs = torch.stack([keys, values], dim=-1).flatten(1)  # k_1 v_1 k_2 v_2 ...
+    x = torch.cat([pairs, keys.gather(1, which)], dim=1)
+    return x, values.gather(1, which)

@@ -436,3 +436,38 @@ def test_mixer_uses_the_kernel(device):
     y = mixer(x)
     mixer.backend = "reference"
     torch.testing.assert_close(y, mixer(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# The associative-recall task (chapter 6's MQAR experiment)
+# --------------------------------------------------------------------------------------
+
+
+def test_associative_recall_answers_are_the_stored_values():
+    from seqbook import tasks
+
+    x, y = tasks.associative_recall(16, 6, n_keys=10, n_values=7, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (16, 18) and y.shape == (16, 6) and x.dtype == y.dtype == torch.long
+    keys, values, queries = x[:, 0:12:2], x[:, 1:12:2], x[:, 12:]
+    assert (keys < 10).all() and (values >= 10).all() and (values < 17).all()
+    for row in range(16):
+        assert len(set(keys[row].tolist())) == 6  # distinct keys in a sequence
+        assert len(set(queries[row].tolist())) == 6  # every key asked once
+        stored = dict(zip(keys[row].tolist(), values[row].tolist()))
+        assert [stored[k] for k in queries[row].tolist()] == y[row].tolist()
+    again, _ = tasks.associative_recall(16, 6, n_keys=10, n_values=7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)  # seeded: the same data on every machine
+    x2, y2 = tasks.associative_recall(3, 2, 5, generator=torch.Generator().manual_seed(1))  # more queries than pairs
+    assert x2.shape == (3, 9) and y2.shape == (3, 5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch=0, n_pairs=2), "batch"), (dict(batch=2, n_pairs=0), "n_pairs"),
+    (dict(batch=2, n_pairs=9, n_keys=8), "n_pairs"), (dict(batch=2, n_pairs=2, n_queries=0), "n_queries"),
+    (dict(batch=2, n_pairs=2, n_values=True), "n_values"),
+])  # fmt: skip
+def test_associative_recall_rejects_bad_sizes(kwargs, match):
+    from seqbook import tasks
+
+    with pytest.raises(ValueError, match=match):
+        tasks.associative_recall(**kwargs)
