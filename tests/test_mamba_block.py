@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from seqbook import mamba, nn as snn, tasks
 from seqbook.nn import LanguageModel, Mamba
+from compare import assert_near
 
 F64 = torch.float64
 
@@ -113,8 +114,9 @@ def test_triton_backend_matches_reference():
     y_ref.square().sum().backward()
     y_ker.square().sum().backward()
     for (name, p), q in zip(ref.named_parameters(), ker.parameters()):
-        err = (q.grad.cpu() - p.grad).abs().max().item() / p.grad.abs().max().item()
-        assert err <= 1e-4, f"{name}: relative error {err:.1e}"
+        # Relative to each gradient's own size (5e-2 for A_log to 3e2 here); the floor, below
+        # all of them, only turns a gradient that cancelled to ~0 into an absolute comparison.
+        assert_near(q.grad.cpu(), p.grad, 1e-4, f"grad {name}", floor=1e-2)
 
 
 def test_language_model_step_reproduces_forward():
