@@ -20,13 +20,50 @@ def as_tuple(result, names: tuple[str, ...], function: str) -> tuple:
     return tuple(result)
 
 
-def assert_close(actual, expected: torch.Tensor, name: str, *, rtol: float = 1e-8, atol: float = 1e-8) -> None:
+# ATen operators that factor, invert or solve with a matrix: what "without an N x N solve"
+# forbids (FORBIDDEN = {"fn": DENSE_SOLVERS}); blocked however they are reached
+# (torch.linalg.solve, torch.inverse, Tensor.inverse, matrix_power(-1), torch.ops.aten...).
+DENSE_SOLVERS = [
+    "aten::_linalg_solve_ex", "aten::linalg_solve_ex", "aten::linalg_solve", "aten::linalg_inv_ex",
+    "aten::linalg_inv", "aten::inverse", "aten::linalg_lu_factor_ex", "aten::linalg_lu", "aten::lu_unpack",
+    "aten::linalg_lu_solve", "aten::lu_solve", "aten::linalg_cholesky_ex", "aten::cholesky", "aten::cholesky_solve",
+    "aten::cholesky_inverse", "aten::linalg_lstsq", "aten::linalg_pinv", "aten::pinverse", "aten::linalg_qr",
+    "aten::_linalg_svd", "aten::linalg_svd", "aten::_linalg_eigh", "aten::linalg_eig", "aten::linalg_solve_triangular",
+    "aten::triangular_solve", "aten::_linalg_det", "aten::linalg_det", "aten::det", "aten::linalg_tensorsolve",
+    "aten::linalg_tensorinv", "aten::geqrf", "aten::ormqr", "aten::linalg_householder_product",
+]
+
+
+def matches(actual, expected: torch.Tensor, *, rtol: float, atol: float) -> bool:
+    """True when ``assert_close(actual, expected, ...)`` would pass."""
+    try:
+        _compare(actual, expected, "value", rtol=rtol, atol=atol)
+    except AssertionError:
+        return False
+    return True
+
+
+def assert_close(actual, expected: torch.Tensor, name: str, *, rtol: float = 1e-8, atol: float = 1e-8,
+                 mistakes: dict | None = None) -> None:
     """``actual`` matches ``expected`` in type, shape, dtype and value (NaN where it is NaN);
     real or complex.
 
     Values must satisfy ``|actual - expected| <= atol + rtol * |expected|``
-    entrywise; the message names the worst entry.
+    entrywise; the message names the worst entry.  ``mistakes`` maps a hint to
+    what a common mistake returns ({"looks like Euler's B-bar (step * B), not ZOH's":
+    step * B}); when ``actual`` is wrong but matches one (to the same tolerance), the
+    message ends with that hint.
     """
+    try:
+        _compare(actual, expected, name, rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        for hint, wrong in (mistakes or {}).items():
+            if isinstance(wrong, torch.Tensor) and matches(actual, wrong, rtol=rtol, atol=atol):
+                raise AssertionError(f"{exc}. Hint: {hint}") from None
+        raise
+
+
+def _compare(actual, expected: torch.Tensor, name: str, *, rtol: float, atol: float) -> None:
     if not isinstance(actual, torch.Tensor):
         raise AssertionError(f"{name} should be a torch.Tensor, got {type(actual).__name__}")
     if tuple(actual.shape) != tuple(expected.shape):

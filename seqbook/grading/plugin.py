@@ -9,11 +9,34 @@ A grading test is a plain pytest test::
 
 ``submission`` is a :class:`~seqbook.grading.submission.Submission`: its
 attributes are the student's functions, each running in the sandbox.  The
-plugin records, per test, the points earned (all of ``n`` if the test passes,
-0 otherwise), the outcome and a one-line failure message, and writes them as
-JSON to ``--grading-results`` when the session ends.  With ``--collect-only``
-it writes the list of tests and their points, which is how the grader learns
-the maximum before any student code runs.
+plugin records, per test, the points earned, the outcome and a one-line
+failure message, and writes them as JSON to ``--grading-results`` when the
+session ends.  With ``--collect-only`` it writes the list of tests and their
+points, which is how the grader learns the maximum before any student code runs.
+
+Partial credit: a test that takes the ``credit`` fixture splits its points over
+cases; each ``with credit.case("what it probes"):`` block that fails costs its
+share (``weight``), and the others still count::
+
+    @pytest.mark.points(3)
+    def test_discretize(submission, credit):
+        for shape in SHAPES:
+            with credit.case(f"A of shape {shape}"):
+                ...
+
+Without ``credit``, a test earns all of ``n`` if it passes and 0 otherwise.
+
+Library functions an exercise must write itself: a test module may declare::
+
+    FORBIDDEN = {"kf_predict": ["seqbook.kalman.*"],            # every function of the module
+                 "woodbury_resolvent": ["aten::linalg_inv_ex"]}  # an ATen operator, however reached
+    FORBIDDEN_WHY = {"woodbury_resolvent": "Exercise 4 is the Woodbury identity, without an N x N solve"}
+
+While the grader calls the student's ``kf_predict`` (and while the exercise
+cells run, for every name listed anywhere), those library functions raise a
+``PermissionError`` that names the function and the exercise; the library's
+own code may still call them (see :func:`seqbook.grading.sandbox.install_forbidden`).
+A pattern that matches no library function is an error at collection.
 
 Loaded with ``-p seqbook.grading.plugin`` by :mod:`seqbook.grading.grade`, one
 pytest process per submission.  To try a chapter's grading tests on one
@@ -25,15 +48,82 @@ notebook by hand::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from . import sandbox as _sandbox
 from .submission import Submission, SubmissionError
 
 MAX_MESSAGE = 500
+
+
+class Credit:
+    """Partial credit for one test: its points split over the cases that run under it."""
+
+    def __init__(self):
+        self.cases: list[tuple[str, float, str | None]] = []  # (label, weight, failure message or None)
+
+    @contextlib.contextmanager
+    def case(self, label: str, weight: float = 1.0):
+        """A case worth ``weight`` shares of the test's points; a failure inside is recorded, not raised."""
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight!r}")
+        try:
+            yield
+        except (AssertionError, SubmissionError, Exception) as exc:  # noqa: B014 - the student's errors too
+            message = str(exc) if isinstance(exc, (AssertionError, SubmissionError)) and str(exc) \
+                else f"{type(exc).__name__}: {exc}"
+            self.cases.append((label, float(weight), " ".join(message.split())))
+        else:
+            self.cases.append((label, float(weight), None))
+
+    def fraction(self) -> float:
+        total = sum(w for _, w, _ in self.cases)
+        return sum(w for _, w, failed in self.cases if failed is None) / total if total else 1.0
+
+    def failures(self) -> list[str]:
+        """One entry per distinct failure message, naming the cases that gave it."""
+        grouped: dict[str, list] = {}  # the message with its case left out -> (first message, labels)
+        for label, _, failed in self.cases:
+            if failed is not None:
+                message = failed if label in failed else f"{label}: {failed}"
+                grouped.setdefault(failed.replace(label, ""), [message, []])[1].append(label)
+        return [first + (f" (the same in: {'; '.join(labels[1:])})" if len(labels) > 1 else "")
+                for first, labels in grouped.values()]
+
+
+def forbidden_rules(modules) -> dict:
+    """FORBIDDEN and FORBIDDEN_WHY of the grading test modules, checked: student function ->
+    {"patterns": [...], "why": str}.  UsageError for a malformed entry or a pattern matching nothing."""
+    rules: dict[str, dict] = {}
+    functions = None
+    for module in modules:
+        declared = getattr(module, "FORBIDDEN", None)
+        if declared is None:
+            continue
+        why = getattr(module, "FORBIDDEN_WHY", {}) or {}
+        where = getattr(module, "__file__", module.__name__)
+        if not isinstance(declared, dict) or not isinstance(why, dict):
+            raise pytest.UsageError(f"{where}: FORBIDDEN (and FORBIDDEN_WHY) must be dicts keyed by function name")
+        if functions is None:
+            functions = _sandbox.library_functions(_sandbox.load_library())
+        for name, patterns in declared.items():
+            if not isinstance(name, str) or isinstance(patterns, str) or \
+                    not all(isinstance(p, str) for p in patterns):
+                raise pytest.UsageError(f"{where}: FORBIDDEN[{name!r}] must be a list of patterns "
+                                        "('seqbook.module.function', wildcards allowed, or 'aten::op')")
+            _, _, unmatched = _sandbox.match_forbidden(patterns, functions)
+            if unmatched:
+                raise pytest.UsageError(f"{where}: FORBIDDEN[{name!r}]: {', '.join(unmatched)} matches no function "
+                                        "of seqbook")
+            entry = rules.setdefault(name, {"patterns": [], "why": ""})
+            entry["patterns"] += list(patterns)
+            entry["why"] = str(why.get(name, entry["why"]))
+    return rules
 
 
 def pytest_addoption(parser):
@@ -68,6 +158,7 @@ class _Recorder:
         self.config = config
         self.tests: dict[str, dict] = {}  # nodeid -> record, in collection order
         self.submission: Submission | None = None
+        self.forbid: dict[str, dict] = {}
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session, config, items):
@@ -85,6 +176,8 @@ class _Recorder:
                 "every grading test needs @pytest.mark.points(n) with n > 0; missing or wrong on: "
                 + ", ".join(problems)
             )
+        modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
+        self.forbid = forbidden_rules(modules.values())
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -93,7 +186,16 @@ class _Recorder:
         record = self.tests.get(item.nodeid)
         if record is None:
             return
-        if report.when == "call" and report.passed:
+        credit = getattr(item, "_seqbook_credit", None)
+        if report.when == "call" and report.passed and credit is not None and credit.failures():
+            # Some cases failed: their share of the points is lost, the rest earned.
+            failed = sum(1 for case in credit.cases if case[2] is not None)
+            points = round(record["max_points"] * credit.fraction(), 2)
+            text = f"{failed} of {len(credit.cases)} cases failed: " + " | ".join(credit.failures())
+            text = text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+            record.update(points=points, outcome="partial" if points > 0 else "failed", message=text)
+            report.outcome, report.longrepr = "failed", text  # so a run by hand shows it too
+        elif report.when == "call" and report.passed:
             record.update(points=record["max_points"], outcome="passed", message="")
         elif report.failed and record["outcome"] not in ("failed", "error"):
             # A failure in setup (the sandbox did not start) is an error; in the test, a failure.
@@ -142,6 +244,7 @@ def submission(request):
             call_timeout=config.getoption("--grading-call-timeout"),
             memory_mb=config.getoption("--grading-memory-mb"),
             cpu_seconds=config.getoption("--grading-cpu-seconds"),
+            forbid=recorder.forbid,
         )
     except Exception as exc:  # not a notebook nbformat can read
         raise SubmissionError(f"cannot read the notebook: {type(exc).__name__}: {exc}") from None
@@ -153,3 +256,11 @@ def submission(request):
         raise
     yield sub
     sub.close()
+
+
+@pytest.fixture
+def credit(request):
+    """Partial credit inside one test: ``with credit.case("label", weight=1): ...`` (see the module docstring)."""
+    tracker = Credit()
+    request.node._seqbook_credit = tracker
+    return tracker

@@ -292,8 +292,10 @@ def seccomp(own_pid: int) -> bool:
     return True
 
 
-def read_paths() -> list[str]:
-    """What the student's code may read: this Python installation, system libraries, seqbook.
+def read_paths(library_source: bool = True) -> list[str]:
+    """What the student's code may read: this Python installation, system libraries, seqbook
+    (only its data files when ``library_source`` is False: the library is imported already,
+    and its source must not be run again to get back functions an exercise may not call).
 
     Computed here, in the sandbox, whose ``sys.path`` (``-I``) holds only the
     standard library and site-packages; the grader's own ``sys.path`` would add
@@ -306,7 +308,8 @@ def read_paths() -> list[str]:
     paths |= {p for p in sys.path if p and os.path.isabs(p)}
     spec = importlib.util.find_spec("seqbook")  # its source is the students' textbook anyway
     if spec is not None and spec.submodule_search_locations:
-        paths |= set(spec.submodule_search_locations)
+        roots = set(spec.submodule_search_locations)
+        paths |= roots if library_source else {os.path.join(root, "data") for root in roots}
     paths |= {"/usr", "/lib", "/lib64", "/lib32", "/usr/lib64", "/proc/cpuinfo", "/proc/meminfo",
               f"/proc/{os.getpid()}", "/sys/devices/system/cpu", "/dev/urandom", "/dev/zero", "/dev/null"}
     return sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
@@ -337,8 +340,12 @@ _PATH_EVENTS = {
 }
 
 
-def audit_hook(write_dir: str, read_roots: tuple[str, ...]):
-    """A hook refusing, with a readable message, what the sandbox does not allow."""
+def audit_hook(write_dir: str, read_roots: tuple[str, ...], hidden_roots: tuple[str, ...] = ()):
+    """A hook refusing, with a readable message, what the sandbox does not allow.
+
+    ``hidden_roots``: folders whose Python files may not be read (the library's source, when
+    some of its functions are blocked; its ``data`` folder stays readable).
+    """
     write_root = os.path.realpath(write_dir)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -367,6 +374,9 @@ def audit_hook(write_dir: str, read_roots: tuple[str, ...]):
                 refuse("writing files", f" outside its folder: {os.fsdecode(path)!r}")
             if not any(within(real, root) for root in read_roots):
                 refuse("reading files", f" outside the Python installation: {os.fsdecode(path)!r}")
+            if any(within(real, root) and not within(real, os.path.join(root, "data")) for root in hidden_roots):
+                refuse("reading the library's source", f" ({os.fsdecode(path)!r}): some of its functions are "
+                       "blocked for the exercises")
         elif event in _PATH_EVENTS:
             path_args, dir_fd_args = _PATH_EVENTS[event]
             for i in dir_fd_args:
@@ -381,6 +391,233 @@ def audit_hook(write_dir: str, read_roots: tuple[str, ...]):
             refuse(event)
 
     return hook
+
+
+# ---------------------------------------------------------------- library functions an exercise must write itself
+
+CELLS = "<cells>"  # the name under which the exercise cells run
+NOTHING = {"names": frozenset(), "aten": frozenset(), "exercise": "", "why": ""}
+FORBID_EVENT = "seqbook.grading.forbidden"  # a blocked function asks the hook to run its original
+CALL_EVENT = "seqbook.grading.call"  # serve() starts (name) and ends (None) a call into the student's code
+
+
+def load_library() -> list:
+    """Import seqbook and every submodule (trusted code, before the lock-in), so nothing of it
+    has to be read or imported again once the student's code runs."""
+    import importlib
+    import pkgutil
+
+    import seqbook
+
+    for info in pkgutil.walk_packages(seqbook.__path__, "seqbook."):
+        if info.name.startswith("seqbook.grading") or info.name.rsplit(".", 1)[-1] == "__main__":
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # a module that cannot load here (a missing optional dependency) offers nothing
+            pass
+    return [m for name, m in sorted(sys.modules.items())
+            if (name == "seqbook" or name.startswith("seqbook.")) and not name.startswith("seqbook.grading")
+            and m is not None]
+
+
+def library_functions(modules) -> dict:
+    """'seqbook.kalman.predict' -> the function, for every function defined in those modules,
+    and 'seqbook.mamba.Mamba.forward' -> the method, for every method of their classes."""
+    import types
+
+    found = {}
+    for module in modules:
+        for name, value in vars(module).items():
+            if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = value
+            elif isinstance(value, type) and value.__module__ == module.__name__:
+                for attr, member in vars(value).items():
+                    if isinstance(member, (staticmethod, classmethod)):
+                        member = member.__func__
+                    if isinstance(member, types.FunctionType):
+                        found[f"{module.__name__}.{name}.{attr}"] = member
+    return found
+
+
+def resolve_torch(name: str):
+    """(module, attribute) for an exact torch name ('torch.nn.functional.scaled_dot_product_attention'), or None."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        holder = module
+        for attr in parts[cut:-1]:
+            holder = getattr(holder, attr, None)
+        if holder is not None and callable(getattr(holder, parts[-1], None)):
+            return holder, parts[-1]
+        return None
+    return None
+
+
+def match_forbidden(patterns, functions: dict) -> tuple[list[str], list[str], list[str]]:
+    """Split patterns into (library names they match, aten operators, patterns matching nothing).
+
+    A pattern is a dotted library name with shell wildcards ('seqbook.kalman.predict',
+    'seqbook.kalman.*'), the same with a leading '!' for a helper that stays allowed
+    ('!seqbook.kalman.simulate': subtracted from what the other patterns match), or an
+    ATen operator ('aten::linalg_inv_ex'), which blocks every way of reaching it
+    (torch.linalg.inv, Tensor.inverse, torch.ops.aten...), or an exact torch function
+    ('torch.nn.functional.scaled_dot_product_attention'), replaced where it is defined.
+    """
+    import fnmatch
+
+    names, aten, unmatched, allowed = set(), set(), [], set()
+    for pattern in patterns:
+        if pattern.startswith("aten::"):
+            aten.add(pattern)
+            continue
+        if pattern.startswith("torch."):  # an exact torch function, replaced where it is defined
+            if resolve_torch(pattern):
+                names.add(pattern)
+            else:
+                unmatched.append(pattern)
+            continue
+        hits = fnmatch.filter(functions, pattern.lstrip("!"))
+        (allowed if pattern.startswith("!") else names).update(hits)
+        if not hits:
+            unmatched.append(pattern)
+    return sorted(names - allowed), sorted(aten), unmatched
+
+
+def _code_objects(code, out: set) -> None:
+    out.add(code)
+    for const in code.co_consts:
+        if isinstance(const, type(code)):
+            _code_objects(const, out)
+
+
+def install_forbidden(forbid: dict, modules, call_code) -> tuple:
+    """Replace every library function that some exercise may not call by a stand-in.
+
+    ``forbid``: student function name -> {"names": [...], "aten": [...], "exercise": "Exercise N"
+    or None, "why": str}.  Every binding of a forbidden function in the library's modules (and
+    classes) is replaced, so ``from seqbook.kalman import predict as p``, ``import seqbook.kalman
+    as K``, ``getattr(K, "pre" + "dict")`` and ``importlib.import_module`` all reach the stand-in.
+    The stand-in holds no reference to the original: it asks the audit hook returned here
+    (which keeps the originals in its closure, out of reach of Python code) to run it.  The hook
+    runs it unless a call into the student's code is in progress whose function may not use it,
+    and the caller is not the library itself (``seqbook.kalman.kalman_filter`` may call
+    ``predict`` for a student who may use the filter).  The hook also refuses reading the code
+    of library functions (copying ``__code__``).  Returns (hook, aten dispatch mode factory).
+    """
+    import types
+
+    # A frozen copy: the student's code can reach serve()'s locals through frames, never this.
+    frozen = {name: types.MappingProxyType({"names": frozenset(r.get("names", ())), "aten": frozenset(r.get("aten", ())),
+                                            "exercise": str(r.get("exercise") or ""), "why": str(r.get("why") or "")})
+              for name, r in forbid.items()}
+    # At the top level of an exercise cell, nothing any exercise forbids: no precomputed answers.
+    frozen[CELLS] = types.MappingProxyType({"names": frozenset().union(*(r["names"] for r in frozen.values())),
+                                           "aten": frozenset(), "exercise": "", "why": ""})
+    forbid = types.MappingProxyType(frozen)
+    functions = library_functions(modules)
+    originals = {}  # qualified name -> original function
+    torch_holders = {}  # torch name -> (module, attribute)
+    for rules in forbid.values():
+        for name in rules["names"]:
+            if name.startswith("torch."):
+                holder, attr = torch_holders[name] = resolve_torch(name)
+                originals[name] = getattr(holder, attr)
+            elif name in functions:
+                originals[name] = functions[name]
+    trusted_code: set = set()
+    library_ids = set()
+    for function in functions.values():
+        library_ids.add(id(function))
+        seen = function
+        while seen is not None:  # decorated functions: trust the code they wrap too
+            _code_objects(seen.__code__, trusted_code)
+            seen = getattr(seen, "__wrapped__", None)
+            seen = seen if isinstance(seen, types.FunctionType) else None
+
+    def stand_in(key: str, original):
+        def blocked(*args, **kwargs):
+            box = []
+            sys.audit(FORBID_EVENT, key, args, kwargs, box)
+            return box[0]
+
+        blocked.__name__, blocked.__qualname__ = original.__name__, original.__qualname__
+        blocked.__module__, blocked.__doc__ = original.__module__, original.__doc__
+        return blocked
+
+    replacements = {id(original): stand_in(name, original) for name, original in originals.items()}
+    blocked_code = next(iter(replacements.values())).__code__ if replacements else None
+    for name, (holder, attr) in torch_holders.items():
+        setattr(holder, attr, replacements[id(originals[name])])
+    for module in modules:
+        holders = [module] + [v for v in vars(module).values() if isinstance(v, type) and
+                              (v.__module__ or "").startswith("seqbook")]
+        for holder in holders:
+            for attr, value in list(vars(holder).items()):
+                inner = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+                if id(inner) in replacements:
+                    new = replacements[id(inner)]
+                    setattr(holder, attr, type(value)(new) if inner is not value else new)
+
+    state = {"call": None}  # while serve() runs a student function (or the cells): (name, rules)
+
+    def refuse(what: str, name: str, rules) -> None:
+        if name == CELLS:
+            raise PermissionError(f"the top level of an exercise cell may not use {what}: an exercise asks you "
+                                  "to write it yourself (call the library inside your functions, where allowed)")
+        exercise = f"{rules['exercise']} asks" if rules["exercise"] else "the exercise asks"
+        why = rules["why"] or f"{exercise} you to write it yourself"
+        raise PermissionError(f"{name} may not use {what}: {why}, so the grader blocks the library's version "
+                              f"while it grades {name}")
+
+    def hook(event: str, args: tuple) -> None:
+        if event == FORBID_EVENT:
+            key, call_args, call_kwargs, box = args
+            original = originals.get(key)
+            if original is None or not isinstance(box, list):
+                raise PermissionError(f"{FORBID_EVENT} is the grader's own event")
+            current = state["call"]
+            if current is not None and key in current[1]["names"]:
+                caller = sys._getframe(2)
+                via_stand_in = sys._getframe(1).f_code is blocked_code
+                short = key.rsplit(".", 1)[-1]
+                if not (via_stand_in and caller.f_code in trusted_code and short in caller.f_code.co_names):
+                    refuse(key, current[0], current[1])
+            box.append(original(*call_args, **call_kwargs))
+        elif event == CALL_EVENT:
+            (name,) = args
+            if sys._getframe(1).f_code is not call_code:
+                raise PermissionError(f"{CALL_EVENT} is the grader's own event")
+            if name is not None and state["call"] is not None:
+                raise PermissionError("a call into the student's code is already in progress")
+            state["call"] = None if name is None else (name, forbid.get(name) or NOTHING)
+        elif event == "object.__getattr__" and args[1] == "__code__" and id(args[0]) in library_ids:
+            raise PermissionError("the grader's sandbox does not allow reading the code of seqbook's functions")
+
+    def aten_mode(name: str):
+        """A dispatch mode refusing the ATen operators ``name`` may not use, or None."""
+        rules = forbid.get(name)
+        if not rules or not rules["aten"]:
+            return None
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        blocked_ops = frozenset(rules["aten"])
+
+        class Refuse(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                op = "aten::" + func.overloadpacket.__name__
+                if op in blocked_ops:
+                    refuse(f"torch's {op.split('::')[1]} ({op})", name, rules)
+                return func(*args, **(kwargs or {}))
+
+        return Refuse()
+
+    return hook, aten_mode
 
 
 # ---------------------------------------------------------------- running the cells
@@ -434,7 +671,21 @@ def plain(value, depth: int = 0):
     raise TypeError(f"returned a {kind}; return torch tensors (or tuples of them)")
 
 
-def serve(fd_in: int, fd_out: int, cells: list[str]) -> None:
+def _call(name: str, function, args, kwargs, aten_mode):
+    """Run the student's code under the rules for ``name`` (see install_forbidden); its value as
+    plain data, converted before the rules are lifted (a tensor subclass runs code when converted)."""
+    sys.audit(CALL_EVENT, name)
+    try:
+        mode = aten_mode(name) if aten_mode is not None else None
+        if mode is None:
+            return plain(function(*args, **kwargs))
+        with mode:
+            return plain(function(*args, **kwargs))
+    finally:
+        sys.audit(CALL_EVENT, None)
+
+
+def serve(fd_in: int, fd_out: int, cells: list[str], aten_mode=None) -> None:
     namespace = {"__name__": "__exercises__", "__builtins__": builtins}
     for number, source in enumerate(cells, start=1):
         if source is None:  # skipped by the trusted side (it hung or crashed before)
@@ -442,7 +693,7 @@ def serve(fd_in: int, fd_out: int, cells: list[str]) -> None:
         filename = f"<Exercise {number}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
-            exec(compile(source, filename, "exec"), namespace)
+            _call(CELLS, exec, (compile(source, filename, "exec"), namespace), {}, None)
             reply = {"kind": "cell", "exercise": number, "ok": True, "error": ""}
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the student's too
             reply = {"kind": "cell", "exercise": number, "ok": False, "error": describe(exc)}
@@ -459,8 +710,9 @@ def serve(fd_in: int, fd_out: int, cells: list[str]) -> None:
             return
         if request.get("kind") != "call":
             return
+        name = request["name"]
         try:
-            value = plain(namespace[request["name"]](*request["args"], **request["kwargs"]))
+            value = _call(name, namespace[name], request["args"], request["kwargs"], aten_mode)
             reply = {"kind": "result", "id": request["id"], "ok": True, "value": value}
         except BaseException as exc:
             reply = {"kind": "result", "id": request["id"], "ok": False, "error": describe(exc)}
@@ -481,8 +733,17 @@ def main(argv: list[str]) -> None:
 
     torch.set_num_threads(1)  # one core per submission; parallelism is across students
     layers = {"uid": os.getuid(), "dropped_to": cfg.get("dropped_to")}
+    forbid = cfg.get("forbid") or {}
+    forbid_hook = aten_mode = None
+    if forbid:  # before the lock-in: the library is imported now, then its source is unreadable
+        modules = load_library()
+        functions = library_functions(modules)
+        for rules in forbid.values():
+            rules["names"], rules["aten"], _ = match_forbidden(rules.get("patterns", ()), functions)
+        forbid_hook, aten_mode = install_forbidden(forbid, modules, _call.__code__)
+        layers["forbidden"] = len({n for r in forbid.values() for n in (*r["names"], *r["aten"])})
     no_new_privs_and_parent_death(cfg["parent_pid"])
-    readable = read_paths()
+    readable = read_paths(library_source=not forbid)
 
     def layer(name, enabled, apply, off):
         """Apply one optional layer; a machine without it is reported, not fatal."""
@@ -501,13 +762,21 @@ def main(argv: list[str]) -> None:
     if threads != 1:
         layers["landlock_skipped"] = f"{threads} threads"
     layer("seccomp", cfg.get("seccomp", True), lambda: seccomp(os.getpid()), False)
-    sys.addaudithook(audit_hook(cfg["sandbox_dir"], tuple(readable)))
+    hidden = ()
+    if forbid:
+        import seqbook
+
+        hidden = tuple(os.path.realpath(p) for p in seqbook.__path__)
+    sys.addaudithook(audit_hook(cfg["sandbox_dir"], tuple(readable), hidden))
+    if forbid_hook is not None:
+        sys.addaudithook(forbid_hook)
+        del forbid_hook  # only the interpreter keeps it (and the originals in its closure)
     layers["audit_hook"] = True
     os.chdir(cfg["sandbox_dir"])
     send(fd_out, {"kind": "hello", "layers": layers})
 
     init = recv(fd_in)
-    serve(fd_in, fd_out, init["cells"])
+    serve(fd_in, fd_out, init["cells"], aten_mode)
     # os._exit: no interpreter shutdown that could run the student's finalizers or atexit hooks.
     os._exit(0)
 

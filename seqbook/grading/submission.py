@@ -152,7 +152,7 @@ class Submission:
     """
 
     def __init__(self, notebook, *, call_timeout: float = 10.0, memory_mb: int = 4096,
-                 cpu_seconds: int = 300, fsize_mb: int = 16):
+                 cpu_seconds: int = 300, fsize_mb: int = 16, forbid: dict | None = None):
         self._notebook = Path(notebook)
         self._call_timeout = float(call_timeout)
         self._limits = {"memory_mb": int(memory_mb), "cpu_seconds": int(cpu_seconds),
@@ -162,6 +162,12 @@ class Submission:
         if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list) or nb.get("nbformat", 4) < 4:
             raise ValueError("not a Jupyter notebook in format 4 (save it with a current Jupyter)")
         self.sources = exercise_sources(nb)
+        # function -> {"names": library functions, "aten": operators, "why": ...} it may not use
+        # (see seqbook.grading.plugin, FORBIDDEN); labelled with the exercise that defines it.
+        self._forbid = {}
+        for name, rules in (forbid or {}).items():
+            cells = [k for k, source in enumerate(self.sources, start=1) if name in _defined_names(source)]
+            self._forbid[name] = dict(rules, exercise=f"Exercise {cells[0]}" if cells else "")
         self.cell_errors: dict[int, str] = {}  # exercise number -> why the cell failed
         self.layers: dict = {}
         self.functions: list[str] = []
@@ -281,7 +287,8 @@ class Submission:
             "CUDA_VISIBLE_DEVICES": "", "LANG": "C.UTF-8",
         }
         log = open(home / "sandbox.log", "ab")
-        cfg = dict(self._limits, parent_pid=os.getpid(), sandbox_dir=str(home), dropped_to=None)
+        cfg = dict(self._limits, parent_pid=os.getpid(), sandbox_dir=str(home), dropped_to=None,
+                   forbid=self._forbid)
         extra = {}
         if self._drop:
             uid, gid = self._drop

@@ -5,8 +5,13 @@ submission; ``submission`` holds the student's functions, running in a
 sandbox.  Each test compares a student function with its counterpart in
 ``seqbook.ssm`` on seeded random float64 / complex128 problems of several
 shapes (channels, a batch of per-token steps, size-1 dimensions, lengths that
-are not powers of two).  A test passes only if every case does; the message
-names the first case and output that differ, and how.
+are not powers of two).  Each case earns its share of the test's points
+(``credit``); the message names the cases and outputs that differ, how, and the
+likely mistake (Euler's B-bar instead of ZOH's, exp(z) - 1 instead of expm1, a
+reversed kernel, a circular convolution...).
+
+While a student function runs, the library's SSM functions are blocked
+(FORBIDDEN below): a wrapper around ``seqbook.ssm.discretize`` earns nothing.
 
 Contract (chapters/02_ssm/ssm.ipynb, "Exercises"):
   Exercise 1  discretize_zoh_diag(A, B, step) -> (A_bar, B_bar)   == ssm.discretize(A, B, step, "zoh", diagonal=True)
@@ -27,6 +32,11 @@ from seqbook.grading.checks import as_tuple, assert_close
 
 F64, C128 = torch.float64, torch.complex128
 
+# Everything that discretizes, builds kernels or convolves: the SSM module, the layers built on
+# it, S4's and Mamba's versions, and the Triton kernel of the Vandermonde product.
+SSM = ["seqbook.ssm.*", "seqbook.s4.*", "seqbook.nn.*", "seqbook.mamba.*", "seqbook.kernels.ssm_kernel.*"]
+FORBIDDEN = {"discretize_zoh_diag": SSM, "ssm_kernel_diag": SSM, "bilinear": SSM, "causal_conv_fft": SSM}
+
 
 def _stable_eigenvalues(shape, gen, kind):
     """Eigenvalues with negative real part (complex: also a spread of frequencies)."""
@@ -37,7 +47,7 @@ def _stable_eigenvalues(shape, gen, kind):
 
 
 @pytest.mark.points(3)
-def test_discretize_zoh_diag(submission):
+def test_discretize_zoh_diag(submission, credit):
     """Exercise 1: A_bar = exp(step A), B_bar = step * expm1(z)/z * B, with phi1(0) = 1."""
     gen = torch.Generator().manual_seed(201)
     # (A shape, step shape, kind, what the case probes)
@@ -58,14 +68,31 @@ def test_discretize_zoh_diag(submission):
         B = torch.randn(shape, generator=gen, dtype=A.dtype)
         step = torch.rand(step_shape, generator=gen, dtype=F64) * 0.5 + 0.01
         A_bar_ref, B_bar_ref = ssm.discretize(A, B, step, "zoh", diagonal=True)
-        A_bar, B_bar = as_tuple(submission.discretize_zoh_diag(A, B, step), ("A_bar", "B_bar"), "discretize_zoh_diag")
+        dt = step.unsqueeze(-1)
+        z = dt * A
+        zero = z == 0
+        safe = torch.where(zero, torch.ones_like(z), z)
+        mistakes_B = {
+            "looks like Euler's B-bar (step * B, what Mamba's code uses), not ZOH's step * phi1(step A) * B":
+                (dt * B).expand(B_bar_ref.shape),
+            "looks like (exp(z) - 1) / z: near z = 0 that loses its digits to cancellation; use torch.expm1(z) / z":
+                torch.where(zero, torch.ones_like(z), (torch.exp(z) - 1) / safe) * dt * B,
+            "is NaN where step * A = 0: phi1(0) = 1, so take 1 there (torch.where) instead of dividing 0 by 0":
+                torch.expm1(z) / z * dt * B,
+            "looks like phi1(step A) * B without the step: B_bar = step * phi1(step A) * B":
+                torch.where(zero, torch.ones_like(z), torch.expm1(z) / safe) * B,
+        }
+        mistakes_A = {"looks like forward Euler's 1 + step A, not ZOH's exp(step A)": 1 + z}
         case = f"A {tuple(A.shape)} {A.dtype}, step {tuple(step.shape)}: {what}"
-        assert_close(A_bar, A_bar_ref, f"A_bar ({case})", rtol=1e-10, atol=1e-12)
-        assert_close(B_bar, B_bar_ref, f"B_bar ({case})", rtol=1e-10, atol=1e-12)
+        with credit.case(case):
+            A_bar, B_bar = as_tuple(submission.discretize_zoh_diag(A, B, step), ("A_bar", "B_bar"),
+                                    "discretize_zoh_diag")
+            assert_close(A_bar, A_bar_ref, f"A_bar ({case})", rtol=1e-10, atol=1e-12, mistakes=mistakes_A)
+            assert_close(B_bar, B_bar_ref, f"B_bar ({case})", rtol=1e-10, atol=1e-12, mistakes=mistakes_B)
 
 
 @pytest.mark.points(3)
-def test_ssm_kernel_diag(submission):
+def test_ssm_kernel_diag(submission, credit):
     """Exercise 2: K[..., l] = Re sum_n C B_bar A_bar^l."""
     gen = torch.Generator().manual_seed(202)
     # (shape, length, kind)
@@ -86,13 +113,21 @@ def test_ssm_kernel_diag(submission):
         B_bar = torch.randn(shape, generator=gen, dtype=A_bar.dtype)
         C = torch.randn(shape, generator=gen, dtype=A_bar.dtype)
         ref = ssm.ssm_kernel(A_bar, B_bar, C, length, diagonal=True)
-        got = submission.ssm_kernel_diag(A_bar, B_bar, C, length)
         scale = float(ref.abs().max())
-        assert_close(got, ref, f"K (A_bar {tuple(shape)} {kind}, length {length})", rtol=1e-9, atol=1e-11 * scale)
+        mistakes = {}
+        if length > 1:
+            mistakes["K is reversed (newest first): K[l] weighs the input l steps back, so K[0] = C B_bar, "
+                     "K[1] = C A_bar B_bar, ..."] = ref.flip(-1)
+            mistakes["K[l] uses A_bar^(l+1): the kernel starts at A_bar^0 = 1"] = ssm.ssm_kernel(
+                A_bar, A_bar * B_bar, C, length, diagonal=True)
+        case = f"A_bar {tuple(shape)} {kind}, length {length}"
+        with credit.case(case):
+            got = submission.ssm_kernel_diag(A_bar, B_bar, C, length)
+            assert_close(got, ref, f"K ({case})", rtol=1e-9, atol=1e-11 * scale, mistakes=mistakes)
 
 
 @pytest.mark.points(2)
-def test_bilinear(submission):
+def test_bilinear(submission, credit):
     """Exercise 3: (I - step/2 A)^-1 (I + step/2 A) and (I - step/2 A)^-1 step B, batched."""
     gen = torch.Generator().manual_seed(203)
     # (A shape, B shape, step: a number or a shape)
@@ -105,15 +140,23 @@ def test_bilinear(submission):
         if isinstance(step, tuple):
             step = torch.rand(step, generator=gen, dtype=F64) * 0.5 + 0.01
         A_bar_ref, B_bar_ref = ssm.discretize(A, B, step, "bilinear")
-        A_bar, B_bar = as_tuple(submission.bilinear(A, B, step), ("A_bar", "B_bar"), "bilinear")
+        dt = torch.as_tensor(step, dtype=F64)[..., None, None]
+        lhs = torch.eye(N, dtype=F64) - dt / 2 * A
+        mistakes_B = {"is missing the step: B_bar = (I - step/2 A)^-1 step B":
+                      torch.linalg.solve(lhs, B.expand(*lhs.shape[:-2], *B.shape[-2:])),
+                      "looks like Euler's step * B: the bilinear B_bar is (I - step/2 A)^-1 step B":
+                      (dt * B).expand(B_bar_ref.shape)}
+        mistakes_A = {"looks like forward Euler's I + step A": torch.eye(N, dtype=F64) + dt * A}
         step_desc = f"step {step}" if isinstance(step, float) else f"step {tuple(step.shape)}"
         case = f"A {shape_A}, B {shape_B}, {step_desc}"
-        assert_close(A_bar, A_bar_ref, f"A_bar ({case})", rtol=1e-10, atol=1e-12)
-        assert_close(B_bar, B_bar_ref, f"B_bar ({case})", rtol=1e-10, atol=1e-12)
+        with credit.case(case):
+            A_bar, B_bar = as_tuple(submission.bilinear(A, B, step), ("A_bar", "B_bar"), "bilinear")
+            assert_close(A_bar, A_bar_ref, f"A_bar ({case})", rtol=1e-10, atol=1e-12, mistakes=mistakes_A)
+            assert_close(B_bar, B_bar_ref, f"B_bar ({case})", rtol=1e-10, atol=1e-12, mistakes=mistakes_B)
 
 
 @pytest.mark.points(2)
-def test_causal_conv_fft(submission):
+def test_causal_conv_fft(submission, credit):
     """Exercise 4: y[b, k, h] = sum_{j <= k} K[h, j] u[b, k - j, h]; kernels shorter or longer than u."""
     gen = torch.Generator().manual_seed(204)
     # ((batch, L, H), L_K)
@@ -122,6 +165,12 @@ def test_causal_conv_fft(submission):
         u = torch.randn(batch, L, H, generator=gen, dtype=F64)
         K = torch.randn(H, L_K, generator=gen, dtype=F64) * torch.exp(-torch.arange(L_K, dtype=F64) / 50)
         ref = ssm.ssm_convolve(u, K)
-        got = submission.causal_conv_fft(u, K)
         scale = float(ref.abs().max())
-        assert_close(got, ref, f"y (u {(batch, L, H)}, K {(H, L_K)})", rtol=1e-9, atol=1e-11 * scale)
+        # the same product without padding: a circular convolution of length L
+        circular = torch.fft.irfft(torch.fft.rfft(u, n=L, dim=1) * torch.fft.rfft(K, n=L, dim=-1).T, n=L, dim=1)
+        mistakes = {"looks like a circular convolution: pad both FFTs to n >= L + L_K - 1, or the end of the "
+                    "sequence wraps around into its start": circular} if L > 1 else {}
+        case = f"u {(batch, L, H)}, K {(H, L_K)}"
+        with credit.case(case):
+            got = submission.causal_conv_fft(u, K)
+            assert_close(got, ref, f"y ({case})", rtol=1e-9, atol=1e-11 * scale, mistakes=mistakes)

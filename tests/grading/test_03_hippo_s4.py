@@ -5,7 +5,9 @@ submission; ``submission`` holds the student's functions, running in a
 sandbox.  Each test compares a student function with its counterpart in
 ``seqbook.hippo`` / ``seqbook.s4`` (or, for Exercise 4, with a dense solve) on
 seeded random float64 / complex128 problems of several sizes (size 1, odd
-sizes, points shared by the channels or one row per channel).  A test passes
+sizes, points shared by the channels or one row per channel).  While a student
+function runs, the library's versions are blocked (FORBIDDEN below), and
+Exercise 4 may not solve, factor or invert a matrix at all.  A test passes
 only if every case does; the message names the first case and output that
 differ, and how.
 
@@ -25,9 +27,19 @@ import pytest
 import torch
 
 from seqbook import hippo, s4
-from seqbook.grading.checks import as_tuple, assert_close
+from seqbook.grading.checks import DENSE_SOLVERS, as_tuple, assert_close
 
 F64, C128, C64 = torch.float64, torch.complex128, torch.complex64
+
+# HiPPO matrices, Cauchy products, S4's kernel and initializations: the library's versions of
+# every exercise (and the layers and kernels built on them) are blocked while the exercises run.
+# Exercise 4 is the Woodbury identity: no N x N solve, factorization or inverse either, however
+# it is reached (torch.linalg.solve, torch.inverse, Tensor.inverse, matrix_power(-1), ...).
+S4 = ["seqbook.hippo.*", "seqbook.s4.*", "seqbook.nn.*", "seqbook.ssm.*", "seqbook.kernels.cauchy.*"]
+FORBIDDEN = {"hippo_legs": S4, "hippo_legt": S4, "cauchy_naive": S4, "woodbury_resolvent": S4 + DENSE_SOLVERS,
+             "s4d_inv": S4}
+FORBIDDEN_WHY = {"woodbury_resolvent": "Exercise 4 asks for the Woodbury identity, which needs no N x N solve, "
+                                       "factorization or inverse"}
 
 
 @pytest.mark.points(2)

@@ -29,6 +29,14 @@ from seqbook.grading.checks import as_tuple, assert_close
 
 F64, F32 = torch.float64, torch.float32
 
+# seqbook's attention (reference, tiled and kernel) and torch's fused attention are blocked while
+# the exercises run; torch.softmax stays allowed.
+SDPA = ["torch.nn.functional.scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_fused_attention_overrideable"]
+ATTENTION = ["seqbook.attention.*", "seqbook.kernels.attention.*", "seqbook.linear_attention.*"] + SDPA
+FORBIDDEN = {"online_softmax_step": ATTENTION, "causal_attention": ATTENTION, "kv_cache_step": ATTENTION}
+
 
 def _randn(*shape, gen, dtype=F64, scale=1.0):
     return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype)
