@@ -12,12 +12,17 @@ The chunked form has one sequential piece, the state passing between chunks, and
 pieces that are independent per chunk once the state entering each chunk is known. So the
 forward is two kernels:
 
-1. ``_state_pass``: one program per (batch, head, block of ``BLOCK_V`` value columns)
-   walks the chunks in order with its ``(d_k, BLOCK_V)`` slice of the state in registers
-   (float32), writes the state *entering* each chunk to ``states (B, H, n_chunks, d_k,
-   d_v)``, and folds the chunk in: :math:`S \leftarrow e^{c_\text{last}} S + (k \circ
-   e^{c_\text{last} - c})^\top v`, one ``(d_k, C) x (C, BLOCK_V)`` product per chunk. The
-   columns of the state never mix, hence the split over ``v``.
+1. ``_state_pass``: one program per (batch, head, block of ``BLOCK_V`` value columns,
+   block of ``BLOCK_K`` key rows) walks the chunks in order with its ``(BLOCK_K, BLOCK_V)``
+   tile of the state in registers (float32), writes the state *entering* each chunk to
+   ``states (B, H, n_chunks, d_k, d_v)``, and folds the chunk in: :math:`S \leftarrow
+   e^{c_\text{last}} S + (k \circ e^{c_\text{last} - c})^\top v`, one ``(BLOCK_K, C) x (C,
+   BLOCK_V)`` product per chunk. The decay is a scalar per step, so neither the rows nor
+   the columns of the state ever mix: the walk splits into independent tiles. That split
+   is what keeps the GPU busy: the walk is sequential over chunks, so its programs are the
+   only parallelism (at B=1, H=16, d=128, tiles of 64 x 32 give 128 programs for 132
+   multiprocessors, whole-row tiles of 128 x 64 gave 32, and that pass took most of the
+   forward's time on an H200).
 2. ``_chunk_out``: one program per (batch, head, chunk, value block) computes the chunk's
    outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from its own
    inputs and the saved state: every chunk at once, all matrix products.
@@ -125,20 +130,20 @@ def _state_pass(
     STATES,  # (B, H, NC, DK, DV) float32 out: the state entering each chunk (in walk order)
     S_END,  # (B, H, DK, DV) float32 out: the state after the walk
     L, H, NC, x_scale,
-    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows_k = tl.arange(0, DK)
+    rows_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     steps = tl.arange(0, C)
     state_offs = rows_k[:, None] * DV + cols[None, :]  # inside one (DK, DV) state
     if HAS_S0:
         S = tl.load(S0 + bh.to(tl.int64) * DK * DV + state_offs)
     else:
-        S = tl.zeros((DK, BLOCK_V), dtype=tl.float32)
+        S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
     for i in range(0, NC):
         if REVERSE:
             chunk = NC - 1 - i
@@ -148,7 +153,7 @@ def _state_pass(
         live = t < L
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S)
         tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
-        x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
+        x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_K)
         y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
         c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
         c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
@@ -248,9 +253,18 @@ def _chunk_grads(
 # Launchers
 # --------------------------------------------------------------------------------------
 
-#: Warps by kernel, and the value block of the state-passing and output kernels. Chosen by
-#: compiling for sm_90 (Triton 3.6) so that nothing is refused; not yet timed on a GPU.
-CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_warps=4, out_warps=4, grad_warps=8)
+#: Warps by kernel, the value block of the output kernel and the state tile of the
+#: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
+#: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
+#: (module docstring).
+CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
+              grad_warps=8)  # fmt: skip
+
+
+def _state_grid_blocks(B, H, DK, DV):
+    """``(grid, BLOCK_K, BLOCK_V)`` of ``_state_pass``."""
+    block_k, block_v = min(CONFIG["state_block_k"], DK), min(CONFIG["state_block_v"], DV)
+    return (B * H, triton.cdiv(DV, block_v), triton.cdiv(DK, block_k)), block_k, block_v
 
 
 def _precisions(dtype):
@@ -270,8 +284,9 @@ def _forward(q, k, v, log_decay, initial_state, scale, C):
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
     a = log_decay if log_decay is not None else q  # a placeholder pointer, never read
     s0 = initial_state if initial_state is not None else final
-    _state_pass[(B * H, triton.cdiv(DV, BLOCK_V))](
-        k, v, a, s0, states, final, L, H, NC, 1.0, DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V,
+    grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
+    _state_pass[grid](
+        k, v, a, s0, states, final, L, H, NC, 1.0, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
         HAS_DECAY=log_decay is not None, HAS_S0=initial_state is not None, REVERSE=False,
         PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
@@ -295,9 +310,10 @@ def _backward(q, k, v, log_decay, states, do, d_final, scale, C, float32_dqdk=Fa
     dstates = torch.empty_like(states)
     d_initial = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
     a = log_decay if log_decay is not None else q
-    _state_pass[(B * H, triton.cdiv(DV, BLOCK_V))](
+    grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
+    _state_pass[grid](
         q, do, a, d_final if d_final is not None else d_initial, dstates, d_initial, L, H, NC, scale,
-        DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V, HAS_DECAY=log_decay is not None, HAS_S0=d_final is not None,
+        DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v, HAS_DECAY=log_decay is not None, HAS_S0=d_final is not None,
         REVERSE=True, PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
     # The reverse walk stored, at each chunk, the gradient arriving from the chunks after it:
