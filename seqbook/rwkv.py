@@ -213,7 +213,7 @@ def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, backend="a
     """
     where = "wkv4"
     for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
-        _check_tensor(where, name, x, k)
+        _check_tensor(where, name, x, k, "k")
     if k.dim() != 3:
         raise ValueError(f"{where}: k must be (batch, length, C), got shape {tuple(k.shape)}")
     B, L, C = k.shape
@@ -228,6 +228,8 @@ def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, backend="a
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3 \
                 or any(not isinstance(s, torch.Tensor) or s.shape != (B, C) for s in initial_state):
             raise ValueError(f"{where}: initial_state must be a tuple (a, b, p) of tensors of shape (batch, C) = {(B, C)}")
+        for name, s in zip("abp", initial_state):
+            _check_tensor(where, f"initial_state's {name}", s, k, "k")
     if _backend.resolve(backend, k, v) == "triton" and backend == "triton":
         raise NotImplementedError(f"{where}(backend='triton'): no Triton kernel yet; use backend='reference'")
     work = torch.promote_types(k.dtype, torch.float32)
@@ -379,7 +381,7 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     """
     where = "wkv7"
     for name, x in (("r", r), ("log_w", log_w), ("k", k), ("v", v), ("kappa_hat", kappa_hat), ("a", a)):
-        _check_tensor(where, name, x, r)
+        _check_tensor(where, name, x, r, "r")
     if r.dim() != 4:
         raise ValueError(f"{where}: r must be (batch, length, H, N), got shape {tuple(r.shape)}")
     for name, x in (("log_w", log_w), ("k", k), ("kappa_hat", kappa_hat), ("a", a)):
@@ -397,6 +399,8 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     if initial_state is not None and (not isinstance(initial_state, torch.Tensor)
                                       or initial_state.shape != (B, H, N, v.shape[-1])):  # fmt: skip
         raise ValueError(f"{where}: initial_state must be (batch, H, N, d_v) = {(B, H, N, v.shape[-1])}")
+    if initial_state is not None:
+        _check_tensor(where, "initial_state", initial_state, r, "r")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
     if _backend.resolve(backend, r, v) == "triton" and backend == "triton":
@@ -408,13 +412,13 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     return (o, S) if return_final_state else o
 
 
-def _check_tensor(where, name, x, ref):
+def _check_tensor(where, name, x, ref, ref_name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"{where}: {name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.device != ref.device:
-        raise ValueError(f"{where}: {name} must be on the device of the first input ({ref.device}), got {x.device}")
+        raise ValueError(f"{where}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
 
 
 # --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 import torch
 
-from seqbook import attention, linear_attention, mamba, s4, scan, ssm
+from seqbook import attention, linear_attention, mamba, rwkv, s4, scan, ssm
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -47,8 +47,10 @@ def rand(*shape, dtype=F32, device=DEVICE, seed=0):
 class Op:
     """``make(batch, length)`` -> the tensor arguments by name (None for an optional one left
     out); ``call(backend=..., **tensors)`` -> the result; ``shapes(batch, length)`` -> the
-    result's shapes (a tuple of shapes for a tuple of results); ``state``: the names of the
-    argument and of the result (its index) that must be equal at length 0, if any.
+    result's shapes (a tuple of shapes for a tuple of results, nested as they are); ``state``:
+    the names of the arguments that make the initial state, and the index of the result that
+    must equal it at length 0, if any; ``labels``: the name an error message gives an argument
+    that is not its own (RWKV-4's state comes as a tuple, one argument).
     ``empty_length``: None where length 0 is a valid, empty sequence, else the ``match`` of
     the ``ValueError`` it raises (a kernel generator asked for zero taps). ``backends``: those
     it has (an operation with no kernel yet is tested through its reference only)."""
@@ -56,7 +58,8 @@ class Op:
     make: Callable[[int, int], dict]
     call: Callable[..., object]
     shapes: Callable[[int, int], tuple]
-    state: tuple[str, int] | None = None
+    state: tuple[tuple[str, ...], int] | None = None
+    labels: dict = dataclasses.field(default_factory=dict)
     empty_length: str | None = None
     backends: tuple[str, ...] = ("reference", "triton")
 
@@ -69,7 +72,7 @@ OPS = {
         make=lambda b, l: dict(a=rand(b, l, 3).sigmoid(), b=rand(b, l, 3, seed=1), h0=rand(b, 3, seed=2)),
         call=lambda backend, **t: scan.linear_recurrence(t["a"], t["b"], t["h0"], backend=backend),
         shapes=lambda b, l: ((b, l, 3), (b, 3)),
-        state=("h0", 1),
+        state=(("h0",), 1),
     ),
     "ssm.vandermonde_kernel": Op(  # batch: the channels H; length: the taps
         make=lambda b, l: dict(W=rand(b, N, dtype=C64), log_A_bar=-rand(b, N, dtype=C64, seed=1).abs()),
@@ -112,7 +115,7 @@ OPS = {
         call=lambda backend, **t: mamba.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], None, t["initial_state"], True,
                                             backend=backend),  # fmt: skip
         shapes=lambda b, l: ((b, l, H, P), (b, H, P, N)),
-        state=("initial_state", 1),
+        state=(("initial_state",), 1),
     ),
     "attention.attention": Op(
         make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2)),
@@ -131,7 +134,7 @@ OPS = {
                                                                    initial_state=t["initial_state"],
                                                                    return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
-        state=("initial_state", 1),
+        state=(("initial_state",), 1),
     ),
     "linear_attention.gla": Op(
         make=lambda b, l: dict(q=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2),
@@ -140,7 +143,7 @@ OPS = {
         call=lambda backend, **t: linear_attention.gla(*list(t.values())[:4], initial_state=t["initial_state"],
                                                        bonus=t["bonus"], return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
-        state=("initial_state", 1),
+        state=(("initial_state",), 1),
         backends=("reference",),
     ),
     "linear_attention.delta_rule": Op(
@@ -150,7 +153,40 @@ OPS = {
         call=lambda backend, **t: linear_attention.delta_rule(*list(t.values())[:4], initial_state=t["initial_state"],
                                                               return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
-        state=("initial_state", 1),
+        state=(("initial_state",), 1),
+        backends=("reference",),
+    ),
+    "rwkv.wkv4": Op(
+        make=lambda b, l: dict(w=rand(D, seed=1).abs(), u=rand(D, seed=2), k=rand(b, l, D, seed=3),
+                               v=rand(b, l, D, seed=4), state_a=rand(b, D, seed=5), state_b=rand(b, D, seed=6).abs(),
+                               state_p=rand(b, D, seed=7)),
+        call=lambda backend, **t: rwkv.wkv4(t["w"], t["u"], t["k"], t["v"],
+                                            initial_state=(t["state_a"], t["state_b"], t["state_p"]),
+                                            return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, D), ((b, D), (b, D), (b, D))),
+        state=(("state_a", "state_b", "state_p"), 1),
+        labels=dict(state_a="initial_state", state_b="initial_state", state_p="initial_state"),
+        backends=("reference",),
+    ),
+    "rwkv.wkv6": Op(
+        make=lambda b, l: dict(r=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2),
+                               log_w=-rand(b, l, H, D, seed=3).abs(), u=rand(H, D, seed=4),
+                               initial_state=rand(b, H, D, D, seed=5)),
+        call=lambda backend, **t: rwkv.wkv6(*list(t.values())[:5], initial_state=t["initial_state"],
+                                            return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
+        state=(("initial_state",), 1),
+        backends=("reference",),
+    ),
+    "rwkv.wkv7": Op(
+        make=lambda b, l: dict(r=rand(b, l, H, D), log_w=-rand(b, l, H, D, seed=1).abs(),
+                               k=rand(b, l, H, D, seed=2), v=rand(b, l, H, D, seed=3),
+                               kappa_hat=torch.nn.functional.normalize(rand(b, l, H, D, seed=4), dim=-1),
+                               a=rand(b, l, H, D, seed=5).sigmoid(), initial_state=rand(b, H, D, D, seed=6)),
+        call=lambda backend, **t: rwkv.wkv7(*list(t.values())[:6], initial_state=t["initial_state"],
+                                            return_final_state=True, backend=backend),
+        shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
+        state=(("initial_state",), 1),
         backends=("reference",),
     ),
 }  # fmt: skip
@@ -168,15 +204,26 @@ def run(op: Op, backend: str, tensors: dict, length: int):
     return op.call(**kwargs)
 
 
+def leaves(x) -> list:
+    """The tensors of a result, nested tuples flattened in order."""
+    return [x] if isinstance(x, torch.Tensor) else [t for item in x for t in leaves(item)]
+
+
+def shape_leaves(shape) -> list:
+    """The shapes of :func:`leaves` (a shape is a tuple of ints)."""
+    return [shape] if all(isinstance(n, int) for n in shape) else [s for item in shape for s in shape_leaves(item)]
+
+
 def check_shapes(op: Op, result, batch: int, length: int):
+    """The result has the expected (nested) structure and shapes, on the inputs' device; its
+    top-level items are returned."""
     want = op.shapes(batch, length)
-    results = result if isinstance(want[0], tuple) else (result,)
-    wants = want if isinstance(want[0], tuple) else (want,)
-    assert isinstance(results, tuple) and len(results) == len(wants), type(result)
-    for got, shape in zip(results, wants):
-        assert isinstance(got, torch.Tensor) and tuple(got.shape) == shape, (tuple(got.shape), shape)
-        assert got.device.type == DEVICE
-    return results
+    got, wanted = leaves(result), shape_leaves(want)
+    assert len(got) == len(wanted), (type(result), want)
+    for tensor, shape in zip(got, wanted):
+        assert tuple(tensor.shape) == shape, (tuple(tensor.shape), shape)
+        assert tensor.device.type == DEVICE
+    return result if isinstance(result, tuple) else (result,)
 
 
 @pytest.mark.parametrize("name,backend", OP_BACKENDS)
@@ -195,8 +242,9 @@ def test_empty_length(name, backend):
         return
     results = check_shapes(op, run(op, backend, tensors, 0), 2, 0)
     if op.state is not None:  # nothing happened: the final state is the initial one
-        arg, index = op.state
-        torch.testing.assert_close(results[index].to(tensors[arg].dtype), tensors[arg], rtol=0, atol=0)
+        names, index = op.state
+        for got, arg in zip(leaves(results[index]), names, strict=True):
+            torch.testing.assert_close(got.to(tensors[arg].dtype), tensors[arg], rtol=0, atol=0)
 
 
 def tensor_args(name):
@@ -213,7 +261,7 @@ def test_wrong_dtype(name, arg, backend):
     tensors[arg] = torch.ones(tensors[arg].shape, dtype=torch.int64, device=tensors[arg].device)
     with pytest.raises(TypeError) as error:
         run(op, backend, tensors, LENGTH)
-    assert f"{arg} must" in str(error.value), str(error.value)
+    assert re.search(rf"\b{op.labels.get(arg, arg)}\b.* must", str(error.value)), str(error.value)
 
 
 @pytest.mark.parametrize("other", OTHER_DEVICES)
@@ -225,7 +273,7 @@ def test_wrong_device(name, arg, backend, other):
     with pytest.raises(ValueError) as error:
         run(op, backend, tensors, LENGTH)
     message = str(error.value)
-    assert "device" in message and re.search(rf"\b{arg}\b", message), message
+    assert "device" in message and re.search(rf"\b{op.labels.get(arg, arg)}\b", message), message
 
 
 # --------------------------------------------------------------------------------------
