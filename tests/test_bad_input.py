@@ -1,7 +1,8 @@
 """Every public operation against the inputs a user gets wrong, or that are legitimately empty.
 
-For each operation with a ``backend`` argument (the readable reference and the Triton kernel,
-interpreted on a machine without a GPU, compiled on CUDA):
+For each public operation with a ``backend`` argument, on each backend it has (the readable
+reference, and the Triton kernel where there is one: interpreted on a machine without a GPU,
+compiled on CUDA; ``grep -n "backend" seqbook/*.py`` lists them):
 
 - an **empty batch** and an **empty length** return correctly shaped, empty outputs (and, at
   length 0, the initial state as the final one), on both backends;
@@ -330,3 +331,24 @@ def test_empty_sequences_pass_gradients_through(backend):
     o = attention.attention(q, k, v, causal=True, backend=backend)
     o.sum().backward()
     assert o.shape == (2, 0, H, D) and v.grad.shape == v.shape
+
+
+def test_every_public_op_is_here():
+    # A new public function with a backend argument must join OPS (seqbook.backend.resolve
+    # is the dispatcher itself, not an operation).
+    import importlib
+    import inspect
+    import pkgutil
+
+    import seqbook
+
+    found = set()
+    for info in pkgutil.iter_modules(seqbook.__path__):
+        module = importlib.import_module(f"seqbook.{info.name}")
+        for fname, fn in vars(module).items():
+            if (inspect.isfunction(fn) and fn.__module__ == module.__name__ and not fname.startswith("_")
+                    and "backend" in inspect.signature(fn).parameters and fname != "resolve"):  # fmt: skip
+                found.add(f"{info.name}.{fname}")
+    covered = {name.split("(")[0] for name in OPS}
+    assert {"attention.attention", "mamba.ssd", "rwkv.wkv7"} <= found  # the search does find them
+    assert found <= covered, f"public ops missing from OPS: {sorted(found - covered)}"
