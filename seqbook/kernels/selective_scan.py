@@ -534,6 +534,18 @@ def _fit(config: dict, kind: str, L: int, D: int, N: int) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def _wide_rows(x):
+    """``B`` or ``C`` ``(batch, L, N)`` in float32 for the kernels (exact: they widen every load).
+
+    The kernels read one row of ``N`` entries per step. In float32 Triton fetches those rows
+    ahead with asynchronous copies, pipelined over the loop; in a 16-bit format each thread's
+    share is 2 bytes, too narrow for one, and the rows become plain loads that the step waits
+    on (Triton 3.9 for sm_90: 6 asynchronous copies in the bfloat16 forward against 90 in the
+    float32 one, 90 again once B and C are widened). The copy costs ``2 B L N`` elements,
+    about 1% of the forward's bytes at ``d = 2048, N = 16``."""
+    return x.float() if x.dtype != torch.float32 else x
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, config=None, checkpoint=None):
     """``y``, the last state, and (if ``save_states``) the states entering each chunk of
     ``checkpoint`` steps; inputs contiguous."""
@@ -543,6 +555,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, config=
     if save_states:  # the forward must step in chunks of the backward's length
         cfg["CHUNK"] = checkpoint
     method = cfg.pop("METHOD")
+    B, C = _wide_rows(B), _wide_rows(C)
     y = torch.empty_like(u)
     h_last = torch.empty(batch, d, N, dtype=torch.float32, device=u.device)
     n_chunks = triton.cdiv(L, cfg["CHUNK"])
@@ -570,7 +583,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, softplus, states, g, g_last, 
     dA_part = torch.empty(batch, d, N, **f32)
     dD_part, dbias_part = torch.empty(batch, d, **f32), torch.empty(batch, d, **f32)
     LAST_LAUNCH["bwd"] = _selective_scan_bwd[(batch * triton.cdiv(d, cfg["BLOCK_D"]),)](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
+        u, delta, A, _wide_rows(B), _wide_rows(C), u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
         states, g, dA_part if g_last is None else g_last,
         du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part,
         L, d, N,
