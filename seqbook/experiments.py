@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -82,10 +83,10 @@ class ReadAnswers(nn.Module):
 #: The ablation's models: the mixer inside the same one-layer SequenceModel of width 32.
 #: Every "Mamba" variant is seqbook.mamba.Mamba(32, d_state=8) with only ``selective`` and ``d_conv`` changed.
 ABLATION_MIXERS: dict[str, Callable[[int], nn.Module]] = {
-    "S6 + conv": lambda d: Mamba(d, d_state=8, d_conv=4, selective=True),
-    "S6, no conv": lambda d: Mamba(d, d_state=8, d_conv=1, selective=True),
     "LTI + conv": lambda d: Mamba(d, d_state=8, d_conv=4, selective=False),
+    "S6 + conv": lambda d: Mamba(d, d_state=8, d_conv=4, selective=True),
     "LTI, no conv": lambda d: Mamba(d, d_state=8, d_conv=1, selective=False),
+    "S6, no conv": lambda d: Mamba(d, d_state=8, d_conv=1, selective=True),
     "S4D layer": lambda d: S4D(d, 64),  # chapter 3's layer alone, for reference
 }
 
@@ -114,6 +115,7 @@ def selective_copying_ablation(
     n_test: int = 1000,
     curve_every: int = 10,
     progress: bool = False,
+    on_run: Callable[[dict], None] | None = None,
 ) -> dict:
     r"""Selective copying with the same block around an LTI or a selective SSM, with and without the convolution.
 
@@ -125,6 +127,8 @@ def selective_copying_ablation(
     Returns the record: ``{"config": {...}, "runs": [{"model", "seed", "test_accuracy", "test_loss",
     "parameters", "seconds", "curve": training-batch accuracy averaged over blocks of
     curve_every steps}, ...], "summary": {model: {"mean", "std", "min", "max", "n"}}}``.
+    ``on_run(record)`` is called after every run with the record so far (the command line saves it,
+    so that a long run interrupted keeps what it measured).
     """
     seeds = [int(s) for s in seeds]
     unknown = [m for m in models if m not in ABLATION_MIXERS]
@@ -138,6 +142,9 @@ def selective_copying_ablation(
     def data(g):
         return tasks.selective_copying(batch, length, n_tokens, n_colors, generator=g)
 
+    config = dict(seeds=seeds, steps=steps, models=list(models), length=length, n_tokens=n_tokens,
+                  n_colors=n_colors, batch=batch, lr=lr, n_test=n_test, test_seed=1234, d_model=32, d_state=8,
+                  curve_every=curve_every, chance=1 / n_colors)  # fmt: skip
     runs = []
     for name in models:
         for seed in seeds:
@@ -154,16 +161,21 @@ def selective_copying_ablation(
                          "parameters": sum(p.numel() for p in model.parameters()),
                          "seconds": round(history["seconds"], 1),
                          "curve": [round(v, 4) for v in blocks.tolist()]})  # fmt: skip
+            if on_run is not None:
+                on_run({"config": config, "runs": runs, "summary": _summary(runs)})
+    return {"config": config, "runs": runs, "summary": _summary(runs)}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Mean, standard deviation (over seeds), min, max and count of the test accuracy, per model."""
     summary = {}
+    models = list(dict.fromkeys(r["model"] for r in runs))
     for name in models:
         accs = torch.tensor([r["test_accuracy"] for r in runs if r["model"] == name], dtype=torch.float64)
         summary[name] = {"mean": round(accs.mean().item(), 4),
                          "std": round(accs.std().item(), 4) if len(accs) > 1 else 0.0,
                          "min": round(accs.min().item(), 4), "max": round(accs.max().item(), 4), "n": len(accs)}  # fmt: skip
-    config = dict(seeds=seeds, steps=steps, models=list(models), length=length, n_tokens=n_tokens,
-                  n_colors=n_colors, batch=batch, lr=lr, n_test=n_test, test_seed=1234, d_model=32, d_state=8,
-                  curve_every=curve_every, chance=1 / n_colors)  # fmt: skip
-    return {"config": config, "runs": runs, "summary": summary}
+    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -194,19 +206,24 @@ def main(argv=None) -> int:
     if args.steps is not None:
         kwargs["steps"] = args.steps
     commit = git_commit()
-    start = time.perf_counter()
-    record = fn(**kwargs)
-    wall = time.perf_counter() - start
     out = args.out if args.out is not None else ROOT / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"experiment": args.name, "command": "python -m seqbook.experiments " + " ".join(
-                  sys.argv[1:] if argv is None else argv),
-              "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "wall_seconds": round(wall, 1), "threads": args.threads,
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "processor": platform.machine(), "cpus": __import__("os").cpu_count()},
-              **record}  # fmt: skip
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    start = time.perf_counter()
+
+    def save(record, complete):
+        wall = time.perf_counter() - start
+        record = {"experiment": args.name, "command": "python -m seqbook.experiments " + " ".join(
+                      sys.argv[1:] if argv is None else argv),
+                  "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "complete": complete, "wall_seconds": round(wall, 1), "threads": args.threads,
+                  "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                              "processor": platform.machine(), "cpus": os.cpu_count()},
+                  **record}  # fmt: skip
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        return wall
+
+    record = fn(**kwargs, on_run=lambda partial: save(partial, complete=False))
+    wall = save(record, complete=True)
     print(f"wrote {out} ({wall:.0f} s)")
     return 0
 

@@ -50,6 +50,7 @@ def test_command_line_writes_the_record(tmp_path, capsys):
     assert record["experiment"] == "selective_copying_ablation"
     assert record["command"] == f"python -m seqbook.experiments selective_copying_ablation --seeds 1 --steps 2 --out {out}"
     assert record["commit"] != "" and record["wall_seconds"] >= 0 and record["config"]["steps"] == 2
+    assert record["complete"] is True
     assert {r["model"] for r in record["runs"]} == set(experiments.ABLATION_MIXERS)
     assert experiments.main(["--list"]) == 0
     assert "selective_copying_ablation" in capsys.readouterr().out
