@@ -106,6 +106,8 @@ def _same_device(**tensors: torch.Tensor) -> None:
 def _step(step, like: torch.Tensor) -> torch.Tensor:
     """The step as a real tensor on ``like``'s device; Python numbers allowed."""
     real = like.real.dtype if like.is_complex() else like.dtype
+    if isinstance(step, bool):  # an int to Python, but a flag passed where a step belongs
+        raise TypeError(f"step must be a positive number or a tensor, got {step!r}")
     if isinstance(step, (int, float)):
         step = torch.tensor(float(step), dtype=real, device=like.device)
     step = _tensor("step", step, complex_ok=False)

@@ -352,3 +352,10 @@ def test_every_public_op_is_here():
     covered = {name.split("(")[0] for name in OPS}
     assert {"attention.attention", "mamba.ssd", "rwkv.wkv7"} <= found  # the search does find them
     assert found <= covered, f"public ops missing from OPS: {sorted(found - covered)}"
+
+
+def test_a_bool_is_not_a_step():
+    # True is the int 1 to Python: s4d_kernel(..., step=True, ...) used to run with a step of 1.
+    t = OPS["ssm.s4d_kernel"].make(2, LENGTH)
+    with pytest.raises(TypeError, match=r"step must be a positive number or a tensor, got True"):
+        ssm.s4d_kernel(t["A"], t["B"], t["C"], True, LENGTH)
