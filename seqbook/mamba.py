@@ -342,6 +342,7 @@ def ssd_chunked(
     """
     _check_ssd(x, dt, A, B, C, "ssd_chunked", initial_state)
     _validate.check_positive_int("ssd_chunked", "chunk_size", chunk_size)
+    _validate.check_bool("ssd_chunked", "return_final_state", return_final_state)
     batch, length, heads, P = x.shape
     N = B.shape[-1]
     out_dtype = x.dtype
@@ -412,6 +413,7 @@ def ssd(
     """
     _check_ssd(x, dt, A, B, C, "ssd", initial_state)
     _validate.check_positive_int("ssd", "chunk_size", chunk_size, optional=True)
+    _validate.check_bool("ssd", "return_final_state", return_final_state)
     tensors = [t for t in (x, dt, A, B, C, initial_state) if t is not None]
     chosen = _backend.resolve(backend, *tensors)
     if chosen == "triton":

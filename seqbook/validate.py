@@ -50,3 +50,9 @@ def check_positive_int(fn: str, name: str, value, *, optional: bool = False) -> 
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive int or None" if optional else "a positive int"
         raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")
+
+
+def check_bool(fn: str, name: str, value) -> None:
+    """``value`` is a bool: a flag given as 0, 1 or a string is a mistake (``"False"`` is true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")

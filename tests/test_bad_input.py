@@ -359,3 +359,13 @@ def test_a_bool_is_not_a_step():
     t = OPS["ssm.s4d_kernel"].make(2, LENGTH)
     with pytest.raises(TypeError, match=r"step must be a positive number or a tensor, got True"):
         ssm.s4d_kernel(t["A"], t["B"], t["C"], True, LENGTH)
+
+
+@pytest.mark.parametrize("flag", [1, "False", None])
+def test_ssd_flags_are_bools(flag):
+    # return_final_state="False" is true to Python: it would have returned the pair.
+    args, _ = ssd_inputs()
+    with pytest.raises(TypeError, match=r"ssd: return_final_state must be a bool, got"):
+        mamba.ssd(*args, return_final_state=flag)
+    with pytest.raises(TypeError, match=r"ssd_chunked: return_final_state must be a bool, got"):
+        mamba.ssd_chunked(*args, return_final_state=flag)
