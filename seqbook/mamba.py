@@ -349,7 +349,7 @@ def ssd_chunked(
     x, dt, A, B, C = _common_dtype(x, dt, A, B, C)
     if initial_state is not None:
         initial_state = initial_state.to(x.dtype)
-    if batch == 0 or length == 0:  # no chunks: nothing is read, the state passes through
+    if batch == 0 or length == 0:  # nothing to compute: an empty y, and the state passes through
         y = x.new_zeros(batch, length, heads, P).to(out_dtype)
         final = x.new_zeros(batch, heads, P, N) if initial_state is None else initial_state
         return (y, final) if return_final_state else y
