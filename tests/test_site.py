@@ -1,6 +1,7 @@
 """The site builds with warnings as errors, and its pages render in a real browser
 with no internet: the maths is typeset by the MathJax we serve ourselves (no raw
-TeX left on the page) and every figure is there.
+TeX left on the page) and every figure is there. No page shows a failed cell's
+traceback, and Markdown tables printed by code are rendered as tables, not pipe text.
 
 The build uses the notebooks' committed outputs (execution off): the notebook tests
 (nbval) check that those outputs are what the code produces today.
@@ -130,6 +131,47 @@ def test_figures_are_present(site, page):
     for src in figures:
         path = (site / page).parent / src
         assert path.is_file() and path.stat().st_size > 1000, f"{page}: figure {src} is missing or empty"
+
+
+# myst-nb renders an error output as a code block with the IPython-traceback lexer.
+ERROR_OUTPUT = re.compile(r'class="[^"]*\b(?:output traceback|highlight-ipythontb|output error)\b')
+# A Markdown table left as text shows its delimiter row, |---|---| (colons allowed), to the reader;
+# on the page Sphinx's smart quotes turn each --- into an em dash.
+_DELIMITER = r"\s*:?(?:-{3,}|[\u2014\u2013][-\u2014\u2013]*):?\s*"
+RAW_TABLE = re.compile(rf"\|{_DELIMITER}(?:\|{_DELIMITER})+\|")
+
+
+def site_pages(site: Path) -> list[Path]:
+    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts and p.name not in {"genindex.html", "search.html"})
+
+
+def markdown_output_tables(notebook: Path) -> int:
+    """How many tables the notebook's committed text/markdown outputs hold (display(Markdown(...)))."""
+    cells = json.loads(notebook.read_text())["cells"]
+    outputs = ["".join(out.get("data", {}).get("text/markdown", "")) for cell in cells for out in cell.get("outputs", [])]
+    return sum(len(RAW_TABLE.findall(text.replace(" ", ""))) for text in outputs)
+
+
+def test_no_page_shows_an_error_output(site):
+    failed = [str(page.relative_to(site)) for page in site_pages(site) if ERROR_OUTPUT.search(page.read_text())]
+    assert len(site_pages(site)) > len(PAGES)
+    assert not failed, f"these pages show a traceback (a cell failed when its notebook was executed): {failed}"
+
+
+def test_markdown_tables_are_rendered(site):
+    raw = {}
+    for page in site_pages(site):
+        if match := RAW_TABLE.search(visible_text(page.read_text())):
+            raw[str(page.relative_to(site))] = match.group(0)
+    assert not raw, f"Markdown tables shown as raw text (nb_render_markdown_format in book.yml?): {raw}"
+    notebooks = sorted(p for p in (ROOT / "chapters").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    expected = {nb: markdown_output_tables(nb) for nb in notebooks}
+    assert sum(expected.values()) >= 6, f"the chapters print at least six tables: {expected}"
+    for notebook, count in expected.items():
+        page = site / notebook.relative_to(ROOT).with_suffix(".html")
+        if count and page.exists():
+            tables = page.read_text().count("<table")
+            assert tables >= count, f"{page.name}: its notebook prints {count} tables, the page has {tables}"
 
 
 def test_bibliography_resolves(site):
