@@ -1,4 +1,4 @@
-"""Grading tests for chapter 2 (state space models): Exercises 1-4, 10 points.
+"""Grading tests for chapter 2 (state space models): Exercises 1-5, 13 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per
 submission; ``submission`` holds the student's functions, running in a
@@ -18,6 +18,7 @@ Contract (chapters/02_ssm/ssm.ipynb, "Exercises"):
   Exercise 2  ssm_kernel_diag(A_bar, B_bar, C, length) -> K       == ssm.ssm_kernel(A_bar, B_bar, C, length, diagonal=True)
   Exercise 3  bilinear(A, B, step) -> (A_bar, B_bar)              == ssm.discretize(A, B, step, "bilinear")
   Exercise 4  causal_conv_fft(u, K) -> y                          == ssm.ssm_convolve(u, K)
+  Exercise 5  step_response_diag(A_bar, B_bar, C, length) -> y    == ssm.ssm_kernel(..., diagonal=True).cumsum(-1)
 Shapes: diagonal A, B, C (..., N), step broadcasting with A.shape[:-1]; dense A (..., N, N), B (..., N, M);
 u (batch, L, H), K (H, L_K).
 """
@@ -35,7 +36,8 @@ F64, C128 = torch.float64, torch.complex128
 # Everything that discretizes, builds kernels or convolves: the SSM module, the layers built on
 # it, S4's and Mamba's versions, and the Triton kernel of the Vandermonde product.
 SSM = ["seqbook.ssm.*", "seqbook.s4.*", "seqbook.nn.*", "seqbook.mamba.*", "seqbook.kernels.ssm_kernel.*"]
-FORBIDDEN = {"discretize_zoh_diag": SSM, "ssm_kernel_diag": SSM, "bilinear": SSM, "causal_conv_fft": SSM}
+FORBIDDEN = {"discretize_zoh_diag": SSM, "ssm_kernel_diag": SSM, "bilinear": SSM, "causal_conv_fft": SSM,
+             "step_response_diag": SSM}
 
 
 def _stable_eigenvalues(shape, gen, kind):
@@ -173,4 +175,32 @@ def test_causal_conv_fft(submission, credit):
         case = f"u {(batch, L, H)}, K {(H, L_K)}"
         with credit.case(case):
             got = submission.causal_conv_fft(u, K)
+            assert_close(got, ref, f"y ({case})", rtol=1e-9, atol=1e-11 * scale, mistakes=mistakes)
+
+
+@pytest.mark.points(3)
+def test_step_response_diag(submission, credit):
+    """Exercise 5: y_k = Re sum_n C B_bar (1 + A_bar + ... + A_bar^k), in closed form; A_bar == 1 included."""
+    gen = torch.Generator().manual_seed(205)
+    # (shape, length, kind)
+    cases = [((3, 4), 50, "complex"), ((2, 3, 5), 37, "complex"), ((4, 3), 25, "real"),
+             ((1, 1), 1, "complex"), ((2, 6), 120, "complex, an integrator (A_bar = 1)")]
+    for shape, length, kind in cases:
+        A = _stable_eigenvalues(shape, gen, "real" if kind == "real" else "complex")
+        if "integrator" in kind:
+            A[0, 0] = 0  # ZOH of a = 0 gives A_bar = 1 exactly: the series is k + 1 equal terms
+        B = torch.randn(shape, generator=gen, dtype=A.dtype)
+        C = torch.randn(shape, generator=gen, dtype=A.dtype)
+        A_bar, B_bar = ssm.discretize(A, B, 0.2, "zoh", diagonal=True)
+        kernel = ssm.ssm_kernel(A_bar, B_bar, C, length, diagonal=True)
+        ref = kernel.cumsum(-1)
+        scale = float(ref.abs().max())
+        mistakes = {"looks like the kernel (the impulse response): the step response is its running sum, "
+                    "y_k = K_0 + ... + K_k": kernel}
+        if length > 1:
+            mistakes["has one term too few: x_k sums A_bar^0 ... A_bar^k (k + 1 terms), since the input "
+                     "starts at k = 0"] = ref - kernel
+        case = f"A_bar {tuple(shape)} {kind}, length {length}"
+        with credit.case(case):
+            got = submission.step_response_diag(A_bar, B_bar, C, length)
             assert_close(got, ref, f"y ({case})", rtol=1e-9, atol=1e-11 * scale, mistakes=mistakes)
