@@ -251,54 +251,57 @@ def run_ops(ops: list[Op], ceilings: dict, notes: list[str], isolate_budget_s: f
     ``max_seconds``: a family (``scan`` of ``scan.fwd``) that has spent this long starts no
     further rows (a note names each skipped row). ``on_row()`` is called after every row,
     so that the caller can write the result file as it grows: a run stopped from outside
-    keeps every row measured before; the rows are appended to ``rows`` if given."""
+    keeps every row measured before; the rows are appended to ``rows`` if given. Within a
+    family the rows run in the order: our kernel, the anchors, the readable references."""
     import time
 
     rows = [] if rows is None else rows
     budget = isolate_budget_s
     started: dict[str, float] = {}
-    for op in ops:
+    # Within a family, our kernel's rows first, then the anchors, then the readable references:
+    # an anchor that compiles for minutes (fla's autotuning) or a slow reference then costs
+    # only the rows after it, never the kernel's own.
+    rank = {"seqbook.triton": 0, "seqbook.reference": 2}
+    tasks = [(op, shape, impl) for op in ops for shape in op.shapes if shape_filter(shape)
+             for impl in op.impls if impl.when(shape)]  # fmt: skip
+    families = list(dict.fromkeys(op.name.split(".")[0] for op in ops))
+    tasks.sort(key=lambda t: (families.index(t[0].name.split(".")[0]), rank.get(t[2].name, 1)))  # stable
+    for op, shape, impl in tasks:
         family = op.name.split(".")[0]
         started.setdefault(family, time.monotonic())
-        for shape in op.shapes:
-            if not shape_filter(shape):
+        where = f"{op.name} {impl.name} {op.shape_name(shape)}"
+        spent = time.monotonic() - started[family]
+        if max_seconds is not None and spent > max_seconds:
+            notes.append(f"{where}: skipped, the family {family} spent its {max_seconds:.0f} s")
+            print("skipped:", where, f"(family past {max_seconds:.0f} s)", flush=True)
+            continue
+        why = impl.available()
+        if why:
+            notes.append(f"{where}: {why}")
+            continue
+        if impl.isolate_s:
+            if budget <= 0:
+                notes.append(f"{where}: skipped, the time budget for isolated runs is spent")
                 continue
-            for impl in op.impls:
-                if not impl.when(shape):
-                    continue
-                where = f"{op.name} {impl.name} {op.shape_name(shape)}"
-                spent = time.monotonic() - started[family]
-                if max_seconds is not None and spent > max_seconds:
-                    notes.append(f"{where}: skipped, the family {family} spent its {max_seconds:.0f} s")
-                    print("skipped:", where, f"(family past {max_seconds:.0f} s)", flush=True)
-                    continue
-                why = impl.available()
-                if why:
-                    notes.append(f"{where}: {why}")
-                    continue
-                if impl.isolate_s:
-                    if budget <= 0:
-                        notes.append(f"{where}: skipped, the time budget for isolated runs is spent")
-                        continue
-                    start = time.monotonic()
-                    ms, why = time_isolated(op, impl, shape, min(impl.isolate_s, budget))
-                    budget -= time.monotonic() - start
-                    if ms is None:
-                        notes.append(f"{where}: {why}")
-                        print("skipped:", where, why, flush=True)
-                        continue
-                elif impl.graph:
-                    try:
-                        ms = time_one(op, impl, shape)
-                    except Exception as e:  # capture refused: fall back to eager, and say so
-                        notes.append(f"{where}: CUDA graph capture failed ({type(e).__name__}: {e}); timed eagerly")
-                        ms = time_one(op, impl, shape, eager=True)
-                    if eager is not None:
-                        eager.append(make_row(op, impl, shape, time_one(op, impl, shape, eager=True), ceilings))
-                        print("eager", json.dumps(eager[-1]), flush=True)
-                else:
-                    ms = time_one(op, impl, shape)
-                rows.append(make_row(op, impl, shape, ms, ceilings))
-                print(json.dumps(rows[-1]), flush=True)
-                on_row()
+            start = time.monotonic()
+            ms, why = time_isolated(op, impl, shape, min(impl.isolate_s, budget))
+            budget -= time.monotonic() - start
+            if ms is None:
+                notes.append(f"{where}: {why}")
+                print("skipped:", where, why, flush=True)
+                continue
+        elif impl.graph:
+            try:
+                ms = time_one(op, impl, shape)
+            except Exception as e:  # capture refused: fall back to eager, and say so
+                notes.append(f"{where}: CUDA graph capture failed ({type(e).__name__}: {e}); timed eagerly")
+                ms = time_one(op, impl, shape, eager=True)
+            if eager is not None:
+                eager.append(make_row(op, impl, shape, time_one(op, impl, shape, eager=True), ceilings))
+                print("eager", json.dumps(eager[-1]), flush=True)
+        else:
+            ms = time_one(op, impl, shape)
+        rows.append(make_row(op, impl, shape, ms, ceilings))
+        print(json.dumps(rows[-1]), flush=True)
+        on_row()
     return rows
