@@ -84,7 +84,7 @@ def cases():
     import importlib
 
     k = {m: importlib.import_module(f"seqbook.kernels.{m}") for m in
-         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention")}  # fmt: skip
+         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4")}  # fmt: skip
     for m in k.values():  # modules that took `interpreting` by name
         if hasattr(m, "interpreting"):
             m.interpreting = lambda: False
@@ -153,6 +153,16 @@ def cases():
     out += [("linear_attention torch.float32, d=32, decay + state", lambda: linear_attention(torch.float32, 32, True)),
             ("linear_attention torch.float32, d=128, decay + state", lambda: linear_attention(torch.float32, 128, True)),
             ("linear_attention torch.bfloat16, d=16, chunk 16", lambda: linear_attention(torch.bfloat16, 16, True, 16))]
+
+    def wkv4(dtype, with_state):
+        w, u = _grads(torch.rand(2048), r(2048))
+        kk, v = _grads(r(1, 300, 2048).to(dtype), r(1, 300, 2048).to(dtype))
+        s0 = (torch.zeros(1, 2048), torch.ones(1, 2048), r(1, 2048)) if with_state else None
+        y, _ = k["rwkv4"].wkv4(w, u, kk, v, s0)
+        y.float().sum().backward()
+
+    out += [(f"rwkv4 wkv {dt}{', initial state' if s else ''}", lambda dt=dt, s=s: wkv4(dt, s))
+            for dt in (torch.float32, torch.bfloat16) for s in (False, True)]
     return out
 
 

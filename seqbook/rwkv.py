@@ -197,7 +197,7 @@ def wkv4_parallel(w, u, k, v, initial_state=None):
     return wkv, ((e * vT).sum(-1) + e0 * a0, e.sum(-1) + e0 * b0, p)
 
 
-def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, backend="auto"):
+def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, chunk_size=64, backend="auto"):
     r"""RWKV-4's WKV operator (see the module docstring), stable in any dtype.
 
     Args:
@@ -205,11 +205,15 @@ def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, backend="a
             :math:`-e^{\text{time\_decay}}`; pass :math:`e^{\text{time\_decay}}`).
         u: ``(C,)``, the bonus. k, v: ``(batch, length, C)``.
         initial_state: ``(a, b, p)``, each ``(batch, C)``, or None.
-        backend: ``"reference"``/``"auto"`` (:func:`wkv4_recurrent`); no Triton kernel yet:
-            ``"triton"`` raises ``NotImplementedError``.
+        chunk_size: the kernel's steps per program (the reference ignores it).
+        backend: ``"reference"`` (:func:`wkv4_recurrent`), ``"triton"``
+            (:mod:`seqbook.kernels.rwkv4`: a chunked scan over the length, forward and
+            backward; float32, float16, bfloat16 on CUDA), or ``"auto"`` (the kernel for CUDA
+            tensors, the reference otherwise).
 
     Returns ``wkv (batch, length, C)`` in the inputs' dtype (computed in float32 or better)
-    and, with ``return_final_state``, the state.
+    and, with ``return_final_state``, the state (float32 from the kernel, which returns it
+    detached: gradients flow from ``wkv`` into every input and the initial state).
     """
     where = "wkv4"
     for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
@@ -230,13 +234,39 @@ def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, backend="a
             raise ValueError(f"{where}: initial_state must be a tuple (a, b, p) of tensors of shape (batch, C) = {(B, C)}")
         for name, s in zip("abp", initial_state):
             _check_tensor(where, f"initial_state's {name}", s, k, "k")
-    if _backend.resolve(backend, k, v) == "triton" and backend == "triton":
-        raise NotImplementedError(f"{where}(backend='triton'): no Triton kernel yet; use backend='reference'")
+    chosen = _backend.resolve(backend, k, v)
+    if chosen == "triton":
+        refusal = _wkv4_kernel_refuses(k, chunk_size)
+        if refusal and backend == "auto":
+            chosen = "reference"
+        elif refusal:
+            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
+    if chosen == "triton" and k.numel() == 0:
+        chosen = "reference"  # nothing to launch
+    if chosen == "triton":
+        state = None if initial_state is None else tuple(s.float() for s in initial_state)
+        out, state = _backend.kernels("rwkv4").wkv4(w, u, k, v, state, chunk_size)
+        return (out, state) if return_final_state else out
     work = torch.promote_types(k.dtype, torch.float32)
     state = None if initial_state is None else tuple(s.to(work) for s in initial_state)
     out, state = wkv4_recurrent(w.to(work), u.to(work), k.to(work), v.to(work), state)
     out = out.to(k.dtype)
     return (out, state) if return_final_state else out
+
+
+#: dtypes the WKV-4 kernel accepts (it computes in float32)
+WKV4_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _wkv4_kernel_refuses(k, chunk_size):
+    """Why the WKV-4 kernel cannot take these inputs (the exception, the message), or None."""
+    if k.dtype not in WKV4_KERNEL_DTYPES:
+        return TypeError, f"the kernel supports dtypes float16, bfloat16, float32 (float32 inside), got {k.dtype}"
+    if k.dtype == torch.bfloat16 and not k.is_cuda:
+        return TypeError, "the Triton interpreter cannot run bfloat16 (NumPy has no such type): use float32 or float16 on CPU"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return ValueError, f"chunk_size must be a positive int, got {chunk_size!r}"
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -289,3 +289,86 @@ def test_language_model_step_equals_forward(Mixer):
     for t in range(9):
         step_logits, state = model.step(tokens[:, t], state)
         torch.testing.assert_close(step_logits, logits[:, t], rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# The WKV-4 Triton kernel against the float64 reference (interpreted on CPU, compiled on CUDA)
+# --------------------------------------------------------------------------------------
+
+ON_GPU = torch.cuda.is_available()
+# (batch, length, C, chunk, key scale)
+if ON_GPU:
+    WKV4_SHAPES = [(2, 1000, 96, 64, 1.0), (1, 4097, 2048, 64, 3.0), (3, 77, 40, 32, 30.0), (1, 1, 5, 64, 1.0)]
+else:
+    WKV4_SHAPES = [(1, 1, 3, 4, 1.0), (2, 37, 40, 8, 3.0), (1, 70, 5, 16, 30.0), (1, 45, 33, 64, 1.0)]
+
+
+def wkv4_kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0):
+    """The kernel's (wkv, final state, grads) and the float64 recurrence's on the same rounded inputs,
+    for the loss <wkv, g>."""
+    B, L, C, T, k_scale = shape
+    w, u, k, v = wkv4_problem(B, L, C, seed=seed, k_scale=k_scale, dtype=dtype)
+    inputs = [x.to(device) for x in (w, u, k, v)]
+    if state:
+        _, S0 = rwkv.wkv4_recurrent(*(x.double() for x in (w, u)), randn(B, 6, C, seed=seed + 9, scale=k_scale),
+                                    randn(B, 6, C, seed=seed + 10))  # fmt: skip
+        inputs += [x.float().to(device) for x in S0]
+    g = randn(B, L, C, seed=seed + 11).to(device=device, dtype=dtype)
+    names = ["w", "u", "k", "v"] + (["a0", "b0", "p0"] if state else [])
+
+    def run(fn, xs):
+        leaves = [x.detach().clone().requires_grad_() for x in xs]
+        out, final = fn(leaves)
+        (out.to(F64) * g.to(F64)).sum().backward()
+        # an input that reaches only the final state (w at length 1) gets no gradient from the reference: zero
+        grads = {f"d{n}": torch.zeros_like(x) if x.grad is None else x.grad for n, x in zip(names, leaves)}
+        return dict(wkv=out.detach(), final=[f.detach() for f in final], **grads)
+
+    got = run(lambda t: rwkv.wkv4(*t[:4], initial_state=tuple(t[4:]) if state else None, chunk_size=T,
+                                  return_final_state=True, backend="triton"), inputs)  # fmt: skip
+    want = run(lambda t: rwkv.wkv4_recurrent(*t[:4], tuple(t[4:]) if state else None), [x.double() for x in inputs])
+    return got, want
+
+
+def assert_rel(got, want, rel, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: not finite"
+    err = ((got.to(F64) - want.to(F64)).abs().max() / want.to(F64).abs().max().clamp_min(1e-30)).item()
+    assert err < rel, f"{what}: relative error {err:.2e} >= {rel:.0e}"
+
+
+@pytest.mark.parametrize("shape", WKV4_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_wkv4_kernel_matches_reference(device, shape, state):
+    got, want = wkv4_kernel_and_reference(device, shape, state=state, seed=shape[1])
+    assert_rel(got["wkv"], want["wkv"], 1e-5, f"wkv at {shape}")
+    # the final state's scaling p may differ; the sums a e^p, b e^p may not (float32 exponentials of
+    # differences up to ~100: a relative error of ~100 eps)
+    (a, b, p), (a_r, b_r, p_r) = got["final"], want["final"]
+    assert_rel(a * torch.exp(p.double() - p_r), a_r, 1e-4, "final a e^p")
+    assert_rel(b * torch.exp(p.double() - p_r), b_r, 1e-4, "final b e^p")
+    for name in [n for n in want if n.startswith("d")]:
+        # dp0 = a0 da0 + b0 db0 cancels: a looser bound, still far below any wrong formula
+        assert_rel(got[name], want[name], 2e-4 if name == "dp0" else 2e-5, f"{name} at {shape}, state={state}")
+
+
+def test_wkv4_kernel_huge_keys_float16(device):
+    # keys of size ~100 in float16 inputs: e^k overflows float16 at 11 and float32 at 88; the kernel
+    # works in float32 on differences to a running maximum.
+    shape = (1, 50, 8, 16, 60.0)
+    got, want = wkv4_kernel_and_reference(device, shape, state=False, dtype=torch.float16, seed=3)
+    assert got["wkv"].dtype == torch.float16
+    assert_rel(got["wkv"], want["wkv"], 3e-3, "wkv, float16")
+    for name in ("dk", "dv", "du", "dw"):
+        assert_rel(got[name], want[name], 1e-2, f"{name}, float16")
+
+
+def test_wkv4_kernel_refusals_and_auto(device):
+    w, u, k, v = wkv4_problem(1, 8, 4, seed=4)
+    with pytest.raises(TypeError, match="supports dtypes float16, bfloat16, float32.*got torch.float64"):
+        rwkv.wkv4(*(x.to(device) for x in (w, u, k, v)), backend="triton")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        rwkv.wkv4(*(x.float().to(device) for x in (w, u, k, v)), chunk_size=0, backend="triton")
+    # auto on CPU tensors: the reference; on CUDA float64: the reference too
+    torch.testing.assert_close(rwkv.wkv4(*(x.to(device) for x in (w, u, k, v))).cpu(),
+                               rwkv.wkv4_recurrent(w, u, k, v)[0], rtol=1e-12, atol=1e-12)  # fmt: skip
