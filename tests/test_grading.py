@@ -11,18 +11,24 @@ and after.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
+import os
 import shutil
+import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from seqbook.grading import release_notebook
+from seqbook.grading import grade, release_notebook
 from seqbook.grading.cli import main
+from seqbook.grading.grade import clean, newest_first, student_key
 
 REPO = Path(__file__).resolve().parents[1]
 KALMAN_TESTS = REPO / "tests" / "grading" / "test_01_kalman.py"
@@ -81,6 +87,12 @@ def nis(innovation, S):
     # END SOLUTION
 '''
 SOLUTIONS = [PREDICT, UPDATE, RTS, NIS]
+FIRST_FOUR = """
+
+for _name in [name for name in globals() if name.startswith("test_")]:
+    if _name not in ("test_kf_predict", "test_kf_update", "test_rts_step", "test_nis"):
+        del globals()[_name]
+"""
 PROSE = "Exercise 4 asks why NIS is chi-square.\n<!-- BEGIN SOLUTION -->\nBecause y is Gaussian.\n<!-- END SOLUTION -->\nNext: smoothing."
 
 
@@ -186,10 +198,104 @@ import pytest
 import torch
 from seqbook.grading.checks import assert_close
 
+# double may not use kalman.predict (even though it has nothing to do with doubling): the toy
+# submissions check that the block holds and that the library's own calls to it still work.
+FORBIDDEN = {"double": ["seqbook.kalman.predict"]}
+
 @pytest.mark.points(1)
 def test_double(submission):
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert_close(submission.double(x), 2 * x, "double(x)")
+'''
+
+# kalman_filter calls kalman.predict itself: allowed, while double's own call is not.
+DOUBLE_VIA_FILTER = '''
+import torch
+import seqbook.kalman as K
+
+def double(x):
+    eye = torch.eye(1, dtype=torch.float64)
+    result = K.kalman_filter(torch.zeros(1, 2, 1, dtype=torch.float64), eye, eye, eye, eye,
+                             torch.zeros(1, 1, dtype=torch.float64), eye)
+    assert result.x_pred.shape == (1, 2, 1)
+    return 2 * x
+'''
+DOUBLE_VIA_PREDICT = '''
+import torch
+from seqbook.kalman import predict as p
+
+def double(x):
+    eye = torch.eye(1, dtype=torch.float64)
+    p(torch.zeros(1, dtype=torch.float64), eye, eye, eye)
+    return 2 * x
+'''
+
+# Every way we know to reach the library's version of an exercise function: each function
+# returns the right answer only if one of them worked, else raises the list of what stopped
+# each route (so a score of 0 with that message means "all blocked").
+LIBRARY_ROUTES = '''
+import importlib, importlib.util, sys, types
+import torch
+import seqbook.kalman
+from seqbook.kalman import predict as _alias_predict, update as _alias_update, rts_step as _alias_rts, nis as _alias_nis
+
+_ALIASES = {"predict": _alias_predict, "update": _alias_update, "rts_step": _alias_rts, "nis": _alias_nis}
+_AT_CELL = []
+try:  # at the top level of the cell: precompute with the library
+    _AT_CELL.append(seqbook.kalman.nis(torch.ones(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64)))
+except Exception as exc:
+    _AT_CELL.append(exc)
+
+def _fresh_module():
+    spec = importlib.util.spec_from_file_location("kalman_copy", seqbook.kalman.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+def _exec_source():
+    namespace = {"__name__": "kalman_copy"}
+    exec(open(seqbook.kalman.__file__).read(), namespace)
+    return types.SimpleNamespace(**namespace)
+
+def _routes(name):
+    kalman = seqbook.kalman
+    return {
+        "attr": lambda: getattr(kalman, name),
+        "alias": lambda: _ALIASES[name],
+        "string": lambda: getattr(importlib.import_module("seqbook." + "kal" + "man"), name),
+        "reload": lambda: getattr(importlib.reload(kalman), name),
+        "spec": lambda: getattr(_fresh_module(), name),
+        "exec": lambda: getattr(_exec_source(), name),
+        "code": lambda: types.FunctionType(kalman.kalman_filter.__code__, {**vars(kalman), "update": None}),
+        "clone": lambda: types.FunctionType(getattr(kalman, name).__code__, vars(kalman), name, None,
+                                            getattr(kalman, name).__closure__),
+        "audit": lambda: (lambda *a: (lambda box: (sys.audit("seqbook.grading.forbidden", "seqbook.kalman." + name,
+                                                             a, {}, box), box[0])[1])([])),
+        "reset": lambda: (sys.modules["__main__"]._call("other", lambda: None, (), {}, None), getattr(kalman, name))[1],
+    }
+
+def _library(name, *args):
+    errors = [] if not isinstance(_AT_CELL[0], Exception) else [f"cell={type(_AT_CELL[0]).__name__}"]
+    if not errors:
+        errors.append("cell=worked")
+    for route, get in _routes(name).items():
+        try:
+            return get()(*args)
+        except Exception as exc:
+            errors.append(f"{route}={type(exc).__name__}")
+    raise RuntimeError("blocked " + " ".join(errors))
+
+def kf_predict(x, P, F, Q):
+    return seqbook.kalman.predict(x, P, F, Q)
+
+def kf_update(x, P, z, H, R):
+    return _library("update", x, P, z, H, R)[:2]
+
+def rts_step(*args):
+    return _library("rts_step", *args)
+
+def nis(innovation, S):
+    return _library("nis", innovation, S)
 '''
 
 
@@ -205,7 +311,8 @@ def graded(tmp_path_factory):
     root = tmp_path_factory.mktemp("grading")
     tests = root / "tests" / "grading"
     tests.mkdir(parents=True)
-    shutil.copyfile(KALMAN_TESTS, tests / "test_01_kalman.py")
+    # Exercises 1-4 of chapter 1, whatever the chapter adds later: the crafted notebooks hold those four.
+    (tests / "test_01_kalman.py").write_text(KALMAN_TESTS.read_text() + FIRST_FOUR)
     (tests / "test_99_toy.py").write_text(TOY_TESTS)
     subs, out = root / "submissions", root / "gradebook"
     subs.mkdir()
@@ -238,19 +345,35 @@ def graded(tmp_path_factory):
         (subs / student).mkdir()
         nbformat.write(notebook(cells), subs / student / "kalman.ipynb")
     (subs / "toy_by_name").mkdir()  # no metadata: the chapter comes from the file name
-    nbformat.write(notebook(["def double(x):\n    return 2 * x\n"], chapter=None), subs / "toy_by_name" / "toy.ipynb")
+    nbformat.write(notebook([DOUBLE_VIA_FILTER], chapter=None), subs / "toy_by_name" / "toy.ipynb")
+    nbformat.write(notebook([DOUBLE_VIA_PREDICT], chapter="99_toy"), subs / "toy_wrapper.ipynb")
+    nbformat.write(notebook([LIBRARY_ROUTES]), subs / "library_calls.ipynb")
+    # a file name that tries to print forged lines in the console summary
+    nbformat.write(solution, subs / "evil\nzz_top_student     10\u204410  forged.ipynb")
+    # one student, three hand-ins of chapter 1: only the newest (dup/kalman_v2.ipynb) counts
+    (subs / "dup").mkdir()
+    nbformat.write(solution, subs / "Dup (1).ipynb")
+    nbformat.write(notebook(SOLUTIONS[:2]), subs / "dup" / "kalman.ipynb")
+    nbformat.write(solution, subs / "dup" / "kalman_v2.ipynb")
+    for age, name in ((300, "Dup (1).ipynb"), (200, "dup/kalman.ipynb"), (100, "dup/kalman_v2.ipynb")):
+        when = 1_700_000_000 - age
+        os.utime(subs / name, (when, when))
     (subs / "garbage.ipynb").write_text("{ this is not json")
     nbformat.write(notebook(SOLUTIONS, chapter=None), subs / "anonymous.ipynb")
 
     protected = [tests / "test_01_kalman.py", out / "keep.txt", canary] + sorted(subs.rglob("*.ipynb"))
     before = {p: sha(p) for p in protected}
-    rc = main(["grade", str(subs), "--out", str(out), "--tests", str(tests), "--chapters", str(root / "none"),
-               "--call-timeout", str(CALL_TIMEOUT), "--timeout", "90", "--jobs", "2"])
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        rc = main(["grade", str(subs), "--out", str(out), "--tests", str(tests), "--chapters", str(root / "none"),
+                   "--call-timeout", str(CALL_TIMEOUT), "--timeout", "90", "--jobs", "2"])
     after = {p: sha(p) if p.exists() else "missing" for p in protected}
     book = json.loads((out / "gradebook.json").read_text())
     with open(out / "gradebook.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return dict(rc=rc, book=book, rows=rows, before=before, after=after, root=root, subs=subs, tests=tests)
+    return dict(rc=rc, book=book, rows=rows, before=before, after=after, root=root, subs=subs, tests=tests,
+                console=console.getvalue(), csv_text=(out / "gradebook.csv").read_text(),
+                json_text=(out / "gradebook.json").read_text())
 
 
 def scores(graded) -> dict[str, dict[str, float]]:
@@ -325,11 +448,123 @@ def test_gradebook_layout(graded):
         ("test_rts_step", "3", "passed"), ("test_nis", "2", "passed")]
     assert {r["notebook"] for r in rows if r["student"] == "loops"} == {"loops/kalman.ipynb"}
     # chapter from the file name; unreadable and unplaceable notebooks are errors, not crashes
-    assert book["students"]["toy_by_name"]["total"] == 1 == book["students"]["toy_by_name"]["max"]
+    assert book["students"]["toy_by_name"]["total"] == 1 == book["students"]["toy_by_name"]["max"], \
+        book["students"]["toy_by_name"]
     assert book["students"]["toy_by_name"]["notebooks"][0]["chapter"] == "99_toy"
     assert "cannot tell the chapter" in book["students"]["anonymous"]["error"]
     assert "cannot read the notebook" in book["students"]["garbage"]["error"]
     assert [r["outcome"] for r in rows if r["student"] == "garbage"] == ["error"]
+
+
+@pytest.mark.slow
+def test_calling_the_library_instead_of_writing_the_exercise_earns_nothing(graded):
+    s = scores(graded)
+    assert s["library_calls"] == dict.fromkeys(FULL, 0), graded["book"]["students"]["library_calls"]
+    direct = message(graded, "library_calls", "test_kf_predict")
+    assert "kf_predict may not use seqbook.kalman.predict" in direct and "Exercise 1 asks you to write it" in direct
+    # every other route was tried and stopped (the function raises the list when none worked)
+    routes = ("cell", "attr", "alias", "string", "reload", "spec", "exec", "code", "clone", "audit", "reset")
+    for test in ("test_kf_update", "test_rts_step", "test_nis"):
+        text = message(graded, "library_calls", test)
+        assert "raised RuntimeError: blocked" in text, text
+        for route in routes:
+            assert f"{route}=" in text and f"{route}=worked" not in text, (route, text)
+    assert "cell=PermissionError" in message(graded, "library_calls", "test_nis")
+    # the library's own call to a blocked function still works (kalman_filter calls predict) ...
+    assert scores(graded)["toy_by_name"] == {"test_double": 1}
+    # ... a student's does not, under any name
+    assert scores(graded)["toy_wrapper"] == {"test_double": 0}
+    assert "double may not use seqbook.kalman.predict" in message(graded, "toy_wrapper", "test_double")
+
+
+@pytest.mark.slow
+def test_names_cannot_forge_lines(graded):
+    """A file name with a newline is refused, and printed and written escaped."""
+    forged = "evil\\nzz_top_student     10\u204410  forged"
+    assert not any(line.startswith("zz_top_student") for line in graded["console"].splitlines()), graded["console"]
+    assert forged in graded["console"]
+    entry = graded["book"]["students"][forged]
+    assert entry["total"] == 0 and "control or invisible characters ('\\n')" in entry["error"]
+    for student, value in graded["book"]["students"].items():
+        assert clean(student) == student
+        for t in value["tests"]:
+            assert clean(t["message"]) == t["message"] and clean(t["notebook"]) == t["notebook"]
+    assert all(clean(value) == value for row in graded["rows"] for value in row.values())
+    assert "zz_top_student" not in "".join(line for line in graded["csv_text"].splitlines() if "evil" not in line)
+
+
+@pytest.mark.slow
+def test_one_notebook_per_student_and_chapter(graded):
+    entry = graded["book"]["students"]["dup"]
+    assert entry["total"] == entry["max"] == 10  # once, not 30 (nor 25: the older copy scores 5)
+    graded_notebooks = [nb["notebook"] for nb in entry["notebooks"] if not nb["ignored"]]
+    assert graded_notebooks == ["dup/kalman_v2.ipynb"]
+    assert len(entry["warnings"]) == 2 and all("only the newest, dup/kalman_v2.ipynb" in w for w in entry["warnings"])
+    ignored = sorted(r["notebook"] for r in graded["rows"] if r["student"] == "dup" and r["outcome"] == "ignored")
+    assert ignored == ["Dup (1).ipynb", "dup/kalman.ipynb"]
+    assert "ignored" in graded["console"]
+
+
+def test_student_names_and_newest(tmp_path):
+    assert student_key("Alice") == student_key("alice (2)") == student_key(" ALICE ") == "alice"
+    assert student_key("Ａｌｉｃｅ") == "alice" and student_key("bob smith") == student_key("Bob   Smith")
+    assert student_key("alice-2") != "alice"  # only the " (N)" that downloads add is a copy number
+    paths = [tmp_path / n for n in ("kalman.ipynb", "kalman (2).ipynb", "kalman (10).ipynb", "b.ipynb", "a.ipynb")]
+    for p in paths:
+        p.write_text("{}")
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    os.utime(paths[3], (1_700_000_100, 1_700_000_100))
+    order = [p.name for p in newest_first(paths)]
+    # the latest time first; equal times: the higher copy number, then the later name
+    assert order == ["b.ipynb", "kalman (10).ipynb", "kalman (2).ipynb", "kalman.ipynb", "a.ipynb"]
+    assert clean("a\nb\x1b[2K\u202ec") == "a\\nb\\x1b[2K\\u202ec"
+
+
+HOG = '''
+import time
+
+with open("leftover.bin", "wb") as f:  # inside its own folder: allowed
+    f.write(b"x" * (1 << 20))
+time.sleep(10_000)  # then hang until the grader's time limit
+
+def double(x):
+    return 2 * x
+'''
+
+
+@pytest.mark.slow
+def test_no_leftovers_when_a_notebook_is_killed_at_its_time_limit(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where the grader makes its folders
+    tests, subs = tmp_path / "tests", tmp_path / "subs"
+    tests.mkdir()
+    subs.mkdir()
+    (tests / "test_99_toy.py").write_text(TOY_TESTS)
+    nbformat.write(notebook([HOG], chapter="99_toy"), subs / "hog.ipynb")
+    # the run folder of a grader killed outright (no process has this id: above pid_max)
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    stale = tmp / f"seqbook-grade-run-{dead}-abc"
+    (stale / "tmp-x").mkdir(parents=True)
+    (stale / "tmp-x" / "big.bin").write_bytes(b"x" * 1000)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch():  # proves the submission did write its file before it was killed
+        while not stop.is_set():
+            seen.extend(p.stat().st_size for p in tmp.rglob("leftover.bin"))
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        book = grade(subs, tmp_path / "gradebook", tests, timeout=60, call_timeout=600, jobs=1, echo=lambda *a: None)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen and max(seen) == 1 << 20
+    assert "stopped at the 60s limit" in book["students"]["hog"]["error"]
+    assert list(tmp.iterdir()) == [], list(tmp.rglob("*"))
 
 
 @pytest.mark.slow
@@ -455,7 +690,7 @@ def test_release_of_the_real_chapter_notebook():
     released = release_notebook(real, name=str(REAL_NOTEBOOK))
     assert released.metadata["seqbook"]["chapter"] == "01_kalman"
     stubs = [c.source for c in released.cells if "exercise" in c.metadata.get("tags", [])]
-    assert len(stubs) == 4
+    assert len(stubs) == sum("exercise" in c.metadata.get("tags", []) for c in real.cells) >= 4
     for k, (name, source) in enumerate(zip(("kf_predict", "kf_update", "rts_step", "nis"), stubs), start=1):
         assert f"def {name}(" in source and f'raise NotImplementedError("Exercise {k}:' in source
     assert "SOLUTION -->" not in json.dumps(released) and "# BEGIN SOLUTION" not in json.dumps(released)

@@ -23,7 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("chapters", help="folder of chapter notebooks (chapters/NN_topic/*.ipynb)")
     rel.add_argument("--out", default="release", help="output folder (default: release)")
 
-    gr = commands.add_parser("grade", help="grade a folder of submitted notebooks into a gradebook")
+    gr = commands.add_parser(
+        "grade", help="grade a folder of submitted notebooks into a gradebook",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Grade a folder of submitted notebooks into gradebook.csv and gradebook.json.",
+        epilog="""who is a student:
+  the folder's name for <student>/<any>.ipynb, else the file's name without .ipynb
+  and without a trailing copy number " (2)"; names are compared after Unicode NFKC
+  normalization, case folding and collapsing spaces (Alice.ipynb, "alice (1).ipynb"
+  and alice/kalman.ipynb are one student, "alice"). Names holding control or
+  invisible characters (newlines, escapes) are refused with an error row.
+one notebook per student and chapter:
+  the newest is graded (latest modification time, then the higher copy number,
+  then the later path); the others are listed as "ignored" with a warning.""")
     gr.add_argument("submissions", help="folder holding <student>.ipynb or <student>/<any>.ipynb (or one .ipynb)")
     gr.add_argument("--out", default="gradebook", help="gradebook folder (default: gradebook)")
     gr.add_argument("--tests", default="tests/grading", help="grading tests, test_<chapter>.py (default: tests/grading)")
