@@ -40,7 +40,9 @@ Implementations
   (fla's log-space head-wise gate, ``(B, T, H)``). Forward only: on Hopper with Triton 3.6
   its backward refuses gated inputs (GPU.md).
 
-``python -m benchmarks.run --ops linear_attention [--quick]``.
+``python -m benchmarks.run --ops linear_attention [--quick] [--sweep]``; the sweep times the
+forward's two kernels apart (the walk over chunks and the per-chunk outputs) and the backward,
+over the tiles and warps of :data:`seqbook.kernels.linear_attention.CONFIG`.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ import torch
 
 from seqbook import linear_attention as la
 
-from .suite import Impl, Op, anchor_module, register, register_check, relative_error
+from seqbook.backend import kernels
+
+from .suite import Impl, Op, anchor_module, register, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WIDE = dict(B=4, L=4096, H=32, d=64, dtype="bf16")
@@ -236,3 +240,67 @@ def check(device: str = "cuda") -> dict:
 
 
 register_check("linear_attention", check)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel configurations (to choose seqbook.kernels.linear_attention.CONFIG)
+# --------------------------------------------------------------------------------------
+
+# The walk (_state_pass): (state_block_k, state_block_v, state_warps); the first is the default.
+WALK_TILES = [(64, 32, 4), (64, 64, 4), (128, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 4), (128, 32, 8),
+              (64, 32, 2)]  # fmt: skip
+# The outputs (_chunk_out): (BLOCK_V, out_warps).
+OUT_TILES = [(64, 4), (64, 8), (32, 4), (128, 8), (128, 4)]
+# The backward's per-chunk gradients (_chunk_grads): (grad_block_v, grad_warps).
+GRAD_TILES = [(32, 8), (16, 8), (32, 4), (64, 8)]
+
+
+def sweep(device: str = "cuda") -> list[dict]:
+    """At the target and at ``B=4, L=4096, H=32, d=64`` (bf16, no decay, chunk 64): the walk
+    alone over :data:`WALK_TILES`, the output kernel alone over :data:`OUT_TILES`, and the
+    whole backward (reverse walk + gradients) over :data:`GRAD_TILES`, each with the other
+    settings at their defaults. Rows carry the kernel's bytes over its time (the walk:
+    ``k, v`` read and the states written; the outputs: ``q, k, v`` and the states read, ``o``
+    written)."""
+    k = kernels("linear_attention")
+    default = dict(k.CONFIG)
+    found = []
+    for shape in (TARGET, WIDE):
+        x = make_inputs(shape, device, seed=3)
+        q, kk, v = x["q"], x["k"], x["v"]
+        B, L, H, d = (shape[n] for n in ("B", "L", "H", "d"))
+        scale = d**-0.5
+        states = torch.empty(B, H, -(-L // CHUNK), d, d, dtype=torch.float32, device=device)
+        final = torch.empty(B, H, d, d, dtype=torch.float32, device=device)
+        token_bytes = B * L * H * d * q.element_size()
+        walk_bytes, out_bytes = 2 * token_bytes + states.nbytes, 4 * token_bytes + states.nbytes
+        do = torch.randn_like(v)
+        runs = [("walk", dict(state_block_k=bk, state_block_v=bv, state_warps=w), walk_bytes,
+                 lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))
+                for bk, bv, w in WALK_TILES]  # fmt: skip
+        runs += [("out", dict(BLOCK_V=bv, out_warps=w), out_bytes,
+                  lambda: k._outputs(q, kk, v, None, states, scale, CHUNK)) for bv, w in OUT_TILES]  # fmt: skip
+        runs += [("bwd", dict(grad_block_v=bv, grad_warps=w), None,
+                  lambda: k._backward(q, kk, v, None, states, do, None, scale, CHUNK)) for bv, w in GRAD_TILES]  # fmt: skip
+        for kind, cfg, nbytes, fn in runs:
+            k.CONFIG.update(cfg)
+            try:
+                fn()  # compile
+                ms = time_ms(fn, warmup=10, rep=40)
+            except Exception as e:  # e.g. out of shared memory or registers
+                ms = float("nan")
+                print("sweep linear_attention", kind, cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)
+            finally:
+                k.CONFIG.clear()
+                k.CONFIG.update(default)
+            row = dict(cfg, kernel=kind, shape=shape_name(shape), ms=round(ms, 4))
+            if nbytes:
+                row["tbps"] = round(nbytes / (ms * 1e-3) / 1e12, 3)
+            found.append(row)
+            print("sweep", row, flush=True)
+        del x, q, kk, v, states, final, do
+        torch.cuda.empty_cache()
+    return found
+
+
+register_sweep("linear_attention", sweep)

@@ -272,31 +272,44 @@ def _precisions(dtype):
     return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
 
 
+def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
+    """Launch ``_state_pass``: forward ``x, y = k, v``; reverse ``x, y = q, do`` (module docstring).
+    Fills ``states`` (the state entering each chunk, in walk order) and ``s_end``."""
+    B, L, H, DK = x.shape
+    DV = y.shape[-1]
+    grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
+    _state_pass[grid](
+        x, y, log_decay if log_decay is not None else x, s0 if s0 is not None else s_end, states, s_end,
+        L, H, states.shape[2], x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
+        HAS_DECAY=log_decay is not None, HAS_S0=s0 is not None, REVERSE=reverse,
+        PRECISION=_precisions(x.dtype)[1], WIDEN=_backend.interpreting(), num_warps=CONFIG["state_warps"],
+    )  # fmt: skip
+
+
+def _outputs(q, k, v, log_decay, states, scale, C):
+    """Launch ``_chunk_out``: every chunk's outputs from its inputs and its entering state."""
+    B, L, H, DK = q.shape
+    DV = v.shape[-1]
+    NC = states.shape[2]
+    BLOCK_V = min(CONFIG["BLOCK_V"], DV)
+    precision, state_precision = _precisions(q.dtype)
+    o = torch.empty_like(v)
+    _chunk_out[(B * H, NC, triton.cdiv(DV, BLOCK_V))](
+        q, k, v, log_decay if log_decay is not None else q, states, o, L, H, NC, scale, DK=DK, DV=DV, C=C,
+        BLOCK_V=BLOCK_V, HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision,
+        WIDEN=_backend.interpreting(), num_warps=CONFIG["out_warps"],
+    )  # fmt: skip
+    return o
+
+
 def _forward(q, k, v, log_decay, initial_state, scale, C):
     """``(o, final_state, states)``; inputs contiguous; ``states (B, H, n_chunks, d_k, d_v)`` float32."""
     B, L, H, DK = q.shape
     DV = v.shape[-1]
-    NC = triton.cdiv(L, C)
-    BLOCK_V = min(CONFIG["BLOCK_V"], DV)
-    precision, state_precision = _precisions(q.dtype)
-    widen = _backend.interpreting()
-    states = torch.empty(B, H, NC, DK, DV, dtype=torch.float32, device=q.device)
+    states = torch.empty(B, H, triton.cdiv(L, C), DK, DV, dtype=torch.float32, device=q.device)
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
-    a = log_decay if log_decay is not None else q  # a placeholder pointer, never read
-    s0 = initial_state if initial_state is not None else final
-    grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
-    _state_pass[grid](
-        k, v, a, s0, states, final, L, H, NC, 1.0, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
-        HAS_DECAY=log_decay is not None, HAS_S0=initial_state is not None, REVERSE=False,
-        PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
-    )  # fmt: skip
-    o = torch.empty_like(v)
-    _chunk_out[(B * H, NC, triton.cdiv(DV, BLOCK_V))](
-        q, k, v, a, states, o, L, H, NC, scale, DK=DK, DV=DV, C=C, BLOCK_V=BLOCK_V,
-        HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision, WIDEN=widen,
-        num_warps=CONFIG["out_warps"],
-    )  # fmt: skip
-    return o, final, states
+    _walk(k, v, log_decay, initial_state, states, final, 1.0, C, reverse=False)
+    return _outputs(q, k, v, log_decay, states, scale, C), final, states
 
 
 def _backward(q, k, v, log_decay, states, do, d_final, scale, C, float32_dqdk=False):
@@ -304,18 +317,12 @@ def _backward(q, k, v, log_decay, states, do, d_final, scale, C, float32_dqdk=Fa
     B, L, H, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(L, C)
-    BLOCK_V = min(CONFIG["BLOCK_V"], DV)
     precision, state_precision = _precisions(q.dtype)
     widen = _backend.interpreting()
     dstates = torch.empty_like(states)
     d_initial = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
     a = log_decay if log_decay is not None else q
-    grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
-    _state_pass[grid](
-        q, do, a, d_final if d_final is not None else d_initial, dstates, d_initial, L, H, NC, scale,
-        DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v, HAS_DECAY=log_decay is not None, HAS_S0=d_final is not None,
-        REVERSE=True, PRECISION=state_precision, WIDEN=widen, num_warps=CONFIG["state_warps"],
-    )  # fmt: skip
+    _walk(q, do, log_decay, d_final, dstates, d_initial, scale, C, reverse=True)
     # The reverse walk stored, at each chunk, the gradient arriving from the chunks after it:
     # exactly the gradient of the state that chunk leaves behind.
     dq_dtype = torch.float32 if float32_dqdk else q.dtype
