@@ -167,7 +167,6 @@ OPS = {
         shapes=lambda b, l: ((b, l, D), ((b, D), (b, D), (b, D))),
         state=(("state_a", "state_b", "state_p"), 1),
         labels=dict(state_a="initial_state", state_b="initial_state", state_p="initial_state"),
-        backends=("reference",),
     ),
     "rwkv.wkv6": Op(
         make=lambda b, l: dict(r=rand(b, l, H, D), k=rand(b, l, H, D, seed=1), v=rand(b, l, H, D, seed=2),
