@@ -34,3 +34,39 @@ def test_listing_needs_no_gpu():
     for op in ("scan.fwd", "ssm_kernel.fwd", "cauchy.fwd", "selective_scan.fwdbwd", "ssd.fwd", "attention.fwd",
                "linear_attention.fwd"):  # fmt: skip
         assert op in proc.stdout, f"{op} missing from the registry:\n{proc.stdout[:2000]}"
+
+
+def test_run_ops_kernel_rows_first_and_a_family_stops_past_its_time(monkeypatch):
+    """``run_ops`` without a GPU: fake ops whose timing advances a fake clock by 1 s. Within a
+    family our kernel's rows come first, then anchors, then references; a family past
+    ``max_seconds`` starts no further row (a note each) and the next family starts afresh;
+    ``on_row`` runs after every row."""
+    import time as _time
+
+    from benchmarks import suite
+
+    clock = [0.0]
+
+    def fake_time_one(op, impl, shape, device="cuda", seed=0, eager=False):
+        clock[0] += 1.0
+        return 0.5
+
+    monkeypatch.setattr(suite, "time_one", fake_time_one)
+    monkeypatch.setattr(_time, "monotonic", lambda: clock[0])
+
+    def op(name):
+        impls = [suite.Impl(n, build=lambda s, i: None) for n in ("anchor:x", "seqbook.reference", "seqbook.triton")]
+        return suite.Op(name, [dict(L=1), dict(L=2)], lambda s: f"L={s['L']}", lambda s, d, seed: {},
+                        lambda s: 1000, impls)  # fmt: skip
+
+    calls, notes = [], []
+    rows = suite.run_ops([op("a.fwd"), op("b.fwd")], {"copy_TBps": 1.0}, notes, max_seconds=2.5,
+                         on_row=lambda: calls.append(1))  # fmt: skip
+    got = [(r["op"], r["impl"], r["shape"]) for r in rows]
+    assert got[:3] == [("a.fwd", "seqbook.triton", "L=1"), ("a.fwd", "seqbook.triton", "L=2"),
+                       ("a.fwd", "anchor:x", "L=1")]  # fmt: skip
+    assert [g for g in got if g[0] == "b.fwd"] == [("b.fwd", "seqbook.triton", "L=1"),
+                                                  ("b.fwd", "seqbook.triton", "L=2"), ("b.fwd", "anchor:x", "L=1")]  # fmt: skip
+    assert len(rows) == 6 and len(calls) == 6
+    skipped = [n for n in notes if "skipped, the family" in n]
+    assert len(skipped) == 6 and all("seqbook.triton" not in n for n in skipped)
