@@ -124,7 +124,7 @@ def update(x: Tensor, P: Tensor, z: Tensor, H: Tensor, R: Tensor, *, joseph: boo
     counts as missing: the belief comes back unchanged and ``y`` is NaN there.
 
     ``joseph=False`` uses the short form :math:`P^+ = (I - KH) P`, equal in exact
-    arithmetic; see the comment below for why we do not.
+    arithmetic for the optimal gain; see the comment below for why we do not.
     """
     _check_step(x=x, P=P, z=z, H=H, R=R)
     missing = torch.isnan(z).any(dim=-1)
@@ -139,12 +139,16 @@ def update(x: Tensor, P: Tensor, z: Tensor, H: Tensor, R: Tensor, *, joseph: boo
     x_post = x + _matvec(K, y)
     I_KH = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device) - K @ H
     if joseph:
-        # Joseph form (Bucy & Joseph 1968): a sum of two terms of the shape A M A^T with M
-        # PSD. Such a product has no cancellation: rounding moves its eigenvalues by about
-        # eps * |P|, so a PSD P stays PSD to rounding level. The short form (I - KH) P
-        # subtracts two nearly equal matrices when the measurement is precise (KH P ~ P),
-        # and the lost digits can push eigenvalues far below zero; it is also exact only
-        # for the optimal K, while the Joseph form is the covariance for any gain K.
+        # Joseph form (Bucy & Joseph 1968): the error covariance for *any* gain K, and a sum
+        # of two terms A M A^T with M PSD, so symmetric and PSD in exact arithmetic whatever
+        # K is. Around the optimal gain K*, P_J(K* + dK) = P_J(K*) + dK S dK^T: the rounding
+        # error in the computed K enters only at second order, where it enters the short
+        # form (I - KH) P at first order (chapter 1: float32 variances to 1e-7 relative,
+        # against 1e-3 for the short form). It is no guarantee of a PSD result in floating
+        # point: rounding in the products can still leave an eigenvalue below zero when P has
+        # eigenvalues near eps * |P| (chapter 1 counts about 8% of random float32 updates,
+        # against 28% for the short form). Square-root or UD filters, which never form P,
+        # are the robust answer.
         P_post = I_KH @ P @ I_KH.mT + K @ R @ K.mT
     else:
         P_post = I_KH @ P

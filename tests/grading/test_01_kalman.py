@@ -1,4 +1,4 @@
-"""Grading tests for chapter 1 (the Kalman filter): Exercises 1-4, 10 points.
+"""Grading tests for chapter 1 (the Kalman filter): Exercises 1-6, 16 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per
 submission; ``submission`` holds the student's functions, running in a
@@ -19,6 +19,8 @@ Contract (chapters/01_kalman/kalman.ipynb, "Exercises"):
   Exercise 2  kf_update(x, P, z, H, R) -> (x_post, P_post)            Joseph form
   Exercise 3  rts_step(x_filt, P_filt, x_pred_next, P_pred_next, x_smooth_next, P_smooth_next, F) -> (x_s, P_s)
   Exercise 4  nis(innovation, S) -> innovation.shape[:-1]
+  Exercise 5  steady_state(F, H, Q, R, tol=1e-12, max_iter=10_000) -> (P_inf, K_inf)   unbatched (n, n), (n, m)
+  Exercise 6  kf_update_sequential(x, P, z, H, r) -> (x_post, P_post)  == update with R = diag(r); H (m, n), r (m,)
 Shapes: x (..., n), P (..., n, n), z (..., m); F, Q (n, n) or (..., n, n); H (m, n) or (..., m, n); R likewise.
 """
 
@@ -26,7 +28,7 @@ import pytest
 import torch
 
 from seqbook import kalman
-from seqbook.grading.checks import as_tuple, assert_close, random_spd
+from seqbook.grading.checks import DENSE_SOLVERS, as_tuple, assert_close, random_spd
 
 DTYPE = torch.float64
 TOL = 1e-8
@@ -35,7 +37,10 @@ TOL = 1e-8
 # compute none of the answers (simulating a model, chi-square intervals).
 KALMAN = ["seqbook.kalman.*", "!seqbook.kalman.simulate", "!seqbook.kalman.constant_velocity",
           "!seqbook.kalman.chi2_interval", "!seqbook.kalman._chi2_quantile"]
-FORBIDDEN = {"kf_predict": KALMAN, "kf_update": KALMAN, "rts_step": KALMAN, "nis": KALMAN}
+FORBIDDEN = {"kf_predict": KALMAN, "kf_update": KALMAN, "rts_step": KALMAN, "nis": KALMAN,
+             "steady_state": KALMAN, "kf_update_sequential": KALMAN + DENSE_SOLVERS}
+FORBIDDEN_WHY = {"kf_update_sequential": "Exercise 6 absorbs one scalar measurement at a time: divisions only, "
+                                         "no matrix solve, factorization or inverse"}
 
 # (leading dims, n, m, per-batch matrices?) -- several leading dims and size-1 dims included
 CASES = [((5,), 3, 2, True), ((4,), 4, 2, False), ((1,), 1, 1, True), ((2, 3), 2, 3, False)]
@@ -158,3 +163,65 @@ def test_nis(submission, credit):
             assert_close(got, ref, f"nis ({case})", rtol=TOL, atol=TOL, mistakes={
                 "looks like y^T S y: solve with S (S^-1 y) instead of multiplying by it": (y.mT @ S @ y)[..., 0, 0],
                 "looks like y^T y: the innovation must be weighted by S^-1": (y.mT @ y)[..., 0, 0]})
+
+
+def _riccati_reference(F, H, Q, R, steps=3000):
+    """P_{t|t-1} and K_t after many steps of the library's own filter on the model alone."""
+    n, m = F.shape[-1], H.shape[-2]
+    x, zeros = torch.zeros(n, dtype=DTYPE), torch.zeros(m, dtype=DTYPE)
+    P = Q.clone()
+    for _ in range(steps):
+        _, P_upd, _, _ = kalman.update(x, P, zeros, H, R)
+        _, P = kalman.predict(x, P_upd, F, Q)
+    K = torch.linalg.solve(H @ P @ H.mT + R, H @ P).mT
+    return P, K
+
+
+@pytest.mark.points(3)
+def test_steady_state(submission, credit):
+    """Exercise 5: the fixed point of the Riccati recursion, and the steady-state gain."""
+    gen = torch.Generator().manual_seed(505)
+    cv = kalman.constant_velocity(0.1, 1.0, 1.0)
+    one = lambda v: torch.tensor([[v]], dtype=DTYPE)  # noqa: E731
+    A = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    models = [
+        ("the chapter's tracker (n = 4, m = 2)", cv["F"], cv["H"], cv["Q"], cv["R"]),
+        ("1-D random walk, q/r = 0.01", one(1.0), one(1.0), one(0.01), one(1.0)),
+        ("stable random F (n = 3, m = 1)", 0.8 * A / torch.linalg.eigvals(A).abs().max(),
+         torch.randn(1, 3, generator=gen, dtype=DTYPE), random_spd(n=3, generator=gen), random_spd(n=1, generator=gen)),
+        ("unstable random F (n = 3, m = 2)", 1.3 * A / torch.linalg.eigvals(A).abs().max(),
+         torch.randn(2, 3, generator=gen, dtype=DTYPE), random_spd(n=3, generator=gen), random_spd(n=2, generator=gen)),
+    ]
+    for case, F, H, Q, R in models:
+        P_ref, K_ref = _riccati_reference(F, H, Q, R)
+        P_filtered = P_ref - K_ref @ H @ P_ref  # the *updated* covariance: a common mix-up
+        with credit.case(case):
+            P_inf, K_inf = as_tuple(submission.steady_state(F, H, Q, R), ("P_inf", "K_inf"), "steady_state")
+            assert_close(P_inf, P_ref, f"P_inf ({case})", rtol=1e-8, atol=1e-10, mistakes={
+                "looks like the steady *filtered* covariance P_{t|t}; Exercise 5 asks for the predicted one, "
+                "P_{t|t-1}": P_filtered})
+            assert_close(K_inf, K_ref, f"K_inf ({case})", rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.points(3)
+def test_kf_update_sequential(submission, credit):
+    """Exercise 6: m scalar updates, one per independent noise component, equal the joint update."""
+    gen = torch.Generator().manual_seed(606)
+    for lead, n, m in [((5,), 3, 2), ((2, 3), 4, 3), ((1,), 1, 1), ((4,), 2, 4)]:
+        x = torch.randn(*lead, n, generator=gen, dtype=DTYPE)
+        P = random_spd(*lead, n=n, generator=gen)
+        z = torch.randn(*lead, m, generator=gen, dtype=DTYPE)
+        H = torch.randn(m, n, generator=gen, dtype=DTYPE)
+        r = torch.rand(m, generator=gen, dtype=DTYPE) + 0.1
+        x_ref, P_ref, _, _ = kalman.update(x, P, z, H, torch.diag(r))
+        case = f"x of shape {(*lead, n)}, m = {m}"
+        # the usual slip: every component updated from the *prior* belief, not the running one
+        K_each = (P @ H.mT) / (((H @ P) * H).sum(-1) + r).unsqueeze(-2)  # (..., n, m): a separate gain per row
+        x_stale = x + (K_each @ (z - (H @ x.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+        with credit.case(case):
+            x_post, P_post = as_tuple(submission.kf_update_sequential(x, P, z, H, r), ("x_post", "P_post"),
+                                      "kf_update_sequential")
+            assert_close(x_post, x_ref, f"x_post ({case})", rtol=1e-9, atol=1e-10, mistakes={
+                "looks like every component updated from the prior belief: each scalar update must start from "
+                "the belief the previous ones left": x_stale})
+            assert_close(P_post, P_ref, f"P_post ({case})", rtol=1e-9, atol=1e-10)
