@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from seqbook import experiments
 
@@ -56,3 +57,16 @@ def test_command_line_writes_the_record(tmp_path, capsys):
     assert "selective_copying_ablation" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         experiments.main(["no_such_experiment"])
+
+
+def test_hippo_ablation_zeroes_the_frequencies_and_records_every_run():
+    record = experiments.hippo_init_ablation(seeds=(0,), steps=2, length=16, n_test=8)
+    assert [r["model"] for r in record["runs"]] == list(experiments.HIPPO_MIXERS)
+    assert all(0 <= r["test_accuracy"] <= 1 for r in record["runs"]) and record["config"]["length"] == 16
+    s4, s4_zero = (experiments.delayed_recall_model(name, 0).blocks[0].mixer for name in ("S4 (LegS)", "S4, Im Lambda = 0"))
+    assert s4.Lambda_imag.abs().max() > 1 and s4_zero.Lambda_imag.abs().max() == 0
+    assert torch.equal(s4.log_Lambda_real, s4_zero.log_Lambda_real)  # the same seed: only the frequencies differ
+    lin, lin_zero = (experiments.delayed_recall_model(name, 0).blocks[0].mixer for name in ("S4D-Lin", "S4D-Lin, Im A = 0"))
+    assert lin.A_imag.abs().max() > 1 and lin_zero.A_imag.abs().max() == 0
+    with pytest.raises(ValueError, match="models must be among"):
+        experiments.hippo_init_ablation(seeds=(0,), steps=2, models=("LSTM",))
