@@ -406,8 +406,9 @@ BWD_CONFIGS = [
 
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward kernels (no states saved) and the backward kernel alone at the target
-    shape, bfloat16 and float32, over :data:`FWD_CONFIGS` and :data:`BWD_CONFIGS`; each row
-    carries its fraction of the exponential floor (measured rate: ``exp_Tps``)."""
+    shape, bfloat16 and float32, over :data:`FWD_CONFIGS` and :data:`BWD_CONFIGS` (and one
+    backward row without the atomic adds of dB and dC, ``BC_GRADS=False``: what they cost);
+    each row carries its fraction of the exponential floor (measured rate: ``exp_Tps``)."""
     k = kernels("selective_scan")
     exp_rate = measure_exp_rate(device) * 1e12
     found = []
@@ -421,8 +422,12 @@ def sweep(device: str = "cuda") -> list[dict]:
             fn = lambda: k._forward(u, delta, A, B, C, D, None, None, False, False, cfg)  # noqa: E731
             found.append(_time_config("fwd", cfg, fn, shape, floor["fwd"]))
         g = torch.randn_like(u)
-        for chunk, block_d, stages, warps in BWD_CONFIGS:
-            cfg = k._fit(dict(CHUNK=chunk, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=warps), "bwd", L, d, N)
+        # The last is a probe, not a configuration: the default without dB's and dC's atomic
+        # adds (their values are then wrong), timing what those B L N d / BLOCK_D adds cost.
+        probe = dict(k.config_for(u.dtype, "bwd"), BC_GRADS=False)
+        bwd_runs = [dict(CHUNK=c, BLOCK_D=b, NUM_STAGES=s, num_warps=w) for c, b, s, w in BWD_CONFIGS] + [probe]
+        for run in bwd_runs:
+            cfg = k._fit(run, "bwd", L, d, N)
             try:
                 fwd = dict(k.config_for(u.dtype, "fwd"))
                 _, _, states = k._forward(u, delta, A, B, C, D, None, None, False, True, fwd, cfg["CHUNK"])

@@ -386,6 +386,7 @@ def _selective_scan_bwd(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_G_LAST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BC_GRADS: tl.constexpr = True,  # False only to time what dB, dC's atomic adds cost (the sweep)
 ):  # fmt: skip
     n_dblocks = tl.cdiv(D, BLOCK_D)
     batch = tl.program_id(0) // n_dblocks
@@ -470,8 +471,9 @@ def _selective_scan_bwd(
         dD += tl.sum(g_bar * u, axis=0)
         dbias += tl.sum(dv, axis=0)
         # Sums over channels: this block's share; the other channel blocks add theirs.
-        tl.atomic_add(DB + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n, sem="relaxed")
-        tl.atomic_add(DC + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n, sem="relaxed")
+        if BC_GRADS:
+            tl.atomic_add(DB + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n, sem="relaxed")
+            tl.atomic_add(DC + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n, sem="relaxed")
 
     tl.store(DA_PART + batch.to(tl.int64) * D * N + dn, dA, mask=dn_ok)
     tl.store(DD_PART + batch.to(tl.int64) * D + d, dD, mask=d_ok)
