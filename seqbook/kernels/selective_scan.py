@@ -543,8 +543,9 @@ def _wide_rows(x):
     ahead with asynchronous copies, pipelined over the loop; in a 16-bit format each thread's
     share is 2 bytes, too narrow for one, and the rows become plain loads that the step waits
     on (Triton 3.9 for sm_90: 6 asynchronous copies in the bfloat16 forward against 90 in the
-    float32 one, 90 again once B and C are widened). The copy costs ``2 B L N`` elements,
-    about 1% of the forward's bytes at ``d = 2048, N = 16``."""
+    float32 one, 90 again once B and C are widened; on an H200 the bfloat16 forward at
+    B=4, L=4096, d=2048, N=16 went from 0.955 to 0.488 ms). The copy costs ``2 B L N``
+    elements, about 1% of the forward's bytes at ``d = 2048, N = 16``."""
     return x.float() if x.dtype != torch.float32 else x
 
 
