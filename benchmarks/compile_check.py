@@ -84,7 +84,7 @@ def cases():
     import importlib
 
     k = {m: importlib.import_module(f"seqbook.kernels.{m}") for m in
-         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4")}  # fmt: skip
+         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4", "gla")}  # fmt: skip
     for m in k.values():  # modules that took `interpreting` by name
         if hasattr(m, "interpreting"):
             m.interpreting = lambda: False
@@ -163,6 +163,17 @@ def cases():
 
     out += [(f"rwkv4 wkv {dt}{', initial state' if s else ''}", lambda dt=dt, s=s: wkv4(dt, s))
             for dt in (torch.float32, torch.bfloat16) for s in (False, True)]
+
+    def gla(dtype, d, bonus):
+        q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
+        a, s0 = _grads(-torch.rand(1, 300, 2, d), r(1, 2, d, d))
+        u = _grads(r(2, d))[0] if bonus else None
+        o, last = k["gla"].gla(q, kk, v, a, s0, None, u)
+        (o.float().sum() + last.sum()).backward()
+
+    out += [(f"gla {dt}, d={d}{', bonus' if b else ''}", lambda dt=dt, d=d, b=b: gla(dt, d, b))
+            for dt, d, b in ((torch.float32, 64, False), (torch.float32, 128, True), (torch.bfloat16, 64, True),
+                             (torch.bfloat16, 128, False))]
     return out
 
 

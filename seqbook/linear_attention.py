@@ -785,7 +785,9 @@ def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk
         log_alpha: ``(batch, length, heads, d_k)``, :math:`\log\alpha_t \le 0`.
         initial_state: ``(batch, heads, d_k, d_v)`` or None; scale: ``s`` (default :math:`1/\sqrt{d_k}`).
         bonus: ``(heads, d_k)`` or None. chunk_size, sub_chunk_size: of :func:`gla_chunked`.
-        backend: ``"reference"`` or ``"auto"`` (:func:`gla_chunked`); no Triton kernel yet.
+        backend: ``"reference"`` (:func:`gla_chunked`), ``"triton"`` (:mod:`seqbook.kernels.gla`:
+            chunks of 16, forward and backward; float32, float16, bfloat16 on CUDA; ``d_k, d_v``
+            in ``KERNEL_HEAD_DIMS``), or ``"auto"``: the kernel for CUDA tensors it supports.
 
     Returns ``o`` in the inputs' dtype (computed in float32 or better), and with
     ``return_final_state`` also the final state (float32, or float64 for float64 inputs).
@@ -798,13 +800,36 @@ def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk
     if log_alpha.numel() and not bool((log_alpha <= 0).all()):
         raise ValueError(f"{where}: log_alpha must be <= 0 (gates alpha = exp(log_alpha) in (0, 1]), "
                          f"got a maximum of {log_alpha.max().item():.3g}")  # fmt: skip
-    _no_kernel(where, backend, q, k, v)
+    chosen = _backend.resolve(backend, q, k, v)
+    if chosen == "triton":
+        refusal = _gla_kernel_refuses(q, v)
+        if refusal and backend == "auto":
+            chosen = "reference"
+        elif refusal:
+            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
+    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
+        chosen = "reference"  # nothing to launch
+    if chosen == "triton":
+        o, S = _backend.kernels("gla").gla(q, k, v, log_alpha, initial_state, scale, bonus)
+        return (o, S) if return_final_state else o
     work = torch.promote_types(q.dtype, torch.float32)
     cast = lambda x: None if x is None else x.to(work)  # noqa: E731
     o, S = gla_chunked(cast(q), cast(k), cast(v), cast(log_alpha), cast(initial_state), scale, cast(bonus),
                        chunk_size, sub_chunk_size)  # fmt: skip
     o = o.to(q.dtype)
     return (o, S) if return_final_state else o
+
+
+def _gla_kernel_refuses(q, v):
+    """Why the GLA kernel cannot take these inputs (the exception, the message), or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return TypeError, f"the kernel supports dtypes {_names(KERNEL_DTYPES)} (float32 accumulation), got {q.dtype}"
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        return TypeError, "the Triton interpreter cannot run bfloat16 (NumPy has no such type): use float32 or float16 on CPU"
+    for name, d in (("d_k", q.shape[-1]), ("d_v", v.shape[-1])):
+        if d not in KERNEL_HEAD_DIMS:
+            return ValueError, f"the kernel supports head dims {name} in {KERNEL_HEAD_DIMS}, got {name} = {d}"
+    return None
 
 
 def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, return_final_state=False,
