@@ -262,6 +262,12 @@ def hippo_init_ablation(
     return {"config": config, "runs": runs, "summary": _summary(runs)}
 
 
+# Chapter 8: every family head to head (the code lives in seqbook.experiments_h2h)
+from .experiments_h2h import mqar_head_to_head  # noqa: E402
+
+experiment("mqar_head_to_head", "chapters/08_head_to_head/results/mqar_head_to_head.json")(mqar_head_to_head)
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+r"""Chapter 8's head-to-head experiments: every mixer family of the book in one scaffold, one recipe.
+
+Registered in :mod:`seqbook.experiments`, so that it runs as
+
+    python -m seqbook.experiments mqar_head_to_head --seeds 2
+
+and writes ``chapters/08_head_to_head/results/mqar_head_to_head.json``.
+
+**The scaffold.** Every family is a :class:`seqbook.nn.LanguageModel` of ``n_layers`` residual blocks
+around its mixer (:data:`FAMILIES`), its width chosen so that its parameter count is the closest to
+``target_params`` (:func:`matched_width`; the counts are recorded). **The recipe.** AdamW, peak
+learning rate ``lr``, weight decay 0.1, 5% linear warm-up then cosine, gradient clipping at 1,
+``batch`` fresh sequences per step: the same for every family and seed (:func:`seqbook.train.fit`).
+
+**The task.** Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"), from
+:func:`seqbook.tasks.associative_recall`: ``n_pairs`` key-value pairs, then every key again, whose
+value must be produced. One model per family and seed is trained on a mixture of pair counts (each
+batch draws one of ``pair_counts``; Zoology also trains on a mixture), then scored at each pair
+count on a fixed test set. The loss and the accuracy count only the query positions (the others
+carry the target ``-100``, which cross-entropy ignores).
+
+**The state.** :func:`state_bytes` measures the memory a model carries from one token to the next
+while decoding a sequence: it runs :meth:`LanguageModel.step` over the sequence and adds up the
+bytes of every tensor of the final state (attention's KV cache grows with the length; every other
+state does not). S4D has no step: its state is counted from its definition (``d_model x d_state``
+float32 numbers per layer, ``d_state / 2`` complex modes per channel).
+
+Glossary (symbol -> shape)
+--------------------------
+::
+
+    x       (batch, 3 n_pairs)   token ids: k_1 v_1 ... k_P v_P, then the P keys again
+    y       (batch, 3 n_pairs)   int64: the value at each query position, -100 elsewhere
+    logits  (batch, 3 n_pairs, vocab)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import attention, linear_attention, tasks, train
+from .mamba import Mamba
+from .nn import S4D, LanguageModel
+from .rwkv import RWKV6, RWKV7
+
+IGNORE = -100  # F.cross_entropy's default ignore_index
+
+
+def _hybrid(attention_layer: int = 1) -> Callable[[int], nn.Module]:
+    """A factory that makes Mamba for every layer but ``attention_layer`` (0-based), where it makes attention.
+
+    :class:`LanguageModel` calls its factory once per layer, in order; the counter says which layer is next.
+    """
+    calls = {"n": 0}
+
+    def factory(d):
+        i = calls["n"]
+        calls["n"] += 1
+        return attention.MultiHeadAttention(d, 2) if i == attention_layer else Mamba(d, d_state=8)
+
+    return factory
+
+
+#: family -> (mixer factory maker, ffn_mult, chapter). A *maker* (no argument) returns a fresh factory
+#: ``d -> mixer``, so that the hybrid's layer counter starts at 0 for every model built.
+#: Families whose mixer is attention-like (no channel mixing of its own) get a feed-forward block
+#: (``ffn_mult = 2``, as in chapter 6's MQAR models); Mamba and RWKV carry their own expansion (0).
+FAMILIES: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] = {
+    "softmax attention": (lambda: lambda d: attention.MultiHeadAttention(d, 2), 2, "5"),
+    "linear attention": (lambda: lambda d: linear_attention.LinearAttention(d, 2), 2, "6"),
+    "scalar-gated linear attention": (lambda: lambda d: linear_attention.LinearAttention(d, 2, decay="gated"), 2, "6"),
+    "S4D": (lambda: lambda d: S4D(d, 16), 2, "3"),
+    "Mamba": (lambda: lambda d: Mamba(d, d_state=8), 0, "4"),
+    "RWKV-6": (lambda: lambda d: RWKV6(d, 2, d_ffn=2 * d), 0, "7"),
+    "RWKV-7": (lambda: lambda d: RWKV7(d, 2, d_ffn=2 * d), 0, "7"),
+    "hybrid: Mamba + 1 attention": (_hybrid, 0, "4+5"),
+}
+
+
+def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: int = 0) -> LanguageModel:
+    """The :class:`LanguageModel` of ``family`` (a key of :data:`FAMILIES`), initialized from ``torch.manual_seed(seed)``."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    maker, ffn_mult, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return LanguageModel(maker(), vocab_size, d_model, n_layers, ffn_mult=ffn_mult)
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_width(family: str, target_params: int, vocab_size: int, n_layers: int = 2,
+                  widths=range(16, 129, 4)) -> int:  # fmt: skip
+    """The width in ``widths`` whose model has the parameter count closest to ``target_params``."""
+    counts = {d: n_parameters(build(family, d, vocab_size, n_layers)) for d in widths}
+    return min(counts, key=lambda d: abs(counts[d] - target_params))
+
+
+def _tensor_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    return sum(_tensor_bytes(s) for s in state)
+
+
+@torch.no_grad()
+def state_bytes(model: LanguageModel, length: int) -> int:
+    """Bytes of the decoding state of ``model`` for one sequence after ``length`` tokens (see the module docstring)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    total = 0
+    steppers = []
+    for block in model.blocks:
+        m = block.mixer
+        if isinstance(m, S4D):  # a diagonal SSM: d_state real numbers per channel (d_state/2 complex modes)
+            total += m.d_model * m.d_state * 4
+        elif hasattr(m, "step"):
+            steppers.append(block)
+        else:
+            raise TypeError(f"state_bytes: no state known for {type(m).__name__}")
+    p = model.embedding.weight
+    d = p.shape[1]
+    for block in steppers:  # each block stepped alone: the size of a state does not depend on its inputs
+        state = block.mixer.init_state(1, device=p.device, dtype=p.dtype)
+        x = torch.zeros(1, d, dtype=p.dtype, device=p.device)
+        for _ in range(length):
+            _, state = block.mixer.step(x, state)
+        total += _tensor_bytes(state)
+    return total
+
+
+def mqar_batch(batch: int, n_pairs: int, generator: torch.Generator, *, n_keys: int, n_values: int):
+    """An MQAR batch for a full-length language model: ``x (batch, 3 P)``, ``y (batch, 3 P)`` with -100 off the queries."""
+    x, answers = tasks.associative_recall(batch, n_pairs, n_keys=n_keys, n_values=n_values, generator=generator)
+    y = torch.full_like(x, IGNORE)
+    y[:, -n_pairs:] = answers
+    return x, y
+
+
+@torch.no_grad()
+def recall_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of query positions (``y != -100``) whose most likely token is the stored value."""
+    was = model.training
+    model.eval()
+    pred = model(x).argmax(-1)
+    model.train(was)
+    mask = y != IGNORE
+    return (pred[mask] == y[mask]).float().mean().item()
+
+
+def _summary(runs: list[dict], pair_counts) -> dict:
+    """family -> pair count -> mean, std (over seeds), min, max, n of the test accuracy."""
+    out = {}
+    for fam in dict.fromkeys(r["family"] for r in runs):
+        out[fam] = {}
+        for P in pair_counts:
+            a = torch.tensor([r["test_accuracy"][str(P)] for r in runs if r["family"] == fam], dtype=torch.float64)
+            out[fam][str(P)] = {"mean": round(a.mean().item(), 4),
+                                "std": round(a.std().item(), 4) if len(a) > 1 else 0.0,
+                                "min": round(a.min().item(), 4), "max": round(a.max().item(), 4), "n": len(a)}  # fmt: skip
+    return out
+
+
+def mqar_head_to_head(
+    seeds=(0, 1),
+    steps: int = 400,
+    *,
+    families=tuple(FAMILIES),
+    pair_counts=(2, 4, 8, 16),
+    n_keys: int = 16,
+    n_values: int = 16,
+    target_params: int = 20_000,
+    n_layers: int = 2,
+    batch: int = 32,
+    lr: float = 3e-3,
+    n_test: int = 256,
+    test_seed: int = 1234,
+    device: str = "cpu",
+    progress: bool = False,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict:
+    r"""MQAR accuracy against the number of key-value pairs, for every family at matched parameters.
+
+    For each family: the width closest to ``target_params`` (:func:`matched_width`); for each seed:
+    build the model from ``torch.manual_seed(seed)``, train it ``steps`` steps on batches whose pair
+    count is drawn from ``pair_counts`` (data generator seeded with ``seed``), then score it on a
+    fixed test set of ``n_test`` sequences per pair count (seed ``test_seed + P``). The state size
+    (:func:`state_bytes`) is measured at the longest test length, ``3 max(pair_counts)`` tokens.
+
+    Returns ``{"config", "families": {family: {"d_model", "parameters", "state_bytes", "chapter"}},
+    "runs": [{"family", "seed", "test_accuracy": {P: acc}, "final_train_loss", "seconds"}],
+    "summary": {family: {P: {"mean", "std", "min", "max", "n"}}}}``; ``on_run(record)`` after every run.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"families must be among {list(FAMILIES)}, got {unknown}")
+    pair_counts = [int(P) for P in pair_counts]
+    if not pair_counts or min(pair_counts) < 1 or max(pair_counts) > n_keys:
+        raise ValueError(f"pair_counts must be ints in [1, n_keys = {n_keys}], got {pair_counts}")
+    vocab = n_keys + n_values
+    tests = {P: mqar_batch(n_test, P, torch.Generator().manual_seed(test_seed + P), n_keys=n_keys, n_values=n_values)
+             for P in pair_counts}  # fmt: skip
+    config = dict(seeds=seeds, steps=steps, families=list(families), pair_counts=pair_counts, n_keys=n_keys,
+                  n_values=n_values, target_params=target_params, n_layers=n_layers, batch=batch, lr=lr,
+                  weight_decay=0.1, warmup=max(1, steps // 20), n_test=n_test, test_seed=test_seed, device=device,
+                  chance=1 / n_values, state_dtype="float32",
+                  state_length=3 * max(pair_counts))  # fmt: skip
+    fam_info, runs = {}, []
+
+    def record():
+        return {"config": config, "families": fam_info, "runs": runs, "summary": _summary(runs, pair_counts)}
+
+    for fam in families:
+        d = matched_width(fam, target_params, vocab, n_layers)
+        probe = build(fam, d, vocab, n_layers)
+        fam_info[fam] = {"d_model": d, "parameters": n_parameters(probe), "chapter": FAMILIES[fam][2],
+                         "state_bytes": state_bytes(probe, 3 * max(pair_counts)),
+                         "state_bytes_per_length": {str(3 * P): state_bytes(probe, 3 * P) for P in pair_counts}}  # fmt: skip
+        for seed in seeds:
+            model = build(fam, d, vocab, n_layers, seed).to(device)
+            if progress:
+                print(f"{fam} (d_model {d}, {fam_info[fam]['parameters']} parameters), seed {seed}", flush=True)
+
+            def data(g):
+                P = pair_counts[int(torch.randint(len(pair_counts), (1,), generator=g))]
+                x, y = mqar_batch(batch, P, g, n_keys=n_keys, n_values=n_values)
+                return x.to(device), y.to(device)
+
+            start = time.perf_counter()
+            history = train.fit(model, data, steps, lr=lr, warmup=max(1, steps // 20), seed=seed, weight_decay=0.1,
+                                progress=progress, log_every=max(1, steps // 4))  # fmt: skip
+            acc = {str(P): round(recall_accuracy(model, x.to(device), y.to(device)), 4) for P, (x, y) in tests.items()}
+            tail = history["loss"][-max(1, steps // 10):]
+            runs.append({"family": fam, "seed": seed, "test_accuracy": acc,
+                         "final_train_loss": round(sum(tail) / len(tail), 4),
+                         "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+            if progress:
+                print(f"  test accuracy by pairs: {acc}", flush=True)
+            if on_run is not None:
+                on_run(record())
+    return record()
