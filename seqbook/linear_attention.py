@@ -10,10 +10,14 @@ and the sum over the past factors (Katharopoulos et al. 2020, "Transformers are 
         = \phi(q_t)^\top \underbrace{\sum_{j \le t} \phi(k_j)\, v_j^\top}_{S_t},
     \qquad S_t = S_{t-1} + \phi(k_t)\, v_t^\top.
 
-The past is now a ``(d_k, d_v)`` matrix :math:`S_t`, whatever the length. With a decay
-per step and head, :math:`\gamma_t = e^{a_t} \in (0, 1]` (RetNet's fixed :math:`\gamma`,
-Sun et al. 2023; data-dependent :math:`\gamma_t` as in gated linear attention, Yang et al.
-2023, and Mamba-2), the state forgets geometrically:
+The past is now a ``(d_k, d_v)`` matrix :math:`S_t`, whatever the length. With a scalar
+decay per step and head, :math:`\gamma_t = e^{a_t} \in (0, 1]` (RetNet's fixed :math:`\gamma`,
+Sun et al. 2023; a data-dependent :math:`\gamma_t` as in "simple GLA", the scalar-gate special
+case of gated linear attention, and as in Mamba-2, whose decay is :math:`e^{\Delta_t A}` with
+:math:`\Delta_t = \mathrm{softplus}(\cdot) > 0` and :math:`A < 0`), the state forgets geometrically.
+GLA proper (Yang et al. 2024) gates with a *vector* :math:`\alpha_t \in (0, 1)^{d_k}`, one decay
+per key channel, :math:`S_t = \mathrm{diag}(\alpha_t) S_{t-1} + k_t v_t^\top`: that is :func:`gla`
+below, not this operation. Here:
 
 .. math::
 
@@ -406,13 +410,17 @@ class LinearAttention(nn.Module):
         feature_map: ``"elu"`` (:func:`elu_feature_map`) or ``"identity"``.
         decay: None (the sum never forgets), ``"fixed"`` (RetNet's per-head :math:`\gamma_h`,
             :func:`retnet_decays`) or ``"gated"`` (data-dependent, :math:`a_t =
-            \log\sigma(x_t w_h + b_h) / 16` per head, as in gated linear attention: the
-            division keeps :math:`\gamma_t` near 1 at initialization).
+            \log\sigma(x_t w_h + b_h) / 16`, one *scalar* per head and token: "simple GLA",
+            the scalar-gate special case of gated linear attention, whose full form gates with
+            a vector :math:`\alpha_t \in (0, 1)^{d_k}` per head (:func:`gla`); the division by
+            16 keeps :math:`\gamma_t` near 1 at initialization).
         normalize: divide by :math:`\phi(q_t)^\top z_t` (:func:`normalizer`, always the
             readable form: it is for the lesson, not for speed), Katharopoulos et al.'s
-            denominator; otherwise (the default, as in RetNet, GLA and Mamba-2)
-            each head's output is RMS-normalized instead: a denominator that can approach
-            zero is unstable to train, and a norm fixes the output's scale just as well.
+            denominator; otherwise (the default, as in GLA and Mamba-2) each head's output
+            is RMS-normalized instead: a denominator that can approach zero is unstable to
+            train, and a norm fixes the output's scale. (RetNet keeps a guarded normalizer in
+            its parallel form, dividing each row of scores by :math:`\max(|\sum_j R_{tj}|, 1)`,
+            and a GroupNorm after it.)
         backend: for :func:`linear_attention` in :meth:`forward`.
 
     **Decoding.** The state is ``(S, z)``: ``S (batch, n_heads, d, d)`` and the

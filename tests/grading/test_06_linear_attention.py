@@ -1,4 +1,4 @@
-"""Grading tests for chapter 6 (linear attention, recurrent and chunked): Exercises 1-3, 10 points.
+"""Grading tests for chapter 6 (linear attention, recurrent and chunked): Exercises 1-5, 17 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per
 submission; ``submission`` holds the student's functions, running in a
@@ -15,6 +15,8 @@ The exercises are in chapters/06_linear_attention/linear_attention.ipynb ("Exerc
   Exercise 2  stable_decay_mask(log_decay) -> D     == seqbook.linear_attention.decay_mask, finite in float32
   Exercise 3  chunk_state_update(S, k_c, v_c, log_decay_c) -> S'
               the state after the chunk: linear_attention_recurrent(..., initial_state=S)'s final state
+  Exercise 4  join_states(S_a, S_b, log_decay_b) -> S   the state after A then B from each one's own (zero start)
+  Exercise 5  initial_state_grad(q, do, log_decay, d_final) -> dS_0   == autograd, without autograd
 Shapes: q_t, k_t (batch, heads, d_k); v_t (batch, heads, d_v); S (batch, heads, d_k, d_v);
 log_decay_t (batch, heads); log_decay (batch, length, heads); D (batch, heads, length, length);
 k_c (batch, C, heads, d_k); v_c (batch, C, heads, d_v); log_decay_c (batch, C, heads).
@@ -32,7 +34,10 @@ F64, F32 = torch.float64, torch.float32
 # blocked while the exercises run.
 LINEAR = ["seqbook.linear_attention.*", "seqbook.kernels.linear_attention.*", "seqbook.mamba.*", "seqbook.scan.*",
           "seqbook.kernels.ssd.*"]
-FORBIDDEN = {"linear_attention_step": LINEAR, "stable_decay_mask": LINEAR, "chunk_state_update": LINEAR}
+AUTOGRAD = ["torch.autograd.grad", "torch.autograd.backward"]
+FORBIDDEN = {"linear_attention_step": LINEAR, "stable_decay_mask": LINEAR, "chunk_state_update": LINEAR,
+             "join_states": LINEAR, "initial_state_grad": LINEAR + AUTOGRAD}
+FORBIDDEN_WHY = {"initial_state_grad": "Exercise 5 asks for the gradient derived by hand, without autograd"}
 
 
 def _randn(*shape, gen, dtype=F64, scale=1.0):
@@ -113,3 +118,52 @@ def test_chunk_state_update(submission):
                 f"S' {case} has nan or inf: exp(-c_s) overflows in float32 once the chunk's decay passes e^-88; "
                 "combine the exponents first, exp(c_last - c_s)")
         assert_close(got, want.to(dtype), f"S' {case}", rtol=tol, atol=tol)
+
+
+@pytest.mark.points(3)
+def test_join_states(submission, credit):
+    """Exercise 4: S = exp(sum of B's log-decays) S_A + S_B."""
+    gen = torch.Generator().manual_seed(604)
+    # (B, L_a, L_b, H, d_k, d_v, decay strength, dtype, what)
+    cases = [(1, 5, 3, 1, 4, 4, 1.0, F64, "one head"), (2, 9, 14, 3, 4, 6, 1.0, F64, "several heads, d_k != d_v"),
+             (1, 4, 1, 2, 3, 3, 1.0, F64, "B of one step"), (2, 7, 200, 2, 8, 8, 30.0, F32, "float32, B decays by e^-3000")]
+    for B, La, Lb, H, dk, dv, strength, dtype, what in cases:
+        with credit.case(what):
+            q, k = _randn(B, La + Lb, H, dk, gen=gen, dtype=dtype), _randn(B, La + Lb, H, dk, gen=gen, dtype=dtype)
+            v = _randn(B, La + Lb, H, dv, gen=gen, dtype=dtype)
+            a = _log_decay(B, La + Lb, H, gen=gen, strength=strength, dtype=dtype)
+            _, S_all = la.linear_attention_recurrent(q, k, v, a)
+            _, S_a = la.linear_attention_recurrent(q[:, :La], k[:, :La], v[:, :La], a[:, :La])
+            _, S_b = la.linear_attention_recurrent(q[:, La:], k[:, La:], v[:, La:], a[:, La:])
+            got = submission.join_states(S_a, S_b, a[:, La:])
+            tol = 1e-12 if dtype == F64 else 1e-5
+            last_step_only = torch.exp(a[:, -1])[..., None, None] * S_a + S_b
+            assert_close(got, S_all, f"joined state ({what})", rtol=tol, atol=tol,
+                         mistakes={"S_A decays through every step of B: sum B's log-decays, not only its last": last_step_only,
+                                   "S_A must decay through B (exp of the sum of B's log-decays)": S_a + S_b})
+
+
+@pytest.mark.points(4)
+def test_initial_state_grad(submission, credit):
+    """Exercise 5: dS_0 = s sum_t e^{c_t} q_t dO_t^T + e^{c_{L-1}} dS_final, c_t = sum_{r <= t} a_r."""
+    gen = torch.Generator().manual_seed(605)
+    # (B, L, H, d_k, d_v, decay strength, dtype, what)
+    cases = [(1, 1, 1, 4, 4, 1.0, F64, "a single step"), (2, 13, 3, 4, 6, 1.0, F64, "several heads, d_k != d_v"),
+             (1, 40, 2, 8, 8, 0.1, F64, "weak decay"), (1, 60, 1, 8, 8, 5.0, F32, "float32, strong decay")]
+    for B, L, H, dk, dv, strength, dtype, what in cases:
+        with credit.case(what):
+            q, k = _randn(B, L, H, dk, gen=gen, dtype=dtype), _randn(B, L, H, dk, gen=gen, dtype=dtype)
+            v, do = _randn(B, L, H, dv, gen=gen, dtype=dtype), _randn(B, L, H, dv, gen=gen, dtype=dtype)
+            a = _log_decay(B, L, H, gen=gen, strength=strength, dtype=dtype)
+            d_final = _randn(B, H, dk, dv, gen=gen, dtype=dtype)
+            S0 = _randn(B, H, dk, dv, gen=gen).requires_grad_()
+            o, S = la.linear_attention_quadratic(q.double(), k.double(), v.double(), a.double(), S0)
+            ((o * do.double()).sum() + (S * d_final.double()).sum()).backward()
+            got = submission.initial_state_grad(q, do, a, d_final)
+            want = S0.grad.to(dtype)
+            c = torch.cumsum(a.double(), 1)
+            outputs_only = (torch.einsum("blh,blhk,blhv->bhkv", torch.exp(c), q.double(), do.double())
+                            / dk**0.5).to(dtype)
+            tol = 1e-10 if dtype == F64 else 1e-4
+            assert_close(got, want, f"dS_0 ({what})", rtol=tol, atol=tol * max(1.0, want.abs().max().item()),
+                         mistakes={"S_final = e^{c_{L-1}} S_0 + ...: its gradient reaches S_0 too": outputs_only})
