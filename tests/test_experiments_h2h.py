@@ -1,0 +1,98 @@
+"""Chapter 8's head-to-head experiment (seqbook.experiments_h2h), at tiny sizes."""
+
+import seqbook  # noqa: F401  (first: the Triton interpreter switch)
+import pytest
+import torch
+
+from seqbook import experiments
+from seqbook import experiments_h2h as h2h
+from seqbook.attention import MultiHeadAttention
+from seqbook.mamba import Mamba
+
+VOCAB = 8
+
+
+def test_registered_on_the_command_line():
+    fn, out = experiments.EXPERIMENTS["mqar_head_to_head"]
+    assert fn is h2h.mqar_head_to_head
+    assert out == "chapters/08_head_to_head/results/mqar_head_to_head.json"
+
+
+def test_mqar_batch_targets_only_the_queries():
+    g = torch.Generator().manual_seed(3)
+    x, y = h2h.mqar_batch(5, 3, g, n_keys=4, n_values=4)
+    assert x.shape == y.shape == (5, 9)
+    assert (y[:, :6] == h2h.IGNORE).all()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        stored = dict(zip(row_x[0:6:2], row_x[1:6:2]))  # k_1 v_1 k_2 v_2 k_3 v_3
+        assert [stored[k] for k in row_x[6:]] == row_y[6:]
+
+
+@pytest.mark.parametrize("family", list(h2h.FAMILIES))
+def test_every_family_builds_and_runs(family):
+    model = h2h.build(family, 16, VOCAB, n_layers=2, seed=0)
+    x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert model(x).shape == (2, 6, VOCAB)
+    again = h2h.build(family, 16, VOCAB, n_layers=2, seed=0)
+    assert torch.equal(model(x), again(x))  # seeded: the same model twice
+
+
+def test_hybrid_has_one_attention_layer_in_every_model():
+    for _ in range(2):  # a fresh layer counter for each model built
+        mixers = [b.mixer for b in h2h.build("hybrid: Mamba + 1 attention", 16, VOCAB, n_layers=3).blocks]
+        assert [type(m) for m in mixers] == [Mamba, MultiHeadAttention, Mamba]
+
+
+def test_state_bytes_exact():
+    d, L = 16, 7
+    att = h2h.build("softmax attention", d, VOCAB)
+    # the KV cache: keys and values, d numbers each per token, per layer, float32
+    assert h2h.state_bytes(att, L) == 2 * (2 * L * d * 4)
+    assert h2h.state_bytes(att, 0) == 0
+    lin = h2h.build("linear attention", d, VOCAB)
+    heads, dh = 2, d // 2
+    assert h2h.state_bytes(lin, L) == h2h.state_bytes(lin, 1) == 2 * (heads * dh * dh + heads * dh) * 4
+    mamba = h2h.build("Mamba", d, VOCAB)
+    E, N, conv = 2 * d, 8, 3
+    assert h2h.state_bytes(mamba, L) == 2 * (E * N + E * conv) * 4
+    s4d = h2h.build("S4D", d, VOCAB)
+    assert h2h.state_bytes(s4d, L) == 2 * d * 16 * 4
+    hybrid = h2h.build("hybrid: Mamba + 1 attention", d, VOCAB)
+    assert h2h.state_bytes(hybrid, L) == (E * N + E * conv) * 4 + 2 * L * d * 4
+    with pytest.raises(ValueError, match="length"):
+        h2h.state_bytes(att, -1)
+
+
+def test_matched_width_is_the_closest_count():
+    d = h2h.matched_width("linear attention", 5000, VOCAB, widths=range(8, 41, 4))
+    counts = {w: h2h.n_parameters(h2h.build("linear attention", w, VOCAB)) for w in range(8, 41, 4)}
+    assert abs(counts[d] - 5000) == min(abs(c - 5000) for c in counts.values())
+
+
+def test_tiny_run_record_and_determinism():
+    seen = []
+    kw = dict(seeds=(0,), steps=3, families=("linear attention", "S4D"), pair_counts=(1, 2), n_keys=4,
+              n_values=4, target_params=3000, batch=4, n_test=8)
+    record = h2h.mqar_head_to_head(**kw, on_run=seen.append)
+    assert len(seen) == 2 and len(record["runs"]) == 2
+    assert set(record["families"]) == {"linear attention", "S4D"}
+    for fam, info in record["families"].items():
+        assert info["parameters"] == h2h.n_parameters(h2h.build(fam, info["d_model"], 8))
+        assert info["state_bytes"] > 0
+    for run in record["runs"]:
+        assert set(run["test_accuracy"]) == {"1", "2"}
+        assert all(0.0 <= a <= 1.0 for a in run["test_accuracy"].values())
+    assert record["summary"]["S4D"]["2"]["n"] == 1
+    again = h2h.mqar_head_to_head(**kw)
+    assert [r["test_accuracy"] for r in again["runs"]] == [r["test_accuracy"] for r in record["runs"]]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="family"):
+        h2h.build("transformer-xl", 16, VOCAB)
+    with pytest.raises(ValueError, match="families"):
+        h2h.mqar_head_to_head(families=("nope",))
+    with pytest.raises(ValueError, match="pair_counts"):
+        h2h.mqar_head_to_head(pair_counts=(4, 99), n_keys=16)
+    with pytest.raises(ValueError, match="seeds"):
+        h2h.mqar_head_to_head(seeds=())
