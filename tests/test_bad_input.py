@@ -145,7 +145,6 @@ OPS = {
                                                        bonus=t["bonus"], return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
         state=(("initial_state",), 1),
-        backends=("reference",),
     ),
     "linear_attention.delta_rule": Op(
         make=lambda b, l: dict(q=rand(b, l, H, D), k=torch.nn.functional.normalize(rand(b, l, H, D, seed=1), dim=-1),
@@ -176,7 +175,6 @@ OPS = {
                                             return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
         state=(("initial_state",), 1),
-        backends=("reference",),
     ),
     "rwkv.wkv7": Op(
         make=lambda b, l: dict(r=rand(b, l, H, D), log_w=-rand(b, l, H, D, seed=1).abs(),

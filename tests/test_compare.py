@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +70,13 @@ def test_complex_and_empty():
     with pytest.raises(AssertionError):
         assert_near((want + 1e-3j).to(torch.complex64), want, 1e-5, "k")
     assert_near(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.float64), 1e-5, "empty")
+
+
+def test_no_test_divides_by_a_clamped_maximum():
+    # The old helpers' formula, max|got - want| / max|want|.clamp_min(1e-30), turned a
+    # rounding-sized value next to an exact zero into a "relative error" of 1e23. New tests
+    # use assert_near (its floor) instead of a copy of that formula.
+    here = Path(__file__).parent
+    offenders = [p.name for p in sorted(here.glob("**/*.py")) if p.name != Path(__file__).name
+                 and "clamp_min(1e-30)" in p.read_text()]  # fmt: skip
+    assert not offenders, f"divide by max|want| clamped to 1e-30 (use compare.assert_near): {offenders}"
