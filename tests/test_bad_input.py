@@ -366,3 +366,12 @@ def test_ssd_flags_are_bools(flag):
         mamba.ssd(*args, return_final_state=flag)
     with pytest.raises(TypeError, match=r"ssd_chunked: return_final_state must be a bool, got"):
         mamba.ssd_chunked(*args, return_final_state=flag)
+
+
+@pytest.mark.parametrize("name", [name for name, op in OPS.items() if "triton" not in op.backends])
+def test_ops_without_a_kernel_say_so(name):
+    # When one of these gets a kernel, this fails: add "triton" to its backends above, so
+    # that the kernel meets the empty, wrong-dtype and wrong-device inputs too.
+    op = OPS[name]
+    with pytest.raises(NotImplementedError, match="no Triton kernel"):
+        run(op, "triton", op.make(2, LENGTH), LENGTH)
