@@ -1,4 +1,4 @@
-"""Grading tests for chapter 4 (the selective scan and Mamba): Exercises 1-4, 10 points.
+"""Grading tests for chapter 4 (the selective scan and Mamba): Exercises 1-6, 16 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per
 submission; ``submission`` holds the student's functions, running in a
@@ -15,6 +15,9 @@ first notebook, selective_scan.ipynb, has none).  Contract:
   Exercise 2  selective_scan_naive(u, delta, A, B, C, D) -> y         == mamba.selective_scan_loop(u, delta, A, B, C, D)
   Exercise 3  segsum(a) -> S                                          == mamba.segsum(a), stable in float32
   Exercise 4  conv_step(conv_state, x_t, weight, bias) -> (y_t, new)  == one step of a causal depthwise conv1d
+  Exercise 5  scan_doubling(a, b) -> h                                h_t = a_t h_{t-1} + b_t, h_{-1} = 0
+  Exercise 6  ssd_chunk(x, dt, a, B, C, H_in) -> (y, H_out)            == mamba.ssd_chunked, one head, one chunk
+Exercises 5 and 6 earn partial credit per case, with hints for the common mistakes.
 Shapes: delta, u (batch, d) in Ex. 1 and (batch, L, d) in Ex. 2; A (d, N); B (batch, N) / (batch, L, N);
 C (batch, L, N); D (d,); a (..., T) -> S (..., T, T); conv_state (batch, E, K - 1), x_t (batch, E),
 weight (E, K), bias (E,) or None.
@@ -33,7 +36,8 @@ F64 = torch.float64
 # blocked while the exercises run (linear attention's decay mask is exp(segsum), so it goes too).
 MAMBA = ["seqbook.mamba.*", "seqbook.scan.*", "seqbook.nn.*", "seqbook.linear_attention.*",
          "seqbook.kernels.selective_scan.*", "seqbook.kernels.ssd.*", "seqbook.kernels.scan.*"]
-FORBIDDEN = {"selective_discretize": MAMBA, "selective_scan_naive": MAMBA, "segsum": MAMBA, "conv_step": MAMBA}
+FORBIDDEN = {"selective_discretize": MAMBA, "selective_scan_naive": MAMBA, "segsum": MAMBA, "conv_step": MAMBA,
+             "scan_doubling": MAMBA, "ssd_chunk": MAMBA}
 
 
 @pytest.mark.points(2)
@@ -102,3 +106,57 @@ def test_conv_step(submission):
             case = f"batch {batch}, E {E}, K {K}, bias {with_bias}, t = {t}"
             assert_close(y_t, want[:, :, t], f"y_t ({case})", rtol=1e-12, atol=1e-12)
             assert tuple(state.shape) == (batch, E, K - 1), f"new_state ({case}): shape {tuple(state.shape)}"
+
+
+def _recurrence(a, b, h0=None):
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.points(3)
+def test_scan_doubling(submission, credit):
+    """Exercise 5: the linear recurrence by rounds of the associative combine (a1 a2, a2 b1 + b2)."""
+    gen = torch.Generator().manual_seed(405)
+    for batch, L, d in ((1, 1, 1), (2, 2, 3), (1, 13, 4), (3, 64, 2), (2, 100, 5)):
+        a = torch.rand(batch, L, d, generator=gen, dtype=F64)
+        b = torch.randn(batch, L, d, generator=gen, dtype=F64)
+        want = _recurrence(a, b)
+        mistakes = {"looks like the cumulative sum of b (the decays a were ignored)": b.cumsum(1)}
+        if L > 1:
+            # combining in the wrong order, (a1 a2, a1 b2 + b1), runs the recurrence backwards in time
+            mistakes["looks like the combine in the wrong order, (a1 a2, a1 b2 + b1): the earlier step goes first"] = \
+                _recurrence(a.flip(1), b.flip(1)).flip(1)
+        case = f"batch {batch}, L {L}, d {d}"
+        with credit.case(case):
+            got = submission.scan_doubling(a, b)
+            assert_close(got, want, f"h ({case})", rtol=1e-11, atol=1e-11, mistakes=mistakes)
+
+
+@pytest.mark.points(3)
+def test_ssd_chunk(submission, credit):
+    """Exercise 6: one chunk of SSD: its quadratic form, the incoming state's share, the outgoing state."""
+    gen = torch.Generator().manual_seed(406)
+    for Q, P, N in ((1, 1, 1), (4, 2, 3), (9, 5, 4), (32, 8, 16)):
+        x = torch.randn(Q, P, generator=gen, dtype=F64)
+        dt = F.softplus(torch.randn(Q, generator=gen, dtype=F64))
+        a = -0.1 - torch.rand((), generator=gen, dtype=F64)
+        B, C = (torch.randn(Q, N, generator=gen, dtype=F64) for _ in range(2))
+        H_in = torch.randn(P, N, generator=gen, dtype=F64)
+        y_want, H_want = mamba.ssd_chunked(x[None, :, None], dt[None, :, None], a[None], B[None, :, None],
+                                           C[None, :, None], chunk_size=Q, initial_state=H_in[None, None],
+                                           return_final_state=True)  # fmt: skip
+        y_want, H_want = y_want[0, :, 0], H_want[0, 0]
+        y_no_state = mamba.ssd_chunked(x[None, :, None], dt[None, :, None], a[None], B[None, :, None],
+                                       C[None, :, None], chunk_size=Q)[0, :, 0]  # fmt: skip
+        case = f"Q {Q}, P {P}, N {N}"
+        with credit.case(case):
+            y, H_out = as_tuple(submission.ssd_chunk(x, dt, a, B, C, H_in), ("y", "H_out"), "ssd_chunk")
+            assert_close(y, y_want, f"y ({case})", rtol=1e-10, atol=1e-11,
+                         mistakes={"leaves out the incoming state: add exp(cumsum(dt a))_t C_t H_in^T": y_no_state})
+            assert_close(H_out, H_want, f"H_out ({case})", rtol=1e-10, atol=1e-11,
+                         mistakes={"does not decay the incoming state over the chunk: exp(sum(dt a)) H_in": H_want
+                                   - H_in * (torch.exp((dt * a).sum()) - 1)})
