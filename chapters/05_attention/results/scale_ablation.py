@@ -80,7 +80,7 @@ def main(argv=None):
     val_x, val_y = corpus.lm_batch(val_tokens, 256, 64, generator=torch.Generator().manual_seed(10))
     configs = {"d=16, scale 1/sqrt(d)": (4, None), "d=16, scale 1": (4, 1.0),
                "d=64, scale 1/sqrt(d)": (1, None), "d=64, scale 1": (1, 1.0)}
-    runs, start = [], time.perf_counter()
+    runs, start, at_start = [], time.perf_counter(), commit()  # the code that runs is the code at the start
     for seed in args.seeds:
         for name, (n_heads, scale) in configs.items():
             torch.manual_seed(seed)
@@ -95,7 +95,7 @@ def main(argv=None):
                          "seconds": history["seconds"]})
             print(f"{name}, seed {seed}: validation loss {runs[-1]['val_loss']:.3f}", flush=True)
     result = {"command": " ".join(["python", "chapters/05_attention/results/scale_ablation.py"] + (argv or sys.argv[1:])),
-              "commit": commit(), "device": "cpu (1 thread)", "torch": torch.__version__,
+              "commit": at_start, "device": "cpu (1 thread)", "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "steps": args.steps,
               "wall_seconds": time.perf_counter() - start, "runs": runs}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -100,7 +100,7 @@ def main(argv=None):
     settings = dict(d_model=args.d_model, n_heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr,
                     n_keys=args.n_keys, n_values=args.n_values, device=args.device)
     cases = [(m, n, s) for n in args.pairs for s in args.seeds for m in MIXERS]
-    start = time.perf_counter()
+    start, at_start = time.perf_counter(), commit()  # the code that runs is the code at the start
     if args.jobs > 1:
         ctx = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
@@ -112,7 +112,7 @@ def main(argv=None):
               f"({r['seconds']:.0f} s)", flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {"command": " ".join(["python", "chapters/06_linear_attention/results/mqar.py"] + (argv or sys.argv[1:])),
-              "commit": commit(), "device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "commit": at_start, "device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "seeds": args.seeds, "settings": settings, "wall_seconds": time.perf_counter() - start, "runs": runs}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out} ({result['wall_seconds']:.0f} s)")
