@@ -198,9 +198,10 @@ import pytest
 import torch
 from seqbook.grading.checks import assert_close
 
-# double may not use kalman.predict (even though it has nothing to do with doubling): the toy
-# submissions check that the block holds and that the library's own calls to it still work.
-FORBIDDEN = {"double": ["seqbook.kalman.predict"]}
+# double may not use kalman.predict, nor invert a matrix (though neither has anything to do with
+# doubling): the toy submissions check that the blocks hold and that the library's own calls to
+# a blocked function still work.
+FORBIDDEN = {"double": ["seqbook.kalman.predict", "seqbook.nn.LSTMMixer.forward", "aten::linalg_inv_ex"]}
 
 @pytest.mark.points(1)
 def test_double(submission):
@@ -208,16 +209,28 @@ def test_double(submission):
     assert_close(submission.double(x), 2 * x, "double(x)")
 '''
 
-# kalman_filter calls kalman.predict itself: allowed, while double's own call is not.
+# kalman_filter calls kalman.predict itself, a ResidualBlock calls its LSTMMixer's forward through
+# torch's Module.__call__: both allowed, while double's own calls are not.
 DOUBLE_VIA_FILTER = '''
 import torch
 import seqbook.kalman as K
+import seqbook.nn
 
 def double(x):
     eye = torch.eye(1, dtype=torch.float64)
     result = K.kalman_filter(torch.zeros(1, 2, 1, dtype=torch.float64), eye, eye, eye, eye,
                              torch.zeros(1, 1, dtype=torch.float64), eye)
     assert result.x_pred.shape == (1, 2, 1)
+    block = seqbook.nn.ResidualBlock(seqbook.nn.LSTMMixer(2), 2)
+    assert block(torch.zeros(1, 3, 2)).shape == (1, 3, 2)
+    return 2 * x
+'''
+DOUBLE_VIA_LAYER = '''
+import torch
+import seqbook.nn
+
+def double(x):
+    seqbook.nn.LSTMMixer(2)(torch.zeros(1, 3, 2))
     return 2 * x
 '''
 DOUBLE_VIA_PREDICT = '''
@@ -228,6 +241,15 @@ def double(x):
     eye = torch.eye(1, dtype=torch.float64)
     p(torch.zeros(1, dtype=torch.float64), eye, eye, eye)
     return 2 * x
+'''
+
+# an inverse through a Tensor method: the ATen operator is blocked however it is reached
+DOUBLE_VIA_INVERSE = '''
+import torch
+
+def double(x):
+    two = torch.linalg.inv(torch.eye(2, dtype=x.dtype) / 2)
+    return two[0, 0] * x
 '''
 
 # Every way we know to reach the library's version of an exercise function: each function
@@ -347,6 +369,8 @@ def graded(tmp_path_factory):
     (subs / "toy_by_name").mkdir()  # no metadata: the chapter comes from the file name
     nbformat.write(notebook([DOUBLE_VIA_FILTER], chapter=None), subs / "toy_by_name" / "toy.ipynb")
     nbformat.write(notebook([DOUBLE_VIA_PREDICT], chapter="99_toy"), subs / "toy_wrapper.ipynb")
+    nbformat.write(notebook([DOUBLE_VIA_INVERSE], chapter="99_toy"), subs / "toy_inverse.ipynb")
+    nbformat.write(notebook([DOUBLE_VIA_LAYER], chapter="99_toy"), subs / "toy_layer.ipynb")
     nbformat.write(notebook([LIBRARY_ROUTES]), subs / "library_calls.ipynb")
     # a file name that tries to print forged lines in the console summary
     nbformat.write(solution, subs / "evil\nzz_top_student     10\u204410  forged.ipynb")
@@ -475,6 +499,11 @@ def test_calling_the_library_instead_of_writing_the_exercise_earns_nothing(grade
     # ... a student's does not, under any name
     assert scores(graded)["toy_wrapper"] == {"test_double": 0}
     assert "double may not use seqbook.kalman.predict" in message(graded, "toy_wrapper", "test_double")
+    assert scores(graded)["toy_layer"] == {"test_double": 0}
+    assert "double may not use seqbook.nn.LSTMMixer.forward" in message(graded, "toy_layer", "test_double")
+    # an ATen operator is blocked however it is reached (here torch.linalg.inv)
+    assert scores(graded)["toy_inverse"] == {"test_double": 0}
+    assert "double may not use torch's linalg_inv_ex (aten::linalg_inv_ex)" in message(graded, "toy_inverse", "test_double")
 
 
 @pytest.mark.slow
@@ -503,6 +532,15 @@ def test_one_notebook_per_student_and_chapter(graded):
     ignored = sorted(r["notebook"] for r in graded["rows"] if r["student"] == "dup" and r["outcome"] == "ignored")
     assert ignored == ["Dup (1).ipynb", "dup/kalman.ipynb"]
     assert "ignored" in graded["console"]
+
+
+def test_a_forbidden_pattern_matching_nothing_fails_the_collection(tmp_path):
+    from seqbook.grading.grade import collect_tests
+
+    test_file = tmp_path / "test_99_typo.py"
+    test_file.write_text(TOY_TESTS.replace("seqbook.kalman.predict", "seqbook.kalman.predikt"))
+    with pytest.raises(RuntimeError, match=r"seqbook.kalman.predikt matches no function of seqbook"):
+        collect_tests(test_file)
 
 
 def test_student_names_and_newest(tmp_path):

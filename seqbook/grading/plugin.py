@@ -162,6 +162,9 @@ class _Recorder:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session, config, items):
+        # FORBIDDEN first: a typo there must fail the collection (no tests listed), not every submission.
+        modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
+        self.forbid = forbidden_rules(modules.values())
         problems = []
         for item in items:
             marker = item.get_closest_marker("points")
@@ -176,8 +179,6 @@ class _Recorder:
                 "every grading test needs @pytest.mark.points(n) with n > 0; missing or wrong on: "
                 + ", ".join(problems)
             )
-        modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
-        self.forbid = forbidden_rules(modules.values())
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
