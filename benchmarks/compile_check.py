@@ -84,7 +84,7 @@ def cases():
     import importlib
 
     k = {m: importlib.import_module(f"seqbook.kernels.{m}") for m in
-         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4", "gla")}  # fmt: skip
+         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4", "gla", "delta")}  # fmt: skip
     for m in k.values():  # modules that took `interpreting` by name
         if hasattr(m, "interpreting"):
             m.interpreting = lambda: False
@@ -174,6 +174,15 @@ def cases():
     out += [(f"gla {dt}, d={d}{', bonus' if b else ''}", lambda dt=dt, d=d, b=b: gla(dt, d, b))
             for dt, d, b in ((torch.float32, 64, False), (torch.float32, 128, True), (torch.bfloat16, 64, True),
                              (torch.bfloat16, 128, False))]
+
+    def delta(dtype, d):
+        q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
+        beta, s0 = _grads(torch.rand(1, 300, 2), r(1, 2, d, d))
+        o, last = k["delta"].delta_rule(q, kk, v, beta, s0)
+        (o.float().sum() + last.sum()).backward()
+
+    out += [(f"delta_rule {dt}, d={d}", lambda dt=dt, d=d: delta(dt, d))
+            for dt, d in ((torch.float32, 64), (torch.bfloat16, 128))]
     return out
 
 

@@ -776,13 +776,6 @@ def _check_gated(where, q, k, v, extra, initial_state, scale, chunk_size):
     return float(scale)
 
 
-def _no_kernel(where, backend, *tensors):
-    """This operation has no Triton kernel yet: "auto" takes the reference, "triton" says so."""
-    if _backend.resolve(backend, *tensors) == "triton" and backend == "triton":
-        raise NotImplementedError(f"{where}(backend='triton'): no Triton kernel for this operation yet; "
-                                  "use backend='reference' (or 'auto')")  # fmt: skip
-
-
 def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk_size=64, sub_chunk_size=16,
         return_final_state=False, backend="auto"):  # fmt: skip
     r"""Gated linear attention with vector gates, :math:`S_t = \mathrm{Diag}(\alpha_t) S_{t-1} + k_t v_t^\top`,
@@ -848,7 +841,9 @@ def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, 
         q, k: ``(batch, length, heads, d_k)`` (keys L2-normalized, for a stable recurrence);
         v: ``(batch, length, heads, d_v)``; beta: ``(batch, length, heads)``, in ``[0, 2]``.
         initial_state, scale, chunk_size, return_final_state: as in :func:`gla`.
-        backend: ``"reference"`` or ``"auto"`` (:func:`delta_rule_chunked`); no Triton kernel yet.
+        backend: ``"reference"`` (:func:`delta_rule_chunked`), ``"triton"`` (:mod:`seqbook.kernels.delta`:
+            the WY form in chunks of 16, forward and backward; float32, float16, bfloat16 on CUDA;
+            ``d_k, d_v`` in ``KERNEL_HEAD_DIMS``), or ``"auto"``: the kernel for CUDA tensors it supports.
     """
     where = "delta_rule"
     B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
@@ -856,7 +851,18 @@ def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, 
     if beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
         raise ValueError(f"{where}: beta must lie in [0, 2] (the step is a contraction only there, for unit keys), "
                          f"got values in [{beta.min().item():.3g}, {beta.max().item():.3g}]")  # fmt: skip
-    _no_kernel(where, backend, q, k, v)
+    chosen = _backend.resolve(backend, q, k, v)
+    if chosen == "triton":
+        refusal = _gla_kernel_refuses(q, v)  # the same dtypes and head dims
+        if refusal and backend == "auto":
+            chosen = "reference"
+        elif refusal:
+            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
+    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
+        chosen = "reference"  # nothing to launch
+    if chosen == "triton":
+        o, S = _backend.kernels("delta").delta_rule(q, k, v, beta, initial_state, scale)
+        return (o, S) if return_final_state else o
     work = torch.promote_types(q.dtype, torch.float32)
     cast = lambda x: None if x is None else x.to(work)  # noqa: E731
     o, S = delta_rule_chunked(cast(q), cast(k), cast(v), cast(beta), cast(initial_state), scale, chunk_size)

@@ -154,7 +154,6 @@ OPS = {
                                                               return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
         state=(("initial_state",), 1),
-        backends=("reference",),
     ),
     "rwkv.wkv4": Op(
         make=lambda b, l: dict(w=rand(D, seed=1).abs(), u=rand(D, seed=2), k=rand(b, l, D, seed=3),

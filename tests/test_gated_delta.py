@@ -263,3 +263,59 @@ def test_gla_kernel_refusals_and_rwkv6(device):
     o = rwkv.wkv6(r, k2, v2, lw, u, backend="triton")
     o_ref, _ = rwkv.wkv6_recurrent(*(x.double() for x in (r, k2, v2, lw, u)))
     assert_near(o, o_ref, 2e-5, "wkv6 through the kernel")
+
+
+# --------------------------------------------------------------------------------------
+# The delta-rule Triton kernel (WY form) against the float64 recurrence
+# --------------------------------------------------------------------------------------
+
+# (batch, length, heads, d_k, d_v)
+DELTA_SHAPES = ([(2, 1000, 3, 64, 64), (1, 257, 2, 128, 128), (2, 129, 2, 16, 32), (1, 1, 1, 64, 64)] if ON_GPU
+                else [(1, 5, 1, 16, 16), (2, 37, 2, 16, 32), (1, 50, 1, 32, 16)])  # fmt: skip
+
+
+def rand(*shape, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=gen, dtype=F64).to(dtype)
+
+
+def delta_kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0):
+    B, L, H, d_k, d_v = shape
+    q, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_v, seed=seed + 1)
+    k = torch.nn.functional.normalize(randn(B, L, H, d_k, seed=seed + 2), dim=-1)
+    beta, S0 = rand(B, L, H, seed=seed + 3), randn(B, H, d_k, d_v, seed=seed + 4)
+    inputs = [q.to(dtype), k.to(dtype), v.to(dtype), beta.float(), S0.float() if state else None]
+    inputs = [None if x is None else x.to(device) for x in inputs]
+    do = randn(B, L, H, d_v, seed=seed + 5).to(device=device, dtype=dtype)
+    dS = randn(B, H, d_k, d_v, seed=seed + 6).to(device)
+    names = ["q", "k", "v", "beta", "initial_state"]
+
+    def run(fn, xs):
+        leaves = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+        o, S = fn(*leaves)
+        ((o.to(F64) * do.to(F64)).sum() + (S.to(F64) * dS.to(F64)).sum()).backward()
+        return dict(o=o.detach(), final_state=S.detach(), **{f"d{n}": x.grad for n, x in zip(names, leaves) if x is not None})
+
+    got = run(lambda q, k, v, b, S0: la.delta_rule(q, k, v, b, initial_state=S0, return_final_state=True,
+                                                   backend="triton"), inputs)  # fmt: skip
+    want = run(la.delta_rule_recurrent, [None if x is None else x.double() for x in inputs])
+    return got, want
+
+
+@pytest.mark.parametrize("shape", DELTA_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_delta_kernel_matches_reference(device, shape, state):
+    got, want = delta_kernel_and_reference(device, shape, state=state, seed=shape[1])
+    assert got["final_state"].dtype == torch.float32
+    for name in want:
+        assert_near(got[name], want[name], 2e-5, f"{name} at {shape}, state={state}")
+
+
+def test_delta_kernel_float16_and_refusals(device):
+    got, want = delta_kernel_and_reference(device, (1, 40, 2, 16, 16), state=True, dtype=torch.float16, seed=11)
+    assert got["o"].dtype == torch.float16
+    for name in want:
+        assert_near(got[name], want[name], 3e-3 if name in ("o", "final_state") else 1e-2, f"{name}, float16")
+    q = randn(1, 8, 1, 16, dtype=torch.float32).to(device)
+    with pytest.raises(ValueError, match=r"head dims d_v in \(16, 32, 64, 128\), got d_v = 8"):
+        la.delta_rule(q, q, q[..., :8], rand(1, 8, 1, dtype=torch.float32).to(device), backend="triton")
