@@ -1,4 +1,4 @@
-"""Grading tests for chapter 3 (HiPPO, S4 and S4D): Exercises 1-5, 10 points.
+"""Grading tests for chapter 3 (HiPPO, S4 and S4D): Exercises 1-7, 14 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per
 submission; ``submission`` holds the student's functions, running in a
@@ -18,6 +18,10 @@ first notebook, hippo.ipynb, has none).  Contract:
   Exercise 3  cauchy_naive(v, z, w) -> k                        == s4.cauchy_reference(v, z, w)
   Exercise 4  woodbury_resolvent(Lambda, P, B, C, g) -> r       == C (g I - diag(Lambda) + P P^*)^{-1} B, per row
   Exercise 5  s4d_inv(H, modes) -> A                            == s4.s4d_init(H, modes, "inv", dtype=complex128)
+  Exercise 6  legs_eigenvectors(N) -> W                          A W = W diag(-1..-N), unit columns, W_kk > 0;
+                                                                 no eigensolver, factorization or solve
+  Exercise 7  legs_online(f, N) -> c                             == hippo.hippo_online("legs", f, N)
+Exercises 6 and 7 earn partial credit per case, with hints for the common mistakes.
 Shapes: A (N, N), B (N,) float64; v, w, Lambda, P, B, C (H, N) complex; z (L,) or (H, L); g (H, L); k, r (H, L).
 """
 
@@ -37,9 +41,11 @@ F64, C128, C64 = torch.float64, torch.complex128, torch.complex64
 # it is reached (torch.linalg.solve, torch.inverse, Tensor.inverse, matrix_power(-1), ...).
 S4 = ["seqbook.hippo.*", "seqbook.s4.*", "seqbook.nn.*", "seqbook.ssm.*", "seqbook.kernels.cauchy.*"]
 FORBIDDEN = {"hippo_legs": S4, "hippo_legt": S4, "cauchy_naive": S4, "woodbury_resolvent": S4 + DENSE_SOLVERS,
-             "s4d_inv": S4}
+             "s4d_inv": S4, "legs_eigenvectors": S4 + DENSE_SOLVERS, "legs_online": S4}
 FORBIDDEN_WHY = {"woodbury_resolvent": "Exercise 4 asks for the Woodbury identity, which needs no N x N solve, "
-                                       "factorization or inverse"}
+                                       "factorization or inverse",
+                 "legs_eigenvectors": "Exercise 6 asks for the eigenvectors by forward substitution, without an "
+                                      "eigensolver, factorization or solve"}
 
 
 @pytest.mark.points(2)
@@ -111,3 +117,69 @@ def test_s4d_inv(submission):
         ref = s4.s4d_init(H, modes, "inv", dtype=C128)
         got = submission.s4d_inv(H, modes)
         assert_close(got, ref, f"A (H = {H}, modes = {modes})", rtol=1e-12, atol=1e-12)
+
+
+def _legs_eigenvectors_reference(N):
+    """Forward substitution in float64 (accurate at N <= 12, condition number <= 1e7)."""
+    A, _ = hippo.transition("legs", N)
+    W = torch.zeros(N, N, dtype=F64)
+    for k in range(N):
+        v = torch.zeros(N, dtype=F64)
+        v[k] = 1.0
+        for row in range(k + 1, N):
+            v[row] = -(A[row, k:row] @ v[k:row]) / (A[row, row] + (k + 1))
+        W[:, k] = v / v.norm()
+    return W
+
+
+@pytest.mark.points(2)
+def test_legs_eigenvectors(submission, credit):
+    """Exercise 6: column k solves (A + (k + 1) I) v = 0, unit norm, W_kk > 0; entries above k are 0."""
+    for N in (1, 2, 3, 6, 9, 12):
+        want = _legs_eigenvectors_reference(N)
+        unnormalized = want / torch.diagonal(want)  # v_k = 1, never scaled
+        mistakes = {"has the right directions but columns not scaled to unit length": unnormalized,
+                    "has each column's sign flipped: make W[k, k] > 0": -want}
+        case = f"N = {N}"
+        with credit.case(case):
+            W = submission.legs_eigenvectors(N)
+            assert isinstance(W, torch.Tensor) and W.dtype == F64 and tuple(W.shape) == (N, N), (
+                f"W ({case}): want a float64 ({N}, {N}) tensor, got {getattr(W, 'dtype', type(W))} "
+                f"{tuple(getattr(W, 'shape', ()))}")
+            assert_close(W, want, f"W ({case})", rtol=1e-8, atol=1e-10, mistakes=mistakes)
+
+
+@pytest.mark.points(2)
+def test_legs_online(submission, credit):
+    """Exercise 7: the LegS recurrence, bilinear with step 1/(k + 1) at sample k."""
+    gen = torch.Generator().manual_seed(307)
+    for batch, length, N in ((1, 1, 1), (2, 30, 4), (1, 120, 9), (3, 64, 16)):
+        f = torch.randn(batch, length, generator=gen, dtype=F64).cumsum(1) / 10
+        want = hippo.hippo_online("legs", f, N)
+        A, B = hippo.transition("legs", N)
+        mistakes = {
+            "looks like a fixed step 1/length (LegT's rule): LegS's 1/t makes the step 1/(k + 1) at sample k":
+                _legs_fixed_step(f, A, B, 1.0 / length),
+            "looks like the step 1/k, off by one: sample k arrives at t_k = (k + 1) dt, so the step is 1/(k + 1)":
+                _legs_steps(f, A, B, [1.0 / max(k, 1) for k in range(length)]),
+        }
+        case = f"batch {batch}, length {length}, N {N}"
+        with credit.case(case):
+            got = submission.legs_online(f, N)
+            assert_close(got, want, f"c ({case})", rtol=1e-9, atol=1e-11, mistakes=mistakes)
+
+
+def _legs_steps(f, A, B, steps):
+    N = A.shape[0]
+    eye = torch.eye(N, dtype=F64)
+    c, out = torch.zeros(f.shape[0], N, dtype=F64), []
+    for k, eps in enumerate(steps):
+        left = eye - eps / 2 * A
+        A_bar, B_bar = torch.linalg.solve(left, eye + eps / 2 * A), torch.linalg.solve(left, eps * B)
+        c = c @ A_bar.T + f[:, k, None] * B_bar
+        out.append(c)
+    return torch.stack(out, dim=1)
+
+
+def _legs_fixed_step(f, A, B, eps):
+    return _legs_steps(f, A, B, [eps] * f.shape[1])
