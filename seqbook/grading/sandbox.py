@@ -5,8 +5,8 @@ This file runs as a script in its own process, one per submission::
     python -I -B sandbox.py FD_IN FD_OUT CONFIG_JSON
 
 ``-I`` keeps ``PYTHONPATH``, the user site and the current folder off
-``sys.path``, so the script imports only the standard library and torch (never
-``seqbook``).  The trusted side (:mod:`seqbook.grading.submission`) starts it in
+``sys.path``, so the script imports only the standard library and torch, and
+``seqbook`` (as installed) when the chapter blocks some of its functions.  The trusted side (:mod:`seqbook.grading.submission`) starts it in
 a fresh temporary folder and talks to it over two pipes; every message is a
 length-prefixed ``torch.save`` payload that the trusted side reads back with
 ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers
@@ -26,6 +26,12 @@ Before any student code runs, the script locks itself in, outermost first:
    with a readable message.  It is not a security boundary by itself (native
    code such as ``torch.save`` opens files without raising audit events); the
    kernel layers above are.
+
+Before that, when the grading tests declare library functions that an exercise
+must write itself (``FORBIDDEN``), the whole of ``seqbook`` is imported and those
+functions are replaced by stand-ins (:func:`install_forbidden`); the library's
+source then stays unreadable (Landlock and the audit hook), so it cannot be
+loaded again.
 
 Each layer that the machine cannot provide is skipped and reported in the
 hello message, so the gradebook says how well each submission was contained.
