@@ -301,7 +301,9 @@ def wkv6(r, k, v, log_w, u, *, initial_state=None, chunk_size=64, return_final_s
     r"""RWKV-6's time-mixing operator (module docstring), ``(o, final_state)`` as in :func:`seqbook.linear_attention.gla`.
 
     Args: ``r, k, log_w (batch, length, H, N)``, ``v (batch, length, H, d_v)``, ``u (H, N)``,
-    ``initial_state (batch, H, N, d_v)`` or None. ``log_w <= 0``. Backend: reference only yet.
+    ``initial_state (batch, H, N, d_v)`` or None. ``log_w <= 0``. ``backend`` as in
+    :func:`seqbook.linear_attention.gla`: ``"triton"`` runs :mod:`seqbook.kernels.gla` (bonus
+    included, forward and backward).
     """
     try:
         return _la.gla(r, k, v, log_w, initial_state=initial_state, scale=1.0, bonus=u, chunk_size=chunk_size,
@@ -406,7 +408,8 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
 
     Args: ``r, log_w, k, kappa_hat, a (batch, length, H, N)``, ``v (batch, length, H, d_v)``;
     ``log_w <= 0``; ``a`` in ``[0, 1]``; ``initial_state (batch, H, N, d_v)`` or None.
-    Backend: reference only yet (``"triton"`` raises ``NotImplementedError``). Returns ``o`` in
+    Backend: reference only yet (``"triton"`` raises ``NotImplementedError``; its special case
+    the delta rule has a kernel, :func:`seqbook.linear_attention.delta_rule`). Returns ``o`` in
     the inputs' dtype (computed in float32 or better), and the state with ``return_final_state``.
     """
     where = "wkv7"
