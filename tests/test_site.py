@@ -26,11 +26,15 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--virtual-time-budget=30000", "--dump-dom",
 ]
-# Pages whose maths and figures are checked in the browser.
-PAGES = ["chapters/01_kalman/kalman.html", "chapters/02_ssm/ssm.html", "chapters/03_hippo_s4/hippo.html",
-         "chapters/03_hippo_s4/s4.html", "chapters/04_mamba/selective_scan.html", "chapters/04_mamba/mamba.html",
-         "chapters/05_attention/attention.html",
-         "chapters/06_linear_attention/linear_attention.html"]
+# Pages whose maths and figures are checked in the browser: every chapter the toc lists
+# (its "Chapters" part), so that a new chapter cannot be left out of the check.
+def chapter_pages() -> list[str]:
+    toc = yaml.safe_load((ROOT / "toc.yml").read_text())
+    part = next(p for p in toc["parts"] if p["caption"] == "Chapters")
+    return [entry["file"] + ".html" for entry in part["chapters"]]
+
+
+PAGES = chapter_pages()
 
 
 def chromium() -> str:
