@@ -64,6 +64,7 @@ from torch.nn import functional as F
 
 from . import backend as _backend
 from .mamba import segsum
+from .validate import check_shape
 
 #: dtypes the readable forms accept.
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -335,44 +336,13 @@ def _kernel_refuses(q, v, chunk_size):
 def _check_inputs(q, k, v, log_decay, initial_state, scale, chunk_size) -> float:
     """Validate the public entry's arguments; return the scale to use."""
     where = "linear_attention"
-    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state)):
-        if x is None and name in ("log_decay", "initial_state"):
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"{where}: {name} must be a floating tensor, one of {_names(REFERENCE_DTYPES)}; got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{where}: {name} must be on the device of q ({q.device}), got {x.device}")
-    if q.dim() != 4:
-        raise ValueError(f"{where}: q must be (batch, length, heads, d_k), got shape {tuple(q.shape)}")
-    B, L, H, d_k = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"{where}: k must have the shape of q, (batch, length, heads, d_k) = {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")  # fmt: skip
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{where}: v must be (batch, length, heads, d_v) with (batch, length, heads) = {(B, L, H)} "
-                         f"as in q, got {tuple(v.shape)}")  # fmt: skip
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{where}: {name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-    if log_decay is not None:
-        if log_decay.shape != (B, L, H):
-            raise ValueError(f"{where}: log_decay must be (batch, length, heads) = {(B, L, H)}, "
-                             f"got {tuple(log_decay.shape)}")  # fmt: skip
-        if log_decay.numel() and not bool((log_decay <= 0).all()):
-            raise ValueError(f"{where}: log_decay must be <= 0 (a decay gamma = exp(log_decay) in (0, 1]), "
-                             f"got a maximum of {log_decay.max().item():.3g}")  # fmt: skip
-    if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
-        raise ValueError(f"{where}: initial_state must be (batch, heads, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
-                         f"got {tuple(initial_state.shape)}")  # fmt: skip
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
-    if scale is None:
-        return default_scale(d_k)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{where}: scale must be a positive finite number or None (1/sqrt(d_k)), got {scale!r}")
-    return float(scale)
+    B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
+    scale = _check_qkv(where, q, k, v, [("log_decay", log_decay, (B, L, H), "(batch, length, heads)")],
+                       initial_state, scale, chunk_size)  # fmt: skip
+    if log_decay is not None and log_decay.numel() and not bool((log_decay <= 0).all()):
+        raise ValueError(f"{where}: log_decay must be <= 0 (a decay gamma = exp(log_decay) in (0, 1]), "
+                         f"got a maximum of {log_decay.max().item():.3g}")  # fmt: skip
+    return scale
 
 
 # --------------------------------------------------------------------------------------
@@ -738,9 +708,11 @@ def delta_rule_chunked(q, k, v, beta, initial_state=None, scale=None, chunk_size
     return o, S
 
 
-def _check_gated(where, q, k, v, extra, initial_state, scale, chunk_size):
-    """Validation shared by :func:`gla` and :func:`delta_rule`; ``extra`` is ``[(name, tensor, shape or None)]``."""
-    for name, x in (("q", q), ("k", k), ("v", v), *[(n, t) for n, t, _ in extra], ("initial_state", initial_state)):
+def _check_qkv(where, q, k, v, extra, initial_state, scale, chunk_size):
+    """Validation shared by :func:`linear_attention`, :func:`gla` and :func:`delta_rule`: q, k, v,
+    the initial state, the scale and the chunk size, plus each optional tensor of ``extra``,
+    ``[(name, tensor or None, shape, symbols)]``. Returns the scale to use."""
+    for name, x in (("q", q), ("k", k), ("v", v), *[(n, t) for n, t, _, _ in extra], ("initial_state", initial_state)):
         if x is None and name not in ("q", "k", "v"):
             continue
         if not isinstance(x, torch.Tensor):
@@ -761,9 +733,8 @@ def _check_gated(where, q, k, v, extra, initial_state, scale, chunk_size):
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{where}: {name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-    for name, x, shape in extra:
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(x.shape)}")
+    for name, x, shape, symbols in extra:
+        check_shape(where, name, x, shape, symbols)
     if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
         raise ValueError(f"{where}: initial_state must be (batch, heads, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")  # fmt: skip
@@ -796,8 +767,9 @@ def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk
     where = "gla"
     B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
     d_k = q.shape[-1] if isinstance(q, torch.Tensor) else None
-    scale = _check_gated(where, q, k, v, [("log_alpha", log_alpha, (B, L, H, d_k)), ("bonus", bonus, (H, d_k))],
-                         initial_state, scale, chunk_size)  # fmt: skip
+    extra = [("log_alpha", log_alpha, (B, L, H, d_k), "(batch, length, heads, d_k)"),
+             ("bonus", bonus, (H, d_k), "(heads, d_k)")]
+    scale = _check_qkv(where, q, k, v, extra, initial_state, scale, chunk_size)
     if log_alpha.numel() and not bool((log_alpha <= 0).all()):
         raise ValueError(f"{where}: log_alpha must be <= 0 (gates alpha = exp(log_alpha) in (0, 1]), "
                          f"got a maximum of {log_alpha.max().item():.3g}")  # fmt: skip
@@ -847,7 +819,8 @@ def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, 
     """
     where = "delta_rule"
     B, L, H = q.shape[:3] if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 3
-    scale = _check_gated(where, q, k, v, [("beta", beta, (B, L, H))], initial_state, scale, chunk_size)
+    extra = [("beta", beta, (B, L, H), "(batch, length, heads)")]
+    scale = _check_qkv(where, q, k, v, extra, initial_state, scale, chunk_size)
     if beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
         raise ValueError(f"{where}: beta must lie in [0, 2] (the step is a contraction only there, for unit keys), "
                          f"got values in [{beta.min().item():.3g}, {beta.max().item():.3g}]")  # fmt: skip

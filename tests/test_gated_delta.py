@@ -177,17 +177,17 @@ def test_public_entries_and_errors():
     beta = torch.rand(2, 13, 2, dtype=F64)
     torch.testing.assert_close(la.delta_rule(q, kn, v, beta, chunk_size=4), la.delta_rule_recurrent(q, kn, v, beta)[0],
                                rtol=1e-12, atol=1e-12)  # fmt: skip
-    with pytest.raises(ValueError, match=r"log_alpha must have shape \(2, 13, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"log_alpha must be \(batch, length, heads, d_k\) = \(2, 13, 2, 4\)"):
         la.gla(q, k, v, a[..., 0])
     with pytest.raises(ValueError, match="log_alpha must be <= 0"):
         la.gla(q, k, v, -a)
-    with pytest.raises(ValueError, match=r"bonus must have shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"bonus must be \(heads, d_k\) = \(2, 4\)"):
         la.gla(q, k, v, a, bonus=u[0])
     with pytest.raises(ValueError, match=r"v must be \(batch, length, heads, d_v\)"):
         la.gla(q, k, v[:, :3], a)
     with pytest.raises(TypeError, match="k must have the dtype of q"):
         la.delta_rule(q, kn.float(), v, beta)
-    with pytest.raises(ValueError, match=r"beta must have shape \(2, 13, 2\)"):
+    with pytest.raises(ValueError, match=r"beta must be \(batch, length, heads\) = \(2, 13, 2\)"):
         la.delta_rule(q, kn, v, beta[..., 0])
     with pytest.raises(ValueError, match=r"beta must lie in \[0, 2\]"):
         la.delta_rule(q, kn, v, 3 * beta)
