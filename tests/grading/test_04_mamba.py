@@ -127,9 +127,11 @@ def test_scan_doubling(submission, credit):
         want = _recurrence(a, b)
         mistakes = {"looks like the cumulative sum of b (the decays a were ignored)": b.cumsum(1)}
         if L > 1:
-            # combining in the wrong order, (a1 a2, a1 b2 + b1), runs the recurrence backwards in time
-            mistakes["looks like the combine in the wrong order, (a1 a2, a1 b2 + b1): the earlier step goes first"] = \
-                _recurrence(a.flip(1), b.flip(1)).flip(1)
+            # the combine in the wrong order, (a1 a2, a1 b2 + b1), applies the later step first:
+            # h_t = sum_{j <= t} (a_0 ... a_{j-1}) b_j
+            before = torch.cat([torch.ones_like(a[:, :1]), a[:, :-1].cumprod(1)], dim=1)
+            mistakes["looks like the combine in the wrong order, (a1 a2, a1 b2 + b1): the earlier step's map must "
+                     "be applied first, h -> a2 (a1 h + b1) + b2"] = (before * b).cumsum(1)
         case = f"batch {batch}, L {L}, d {d}"
         with credit.case(case):
             got = submission.scan_doubling(a, b)
