@@ -172,9 +172,10 @@ for ax in axes:
 axes[0].set(xscale="log", xlabel="key-value pairs P (log scale)",
             title=f"MQAR, ~20k parameters, {len(config['seeds'])} seeds (range)")
 axes[0].set_xticks(P_list, [str(P) for P in P_list])
+axes[0].minorticks_off()
 axes[1].set(xscale="log", xlabel=f"decoding state per sequence at L = {L_state} tokens (bytes, log scale)",
             title=f"recall at P = {P_list[-1]} against state size")
-axes[0].legend(fontsize=7, loc="lower left")
+axes[1].legend(fontsize=7, loc="center right")  # the same colours as the left panel
 plt.tight_layout()
 plt.show()
 """)
@@ -252,6 +253,7 @@ def compare(first, second):
     ax.set(xscale="log", xlabel="key-value pairs P (log scale)", ylabel="test accuracy", ylim=(0, 1.02),
            title=f"MQAR: {first} against {second}")
     ax.set_xticks(P_list, [str(P) for P in P_list])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     plt.show()
 
