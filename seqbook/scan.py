@@ -2,7 +2,7 @@ r"""The diagonal linear recurrence, three ways: a loop, a parallel scan, a Trito
 
 .. math::
 
-    h_t = a_t \odot h_{t-1} + b_t, \qquad t = 0, \dots, L-1, \qquad h_{-1} = h_0 \ (\text{zeros if not given}),
+    h_t = a_t \odot h_{t-1} + b_t, \qquad t = 0, \dots, L-1, \qquad h_{-1} = h_\text{init} \ (\text{the argument } h0\text{; zeros if not given}),
 
 independently for every batch element and channel. It is the primitive under a
 discretized diagonal SSM (:math:`a = \bar A`, :math:`b = \bar B u`), the selective
@@ -15,7 +15,8 @@ Glossary (symbol -> shape)
 
     a       (batch, length, channels)   the decay a_t, multiplies the previous state
     b       (batch, length, channels)   the input b_t, added to the state
-    h0      (batch, channels)           the state before the first step, h_{-1} (zeros if None)
+    h0      (batch, channels)           h_init = h_{-1}, the state before the first step (zeros if None);
+                                        not the first output h_0
     h       (batch, length, channels)   all states h_0 ... h_{L-1}
     h_last  (batch, channels)           the final state h_{L-1} (h0 itself when length is 0)
 
@@ -135,7 +136,7 @@ def linear_recurrence_parallel(
     Composition of maps is associative, hence so is :math:`\circ` (it is not
     commutative: the order of the steps matters). The composite of steps
     :math:`0..t` is :math:`(A_t, B_t) = (a_0 \cdots a_t,\ h_t \text{ from } h_{-1} = 0)`,
-    and with an initial state :math:`h_t = A_t h_0 + B_t`. Computing every prefix
+    and with an initial state :math:`h_t = A_t h_\text{init} + B_t`. Computing every prefix
     :math:`(a_0, b_0) \circ \cdots \circ (a_t, b_t)` of an associative operator is a
     *scan* (prefix sum), and scans parallelize (Blelloch 1990, "Prefix sums and their
     applications"; Martin and Cundy 2018, "Parallelizing linear recurrent neural nets
@@ -164,7 +165,7 @@ def linear_recurrence_parallel(
         return a.new_empty(batch, 0, channels), h_last
     A, H = _scan(a, b)
     if h0 is not None:
-        H = A * h0[:, None, :] + H  # h_t = A_t h_0 + B_t
+        H = A * h0[:, None, :] + H  # h_t = A_t h_init + B_t
     return H, H[:, -1]
 
 
