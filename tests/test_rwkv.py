@@ -237,7 +237,7 @@ def test_wkv7_public_entry_and_errors():
         rwkv.wkv7(r, log_w, k, v, kh, a, initial_state=S0[0])
     with pytest.raises(ValueError, match="wkv6: log_w must be <= 0"):
         rwkv.wkv6(r, k, v, -log_w, randn(2, 4))
-    with pytest.raises(ValueError, match=r"wkv6: u must have shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"wkv6: u must be \(heads, d_k\) = \(2, 4\)"):
         rwkv.wkv6(r, k, v, log_w, randn(4))
 
 
