@@ -147,17 +147,29 @@ def selective_copying_ablation(
     config = dict(seeds=seeds, steps=steps, models=list(models), length=length, n_tokens=n_tokens,
                   n_colors=n_colors, batch=batch, lr=lr, n_test=n_test, test_seed=1234, d_model=32, d_state=8,
                   curve_every=curve_every, chance=1 / n_colors)  # fmt: skip
-    runs = []
-    for name in models:
-        for seed in seeds:
-            model = copying_model(ABLATION_MIXERS[name], seed, n_tokens=n_tokens, n_colors=n_colors)
+    return _train_and_score(
+        config, lambda name, seed: copying_model(ABLATION_MIXERS[name], seed, n_tokens=n_tokens, n_colors=n_colors),
+        data, x_test, y_test, progress=progress, on_run=on_run, warmup=min(50, steps // 10),
+        log_every=max(1, steps // 5))  # fmt: skip
+
+
+def _train_and_score(config: dict, build: Callable[[str, int], nn.Module], data, x_test, y_test, *,
+                     progress: bool, on_run: Callable[[dict], None] | None, **fit_kwargs) -> dict:  # fmt: skip
+    """Train ``build(name, seed)`` for every model and seed of ``config`` with :func:`seqbook.train.fit`
+    (``config["steps"]`` steps at ``config["lr"]`` for every parameter, batches from ``data`` drawn with
+    ``seed``), score it on ``(x_test, y_test)``, and return the record the ablations share;
+    ``on_run`` gets the record so far after every run."""
+    runs, every = [], config["curve_every"]
+    for name in config["models"]:
+        for seed in config["seeds"]:
+            model = build(name, seed)
             if progress:
                 print(f"{name}, seed {seed}", flush=True)
-            history = train.fit(model, data, steps, lr=lr, ssm_lr=lr, warmup=min(50, steps // 10), seed=seed,
-                                progress=progress, log_every=max(1, steps // 5))  # fmt: skip
+            history = train.fit(model, data, config["steps"], lr=config["lr"], ssm_lr=config["lr"], seed=seed,
+                                progress=progress, **fit_kwargs)  # fmt: skip
             test = train.evaluate(model, x_test, y_test)
             acc = torch.tensor(history["accuracy"])
-            blocks = acc[: len(acc) // curve_every * curve_every].reshape(-1, curve_every).mean(1)
+            blocks = acc[: len(acc) // every * every].reshape(-1, every).mean(1)
             runs.append({"model": name, "seed": seed, "test_accuracy": round(test["accuracy"], 4),
                          "test_loss": round(test["loss"], 4),
                          "parameters": sum(p.numel() for p in model.parameters()),
@@ -241,25 +253,8 @@ def hippo_init_ablation(
     x_test, y_test = tasks.delayed_recall(n_test, length, generator=torch.Generator().manual_seed(1234))
     config = dict(seeds=seeds, steps=steps, models=list(models), length=length, batch=batch, lr=lr, n_test=n_test,
                   test_seed=1234, d_model=32, d_state=32, curve_every=curve_every, chance=0.25)  # fmt: skip
-    runs = []
-    for name in models:
-        for seed in seeds:
-            model = delayed_recall_model(name, seed)
-            if progress:
-                print(f"{name}, seed {seed}", flush=True)
-            history = train.fit(model, lambda g: tasks.delayed_recall(batch, length, generator=g), steps, lr=lr,
-                                ssm_lr=lr, seed=seed, progress=progress, log_every=max(1, steps // 4))  # fmt: skip
-            test = train.evaluate(model, x_test, y_test)
-            acc = torch.tensor(history["accuracy"])
-            blocks = acc[: len(acc) // curve_every * curve_every].reshape(-1, curve_every).mean(1)
-            runs.append({"model": name, "seed": seed, "test_accuracy": round(test["accuracy"], 4),
-                         "test_loss": round(test["loss"], 4),
-                         "parameters": sum(p.numel() for p in model.parameters()),
-                         "seconds": round(history["seconds"], 1),
-                         "curve": [round(v, 4) for v in blocks.tolist()]})  # fmt: skip
-            if on_run is not None:
-                on_run({"config": config, "runs": runs, "summary": _summary(runs)})
-    return {"config": config, "runs": runs, "summary": _summary(runs)}
+    return _train_and_score(config, delayed_recall_model, lambda g: tasks.delayed_recall(batch, length, generator=g),
+                            x_test, y_test, progress=progress, on_run=on_run, log_every=max(1, steps // 4))  # fmt: skip
 
 
 # Chapter 8: every family head to head (the code lives in seqbook.experiments_h2h)
