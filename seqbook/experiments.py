@@ -54,13 +54,15 @@ def experiment(name: str, default_out: str):
     return register
 
 
-def git_commit() -> str:
-    """The checkout's commit, with ``+uncommitted`` when tracked files differ from it ("unknown" outside git)."""
+def git_commit(*paths: str | Path) -> str:
+    """The checkout's commit, with ``+uncommitted`` when tracked files under ``paths`` (default: the whole
+    checkout) differ from it ("unknown" outside git). Pass the code that runs (``"seqbook"``, the script):
+    edits elsewhere in the checkout do not change what was measured."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *map(str, paths)],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
         return commit + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
     kwargs = {"seeds": tuple(range(args.seeds)), "progress": True}
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    commit = git_commit()
+    commit = git_commit("seqbook")  # the code an experiment runs
     out = args.out if args.out is not None else ROOT / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from seqbook import attention as attn  # noqa: E402
+from seqbook.experiments import git_commit  # noqa: E402
 from seqbook import corpus, train  # noqa: E402
 from seqbook.nn import LanguageModel  # noqa: E402
 
@@ -57,16 +57,6 @@ def score_stats(lm, tokens):
     return out
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "seqbook", str(Path(__file__))], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -80,7 +70,7 @@ def main(argv=None):
     val_x, val_y = corpus.lm_batch(val_tokens, 256, 64, generator=torch.Generator().manual_seed(10))
     configs = {"d=16, scale 1/sqrt(d)": (4, None), "d=16, scale 1": (4, 1.0),
                "d=64, scale 1/sqrt(d)": (1, None), "d=64, scale 1": (1, 1.0)}
-    runs, start, at_start = [], time.perf_counter(), commit()  # the code that runs is the code at the start
+    runs, start, at_start = [], time.perf_counter(), git_commit("seqbook", __file__)  # the code that runs is the code at the start
     for seed in args.seeds:
         for name, (n_heads, scale) in configs.items():
             torch.manual_seed(seed)

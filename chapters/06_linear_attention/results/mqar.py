@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from seqbook import attention, linear_attention, tasks, train  # noqa: E402
+from seqbook.experiments import git_commit  # noqa: E402
 from seqbook.nn import LanguageModel  # noqa: E402
 
 MIXERS = {
@@ -72,16 +72,6 @@ def run_one(mixer: str, n_pairs: int, seed: int, *, d_model: int, n_heads: int, 
                                         else 2 * d_model * (3 * n_pairs))}
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "seqbook", str(Path(__file__))], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
@@ -100,7 +90,7 @@ def main(argv=None):
     settings = dict(d_model=args.d_model, n_heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr,
                     n_keys=args.n_keys, n_values=args.n_values, device=args.device)
     cases = [(m, n, s) for n in args.pairs for s in args.seeds for m in MIXERS]
-    start, at_start = time.perf_counter(), commit()  # the code that runs is the code at the start
+    start, at_start = time.perf_counter(), git_commit("seqbook", __file__)  # the code that runs is the code at the start
     if args.jobs > 1:
         ctx = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
