@@ -708,6 +708,22 @@ def delta_rule_chunked(q, k, v, beta, initial_state=None, scale=None, chunk_size
     return o, S
 
 
+def _gated_backend(where, backend, q, k, v) -> str:
+    """``"triton"`` or ``"reference"`` for :func:`gla` and :func:`delta_rule`, whose kernels take the same
+    dtypes and head dims: ``"auto"`` falls back to the reference where the kernel cannot run, ``"triton"``
+    says why it cannot; an empty input launches nothing."""
+    chosen = _backend.resolve(backend, q, k, v)
+    if chosen == "triton":
+        refusal = _gla_kernel_refuses(q, v)
+        if refusal and backend == "auto":
+            chosen = "reference"
+        elif refusal:
+            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
+    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
+        chosen = "reference"  # nothing to launch
+    return chosen
+
+
 def _check_qkv(where, q, k, v, extra, initial_state, scale, chunk_size):
     """Validation shared by :func:`linear_attention`, :func:`gla` and :func:`delta_rule`: q, k, v,
     the initial state, the scale and the chunk size, plus each optional tensor of ``extra``,
@@ -773,16 +789,7 @@ def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk
     if log_alpha.numel() and not bool((log_alpha <= 0).all()):
         raise ValueError(f"{where}: log_alpha must be <= 0 (gates alpha = exp(log_alpha) in (0, 1]), "
                          f"got a maximum of {log_alpha.max().item():.3g}")  # fmt: skip
-    chosen = _backend.resolve(backend, q, k, v)
-    if chosen == "triton":
-        refusal = _gla_kernel_refuses(q, v)
-        if refusal and backend == "auto":
-            chosen = "reference"
-        elif refusal:
-            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
-    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
-        chosen = "reference"  # nothing to launch
-    if chosen == "triton":
+    if _gated_backend(where, backend, q, k, v) == "triton":
         o, S = _backend.kernels("gla").gla(q, k, v, log_alpha, initial_state, scale, bonus)
         return (o, S) if return_final_state else o
     work = torch.promote_types(q.dtype, torch.float32)
@@ -824,16 +831,7 @@ def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, 
     if beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
         raise ValueError(f"{where}: beta must lie in [0, 2] (the step is a contraction only there, for unit keys), "
                          f"got values in [{beta.min().item():.3g}, {beta.max().item():.3g}]")  # fmt: skip
-    chosen = _backend.resolve(backend, q, k, v)
-    if chosen == "triton":
-        refusal = _gla_kernel_refuses(q, v)  # the same dtypes and head dims
-        if refusal and backend == "auto":
-            chosen = "reference"
-        elif refusal:
-            raise refusal[0](f"{where}(backend='triton'): {refusal[1]}; use backend='reference' for it")
-    if chosen == "triton" and (q.numel() == 0 or v.numel() == 0):
-        chosen = "reference"  # nothing to launch
-    if chosen == "triton":
+    if _gated_backend(where, backend, q, k, v) == "triton":
         o, S = _backend.kernels("delta").delta_rule(q, k, v, beta, initial_state, scale)
         return (o, S) if return_final_state else o
     work = torch.promote_types(q.dtype, torch.float32)
