@@ -88,6 +88,7 @@ from torch.nn import functional as F
 
 from . import backend as _backend
 from . import linear_attention as _la
+from .validate import check_device, check_tensor
 
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -446,12 +447,9 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
 
 
 def _check_tensor(where, name, x, ref, ref_name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"{where}: {name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
-    if x.device != ref.device:
-        raise ValueError(f"{where}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+    """``x`` is a floating tensor on ``ref``'s device (the checks of :mod:`seqbook.validate`)."""
+    check_tensor(where, name, x, REFERENCE_DTYPES)
+    check_device(where, name, x, ref_name, ref)
 
 
 # --------------------------------------------------------------------------------------
