@@ -52,6 +52,10 @@ Three forms of one map, ``(q, k, v, log_decay, initial_state, scale) -> (o, fina
   and backward.
 
 The public entry :func:`linear_attention` validates and picks one with ``backend``.
+
+Further down: vector gates (:func:`gla`, GLA) and the delta rule (:func:`delta_rule`, DeltaNet),
+each with readable forms and a Triton kernel, and the trainable mixers around the three
+operations, :class:`LinearAttention`, :class:`GatedLinearAttention` and :class:`DeltaNet`.
 """
 
 from __future__ import annotations
@@ -839,3 +843,193 @@ def delta_rule(q, k, v, beta, *, initial_state=None, scale=None, chunk_size=64, 
     o, S = delta_rule_chunked(cast(q), cast(k), cast(v), cast(beta), cast(initial_state), scale, chunk_size)
     o = o.to(q.dtype)
     return (o, S) if return_final_state else o
+
+
+# --------------------------------------------------------------------------------------
+# GLA and DeltaNet as mixers (trainable layers with the interface of LinearAttention)
+# --------------------------------------------------------------------------------------
+
+
+def _check_mixer_dims(where: str, d_model, n_heads):
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"{where}: d_model must be a positive int, got {d_model!r}")
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
+        raise ValueError(f"{where}: n_heads must be a positive int dividing d_model = {d_model}, got {n_heads!r}")
+
+
+def _check_x(where: str, x, d_model: int, ndim: int):
+    what = "(batch, length, d_model)" if ndim == 3 else "(batch, d_model)"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: x must be a torch.Tensor {what}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: x must be a floating tensor {what}, got {x.dtype}")
+    if x.ndim != ndim or x.shape[-1] != d_model:
+        raise ValueError(f"{where}: x must be {what} with d_model = {d_model}, got shape {tuple(x.shape)}")
+
+
+def _head_rms_norm(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each head's output RMS-normalized, ``(..., heads, d) -> (..., heads, d)``: the output's scale no
+    longer depends on how much the state has accumulated (GLA's and DeltaNet's head-wise norm)."""
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+
+class GatedLinearAttention(nn.Module):
+    r"""Multi-head gated linear attention with vector gates (GLA, Yang et al. 2024), ``(batch, length,
+    d_model) -> (batch, length, d_model)``.
+
+    .. math::
+
+        q_t, k_t, v_t = x_t W_q, x_t W_k, x_t W_v, \qquad
+        \alpha_t = \sigma(x_t W_\alpha^1 W_\alpha^2 + b_\alpha)^{1/\tau} \in (0, 1)^{d_k},
+
+        S_t = \mathrm{Diag}(\alpha_t) S_{t-1} + k_t v_t^\top, \quad o_t = s\, q_t^\top S_t \quad(\text{:func:`gla`}),
+        \qquad y_t = \big(\mathrm{SiLU}(x_t W_r) \odot \mathrm{norm}(o_t)\big) W_o,
+
+    per head (the paper's Eq. 4-5 and its layer in Sec. 4.4). The gate comes from a low-rank
+    projection (``gate_rank``, 16 in the paper: a full ``d_model x d_model`` gate would cost as
+    much as a projection for one vector of decays) and is formed in log space,
+    :math:`\log\alpha_t = \mathrm{logsigmoid}(\cdot)/\tau`, which is what :func:`gla` takes; the
+    temperature :math:`\tau = 16` keeps :math:`\alpha_t` near 1 (about 0.96 at initialization), so
+    the state starts by remembering. :math:`q, k` have no feature map (the paper's choice: the gate,
+    not positivity, keeps the state bounded), and ``norm`` is a per-head RMS norm.
+
+    Args:
+        d_model, n_heads: the width and the number of heads (dividing it); ``d_k = d_v = d_model / n_heads``.
+        gate_rank: the rank of the gate's projection :math:`W_\alpha^1 W_\alpha^2`.
+        gate_temperature: :math:`\tau`.
+        backend: for :func:`gla` in :meth:`forward` (``"auto"``: the Triton kernel on CUDA when
+            ``d_k`` is one of ``KERNEL_HEAD_DIMS``).
+
+    **Decoding.** The state is ``S (batch, n_heads, d_k, d_v)``; :meth:`step` applies one step of
+    :func:`gla_recurrent` and reproduces :meth:`forward`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, gate_rank: int = 16, gate_temperature: float = 16.0,
+                 backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        _check_mixer_dims("GatedLinearAttention", d_model, n_heads)
+        if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
+            raise ValueError(f"GatedLinearAttention: gate_rank must be a positive int, got {gate_rank!r}")
+        if not isinstance(gate_temperature, (int, float)) or not gate_temperature > 0:
+            raise ValueError(f"GatedLinearAttention: gate_temperature must be a positive number, got {gate_temperature!r}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.gate_temperature, self.backend = float(gate_temperature), backend
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.gate_down = nn.Linear(d_model, gate_rank, bias=False)  # W_alpha^1
+        self.gate_up = nn.Linear(gate_rank, d_model)  # W_alpha^2, b_alpha
+        self.output_gate = nn.Linear(d_model, d_model, bias=False)  # W_r
+        self.out = nn.Linear(d_model, d_model, bias=False)  # W_o
+        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def _project(self, x):
+        """``x (..., d_model)`` -> ``q, k, v, log_alpha (..., n_heads, d)``."""
+        heads = (self.n_heads, self.head_dim)
+        q, k, v = self.qkv(x).unflatten(-1, (3, *heads)).unbind(dim=-3)
+        log_alpha = F.logsigmoid(self.gate_up(self.gate_down(x))) / self.gate_temperature
+        return q, k, v, log_alpha.unflatten(-1, heads)
+
+    def _finish(self, o, x):
+        o = _head_rms_norm(o, self.norm_weight).flatten(-2)
+        return self.out(F.silu(self.output_gate(x)) * o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_x("GatedLinearAttention", x, self.d_model, 3)
+        q, k, v, log_alpha = self._project(x)
+        return self._finish(gla(q, k, v, log_alpha, backend=self.backend), x)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """The empty state: ``S``, zeros ``(batch, n_heads, d_k, d_v)``."""
+        return torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token: ``x_t (batch, d_model)``, ``state = S`` -> ``(y_t (batch, d_model), S')``."""
+        _check_x("GatedLinearAttention.step", x_t, self.d_model, 2)
+        q, k, v, log_alpha = (t[:, None] for t in self._project(x_t))
+        o, S = gla_recurrent(q, k, v, log_alpha, initial_state=state)
+        return self._finish(o[:, 0], x_t), S
+
+
+class DeltaNet(nn.Module):
+    r"""Multi-head DeltaNet (Schlag et al. 2021; Yang et al. 2024b), ``(batch, length, d_model) -> (batch, length, d_model)``.
+
+    .. math::
+
+        q_t, k_t, v_t = \mathrm{SiLU}(\mathrm{conv}(x W_q, x W_k, x W_v))_t, \qquad
+        q_t, k_t \leftarrow \frac{q_t}{\lVert q_t\rVert}, \frac{k_t}{\lVert k_t\rVert}, \qquad
+        \beta_t = \beta_{\max}\, \sigma(x_t w_\beta + b_\beta),
+
+        S_t = (I - \beta_t k_t k_t^\top) S_{t-1} + \beta_t k_t v_t^\top, \quad o_t = s\, q_t^\top S_t
+        \quad(\text{:func:`delta_rule`}), \qquad y_t = \mathrm{norm}(o_t)\, W_o,
+
+    per head, with one :math:`\beta_t` per head and token. The keys are L2-normalized because the
+    step :math:`I - \beta_t k_t k_t^\top` is a contraction only for :math:`0 \le \beta_t\lVert k_t\rVert^2
+    \le 2`: with unit keys any :math:`\beta_t \in (0, 2)` keeps the state bounded. ``beta_max = 1``
+    (DeltaNet's sigmoid) gives each step eigenvalues in :math:`[0, 1]`; ``beta_max = 2`` (Grazzi et al.
+    2025) allows the reflection :math:`\beta = 2`, eigenvalue :math:`-1`, which is what parity needs
+    (chapter 7, section 5). The short causal convolution (``conv_size`` taps per channel, depthwise,
+    as in Yang et al. 2024b and Mamba) lets a key see its predecessor, which the recall tasks use;
+    ``conv_size=None`` leaves it out (then the activation is SiLU of the projection alone).
+
+    Args:
+        d_model, n_heads: the width and the number of heads (dividing it); ``d_k = d_v = d_model / n_heads``.
+        beta_max: 1 (:math:`\beta_t \in (0, 1)`) or 2 (:math:`\beta_t \in (0, 2)`).
+        conv_size: taps of the short convolution, or None.
+        backend: for :func:`delta_rule` in :meth:`forward`.
+
+    **Decoding.** The state is ``(window, S)``: the last ``conv_size - 1`` projected inputs
+    ``(batch, conv_size - 1, 3 d_model)`` (empty without the convolution) and ``S (batch, n_heads, d_k,
+    d_v)``; :meth:`step` applies one step of :func:`delta_rule_recurrent` and reproduces :meth:`forward`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, beta_max: float = 1.0, conv_size: int | None = 4,
+                 backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        _check_mixer_dims("DeltaNet", d_model, n_heads)
+        if beta_max not in (1, 2):
+            raise ValueError(f"DeltaNet: beta_max must be 1 (beta in (0, 1)) or 2 (beta in (0, 2)), got {beta_max!r}")
+        if conv_size is not None and (isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 1):
+            raise ValueError(f"DeltaNet: conv_size must be a positive int or None, got {conv_size!r}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.beta_max, self.conv_size, self.backend = float(beta_max), conv_size, backend
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        if conv_size is not None:
+            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, conv_size, groups=3 * d_model, padding=conv_size - 1)
+        self.beta = nn.Linear(d_model, n_heads)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def _heads(self, u, x):
+        """Activated projections ``u (..., 3 d_model)`` and the input ``x`` -> ``q, k, v (..., n_heads, d)``, ``beta (..., n_heads)``."""
+        q, k, v = F.silu(u).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=-3)
+        beta = self.beta_max * torch.sigmoid(self.beta(x))
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta
+
+    def _finish(self, o):
+        return self.out(_head_rms_norm(o, self.norm_weight).flatten(-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_x("DeltaNet", x, self.d_model, 3)
+        u = self.qkv(x)
+        if self.conv_size is not None:  # causal: pad both sides, keep the first L outputs
+            u = self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        q, k, v, beta = self._heads(u, x)
+        return self._finish(delta_rule(q, k, v, beta, backend=self.backend))
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """The empty state ``(window, S)``: zeros ``(batch, conv_size - 1, 3 d_model)`` and ``(batch, n_heads, d, d)``."""
+        taps = 0 if self.conv_size is None else self.conv_size - 1
+        return (torch.zeros(batch, taps, 3 * self.d_model, device=device, dtype=dtype),
+                torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype))  # fmt: skip
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token: ``x_t (batch, d_model)``, ``state = (window, S)`` -> ``(y_t (batch, d_model), (window', S'))``."""
+        _check_x("DeltaNet.step", x_t, self.d_model, 2)
+        window, S = state
+        u = self.qkv(x_t)
+        if self.conv_size is not None:
+            window = torch.cat([window, u[:, None]], dim=1)  # (batch, conv_size, 3 d_model), oldest first
+            u = torch.einsum("btc,ct->bc", window, self.conv.weight[:, 0]) + self.conv.bias
+            window = window[:, 1:]
+        q, k, v, beta = (t[:, None] for t in self._heads(u, x_t))
+        o, S = delta_rule_recurrent(q, k, v, beta, initial_state=S)
+        return self._finish(o[:, 0]), (window, S)

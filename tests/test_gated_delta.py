@@ -319,3 +319,140 @@ def test_delta_kernel_float16_and_refusals(device):
     q = randn(1, 8, 1, 16, dtype=torch.float32).to(device)
     with pytest.raises(ValueError, match=r"head dims d_v in \(16, 32, 64, 128\), got d_v = 8"):
         la.delta_rule(q, q, q[..., :8], rand(1, 8, 1, dtype=torch.float32).to(device), backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# The mixers: GatedLinearAttention and DeltaNet
+# --------------------------------------------------------------------------------------
+
+MIXERS = {
+    "gla": lambda d, h: la.GatedLinearAttention(d, h),
+    "gla rank 4": lambda d, h: la.GatedLinearAttention(d, h, gate_rank=4, gate_temperature=4.0),
+    "deltanet": lambda d, h: la.DeltaNet(d, h),
+    "deltanet beta in (0, 2), no conv": lambda d, h: la.DeltaNet(d, h, beta_max=2, conv_size=None),
+    "deltanet conv 2": lambda d, h: la.DeltaNet(d, h, conv_size=2),
+}
+
+
+def mixer(name, d_model=12, n_heads=2, seed=0, dtype=F64, backend="reference"):
+    torch.manual_seed(seed)
+    m = MIXERS[name](d_model, n_heads).to(dtype)
+    m.backend = backend
+    with torch.no_grad():  # move the biases off their initial values so that every path is exercised
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=dtype))
+    return m
+
+
+def stepped(m, x):
+    """The mixer run one token at a time from its empty state: ``(y (batch, length, d_model), final state)``."""
+    state = m.init_state(x.shape[0], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, state = m.step(x[:, t], state)
+        ys.append(y_t)
+    return torch.stack(ys, dim=1), state
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("L", [1, 70])  # 70 crosses a chunk boundary of the forward's chunked form
+def test_mixer_step_equals_forward_with_gradients(name, L):
+    """Decoding one token at a time is the same function as the chunked forward, in float64: outputs and
+    the gradient of every parameter and of the input (the step runs the plain recurrence)."""
+    m = mixer(name)
+    x = randn(2, L, 12, seed=L)
+    dy = randn(2, L, 12, seed=L + 1)
+    results = []
+    for run in (lambda x: m(x), lambda x: stepped(m, x)[0]):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = run(xx)
+        (y * dy).sum().backward()
+        results.append((y.detach(), xx.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (y_f, dx_f, g_f), (y_s, dx_s, g_s) = results
+    assert_near(y_s, y_f, 1e-11, f"{name}: step vs forward")
+    assert_near(dx_s, dx_f, 1e-11, f"{name}: dx")
+    for n in g_f:
+        assert_near(g_s[n], g_f[n], 1e-11, f"{name}: d{n}", floor=1e-3)
+        if L > 1:  # every parameter takes part: its gradient is not zero
+            assert g_f[n].abs().max() > 0, f"{name}: no gradient reaches {n}"
+
+
+@pytest.mark.parametrize("name", ["gla", "deltanet"])
+def test_mixer_in_a_language_model_decodes_like_forward(name):
+    from seqbook.nn import LanguageModel
+
+    torch.manual_seed(3)
+    lm = LanguageModel(lambda d: MIXERS[name](d, 2), vocab_size=11, d_model=16, n_layers=2, ffn_mult=2).double()
+    tokens = torch.randint(0, 11, (3, 25), generator=torch.Generator().manual_seed(4))
+    logits = lm(tokens)
+    state = lm.init_state(3)
+    steps = []
+    for t in range(25):
+        out, state = lm.step(tokens[:, t], state)
+        steps.append(out)
+    assert_near(torch.stack(steps, 1), logits, 1e-11, f"{name} language model: step vs forward")
+
+
+def test_deltanet_beta_ranges_and_unit_keys():
+    """beta_max bounds beta; q and k reach the delta rule with unit norm (the step is then a contraction)."""
+    x = randn(2, 9, 12, seed=5) * 10  # large inputs: sigmoid near its ends
+    for beta_max in (1, 2):
+        m = la.DeltaNet(12, 3, beta_max=beta_max).double()
+        with torch.no_grad():
+            u = m.conv(m.qkv(x).transpose(1, 2))[..., :9].transpose(1, 2)
+            q, k, v, beta = m._heads(u, x)
+        assert beta.shape == (2, 9, 3) and float(beta.min()) >= 0 and float(beta.max()) <= beta_max
+        assert float(beta.max()) > 0.9 * beta_max  # the range is used, not only its lower half
+        torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 9, 3, dtype=F64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q.norm(dim=-1), torch.ones(2, 9, 3, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+def test_gla_mixer_gates_in_log_space():
+    """log alpha = logsigmoid(.)/tau: <= 0, and near 0 at initialization (alpha ~ 0.5^(1/16) ~ 0.96)."""
+    m = la.GatedLinearAttention(16, 2).double()
+    with torch.no_grad():
+        _, _, _, log_alpha = m._project(randn(2, 7, 16, seed=6))
+    assert log_alpha.shape == (2, 7, 2, 8) and float(log_alpha.max()) <= 0
+    alpha = torch.exp(log_alpha)
+    assert 0.9 < float(alpha.min()) and float(alpha.max()) < 1
+
+
+@pytest.mark.parametrize("name", ["gla", "deltanet"])
+def test_mixer_kernel_backend_matches_reference(device, name):
+    """With d_k = 16 the mixer's forward goes through the Triton kernel (interpreted on CPU):
+    output and every parameter gradient equal to the reference backend's, in float32."""
+    results = []
+    for backend in ("triton", "reference"):
+        m = mixer(name, d_model=32, n_heads=2, seed=7, dtype=torch.float32, backend=backend).to(device)
+        x = randn(2, 20, 32, seed=8, dtype=torch.float32).to(device)
+        y = m(x)
+        (y * randn(2, 20, 32, seed=9, dtype=torch.float32).to(device)).sum().backward()
+        results.append((y.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (y_k, g_k), (y_r, g_r) = results
+    assert_near(y_k, y_r, 1e-4, f"{name}: kernel vs reference")
+    for n in g_r:
+        assert_near(g_k[n], g_r[n], 1e-4, f"{name}: d{n}, kernel vs reference")
+
+
+def test_mixer_bad_input():
+    for cls in (la.GatedLinearAttention, la.DeltaNet):
+        with pytest.raises(ValueError, match="n_heads must be a positive int dividing d_model = 12"):
+            cls(12, 5)
+        with pytest.raises(ValueError, match="d_model must be a positive int"):
+            cls(0, 1)
+        m = cls(12, 2)
+        with pytest.raises(ValueError, match=r"x must be \(batch, length, d_model\) with d_model = 12, got shape \(2, 5, 8\)"):
+            m(torch.zeros(2, 5, 8))
+        with pytest.raises(TypeError, match=r"x must be a floating tensor"):
+            m(torch.zeros(2, 5, 12, dtype=torch.long))
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            m([[0.0] * 12])
+        with pytest.raises(ValueError, match=r"x must be \(batch, d_model\) with d_model = 12, got shape \(2, 1, 12\)"):
+            m.step(torch.zeros(2, 1, 12), m.init_state(2))
+    with pytest.raises(ValueError, match="beta_max must be 1"):
+        la.DeltaNet(12, 2, beta_max=3)
+    with pytest.raises(ValueError, match="conv_size must be a positive int or None"):
+        la.DeltaNet(12, 2, conv_size=0)
+    with pytest.raises(ValueError, match="gate_rank must be a positive int"):
+        la.GatedLinearAttention(12, 2, gate_rank=0)
