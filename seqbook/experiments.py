@@ -263,6 +263,20 @@ def hippo_init_ablation(
 from .experiments_h2h import mqar_head_to_head  # noqa: E402
 
 experiment("mqar_head_to_head", "chapters/08_head_to_head/results/mqar_head_to_head.json")(mqar_head_to_head)
+from .experiments_beyond import images_as_sequences, lm_matched_compute  # noqa: E402
+
+experiment("lm_matched_compute", "chapters/08_head_to_head/results/lm_matched_compute.json")(lm_matched_compute)
+experiment("images_as_sequences", "chapters/08_head_to_head/results/images_as_sequences.json")(images_as_sequences)
+
+# Chapters 5-7: the score-scale ablation, MQAR of two mixers, the LM comparison (seqbook.experiments_chapters)
+from .experiments_chapters import REGISTRY as _CHAPTER_EXPERIMENTS  # noqa: E402
+
+EXPERIMENTS.update(_CHAPTER_EXPERIMENTS)
+# Chapter 8, copying page: copying, selective copying, induction heads (seqbook.experiments_copying)
+from . import experiments_copying as _copying  # noqa: E402
+
+for _name in ("copying_head_to_head", "selective_copying_head_to_head", "induction_heads_head_to_head"):
+    experiment(_name, f"chapters/08_head_to_head/results/{_name}.json")(getattr(_copying, _name))
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,14 @@ Tasks (chapters 3, 4 and 6):
   "Zoology"); key-value pairs, then keys again, whose values must be recalled. Token ids, for
   a language model: recall with a fixed-size state against attention's growing cache.
 
+Token-id tasks for chapter 8's language models (targets ``-100`` where nothing is scored):
+
+- :func:`copying`: a string, a separator, the string again (Jelassi et al. 2024, "Repeat After
+  Me"): what a fixed-size state cannot do beyond its size.
+- :func:`induction_heads`: the token that followed a trigger, asked for at the end (Gu and Dao
+  2023, Sec. 4.1.2).
+- :func:`selective_copying_ids`: :func:`selective_copying` as token ids.
+
 Glossary (symbol -> shape)
 --------------------------
 ::
@@ -215,3 +223,82 @@ def associative_recall(
     pairs = torch.stack([keys, values], dim=-1).flatten(1)  # k_1 v_1 k_2 v_2 ...
     x = torch.cat([pairs, keys.gather(1, which)], dim=1)
     return x, values.gather(1, which)
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 8: copying and induction heads, as token ids for a language model
+# --------------------------------------------------------------------------------------
+
+#: Targets a language model must not be scored on (F.cross_entropy's default ``ignore_index``).
+IGNORE = -100
+
+
+def _check_ids(**sizes):
+    for name, (v, low) in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+
+
+def copying(batch: int, n: int, *, n_symbols: int = 16, generator: torch.Generator | None = None):
+    r"""Copy a string: ``x (batch, 2 n)`` int64 token ids, ``y (batch, 2 n)`` int64 targets.
+
+    Each row is a string :math:`s_1 \dots s_n` of symbols drawn uniformly (with repeats) from
+    ``0 .. n_symbols - 1``, then the separator (id ``n_symbols``), then the string again
+    (Jelassi et al. 2024, "Repeat After Me", Sec. 3). Read as a language model reads it, with
+    the true previous tokens fed in (teacher forcing)::
+
+        x:  s_1 ... s_n  SEP  s_1 ... s_{n-1}
+        y:  -100 ... -100  s_1  s_2 ... s_n
+
+    the prediction at the separator is :math:`s_1`, and at each copied token the next one; the
+    ``n`` positions of the string itself carry the target ``-100`` (:data:`IGNORE`), which
+    cross-entropy skips. A row is copied exactly when all ``n`` predictions are right, which is
+    also when greedy decoding from the separator reproduces the string. The vocabulary has
+    ``n_symbols + 1`` tokens; a string carries :math:`n \log_2(\text{n\_symbols})` bits.
+    """
+    _check_ids(batch=(batch, 1), n=(n, 1), n_symbols=(n_symbols, 2))
+    gen = _generator(generator)
+    s = torch.randint(0, n_symbols, (batch, n), generator=gen)
+    sep = torch.full((batch, 1), n_symbols, dtype=torch.long)
+    x = torch.cat([s, sep, s[:, :-1]], dim=1)
+    y = torch.cat([torch.full((batch, n), IGNORE, dtype=torch.long), s], dim=1)
+    return x, y
+
+
+def induction_heads(batch: int, length: int, *, n_symbols: int = 16, generator: torch.Generator | None = None):
+    r"""Induction heads: ``x (batch, length)`` int64 token ids, ``y (batch, length)`` int64 targets.
+
+    A random string over ``0 .. n_symbols - 1`` in which a trigger token (id ``n_symbols``)
+    appears once, at a uniformly random position among the first ``length - 2``, followed by
+    an answer token; the trigger appears again at the last position, where the model must
+    produce the token that followed it the first time (Gu and Dao 2023, "Mamba", Sec. 4.1.2;
+    Olsson et al. 2022 named the two-layer attention circuit that does it an *induction head*).
+    ``y`` is ``-100`` (:data:`IGNORE`) everywhere but the last position, which holds the
+    answer. Chance is ``1 / n_symbols``; the vocabulary has ``n_symbols + 1`` tokens.
+    Needs ``length >= 3``.
+    """
+    _check_ids(batch=(batch, 1), length=(length, 3), n_symbols=(n_symbols, 2))
+    gen = _generator(generator)
+    x = torch.randint(0, n_symbols, (batch, length), generator=gen)
+    where = torch.randint(0, length - 2, (batch,), generator=gen)
+    rows = torch.arange(batch)
+    x[rows, where] = n_symbols
+    x[:, -1] = n_symbols
+    y = torch.full((batch, length), IGNORE, dtype=torch.long)
+    y[:, -1] = x[rows, where + 1]
+    return x, y
+
+
+def selective_copying_ids(batch: int, length: int, n_tokens: int = 4, n_colors: int = 4, *,
+                          generator: torch.Generator | None = None):  # fmt: skip
+    r""":func:`selective_copying` as token ids for a language model: ``x (batch, length)``, ``y (batch, length)`` int64.
+
+    The same sequences (blank 0, colours ``1 .. n_colors``, marker ``n_colors + 1``; the same draws
+    from ``generator``), with ``y`` holding the colour *ids* at the ``n_tokens`` marker positions and
+    ``-100`` (:data:`IGNORE`) elsewhere. The vocabulary has ``n_colors + 2`` tokens.
+    """
+    x, colors = selective_copying(batch, length, n_tokens, n_colors, generator=generator)
+    ids = x.argmax(-1)
+    y = torch.full_like(ids, IGNORE)
+    y[:, -n_tokens:] = colors + 1
+    return ids, y
