@@ -267,10 +267,6 @@ from .experiments_beyond import images_as_sequences, lm_matched_compute  # noqa:
 
 experiment("lm_matched_compute", "chapters/08_head_to_head/results/lm_matched_compute.json")(lm_matched_compute)
 experiment("images_as_sequences", "chapters/08_head_to_head/results/images_as_sequences.json")(images_as_sequences)
-from .experiments_beyond import images_as_sequences, lm_matched_compute  # noqa: E402
-
-experiment("lm_matched_compute", "chapters/08_head_to_head/results/lm_matched_compute.json")(lm_matched_compute)
-experiment("images_as_sequences", "chapters/08_head_to_head/results/images_as_sequences.json")(images_as_sequences)
 
 # Chapters 5-7: the score-scale ablation, MQAR of two mixers, the LM comparison (seqbook.experiments_chapters)
 from .experiments_chapters import REGISTRY as _CHAPTER_EXPERIMENTS  # noqa: E402
