@@ -59,6 +59,12 @@ WIDE = dict(B=4, L=4096, H=32, d=64, dtype="bf16", causal=True)
 SWEEP_LENGTHS = [512, 1024, 2048, 4096, 8192, 32768]  # 16384 is the target itself
 SHAPES = [TARGET, WIDE] + [dict(B=max(1, 16384 // L), L=L, H=16, d=128, dtype="bf16", causal=True)
                            for L in SWEEP_LENGTHS]  # fmt: skip
+# The book's time-against-length plots (``python -m benchmarks.run --lengths``): one batch of
+# 16 heads at every length, so that the time grows as the work does (L^2 here, L for the
+# recurrent families, which use the same B, H and d).
+LENGTH_SHAPES = [dict(B=1, L=L, H=16, d=128, dtype="bf16", causal=True, lengths=True)
+                 for L in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]  # fmt: skip
+SHAPES = SHAPES + LENGTH_SHAPES
 REFERENCE_MAX_L = 4096  # the naive form's (B, H, L, L) scores and their gradients must fit
 
 
@@ -159,7 +165,7 @@ def _impls(kind: int) -> list[Impl]:
     cudnn, flash = _sdpa("cudnn"), _sdpa("flash")
     return [
         Impl("seqbook.triton", triton[kind], graph=True),
-        Impl("seqbook.reference", naive[kind], when=lambda s: s["L"] <= REFERENCE_MAX_L),
+        Impl("seqbook.reference", naive[kind], when=lambda s: s["L"] <= REFERENCE_MAX_L and not s.get("lengths")),
         Impl("anchor:sdpa-cudnn", cudnn[kind], available=lambda: _sdpa_available("cudnn")),
         Impl("anchor:sdpa-flash", flash[kind], available=lambda: _sdpa_available("flash")),
     ]

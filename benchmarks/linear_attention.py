@@ -62,6 +62,9 @@ WIDE = dict(B=4, L=4096, H=32, d=64, dtype="bf16")
 TARGET = dict(B=1, L=16384, H=16, d=128, dtype="bf16", target=True)
 SWEEP_LENGTHS = [1024, 2048, 4096, 8192, 32768]  # 16384 is the target itself
 SHAPES = [WIDE, TARGET] + [dict(B=max(1, 16384 // L), L=L, H=16, d=128, dtype="bf16") for L in SWEEP_LENGTHS]
+# The book's time-against-length plots (``--lengths``): attention's B, H, d (benchmarks.attention).
+LENGTH_SHAPES = [dict(B=1, L=L, H=16, d=128, dtype="bf16", lengths=True)
+                 for L in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]  # fmt: skip
 REFERENCE_MAX_L = 4096  # the PyTorch chunked form: 64 Python iterations per 4096 tokens
 CHUNK = 64
 
@@ -158,7 +161,7 @@ def _available(module: str, name: str):
 
 
 def _impls(grad: bool, decay: bool) -> list[Impl]:
-    small = lambda s: s["L"] <= REFERENCE_MAX_L  # noqa: E731
+    small = lambda s: s["L"] <= REFERENCE_MAX_L and not s.get("lengths")  # noqa: E731
     impls = [Impl("seqbook.triton", _build(_ours("triton"), grad), graph=True),
              Impl("seqbook.reference", _build(_reference, grad), when=small)]  # fmt: skip
     if decay:
@@ -172,13 +175,14 @@ def _impls(grad: bool, decay: bool) -> list[Impl]:
     if not grad:
         impls.append(Impl("anchor:fla.fused_recurrent_linear_attn",
                           _build(_fla_call("fla.ops.linear_attn", "fused_recurrent_linear_attn"), False),
+                          when=lambda s: not s.get("lengths"),
                           available=_available("fla.ops.linear_attn", "fused_recurrent_linear_attn")))  # fmt: skip
     return impls
 
 
-register(Op("linear_attention.fwd", SHAPES, shape_name, make_inputs, functools.partial(_bytes, arrays=4),
+register(Op("linear_attention.fwd", SHAPES + LENGTH_SHAPES, shape_name, make_inputs, functools.partial(_bytes, arrays=4),
             _impls(grad=False, decay=False), flops=forward_flops))
-register(Op("linear_attention.fwdbwd", SHAPES, shape_name, functools.partial(make_inputs, grad=True),
+register(Op("linear_attention.fwdbwd", SHAPES + LENGTH_SHAPES, shape_name, functools.partial(make_inputs, grad=True),
             functools.partial(_bytes, arrays=11), _impls(grad=True, decay=False),
             flops=lambda s: 3 * forward_flops(s)))
 register(Op("linear_attention.decay_fwd", SHAPES, shape_name, functools.partial(make_inputs, decay=True),

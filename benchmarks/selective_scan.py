@@ -90,6 +90,11 @@ SMALL = dict(B=1, L=1024, D=2048, N=16, dtype="fp32", quick=True)
 # configuration of GPU.md's anchor figures): the target in both dtypes with them.
 SOFTPLUS = [dict(TARGET, softplus=True, target=True), dict(TARGET, dtype="fp32", softplus=True, target=True)]
 SHAPES = [dict(TARGET, L=L) for L in LENGTHS] + [dict(TARGET, dtype="fp32"), SMALL] + SOFTPLUS
+# The book's time-against-length plots (``--lengths``): one sequence of D = 2048 channels
+# (attention's 16 heads of 128) at every length.
+LENGTH_SHAPES = [dict(B=1, L=L, D=2048, N=16, dtype="bf16", lengths=True)
+                 for L in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]  # fmt: skip
+SHAPES = SHAPES + LENGTH_SHAPES
 REFERENCE_MAX_L = 4096  # the reference's (B, L, D, N) tensors: about 30 GB for fwd+bwd at 4096
 
 
@@ -279,14 +284,14 @@ def _mamba_build(which: str, backward: bool):
 
 
 def _is_small(s: dict) -> bool:
-    return s["B"] * s["L"] <= SMALL["B"] * SMALL["L"]
+    return s["B"] * s["L"] <= SMALL["B"] * SMALL["L"] and not s.get("lengths")
 
 
 def _impls(wrap, backward: bool) -> list[Impl]:
     return [
         Impl("seqbook.triton", wrap(functools.partial(mamba.selective_scan, backend="triton")), graph=True),
         Impl("seqbook.reference", wrap(functools.partial(mamba.selective_scan, backend="reference")),
-             when=lambda s: s["L"] <= REFERENCE_MAX_L, graph=True),
+             when=lambda s: s["L"] <= REFERENCE_MAX_L and not s.get("lengths"), graph=True),
         Impl("anchor:mamba_ssm.selective_scan_ref", _mamba_build("ref", backward), when=_is_small,
              available=lambda: _mamba_ref()[1]),
         Impl("anchor:mamba_ssm.selective_scan_fn", _mamba_build("cuda", backward),
@@ -480,6 +485,7 @@ register_sweep("selective_scan", sweep)
 
 SSD_TARGET = dict(B=4, L=4096, H=32, P=64, G=1, N=128, dtype="bf16")
 SSD_SHAPES = [dict(SSD_TARGET, L=L) for L in (1024, 4096, 16384)]
+SSD_SHAPES += [dict(SSD_TARGET, B=1, L=L, lengths=True) for L in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]  # --lengths
 
 
 def ssd_shape_name(s: dict) -> str:
@@ -543,7 +549,7 @@ def _ssd_build(which: str):
 
 register(Op("ssd.fwd", SSD_SHAPES, ssd_shape_name, ssd_inputs, _ssd_bytes, [
     Impl("seqbook.triton", _ssd_build("triton"), graph=True),
-    Impl("seqbook.reference", _ssd_build("reference"), graph=True),
+    Impl("seqbook.reference", _ssd_build("reference"), graph=True, when=lambda s: not s.get("lengths")),
     Impl("anchor:mamba_ssm.mamba_chunk_scan_combined", _ssd_build("anchor"),
          available=lambda: _mamba_chunk_scan()[1]),
 ], flops=_ssd_flops))  # fmt: skip
