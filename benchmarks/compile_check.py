@@ -84,7 +84,7 @@ def cases():
     import importlib
 
     k = {m: importlib.import_module(f"seqbook.kernels.{m}") for m in
-         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4", "gla", "delta")}  # fmt: skip
+         ("scan", "ssm_kernel", "cauchy", "selective_scan", "ssd", "attention", "linear_attention", "rwkv4", "gla", "delta", "rwkv7")}  # fmt: skip
     for m in k.values():  # modules that took `interpreting` by name
         if hasattr(m, "interpreting"):
             m.interpreting = lambda: False
@@ -183,6 +183,16 @@ def cases():
 
     out += [(f"delta_rule {dt}, d={d}", lambda dt=dt, d=d: delta(dt, d))
             for dt, d in ((torch.float32, 64), (torch.bfloat16, 128))]
+
+    def wkv7(dtype, d, with_state):
+        rr, lw, kk, v, kh, a = _grads(r(1, 300, 2, d).to(dtype), -torch.rand(1, 300, 2, d).to(dtype),
+                                      *(r(1, 300, 2, d).to(dtype) for _ in range(3)), torch.rand(1, 300, 2, d).to(dtype))
+        s0 = _grads(r(1, 2, d, d))[0] if with_state else None
+        o, last = k["rwkv7"].wkv7(rr, lw, kk, v, kh, a, s0)
+        (o.float().sum() + last.sum()).backward()
+
+    out += [(f"rwkv7 wkv {dt}, d={d}{', initial state' if s else ''}", lambda dt=dt, d=d, s=s: wkv7(dt, d, s))
+            for dt, d, s in ((torch.float32, 64, True), (torch.bfloat16, 128, False))]
     return out
 
 

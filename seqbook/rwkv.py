@@ -405,13 +405,17 @@ def wkv7_chunked(r, log_w, k, v, kappa_hat, a, initial_state=None, chunk_size=16
 
 def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, return_final_state=False,
          backend="auto"):  # fmt: skip
-    r"""RWKV-7's operator (module docstring), by :func:`wkv7_chunked`.
+    r"""RWKV-7's operator (module docstring).
 
     Args: ``r, log_w, k, kappa_hat, a (batch, length, H, N)``, ``v (batch, length, H, d_v)``;
     ``log_w <= 0``; ``a`` in ``[0, 1]``; ``initial_state (batch, H, N, d_v)`` or None.
-    Backend: reference only yet (``"triton"`` raises ``NotImplementedError``; its special case
-    the delta rule has a kernel, :func:`seqbook.linear_attention.delta_rule`). Returns ``o`` in
-    the inputs' dtype (computed in float32 or better), and the state with ``return_final_state``.
+    Backend: ``"reference"`` (:func:`wkv7_chunked`, chunks of ``chunk_size``), ``"triton"``
+    (:mod:`seqbook.kernels.rwkv7`: a *fused recurrent* kernel, time walked step by step, forward
+    and backward, the backward recomputing states from one saved every ``chunk_size`` steps;
+    float32, float16, bfloat16 on CUDA; ``N, d_v`` in
+    :data:`seqbook.linear_attention.KERNEL_HEAD_DIMS`), or ``"auto"``: the kernel for CUDA
+    tensors it supports. Returns ``o`` in the inputs' dtype (computed in float32 or better), and
+    the state with ``return_final_state`` (float32 from the kernel).
     """
     where = "wkv7"
     for name, x in (("r", r), ("log_w", log_w), ("k", k), ("v", v), ("kappa_hat", kappa_hat), ("a", a)):
@@ -437,8 +441,9 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
         _check_tensor(where, "initial_state", initial_state, r, "r")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
-    if _backend.resolve(backend, r, v) == "triton" and backend == "triton":
-        raise NotImplementedError(f"{where}(backend='triton'): no Triton kernel yet; use backend='reference'")
+    if _la._gated_backend(where, backend, r, k, v) == "triton":  # same dtypes and head dims as the GLA kernel
+        o, S = _backend.kernels("rwkv7").wkv7(r, log_w, k, v, kappa_hat, a, initial_state, chunk_size)
+        return (o, S) if return_final_state else o
     work = torch.promote_types(r.dtype, torch.float32)
     cast = lambda x: None if x is None else x.to(work)  # noqa: E731
     o, S = wkv7_chunked(*(cast(x) for x in (r, log_w, k, v, kappa_hat, a, initial_state)), chunk_size=chunk_size)

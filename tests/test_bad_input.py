@@ -184,7 +184,6 @@ OPS = {
                                             return_final_state=True, backend=backend),
         shapes=lambda b, l: ((b, l, H, D), (b, H, D, D)),
         state=(("initial_state",), 1),
-        backends=("reference",),
     ),
 }  # fmt: skip
 
@@ -367,10 +366,12 @@ def test_ssd_flags_are_bools(flag):
         mamba.ssd_chunked(*args, return_final_state=flag)
 
 
-@pytest.mark.parametrize("name", [name for name, op in OPS.items() if "triton" not in op.backends])
-def test_ops_without_a_kernel_say_so(name):
+def test_ops_without_a_kernel_say_so():
     # When one of these gets a kernel, this fails: add "triton" to its backends above, so
-    # that the kernel meets the empty, wrong-dtype and wrong-device inputs too.
-    op = OPS[name]
-    with pytest.raises(NotImplementedError, match="no Triton kernel"):
-        run(op, "triton", op.make(2, LENGTH), LENGTH)
+    # that the kernel meets the empty, wrong-dtype and wrong-device inputs too. (Every
+    # operation has a kernel since RWKV-7's; a loop, not a parametrization, so that an empty
+    # list is not reported as a skipped test.)
+    for name, op in OPS.items():
+        if "triton" not in op.backends:
+            with pytest.raises(NotImplementedError, match="no Triton kernel"):
+                run(op, "triton", op.make(2, LENGTH), LENGTH)

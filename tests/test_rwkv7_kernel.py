@@ -1,0 +1,135 @@
+"""The RWKV-7 Triton kernel (seqbook.kernels.rwkv7, fused recurrent) against the float64 recurrence.
+
+Interpreted on CPU (small shapes: the interpreter runs every program's steps in NumPy), compiled
+on CUDA (larger shapes). Each case draws fresh seeded inputs, runs the kernel through the public
+entry ``rwkv.wkv7(..., backend="triton")`` and :func:`seqbook.rwkv.wkv7_recurrent` in float64 on
+the same rounded inputs, and compares the output, the final state and the gradient of every
+input (``r, log_w, k, v, kappa_hat, a, initial_state``) for the loss ``<o, do> + <S_L, dS>``.
+Lengths that are not multiples of the checkpoint interval (the kernel's ``chunk_size``), lengths
+below it, and decays strong enough that ``w`` underflows to 0 in float32 are among the cases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compare import assert_near
+from seqbook import linear_attention as la
+from seqbook import rwkv
+
+F64 = torch.float64
+ON_GPU = torch.cuda.is_available()
+
+# (batch, length, heads, N, d_v, decay strength, checkpoint interval): log_w ~ -strength * U(0, 1)
+if ON_GPU:
+    SHAPES = [(2, 1000, 3, 64, 64, 1.0, 16), (1, 257, 2, 128, 128, 1.0, 64), (2, 129, 2, 16, 32, 30.0, 16),
+              (1, 1, 1, 64, 64, 1.0, 16)]  # fmt: skip
+else:
+    SHAPES = [(1, 5, 1, 16, 16, 1.0, 16), (2, 37, 2, 16, 32, 1.0, 8), (1, 50, 1, 32, 16, 30.0, 16)]
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def rand(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def wkv7_problem(B, L, H, N, d_v, strength=1.0, seed=0):
+    """r, log_w, k~, v, kappa_hat (unit rows), a in [0, 1), S0; float64 on the CPU."""
+    r, k, v = randn(B, L, H, N, seed=seed), randn(B, L, H, N, seed=seed + 1), randn(B, L, H, d_v, seed=seed + 2)
+    log_w = -strength * rand(B, L, H, N, seed=seed + 3)
+    kappa_hat = torch.nn.functional.normalize(randn(B, L, H, N, seed=seed + 4), dim=-1)
+    a, S0 = rand(B, L, H, N, seed=seed + 5), randn(B, H, N, d_v, seed=seed + 6)
+    return r, log_w, k, v, kappa_hat, a, S0
+
+
+NAMES = ("r", "log_w", "k", "v", "kappa_hat", "a", "initial_state")
+
+
+def kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0, inputs=None):
+    """The kernel's (o, final state, grads) and the float64 recurrence's on the same rounded inputs."""
+    B, L, H, N, d_v, strength, checkpoint = shape
+    xs = inputs if inputs is not None else wkv7_problem(B, L, H, N, d_v, strength, seed)
+    xs = [x.to(dtype) for x in xs[:6]] + [xs[6].float() if state else None]
+    xs = [None if x is None else x.to(device) for x in xs]
+    do = randn(B, L, H, d_v, seed=seed + 7).to(device=device, dtype=dtype)
+    dS = randn(B, H, N, d_v, seed=seed + 8).to(device)
+
+    def run(fn, args):
+        leaves = [None if x is None else x.detach().clone().requires_grad_() for x in args]
+        o, S = fn(*leaves)
+        ((o.to(F64) * do.to(F64)).sum() + (S.to(F64) * dS.to(F64)).sum()).backward()
+        return dict(o=o.detach(), final_state=S.detach(), **{f"d{n}": x.grad for n, x in zip(NAMES, leaves) if x is not None})
+
+    got = run(lambda *t: rwkv.wkv7(*t[:6], initial_state=t[6], chunk_size=checkpoint, return_final_state=True,
+                                   backend="triton"), xs)  # fmt: skip
+    want = run(rwkv.wkv7_recurrent, [None if x is None else x.double() for x in xs])
+    return got, want
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_kernel_matches_float64_recurrence(device, shape, state):
+    got, want = kernel_and_reference(device, shape, state=state, seed=shape[1])
+    assert got["o"].dtype == torch.float32 and got["final_state"].dtype == torch.float32
+    assert ("dinitial_state" in got) == state
+    for name in want:
+        # float32 throughout, one step's rounding carried through a contracting recurrence: 1e-5
+        # (compare.py); measured about 2e-7 here
+        assert_near(got[name], want[name], 1e-5, f"{name} at {shape}, state={state}")
+
+
+def test_kernel_float16(device):
+    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0, 16), state=True, dtype=torch.float16, seed=9)
+    assert got["o"].dtype == torch.float16 and got["dlog_w"].dtype == torch.float16
+    for name in want:
+        # the inputs rounded to float16 are the reference's inputs too; o and the gradients are
+        # rounded to float16 once at the end: about 8 and 20 u (compare.py)
+        assert_near(got[name], want[name], 4e-3 if name in ("o", "final_state") else 1e-2, f"{name}, float16")
+
+
+def test_kernel_output_only_and_special_case_delta_rule(device):
+    # Without return_final_state the output alone carries the gradients; with w = 1, a = beta,
+    # kappa_hat = k and k~ = beta k the operator is the delta rule (scale 1): the kernel agrees
+    # with the delta rule's float64 recurrence, through a transition I - beta k k^T that is
+    # singular where beta = 1.
+    B, L, H, N = 1, 21, 2, 16
+    q, k = randn(B, L, H, N, seed=1), torch.nn.functional.normalize(randn(B, L, H, N, seed=2), dim=-1)
+    v, beta = randn(B, L, H, N, seed=3), rand(B, L, H, seed=4)
+    beta[0, 5] = 1.0
+    ones = torch.ones_like(k)
+    args = [q, 0 * k, beta[..., None] * k, v, k, beta[..., None] * ones]
+    args = [x.float().to(device).requires_grad_() for x in args]
+    o = rwkv.wkv7(*args, chunk_size=4, backend="triton")
+    assert o.shape == (B, L, H, N)
+    do = randn(B, L, H, N, seed=5).to(device)
+    (o.double() * do.double()).sum().backward()
+    leaves = [x.double().detach().requires_grad_() for x in (q, k, v, beta)]
+    o_ref, _ = la.delta_rule_recurrent(*leaves, None, scale=1.0)
+    (o_ref * do.double().cpu()).sum().backward()
+    assert_near(o, o_ref, 1e-5, "o, delta rule special case")
+    assert_near(args[0].grad, leaves[0].grad, 1e-5, "dr = dq, delta rule special case")
+    assert_near(args[3].grad, leaves[2].grad, 1e-5, "dv, delta rule special case")
+    # k enters three times (k~ = beta k, kappa_hat = k, a through beta): the chain rule adds them
+    dk = args[2].grad * beta.to(device)[..., None] + args[4].grad
+    assert_near(dk, leaves[1].grad, 1e-5, "dk, delta rule special case")
+
+
+def test_kernel_refusals(device):
+    r, log_w, k, v, kh, a, S0 = (x.float().to(device) for x in wkv7_problem(1, 8, 1, 16, 24, seed=10))
+    with pytest.raises(ValueError, match=r"wkv7\(backend='triton'\).*head dims d_v in \(16, 32, 64, 128\), got d_v = 24"):
+        rwkv.wkv7(r, log_w, k, v, kh, a, backend="triton")
+    v = v[..., :16]
+    with pytest.raises(TypeError, match=r"wkv7\(backend='triton'\).*dtypes float16, bfloat16, float32.*float64"):
+        rwkv.wkv7(*(x.double() for x in (r, log_w, k, v, kh, a)), backend="triton")
+    if not ON_GPU:
+        with pytest.raises(TypeError, match="interpreter cannot run bfloat16"):
+            rwkv.wkv7(*(x.bfloat16() for x in (r, log_w, k, v, kh, a)), backend="triton")
+    # "auto" falls back to the reference where the kernel cannot run (float64 here)
+    xs = [x.double() for x in (r, log_w, k, v, kh, a)]
+    o = rwkv.wkv7(*xs, backend="auto")
+    assert o.dtype == F64
+    assert_near(o, rwkv.wkv7_recurrent(*xs)[0], 1e-12, "auto, float64")
