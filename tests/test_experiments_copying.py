@@ -165,7 +165,7 @@ def test_copying_tiny_run_record_and_determinism():
             assert set(run[m]) == {"2", "5"} and all(0.0 <= a <= 1.0 for a in run[m].values())
             assert run["sequence_accuracy"]["5"] <= run["token_accuracy"]["5"]
         # measured before steps 0 and 2, and at the end: sequences seen 0, 8, 12
-        assert [c[0] for c in run["curve"]] == [0, 8, 12]
+        assert [c[0] for c in run["curve"]] == [0, 8, 12] and all(len(c) == 3 for c in run["curve"])
     assert record["summary"]["linear attention"]["sequence_accuracy"]["5"]["n"] == 1
     again = ec.copying_head_to_head(**kw)
     assert [(r["token_accuracy"], r["curve"]) for r in again["runs"]] == [
