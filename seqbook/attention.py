@@ -549,3 +549,79 @@ class MultiHeadAttention(nn.Module):
         v_cache = torch.cat([v_cache, v], dim=1)
         o = decode_step(q[:, 0], k_cache, v_cache)
         return self.out(o.flatten(-2)), (k_cache, v_cache)
+
+
+# --------------------------------------------------------------------------------------
+# Sliding-window attention: a KV cache of bounded size
+# --------------------------------------------------------------------------------------
+
+
+def sliding_window_mask(length_q: int, window: int, length_k: int | None = None, device=None) -> torch.Tensor:
+    """``(length_q, length_k)`` bool, True where query ``i`` may see key ``j``: ``i - window < j <= i``
+    (the token itself and the ``window - 1`` before it; aligned at the top left as :func:`causal_mask`)."""
+    length_k = length_q if length_k is None else length_k
+    i = torch.arange(length_q, device=device)[:, None]
+    j = torch.arange(length_k, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    r"""Causal softmax attention in which query :math:`i` sees only the keys :math:`i - w < j \le i`
+    (Beltagy et al. 2020, "Longformer"; the local half of Based, Arora et al. 2024).
+
+    ``q, k, v (batch, length, heads, d)``, ``window`` :math:`w \ge 1` -> ``o (batch, length, heads, d)``.
+    Readable form: the full ``(L, L)`` scores with a band mask, so it costs what :func:`attention_naive`
+    costs; a kernel would visit only the :math:`w` keys of the band (:math:`O(L w d)` work), and decoding
+    keeps only the last :math:`w` keys and values (:class:`SlidingWindowAttention`). With
+    :math:`w \ge L` it is causal attention.
+    """
+    scale = _check_inputs(q, k, v, True, scale)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window_attention: window must be a positive int, got {window!r}")
+    S = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    S = S.masked_fill(~sliding_window_mask(q.shape[1], window, k.shape[1], device=q.device), -math.inf)
+    return torch.einsum("bhij,bjhd->bihd", softmax_stable(S, dim=-1), v)
+
+
+class SlidingWindowAttention(MultiHeadAttention):
+    r"""Causal multi-head attention over the last ``window`` tokens only: :class:`MultiHeadAttention`
+    with the band mask of :func:`sliding_window_attention`.
+
+    **Decoding.** The cache keeps the keys and values of the last ``window`` tokens, so the state
+    stops growing once ``window`` tokens have been seen: ``2 window d_model`` numbers per layer,
+    plus the position counter that rotary positions need (the cache's length no longer says where
+    the sequence is). State: ``(k_cache, v_cache, position)``, the caches ``(batch, min(t, window),
+    n_heads, head_dim)`` and ``position`` a 0-d int64 tensor, the number of tokens seen.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, window: int, *, rotary: bool = True, backend: str = "auto"):
+        super().__init__(d_model, n_heads, causal=True, rotary=rotary, backend=backend)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"SlidingWindowAttention: window must be a positive int, got {window!r}")
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"SlidingWindowAttention: x must be (batch, length, d_model) with d_model = "
+                             f"{self.d_model}, got shape {tuple(x.shape)}")  # fmt: skip
+        q, k, v = self._project(x, torch.arange(x.shape[1], device=x.device))
+        return self.out(sliding_window_attention(q, k, v, self.window).flatten(-2))
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """An empty cache and position 0: ``(k_cache, v_cache, position)``."""
+        k_cache, v_cache = super().init_state(batch, device=device, dtype=dtype)
+        return k_cache, v_cache, torch.zeros((), dtype=torch.int64, device=device)
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token: ``x_t (batch, d_model)`` -> ``(y_t (batch, d_model), state')``; the oldest row leaves
+        the cache once it holds ``window`` rows."""
+        if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"SlidingWindowAttention.step: x_t must be (batch, d_model) with d_model = "
+                             f"{self.d_model}, got shape {tuple(x_t.shape)}")  # fmt: skip
+        k_cache, v_cache, position = state
+        q, k, v = self._project(x_t[:, None], position.reshape(1).to(x_t.device))
+        k_cache = torch.cat([k_cache, k], dim=1)[:, -self.window :]
+        v_cache = torch.cat([v_cache, v], dim=1)[:, -self.window :]
+        o = decode_step(q[:, 0], k_cache, v_cache)
+        return self.out(o.flatten(-2)), (k_cache, v_cache, position + 1)

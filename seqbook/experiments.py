@@ -263,6 +263,9 @@ def hippo_init_ablation(
 from .experiments_h2h import mqar_head_to_head  # noqa: E402
 
 experiment("mqar_head_to_head", "chapters/08_head_to_head/results/mqar_head_to_head.json")(mqar_head_to_head)
+from .experiments_h2h import mqar_state_sweep  # noqa: E402
+
+experiment("mqar_state_sweep", "chapters/08_head_to_head/results/mqar_state_sweep.json")(mqar_state_sweep)
 from .experiments_beyond import images_as_sequences, lm_matched_compute  # noqa: E402
 
 experiment("lm_matched_compute", "chapters/08_head_to_head/results/lm_matched_compute.json")(lm_matched_compute)

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from . import attention, linear_attention, tasks, train
-from .mamba import Mamba
+from .based import based_factory
+from .mamba import Mamba, Mamba2
 from .nn import S4D, LanguageModel
 from .rwkv import RWKV6, RWKV7
 
@@ -78,6 +79,13 @@ FAMILIES: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] =
     "RWKV-6": (lambda: lambda d: RWKV6(d, 2, d_ffn=2 * d), 0, "7"),
     "RWKV-7": (lambda: lambda d: RWKV7(d, 2, d_ffn=2 * d), 0, "7"),
     "hybrid: Mamba + 1 attention": (_hybrid, 0, "4+5"),
+    # Mamba-2 (SSD): one scalar decay per head of P = 8 channels, a larger state (N = 32 against Mamba's 8).
+    "Mamba-2": (lambda: lambda d: Mamba2(d, d_state=32, headdim=8), 0, "4"),
+    # Based: a sliding window of 8 tokens (layer 1), then Taylor linear attention with d' = 8 (layer 2).
+    "Based": (lambda: based_factory(2, window=8, feature_dim=8), 2, "6+5"),
+    # Chapter 6's vector-gated and delta-rule mixers (built on gla() and delta_rule()).
+    "GLA": (lambda: lambda d: linear_attention.GatedLinearAttention(d, 2), 2, "6"),
+    "DeltaNet": (lambda: lambda d: linear_attention.DeltaNet(d, 2), 2, "6"),
 }
 
 
@@ -165,6 +173,46 @@ def _summary(runs: list[dict], pair_counts) -> dict:
     return out
 
 
+def _check_mqar_args(seeds, families, pair_counts, n_keys):
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"families must be among {list(FAMILIES)}, got {unknown}")
+    pair_counts = [int(P) for P in pair_counts]
+    if not pair_counts or min(pair_counts) < 1 or max(pair_counts) > n_keys:
+        raise ValueError(f"pair_counts must be ints in [1, n_keys = {n_keys}], got {pair_counts}")
+    return seeds, pair_counts
+
+
+def _train_and_score(fam: str, d: int, seed: int, tests: dict, *, pair_counts, n_keys, n_values, n_layers, steps,
+                     batch, lr, device, progress) -> dict:  # fmt: skip
+    """Train ``build(fam, d, ..., seed)`` on the MQAR mixture of ``pair_counts`` with the chapter's recipe and
+    score it on ``tests`` (``P -> (x, y)``); returns the run's record (without family and seed)."""
+    model = build(fam, d, n_keys + n_values, n_layers, seed).to(device)
+
+    def data(g):
+        P = pair_counts[int(torch.randint(len(pair_counts), (1,), generator=g))]
+        x, y = mqar_batch(batch, P, g, n_keys=n_keys, n_values=n_values)
+        return x.to(device), y.to(device)
+
+    start = time.perf_counter()
+    history = train.fit(model, data, steps, lr=lr, warmup=max(1, steps // 20), seed=seed, weight_decay=0.1,
+                        progress=progress, log_every=max(1, steps // 4))  # fmt: skip
+    acc = {str(P): round(recall_accuracy(model, x.to(device), y.to(device)), 4) for P, (x, y) in tests.items()}
+    tail = history["loss"][-max(1, steps // 10):]
+    if progress:
+        print(f"  test accuracy by pairs: {acc}", flush=True)
+    return {"test_accuracy": acc, "final_train_loss": round(sum(tail) / len(tail), 4),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def _test_sets(pair_counts, n_test, test_seed, n_keys, n_values) -> dict:
+    return {P: mqar_batch(n_test, P, torch.Generator().manual_seed(test_seed + P), n_keys=n_keys, n_values=n_values)
+            for P in pair_counts}  # fmt: skip
+
+
 def mqar_head_to_head(
     seeds=(0, 1),
     steps: int = 400,
@@ -195,18 +243,9 @@ def mqar_head_to_head(
     "runs": [{"family", "seed", "test_accuracy": {P: acc}, "final_train_loss", "seconds"}],
     "summary": {family: {P: {"mean", "std", "min", "max", "n"}}}}``; ``on_run(record)`` after every run.
     """
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"families must be among {list(FAMILIES)}, got {unknown}")
-    pair_counts = [int(P) for P in pair_counts]
-    if not pair_counts or min(pair_counts) < 1 or max(pair_counts) > n_keys:
-        raise ValueError(f"pair_counts must be ints in [1, n_keys = {n_keys}], got {pair_counts}")
+    seeds, pair_counts = _check_mqar_args(seeds, families, pair_counts, n_keys)
     vocab = n_keys + n_values
-    tests = {P: mqar_batch(n_test, P, torch.Generator().manual_seed(test_seed + P), n_keys=n_keys, n_values=n_values)
-             for P in pair_counts}  # fmt: skip
+    tests = _test_sets(pair_counts, n_test, test_seed, n_keys, n_values)
     config = dict(seeds=seeds, steps=steps, families=list(families), pair_counts=pair_counts, n_keys=n_keys,
                   n_values=n_values, target_params=target_params, n_layers=n_layers, batch=batch, lr=lr,
                   weight_decay=0.1, warmup=max(1, steps // 20), n_test=n_test, test_seed=test_seed, device=device,
@@ -224,25 +263,92 @@ def mqar_head_to_head(
                          "state_bytes": state_bytes(probe, 3 * max(pair_counts)),
                          "state_bytes_per_length": {str(3 * P): state_bytes(probe, 3 * P) for P in pair_counts}}  # fmt: skip
         for seed in seeds:
-            model = build(fam, d, vocab, n_layers, seed).to(device)
             if progress:
                 print(f"{fam} (d_model {d}, {fam_info[fam]['parameters']} parameters), seed {seed}", flush=True)
-
-            def data(g):
-                P = pair_counts[int(torch.randint(len(pair_counts), (1,), generator=g))]
-                x, y = mqar_batch(batch, P, g, n_keys=n_keys, n_values=n_values)
-                return x.to(device), y.to(device)
-
-            start = time.perf_counter()
-            history = train.fit(model, data, steps, lr=lr, warmup=max(1, steps // 20), seed=seed, weight_decay=0.1,
-                                progress=progress, log_every=max(1, steps // 4))  # fmt: skip
-            acc = {str(P): round(recall_accuracy(model, x.to(device), y.to(device)), 4) for P, (x, y) in tests.items()}
-            tail = history["loss"][-max(1, steps // 10):]
-            runs.append({"family": fam, "seed": seed, "test_accuracy": acc,
-                         "final_train_loss": round(sum(tail) / len(tail), 4),
-                         "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-            if progress:
-                print(f"  test accuracy by pairs: {acc}", flush=True)
+            run = _train_and_score(fam, d, seed, tests, pair_counts=pair_counts, n_keys=n_keys, n_values=n_values,
+                                   n_layers=n_layers, steps=steps, batch=batch, lr=lr, device=device,
+                                   progress=progress)  # fmt: skip
+            runs.append({"family": fam, "seed": seed, **run})
             if on_run is not None:
                 on_run(record())
+    return record()
+
+
+#: The recall-memory sweep's families and widths: each family at three widths, so that its state
+#: size spans about a factor of 4 to 16 (attention's cache grows with d; the matrix states with d^2).
+SWEEP_WIDTHS = {
+    "softmax attention": (16, 32, 64),
+    "Mamba": (16, 32, 64),
+    "GLA": (16, 32, 64),
+    "DeltaNet": (16, 32, 64),
+    "Based": (16, 32, 64),
+}
+
+
+def mqar_state_sweep(
+    seeds=(0, 1, 2),
+    steps: int = 400,
+    *,
+    widths: dict | None = None,
+    pair_counts=(2, 4, 8, 16),
+    n_keys: int = 16,
+    n_values: int = 16,
+    n_layers: int = 2,
+    batch: int = 32,
+    lr: float = 3e-3,
+    n_test: int = 256,
+    test_seed: int = 1234,
+    device: str = "cpu",
+    progress: bool = False,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict:
+    r"""Recall against the decoding state's size (Arora et al. 2024, Fig. 2): each family at several widths.
+
+    For each family and width in ``widths`` (default :data:`SWEEP_WIDTHS`) and each seed: the recipe
+    and task of :func:`mqar_head_to_head` (trained on the mixture of ``pair_counts``, scored at each
+    of them); the model's decoding state in bytes (:func:`state_bytes`) at the longest test length
+    ``3 max(pair_counts)``. The figure puts that state on the x-axis and the accuracy at the hardest
+    pair count on the y-axis: one curve per family, the trade-off between memory and recall.
+
+    Returns ``{"config", "points": [{"family", "d_model", "parameters", "state_bytes"}],
+    "runs": [{"family", "d_model", "seed", "test_accuracy", ...}], "summary": {family: {d_model: {"parameters",
+    "state_bytes", P: {"mean", "std", "min", "max", "n"}}}}}``; ``on_run(record)`` after every run.
+    """
+    widths = {f: tuple(int(d) for d in ds) for f, ds in (SWEEP_WIDTHS if widths is None else widths).items()}
+    seeds, pair_counts = _check_mqar_args(seeds, tuple(widths), pair_counts, n_keys)
+    if any(not ds or min(ds) < 1 for ds in widths.values()):
+        raise ValueError(f"widths must map each family to positive ints, got {widths}")
+    vocab = n_keys + n_values
+    tests = _test_sets(pair_counts, n_test, test_seed, n_keys, n_values)
+    config = dict(seeds=seeds, steps=steps, widths={f: list(ds) for f, ds in widths.items()}, pair_counts=pair_counts,
+                  n_keys=n_keys, n_values=n_values, n_layers=n_layers, batch=batch, lr=lr, weight_decay=0.1,
+                  warmup=max(1, steps // 20), n_test=n_test, test_seed=test_seed, device=device, chance=1 / n_values,
+                  state_dtype="float32", state_length=3 * max(pair_counts))  # fmt: skip
+    points, runs = [], []
+
+    def record():
+        summary = {}
+        for pt in points:
+            these = [r for r in runs if r["family"] == pt["family"] and r["d_model"] == pt["d_model"]]
+            if these:
+                by_p = _summary([{**r, "family": "x"} for r in these], pair_counts)["x"]
+                summary.setdefault(pt["family"], {})[str(pt["d_model"])] = {
+                    "parameters": pt["parameters"], "state_bytes": pt["state_bytes"], **by_p}  # fmt: skip
+        return {"config": config, "points": points, "runs": runs, "summary": summary}
+
+    for fam, ds in widths.items():
+        for d in ds:
+            probe = build(fam, d, vocab, n_layers)
+            points.append({"family": fam, "d_model": d, "parameters": n_parameters(probe),
+                           "state_bytes": state_bytes(probe, 3 * max(pair_counts))})  # fmt: skip
+            for seed in seeds:
+                if progress:
+                    print(f"{fam} (d_model {d}, {points[-1]['parameters']} parameters, "
+                          f"{points[-1]['state_bytes']} B state), seed {seed}", flush=True)  # fmt: skip
+                run = _train_and_score(fam, d, seed, tests, pair_counts=pair_counts, n_keys=n_keys,
+                                       n_values=n_values, n_layers=n_layers, steps=steps, batch=batch, lr=lr,
+                                       device=device, progress=progress)  # fmt: skip
+                runs.append({"family": fam, "d_model": d, "seed": seed, **run})
+                if on_run is not None:
+                    on_run(record())
     return record()

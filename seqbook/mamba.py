@@ -760,3 +760,169 @@ def _check_ssd(x, dt, A, B, C, fn: str, initial_state=None) -> None:
     _validate.check_shape(fn, "initial_state", initial_state, (batch, heads, x.shape[3], B.shape[-1]),
                           "(batch, heads, P, N)")  # fmt: skip
     _validate.check_device(fn, "initial_state", initial_state, "x", x)
+
+
+# --------------------------------------------------------------------------------------
+# The Mamba-2 block: SSD inside a gated, convolved, projected mixer
+# --------------------------------------------------------------------------------------
+
+
+class Mamba2(nn.Module):
+    r"""The Mamba-2 mixer (Dao and Gu 2024, "Transformers are SSMs", Sec. 7, Fig. 6): ``(batch, length, d_model)``
+    to the same shape, built around :func:`ssd`.
+
+    ::
+
+        u --in_proj--+--> z ----------------------------------------------------> SiLU --+
+                     |                                                                    * --RMSNorm--out_proj--> y
+                     +--> (x, B, C) --conv1d (causal)--> SiLU --> SSD(x, Delta, A, B, C) + D x
+                     `--> dt --> Delta = softplus(dt + dt_bias)
+
+    What changes from :class:`Mamba` (the paper's Sec. 7.1):
+
+    1. **A scalar decay per head.** :math:`A_h < 0` is one number for the ``P`` channels of head
+       :math:`h` and all ``N`` state indices, so that :math:`e^{\Delta_t A_h}` is a scalar and the
+       sequence map is SSD's masked matrix :math:`L \circ C B^\top` (tensor-core friendly; the
+       chunked algorithm of :func:`ssd_chunked`, the Triton kernel on CUDA).
+    2. **A larger state, shared by the heads' channels.** Each head keeps a ``(P, N)`` matrix
+       state (as a linear-attention head keeps ``(d_k, d_v)``), with ``N`` 64 to 256 in the paper
+       instead of Mamba's 16: the scalar decay is what makes a large ``N`` cheap.
+    3. **Parallel projections.** :math:`x, B, C, \Delta` and the gate :math:`z` all come from the
+       block's input by one ``in_proj`` (Mamba made :math:`\Delta, B, C` from the convolved
+       :math:`x`); the short convolution runs over :math:`(x, B, C)` together.
+    4. **A norm before the output projection**: :math:`\mathrm{RMSNorm}(y \odot \mathrm{silu}(z))`,
+       which the paper adds for stability at scale.
+
+    Glossary (symbol -> shape)
+    --------------------------
+    ::
+
+        u, y        (batch, length, d_model)   the mixer's input and output
+        E           expand * d_model            d_inner, split into H = E / P heads of P = headdim channels
+        z           (batch, length, E)          the gate
+        x           (batch, length, H, P)       the SSD input (after the convolution and SiLU)
+        B, C        (batch, length, 1, N)       one group: every head reads the same B_t, C_t
+        dt          (batch, length, H)          raw steps; Delta = softplus(dt + dt_bias)
+        A_log       (H,)                        A = -exp(A_log): one negative decay rate per head
+        D           (H,)                        the skip, per head
+        state       (conv (batch, E + 2N, d_conv - 1), ssm (batch, H, P, N))   what step() carries
+
+    Args:
+        d_model: the width of the residual stream.
+        d_state: :math:`N` (64 in the paper's small models, 128 in the large).
+        headdim: :math:`P`, channels per head (64 in the paper); must divide ``expand * d_model``.
+        d_conv: the convolution's taps (4).
+        expand: ``E = expand * d_model`` (2).
+        A_init_range: :math:`-A_h` is drawn uniformly in it, so that the heads start with
+            different memories (the paper's code: (1, 16)).
+        dt_min, dt_max, dt_init_floor: the initial steps, log-uniform, through ``dt_bias`` (as in :class:`Mamba`).
+        chunk_size: SSD's chunk for the readable form (None: :func:`ssd`'s default).
+        backend: for :func:`ssd` (``"auto"``: the Triton kernel on CUDA when no gradient is needed).
+
+    :meth:`step` runs the recurrence :math:`S_t = e^{\Delta_t A_h} S_{t-1} + \Delta_t x_t B_t^\top`,
+    :math:`y_t = S_t C_t + D_h x_t` one token at a time and reproduces :meth:`forward`.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, headdim: int = 64, d_conv: int = 4, expand: int = 2, *,
+                 A_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, chunk_size: int | None = None, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        self.d_model = _mamba2_int("d_model", d_model)
+        self.d_state = _mamba2_int("d_state", d_state)
+        self.headdim = _mamba2_int("headdim", headdim)
+        self.d_conv = _mamba2_int("d_conv", d_conv)
+        self.expand = _mamba2_int("expand", expand)
+        self.d_inner = self.expand * self.d_model
+        if self.d_inner % self.headdim:
+            raise ValueError(f"Mamba2: headdim must divide d_inner = expand * d_model = {self.d_inner}, got {headdim}")
+        self.n_heads = self.d_inner // self.headdim
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2: A_init_range must be (low, high) with 0 < low <= high, got {A_init_range!r}")
+        if not 0 < dt_min <= dt_max or not dt_init_floor > 0:
+            raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max and dt_init_floor > 0, got {dt_min!r}, {dt_max!r}, "
+                             f"{dt_init_floor!r}")  # fmt: skip
+        _validate.check_positive_int("Mamba2", "chunk_size", chunk_size, optional=True)
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"Mamba2: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        self.chunk_size, self.backend = chunk_size, backend
+        E, N, H = self.d_inner, self.d_state, self.n_heads
+        self.conv_dim = E + 2 * N  # x, B and C are convolved together
+        self.in_proj = nn.Linear(self.d_model, 2 * E + 2 * N + H, bias=False)  # z, (x, B, C), dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
+                                padding=self.d_conv - 1)  # fmt: skip
+        with torch.no_grad():
+            steps = torch.exp(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            self.dt_bias = nn.Parameter(inverse_softplus(steps.clamp_min(dt_init_floor)))
+            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm_weight = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, self.d_model, bias=False)
+
+    @property
+    def A(self) -> torch.Tensor:
+        """``(n_heads,)``, negative: :math:`A_h = -e^{A_{\\log, h}}`."""
+        return -torch.exp(self.A_log)
+
+    def _split(self, zxbcdt: torch.Tensor):
+        E, N, H = self.d_inner, self.d_state, self.n_heads
+        return torch.split(zxbcdt, [E, E + 2 * N, H], dim=-1)  # z, xBC, dt
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``y, x (..., H, P)``, ``z (..., E)`` -> the skip, the gate, the RMSNorm and ``out_proj``."""
+        y = (y + self.D[:, None] * x).flatten(-2) * F.silu(z)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        return self.out_proj(y)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"Mamba2: u must be a torch.Tensor, got {type(u).__name__}")
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Mamba2: u must be (batch, length, d_model) with d_model = {self.d_model}, got shape {tuple(u.shape)}"
+            )
+        batch, length, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))  # causal
+        x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, self.headdim))  # (batch, length, H, P)
+        Delta = F.softplus(dt + self.dt_bias)  # (batch, length, H)
+        y = ssd(x, Delta, self.A.to(x.dtype), B[:, :, None], C[:, :, None], self.chunk_size, backend=self.backend)
+        return self._finish(y, x, z)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """Zeros: ``(conv (batch, E + 2N, d_conv - 1), ssm (batch, H, P, N))``, the same size at every step."""
+        _mamba2_int("batch", batch)
+        conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
+        return conv, torch.zeros(batch, self.n_heads, self.headdim, self.d_state, device=device, dtype=dtype)
+
+    def step(self, u_t: torch.Tensor, state):
+        r"""One token: ``u_t (batch, d_model)``, ``state`` from :meth:`init_state` or the last call ->
+        ``(y_t (batch, d_model), new state)``: :math:`S_t = e^{\Delta_t A_h} S_{t-1} + \Delta_t x_t B_t^\top`,
+        one scalar decay per head."""
+        if not isinstance(u_t, torch.Tensor) or u_t.ndim != 2 or u_t.shape[-1] != self.d_model:
+            got = tuple(u_t.shape) if isinstance(u_t, torch.Tensor) else type(u_t).__name__
+            raise ValueError(f"Mamba2.step: u_t must be (batch, d_model) with d_model = {self.d_model}, got {got}")
+        conv_state, S = state
+        batch = u_t.shape[0]
+        want = {"conv": (batch, self.conv_dim, self.d_conv - 1), "ssm": (batch, self.n_heads, self.headdim, self.d_state)}
+        for name, s in (("conv", conv_state), ("ssm", S)):
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want[name]:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"Mamba2.step: the {name} state must be {want[name]} (from init_state), got {got}")
+        z, xBC, dt = self._split(self.in_proj(u_t))
+        window = torch.cat([conv_state, xBC[:, :, None]], dim=-1)  # (batch, E + 2N, d_conv), oldest first
+        xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, self.headdim))  # (batch, H, P)
+        Delta = F.softplus(dt + self.dt_bias)  # (batch, H)
+        decay = torch.exp(Delta * self.A)  # one scalar per head: SSD's restriction
+        S = decay[:, :, None, None] * S + torch.einsum("bh,bhp,bn->bhpn", Delta, x, B)
+        y = torch.einsum("bhpn,bn->bhp", S, C)
+        return self._finish(y, x, z), (window[:, :, 1:], S)
+
+
+def _mamba2_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Mamba2: {name} must be an int >= 1, got {value!r}")
+    return value

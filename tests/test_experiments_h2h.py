@@ -63,6 +63,23 @@ def test_state_bytes_exact():
         h2h.state_bytes(att, -1)
 
 
+def test_state_bytes_of_the_newer_families():
+    d, L = 16, 20
+    m2 = h2h.build("Mamba-2", d, VOCAB)
+    E, N, P = 2 * d, 32, 8  # heads of P = 8 channels, each a (P, N) state; conv over x, B, C
+    assert h2h.state_bytes(m2, L) == h2h.state_bytes(m2, 1) == 2 * ((E // P) * P * N + (E + 2 * N) * 3) * 4
+    based = h2h.build("Based", d, VOCAB)
+    window, D, dh = 8, 1 + 8 + 64, d // 2  # sliding window of 8; Taylor features of d' = 8
+    sliding = lambda t: 2 * min(t, window) * d * 4 + 8  # noqa: E731  keys and values, and an int64 position
+    linear = 2 * D * (dh + 1) * 4  # S (D, d_h) and z (D,) per head
+    assert h2h.state_bytes(based, 3) == sliding(3) + linear
+    assert h2h.state_bytes(based, L) == h2h.state_bytes(based, 100) == sliding(L) + linear
+    gla = h2h.build("GLA", d, VOCAB)
+    assert h2h.state_bytes(gla, L) == 2 * 2 * dh * dh * 4
+    delta = h2h.build("DeltaNet", d, VOCAB)
+    assert h2h.state_bytes(delta, L) == 2 * (2 * dh * dh + 3 * 3 * d) * 4  # S per head, 3 conv taps of q, k, v
+
+
 def test_matched_width_is_the_closest_count():
     d = h2h.matched_width("linear attention", 5000, VOCAB, widths=range(8, 41, 4))
     counts = {w: h2h.n_parameters(h2h.build("linear attention", w, VOCAB)) for w in range(8, 41, 4)}
@@ -85,6 +102,29 @@ def test_tiny_run_record_and_determinism():
     assert record["summary"]["S4D"]["2"]["n"] == 1
     again = h2h.mqar_head_to_head(**kw)
     assert [r["test_accuracy"] for r in again["runs"]] == [r["test_accuracy"] for r in record["runs"]]
+
+
+def test_state_sweep_tiny_run():
+    assert experiments.EXPERIMENTS["mqar_state_sweep"] == (h2h.mqar_state_sweep,
+                                                           "chapters/08_head_to_head/results/mqar_state_sweep.json")
+    seen = []
+    kw = dict(seeds=(0, 1), steps=2, widths={"Mamba": (8, 12), "softmax attention": (8,)}, pair_counts=(1, 2),
+              n_keys=4, n_values=4, batch=4, n_test=8)
+    record = h2h.mqar_state_sweep(**kw, on_run=seen.append)
+    assert len(seen) == len(record["runs"]) == 6
+    assert [(p["family"], p["d_model"]) for p in record["points"]] == [("Mamba", 8), ("Mamba", 12),
+                                                                     ("softmax attention", 8)]  # fmt: skip
+    for p in record["points"]:
+        model = h2h.build(p["family"], p["d_model"], 8)
+        assert p["parameters"] == h2h.n_parameters(model) and p["state_bytes"] == h2h.state_bytes(model, 6)
+    cell = record["summary"]["Mamba"]["12"]
+    accs = [r["test_accuracy"]["2"] for r in record["runs"] if r["family"] == "Mamba" and r["d_model"] == 12]
+    assert cell["2"]["n"] == 2 and cell["2"]["min"] == min(accs) and cell["2"]["max"] == max(accs)
+    assert record["summary"]["Mamba"]["12"]["state_bytes"] > record["summary"]["Mamba"]["8"]["state_bytes"]
+    with pytest.raises(ValueError, match="families"):
+        h2h.mqar_state_sweep(widths={"nope": (8,)})
+    with pytest.raises(ValueError, match="widths"):
+        h2h.mqar_state_sweep(widths={"Mamba": ()})
 
 
 def test_bad_arguments():
