@@ -253,11 +253,11 @@ def copying_head_to_head(
 
 def selective_copying_head_to_head(
     seeds=(0, 1, 2),
-    steps: int = 600,
+    steps: int = 800,
     *,
     families=DEFAULT_FAMILIES,
-    length: int = 48,
-    n_tokens: int = 6,
+    length: int = 32,
+    n_tokens: int = 4,
     n_colors: int = 8,
     target_params: int = 20_000,
     n_layers: int = 2,
