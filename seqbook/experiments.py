@@ -294,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON record (default: the chapter's results/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible sums)")
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="only these families (experiments with a families= argument, e.g. mqar_head_to_head)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     args = parser.parse_args(argv)
     if args.list or args.name is None:
@@ -309,6 +311,8 @@ def main(argv=None) -> int:
     kwargs = {"seeds": tuple(range(args.seeds)), "progress": True}
     if args.steps is not None:
         kwargs["steps"] = args.steps
+    if args.families is not None:
+        kwargs["families"] = tuple(args.families)
     commit = git_commit("seqbook")  # the code an experiment runs
     out = args.out if args.out is not None else ROOT / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
