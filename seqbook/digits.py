@@ -20,7 +20,8 @@ Glossary (symbol -> shape)
     images   (1797, 8, 8)     float32 grey levels in [0, 1] (counts / 16)
     labels   (1797,)          int64 digit 0..9
     order    (64,)            int64: order[t] = the pixel (row-major index r * 8 + c) read at step t
-    x        (n, 64, 1)       the images as sequences of one feature, ready for SequenceModel
+    x        (n, L, p*p [+L]) the images as sequences of L = (8/p)^2 patches of p x p pixels (p = patch),
+                              optionally with a one-hot position, ready for SequenceModel
 """
 
 from __future__ import annotations
@@ -114,12 +115,28 @@ def pixel_order(name: str = "row", side: int = SIDE, seed: int = 0) -> torch.Ten
     return torch.randperm(side * side, generator=torch.Generator().manual_seed(seed))
 
 
-def as_sequences(images: torch.Tensor, order: str | torch.Tensor = "row") -> torch.Tensor:
-    """``images (n, side, side)`` -> ``x (n, side*side, 1)``: the pixels read in ``order`` (a name or a permutation)."""
+def as_sequences(images: torch.Tensor, order: str | torch.Tensor = "row", *, patch: int = 1,
+                 positions: bool = False) -> torch.Tensor:
+    """``images (n, side, side)`` -> ``x (n, L, patch**2 [+ L])``: the image cut into ``patch x patch`` squares,
+    read in ``order`` over the ``(side/patch) x (side/patch)`` grid of patches (a name or a permutation).
+
+    ``L = (side / patch)**2`` tokens, each the ``patch**2`` grey levels of its square (row-major
+    inside it). ``positions=True`` appends the one-hot position of the token in the sequence
+    (``L`` more features): a linear encoder's weights on those are then a learned position
+    embedding, as in ViT and Vision Mamba. ``patch=1`` reads pixel by pixel (sequential MNIST's way).
+    """
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be (n, side, side), got {tuple(images.shape)}")
     side = images.shape[1]
-    perm = pixel_order(order, side) if isinstance(order, str) else order
-    if not isinstance(perm, torch.Tensor) or sorted(perm.tolist()) != list(range(side * side)):
-        raise ValueError(f"order must name one of {ORDERS} or be a permutation of range({side * side})")
-    return images.reshape(len(images), -1)[:, perm].unsqueeze(-1)
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or side % patch:
+        raise ValueError(f"patch must be a positive int dividing the side {side}, got {patch!r}")
+    grid = side // patch
+    perm = pixel_order(order, grid) if isinstance(order, str) else order
+    if not isinstance(perm, torch.Tensor) or sorted(perm.tolist()) != list(range(grid * grid)):
+        raise ValueError(f"order must name one of {ORDERS} or be a permutation of range({grid * grid})")
+    n = len(images)
+    tokens = images.reshape(n, grid, patch, grid, patch).permute(0, 1, 3, 2, 4).reshape(n, grid * grid, patch * patch)
+    x = tokens[:, perm]
+    if positions:
+        x = torch.cat([x, torch.eye(grid * grid, dtype=x.dtype).expand(n, -1, -1)], dim=-1)
+    return x

@@ -18,8 +18,8 @@ backward) counted by :func:`count_flops` as the readable code executes them. Sco
 validation text (the last 10%, never trained on) in nats and bits per character; a code of
 ``bits/char x characters`` bits is what an arithmetic coder driven by the model would write.
 
-**Images** (:func:`images_as_sequences`). The 8x8 digits of :mod:`seqbook.digits`, each read as 64
-pixels in raster order, classified by a :class:`~seqbook.nn.SequenceModel` (mean-pooled) around a
+**Images** (:func:`images_as_sequences`). The 8x8 digits of :mod:`seqbook.digits`, each read as 16
+patches of 2x2 pixels in raster order (with learned positions), classified by a :class:`~seqbook.nn.SequenceModel` (mean-pooled) around a
 causal Mamba, a bidirectional Mamba (:class:`Bidirectional`: a forward and a reversed scan, added,
 as Vision Mamba does), non-causal softmax attention, and a bidirectional S4D, each at a few
 parameter counts; accuracy on a fixed held-out split against parameters and FLOPs.
@@ -30,7 +30,7 @@ Glossary (symbol -> shape)
 
     x, y      (batch, length)        character ids and the next characters (language modelling)
     logits    (batch, length, vocab)
-    pixels    (batch, 64, 1)         an image as a sequence of grey levels in [0, 1] (images)
+    tokens    (batch, 16, 4 + 16)    an image as 16 patches of 2x2 grey levels in [0, 1], plus a one-hot position
     labels    (batch,)               the digit 0..9
 """
 
@@ -307,19 +307,21 @@ IMAGE_FAMILIES: dict[str, tuple[Callable[[int], nn.Module], int]] = {
 }
 
 
-def image_model(family: str, d_model: int, n_layers: int = 2, seed: int = 0) -> SequenceModel:
-    """A digit classifier: pixels ``(batch, 64, 1)`` -> ``n_layers`` blocks of ``family`` -> mean over time -> 10 logits."""
+def image_model(family: str, d_model: int, n_layers: int = 2, seed: int = 0, d_input: int = 20) -> SequenceModel:
+    """A digit classifier: tokens ``(batch, L, d_input)`` (:func:`seqbook.digits.as_sequences`; by default 16
+    patches of 2x2 pixels with their one-hot positions) -> linear encoder -> ``n_layers`` blocks of ``family``
+    -> mean over the tokens -> 10 logits."""
     if family not in IMAGE_FAMILIES:
         raise ValueError(f"family must be one of {list(IMAGE_FAMILIES)}, got {family!r}")
     factory, ffn_mult = IMAGE_FAMILIES[family]
     torch.manual_seed(seed)
-    return SequenceModel(factory, d_input=1, d_model=d_model, n_layers=n_layers, d_output=digits.N_CLASSES,
+    return SequenceModel(factory, d_input=d_input, d_model=d_model, n_layers=n_layers, d_output=digits.N_CLASSES,
                          pool="mean", ffn_mult=ffn_mult)  # fmt: skip
 
 
-def image_width(family: str, target_params: int, n_layers: int = 2, widths=range(8, 97, 4)) -> int:
+def image_width(family: str, target_params: int, n_layers: int = 2, widths=range(8, 97, 4), d_input: int = 20) -> int:
     """The width in ``widths`` whose :func:`image_model` has the parameter count closest to ``target_params``."""
-    counts = {d: n_parameters(image_model(family, d, n_layers)) for d in widths}
+    counts = {d: n_parameters(image_model(family, d, n_layers, d_input=d_input)) for d in widths}
     return min(counts, key=lambda d: abs(counts[d] - target_params))
 
 
@@ -330,6 +332,7 @@ def images_as_sequences(
     families=tuple(IMAGE_FAMILIES),
     target_params=(3_000, 12_000),
     order: str = "row",
+    patch: int = 2,
     n_layers: int = 2,
     batch: int = 32,
     lr: float = 5e-3,
@@ -340,7 +343,10 @@ def images_as_sequences(
     r"""Digit classification from pixel sequences: accuracy against parameters and FLOPs, per family.
 
     The fixed split of :func:`seqbook.digits.train_test_split` (``n_test`` held-out images; the rest
-    to train on), each image read in ``order`` (:func:`seqbook.digits.pixel_order`). For each family,
+    to train on), each image cut into ``patch x patch`` squares read in ``order`` over the grid of
+    patches (:func:`seqbook.digits.as_sequences`, with one-hot positions: a learned position
+    embedding, as in ViT and Vision Mamba; pixel by pixel, ``patch=1``, 300 steps leave attention at
+    chance, the sequential-MNIST difficulty that needs far longer training). For each family,
     each parameter target (the width of :func:`image_width`) and each seed: build the model from
     ``torch.manual_seed(seed)``, train ``steps`` AdamW steps on ``batch`` training images drawn with
     ``seed`` (:func:`seqbook.train.fit`, weight decay 0.1, 5% warm-up then cosine), and score it on
@@ -359,10 +365,12 @@ def images_as_sequences(
         raise ValueError(f"families must be among {list(IMAGE_FAMILIES)}, got {unknown}")
     targets = [int(t) for t in target_params]
     (train_images, train_labels), (test_images, test_labels) = digits.train_test_split(n_test)
-    x_train, x_test = digits.as_sequences(train_images, order), digits.as_sequences(test_images, order)
+    x_train = digits.as_sequences(train_images, order, patch=patch, positions=True)
+    x_test = digits.as_sequences(test_images, order, patch=patch, positions=True)
+    d_input = x_train.shape[-1]
     warmup = max(1, steps // 20)
     config = dict(seeds=seeds, steps=steps, families=list(families), target_params=targets, order=order,
-                  n_layers=n_layers, batch=batch, lr=lr, weight_decay=0.1, warmup=warmup, n_train=len(train_labels),
+                  patch=patch, positions="one-hot", n_layers=n_layers, batch=batch, lr=lr, weight_decay=0.1, warmup=warmup, n_train=len(train_labels),
                   n_test=n_test, split_seed=0, length=x_train.shape[1], chance=1 / digits.N_CLASSES)  # fmt: skip
     models, runs = [], []
 
@@ -379,14 +387,14 @@ def images_as_sequences(
 
     for fam in families:
         for target in targets:
-            d = image_width(fam, target, n_layers)
-            probe = image_model(fam, d, n_layers)
+            d = image_width(fam, target, n_layers, d_input=d_input)
+            probe = image_model(fam, d, n_layers, d_input=d_input)
             with torch.no_grad():
                 flops = count_flops(lambda: probe(x_test[:1]))
             models.append({"family": fam, "target": target, "d_model": d, "parameters": n_parameters(probe),
                            "flops_per_image": flops})  # fmt: skip
             for seed in seeds:
-                model = image_model(fam, d, n_layers, seed)
+                model = image_model(fam, d, n_layers, seed, d_input=d_input)
                 if progress:
                     print(f"{fam}, d_model {d} ({models[-1]['parameters']} parameters), seed {seed}", flush=True)
                 history = train.fit(model, data, steps, lr=lr, warmup=warmup, seed=seed, weight_decay=0.1,
