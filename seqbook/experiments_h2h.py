@@ -36,6 +36,7 @@ Glossary (symbol -> shape)
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -139,6 +140,29 @@ def state_bytes(model: LanguageModel, length: int) -> int:
             _, state = block.mixer.step(x, state)
         total += _tensor_bytes(state)
     return total
+
+
+def crossover_length(lengths, t_a, t_b) -> float | None:
+    r"""The length at which curve ``a`` and curve ``b`` (times measured at the same ``lengths``) cross:
+    the first sign change of :math:`\log(t_a / t_b)` between two consecutive measured lengths, interpolated
+    linearly in :math:`(\log L, \log t_a/t_b)`, which is exact when both curves are power laws (straight
+    lines on log-log axes) between the two points. A measured tie is that length; no sign change: None (the
+    curves are not extrapolated past what was measured).
+
+    Chapter 8 reads the length where a linear-time kernel overtakes attention off measured H200 times.
+    """
+    if len(lengths) != len(t_a) or len(lengths) != len(t_b):
+        raise ValueError(f"lengths, t_a and t_b must have one entry per length, got {len(lengths)}, {len(t_a)}, {len(t_b)}")
+    if any(t <= 0 for t in list(t_a) + list(t_b)) or any(L <= 0 for L in lengths):
+        raise ValueError("lengths and times must be positive (they are compared on log axes)")
+    r = [math.log(a / b) for a, b in zip(t_a, t_b)]
+    for i, ri in enumerate(r):
+        if ri == 0:
+            return float(lengths[i])
+        if i + 1 < len(r) and ri * r[i + 1] < 0:
+            f = ri / (ri - r[i + 1])
+            return math.exp(math.log(lengths[i]) + f * (math.log(lengths[i + 1]) - math.log(lengths[i])))
+    return None
 
 
 def mqar_batch(batch: int, n_pairs: int, generator: torch.Generator, *, n_keys: int, n_values: int):

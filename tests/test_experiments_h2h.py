@@ -1,6 +1,8 @@
 """Chapter 8's head-to-head experiment (seqbook.experiments_h2h), at tiny sizes."""
 
 import seqbook  # noqa: F401  (first: the Triton interpreter switch)
+import math
+
 import pytest
 import torch
 
@@ -125,6 +127,20 @@ def test_state_sweep_tiny_run():
         h2h.mqar_state_sweep(widths={"nope": (8,)})
     with pytest.raises(ValueError, match="widths"):
         h2h.mqar_state_sweep(widths={"Mamba": ()})
+
+
+def test_crossover_length():
+    Ls = [1024, 2048, 4096, 8192]
+    # power laws: log-log interpolation is exact; L^1 against L^2 / 3000 cross at L = 3000
+    assert h2h.crossover_length(Ls, [L for L in Ls], [L * L / 3000 for L in Ls]) == pytest.approx(3000, rel=1e-12)
+    assert h2h.crossover_length(Ls, [L * L / 3000 for L in Ls], [L for L in Ls]) == pytest.approx(3000, rel=1e-12)
+    assert h2h.crossover_length(Ls, [1, 2, 4, 8], [4, 4, 4, 4]) == 4096.0  # a measured tie
+    assert h2h.crossover_length(Ls, [1, 1, 1, 1], [2, 3, 4, 5]) is None  # never crosses: no extrapolation
+    assert h2h.crossover_length([1, 2, 4], [1, 3, 1], [2, 2, 2]) == pytest.approx(2 ** (math.log(2) / math.log(3)))
+    with pytest.raises(ValueError, match="one entry per length"):
+        h2h.crossover_length(Ls, [1, 2], [1, 2])
+    with pytest.raises(ValueError, match="positive"):
+        h2h.crossover_length(Ls, [1, 2, 0, 1], [1, 1, 1, 1])
 
 
 def test_bad_arguments():
