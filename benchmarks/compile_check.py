@@ -184,15 +184,17 @@ def cases():
     out += [(f"delta_rule {dt}, d={d}", lambda dt=dt, d=d: delta(dt, d))
             for dt, d in ((torch.float32, 64), (torch.bfloat16, 128))]
 
-    def wkv7(dtype, d, with_state):
+    def wkv7(dtype, d, with_state, form):
         rr, lw, kk, v, kh, a = _grads(r(1, 300, 2, d).to(dtype), -torch.rand(1, 300, 2, d).to(dtype),
                                       *(r(1, 300, 2, d).to(dtype) for _ in range(3)), torch.rand(1, 300, 2, d).to(dtype))
         s0 = _grads(r(1, 2, d, d))[0] if with_state else None
-        o, last = k["rwkv7"].wkv7(rr, lw, kk, v, kh, a, s0)
+        o, last = getattr(k["rwkv7"], form)(rr, lw, kk, v, kh, a, s0)
         (o.float().sum() + last.sum()).backward()
 
-    out += [(f"rwkv7 wkv {dt}, d={d}{', initial state' if s else ''}", lambda dt=dt, d=d, s=s: wkv7(dt, d, s))
-            for dt, d, s in ((torch.float32, 64, True), (torch.bfloat16, 128, False))]
+    out += [(f"rwkv7 {f} {dt}, d={d}{', initial state' if s else ''}",
+             lambda dt=dt, d=d, s=s, f=f: wkv7(dt, d, s, f))
+            for dt, d, s, f in ((torch.float32, 64, True, "wkv7"), (torch.bfloat16, 128, False, "wkv7"),
+                                (torch.float32, 64, True, "wkv7_fused_recurrent"))]
     return out
 
 

@@ -410,9 +410,8 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     Args: ``r, log_w, k, kappa_hat, a (batch, length, H, N)``, ``v (batch, length, H, d_v)``;
     ``log_w <= 0``; ``a`` in ``[0, 1]``; ``initial_state (batch, H, N, d_v)`` or None.
     Backend: ``"reference"`` (:func:`wkv7_chunked`, chunks of ``chunk_size``), ``"triton"``
-    (:mod:`seqbook.kernels.rwkv7`: a *fused recurrent* kernel, time walked step by step, forward
-    and backward, the backward recomputing states from one saved every ``chunk_size`` steps;
-    float32, float16, bfloat16 on CUDA; ``N, d_v`` in
+    (:mod:`seqbook.kernels.rwkv7`: the same chunked form in chunks of 16 steps, whatever
+    ``chunk_size``, forward and backward; float32, float16, bfloat16 on CUDA; ``N, d_v`` in
     :data:`seqbook.linear_attention.KERNEL_HEAD_DIMS`), or ``"auto"``: the kernel for CUDA
     tensors it supports. Returns ``o`` in the inputs' dtype (computed in float32 or better), and
     the state with ``return_final_state`` (float32 from the kernel).
@@ -442,7 +441,7 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
     if _la._gated_backend(where, backend, r, k, v) == "triton":  # same dtypes and head dims as the GLA kernel
-        o, S = _backend.kernels("rwkv7").wkv7(r, log_w, k, v, kappa_hat, a, initial_state, chunk_size)
+        o, S = _backend.kernels("rwkv7").wkv7(r, log_w, k, v, kappa_hat, a, initial_state)
         return (o, S) if return_final_state else o
     work = torch.promote_types(r.dtype, torch.float32)
     cast = lambda x: None if x is None else x.to(work)  # noqa: E731

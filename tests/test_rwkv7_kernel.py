@@ -1,12 +1,13 @@
-"""The RWKV-7 Triton kernel (seqbook.kernels.rwkv7, fused recurrent) against the float64 recurrence.
+"""The RWKV-7 Triton kernels (seqbook.kernels.rwkv7: chunked, and fused recurrent) against the float64 recurrence.
 
-Interpreted on CPU (small shapes: the interpreter runs every program's steps in NumPy), compiled
-on CUDA (larger shapes). Each case draws fresh seeded inputs, runs the kernel through the public
-entry ``rwkv.wkv7(..., backend="triton")`` and :func:`seqbook.rwkv.wkv7_recurrent` in float64 on
-the same rounded inputs, and compares the output, the final state and the gradient of every
-input (``r, log_w, k, v, kappa_hat, a, initial_state``) for the loss ``<o, do> + <S_L, dS>``.
-Lengths that are not multiples of the checkpoint interval (the kernel's ``chunk_size``), lengths
-below it, and decays strong enough that ``w`` underflows to 0 in float32 are among the cases.
+Interpreted on CPU (small shapes: the interpreter runs every program in NumPy), compiled on CUDA
+(larger shapes). Each case draws fresh seeded inputs, runs a kernel (the chunked one through the
+public entry ``rwkv.wkv7(..., backend="triton")``) and :func:`seqbook.rwkv.wkv7_recurrent` in
+float64 on the same rounded inputs, and compares the output, the final state and the gradient of
+every input (``r, log_w, k, v, kappa_hat, a, initial_state``) for the loss ``<o, do> + <S_L, dS>``.
+Lengths that are not multiples of the chunk (16 steps) or of the recurrent kernel's checkpoint
+interval, lengths below them, and decays strong enough that ``w`` underflows to 0 in float32
+are among the cases.
 """
 
 from __future__ import annotations
@@ -15,18 +16,27 @@ import pytest
 import torch
 
 from compare import assert_near
+from seqbook import backend
 from seqbook import linear_attention as la
 from seqbook import rwkv
 
 F64 = torch.float64
 ON_GPU = torch.cuda.is_available()
 
-# (batch, length, heads, N, d_v, decay strength, checkpoint interval): log_w ~ -strength * U(0, 1)
+# (batch, length, heads, N, d_v, decay strength): log_w ~ -strength * U(0, 1)
 if ON_GPU:
-    SHAPES = [(2, 1000, 3, 64, 64, 1.0, 16), (1, 257, 2, 128, 128, 1.0, 64), (2, 129, 2, 16, 32, 30.0, 16),
-              (1, 1, 1, 64, 64, 1.0, 16)]  # fmt: skip
+    SHAPES = [(2, 1000, 3, 64, 64, 1.0), (1, 257, 2, 128, 128, 1.0), (2, 129, 2, 16, 32, 30.0), (1, 1, 1, 64, 64, 1.0)]
 else:
-    SHAPES = [(1, 5, 1, 16, 16, 1.0, 16), (2, 37, 2, 16, 32, 1.0, 8), (1, 50, 1, 32, 16, 30.0, 16)]
+    SHAPES = [(1, 5, 1, 16, 16, 1.0), (2, 37, 2, 16, 32, 1.0), (1, 50, 1, 32, 16, 30.0)]
+# the fused recurrent kernel, with its checkpoint interval
+RECURRENT_CASES = [((1, 37, 1, 16, 32, 1.0), 8), (SHAPES[2], 16)] + ([(SHAPES[0], 64)] if ON_GPU else [])
+
+
+def rel_tolerance(shape):
+    """1e-5 for float32 (compare.py), plus the chunked kernel's exponents, differences of float32
+    cumulative sums of log w over a chunk of 16 steps: off by about u * 16 * strength (u = 6e-8;
+    the kernel's docstring), taken twice. 2e-5 at strength 1, 7e-5 at 30; measured 3e-7 and 1.1e-5."""
+    return 1e-5 + 2 * 2**-24 * 16 * shape[5]
 
 
 def randn(*shape, seed=0):
@@ -49,10 +59,11 @@ def wkv7_problem(B, L, H, N, d_v, strength=1.0, seed=0):
 NAMES = ("r", "log_w", "k", "v", "kappa_hat", "a", "initial_state")
 
 
-def kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0, inputs=None):
-    """The kernel's (o, final state, grads) and the float64 recurrence's on the same rounded inputs."""
-    B, L, H, N, d_v, strength, checkpoint = shape
-    xs = inputs if inputs is not None else wkv7_problem(B, L, H, N, d_v, strength, seed)
+def kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0, checkpoint=None):
+    """The kernel's (o, final state, grads) and the float64 recurrence's on the same rounded inputs:
+    the chunked kernel, or with ``checkpoint`` the fused recurrent one."""
+    B, L, H, N, d_v, strength = shape
+    xs = wkv7_problem(B, L, H, N, d_v, strength, seed)
     xs = [x.to(dtype) for x in xs[:6]] + [xs[6].float() if state else None]
     xs = [None if x is None else x.to(device) for x in xs]
     do = randn(B, L, H, d_v, seed=seed + 7).to(device=device, dtype=dtype)
@@ -64,8 +75,10 @@ def kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0, i
         ((o.to(F64) * do.to(F64)).sum() + (S.to(F64) * dS.to(F64)).sum()).backward()
         return dict(o=o.detach(), final_state=S.detach(), **{f"d{n}": x.grad for n, x in zip(NAMES, leaves) if x is not None})
 
-    got = run(lambda *t: rwkv.wkv7(*t[:6], initial_state=t[6], chunk_size=checkpoint, return_final_state=True,
-                                   backend="triton"), xs)  # fmt: skip
+    if checkpoint is None:
+        got = run(lambda *t: rwkv.wkv7(*t[:6], initial_state=t[6], return_final_state=True, backend="triton"), xs)
+    else:
+        got = run(lambda *t: backend.kernels("rwkv7").wkv7_fused_recurrent(*t, checkpoint=checkpoint), xs)
     want = run(rwkv.wkv7_recurrent, [None if x is None else x.double() for x in xs])
     return got, want
 
@@ -77,13 +90,20 @@ def test_kernel_matches_float64_recurrence(device, shape, state):
     assert got["o"].dtype == torch.float32 and got["final_state"].dtype == torch.float32
     assert ("dinitial_state" in got) == state
     for name in want:
-        # float32 throughout, one step's rounding carried through a contracting recurrence: 1e-5
-        # (compare.py); measured about 2e-7 here
-        assert_near(got[name], want[name], 1e-5, f"{name} at {shape}, state={state}")
+        assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}, state={state}")
+
+
+@pytest.mark.parametrize("shape,checkpoint", RECURRENT_CASES)
+def test_fused_recurrent_kernel_matches_float64_recurrence(device, shape, checkpoint):
+    got, want = kernel_and_reference(device, shape, state=True, seed=shape[1] + 1, checkpoint=checkpoint)
+    assert got["final_state"].dtype == torch.float32
+    for name in want:
+        # float32 throughout, step by step (no cumulative sums): 1e-5 (compare.py); measured about 2e-7
+        assert_near(got[name], want[name], 1e-5, f"{name} at {shape}, checkpoint {checkpoint}")
 
 
 def test_kernel_float16(device):
-    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0, 16), state=True, dtype=torch.float16, seed=9)
+    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0), state=True, dtype=torch.float16, seed=9)
     assert got["o"].dtype == torch.float16 and got["dlog_w"].dtype == torch.float16
     for name in want:
         # the inputs rounded to float16 are the reference's inputs too; o and the gradients are
@@ -103,7 +123,7 @@ def test_kernel_output_only_and_special_case_delta_rule(device):
     ones = torch.ones_like(k)
     args = [q, 0 * k, beta[..., None] * k, v, k, beta[..., None] * ones]
     args = [x.float().to(device).requires_grad_() for x in args]
-    o = rwkv.wkv7(*args, chunk_size=4, backend="triton")
+    o = rwkv.wkv7(*args, backend="triton")
     assert o.shape == (B, L, H, N)
     do = randn(B, L, H, N, seed=5).to(device)
     (o.double() * do.double()).sum().backward()

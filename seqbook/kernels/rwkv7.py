@@ -1,37 +1,85 @@
-r"""Triton kernel: RWKV-7's generalized delta rule, fused recurrent, forward and backward.
+r"""Triton kernels: RWKV-7's generalized delta rule, by chunks (WY / DPLR form) and fused recurrent.
 
 The readable forms, the glossary and the shapes are in :mod:`seqbook.rwkv`
-(:func:`~seqbook.rwkv.wkv7_step`, :func:`~seqbook.rwkv.wkv7_recurrent`); this module has the
-signature ``wkv7(r, log_w, k, v, kappa_hat, a, initial_state, checkpoint) -> (o, final_state)``
-behind a :class:`torch.autograd.Function`. The state is keys by values, ``(N, d_v)``, and one
-step is
+(:func:`~seqbook.rwkv.wkv7_step`, :func:`~seqbook.rwkv.wkv7_recurrent`,
+:func:`~seqbook.rwkv.wkv7_chunked`, whose derivation this follows). Both kernels have the signature
+``(r, log_w, k, v, kappa_hat, a, initial_state) -> (o, final_state)`` behind a
+:class:`torch.autograd.Function`: :func:`wkv7` (chunked, what ``rwkv.wkv7(backend="triton")``
+runs) and :func:`wkv7_fused_recurrent` (step by step, the baseline). The state is keys by values,
+``(N, d_v)``, and one step is
 
 .. math::
 
     x_t = \hat\kappa_t^\top S_{t-1}, \qquad
     S_t = \mathrm{Diag}(w_t)\, S_{t-1} - b_t\, x_t + \tilde k_t v_t^\top, \quad b_t = a_t \odot \hat\kappa_t,
-    \qquad o_t = r_t^\top S_t .
+    \qquad o_t = r_t^\top S_t ,
 
-What this is, and is not
-------------------------
-It is the **fused recurrent** form, not the chunked (WY / diagonal-plus-low-rank) form: time is
-walked one step after another inside each program. A chunked kernel, which turns the steps of a
-chunk into matrix products (:func:`seqbook.rwkv.wkv7_chunked` is its readable form, and
-:mod:`seqbook.kernels.delta` the kernel of its special case, the delta rule), is what a fast
-training kernel needs; this one is the correct baseline it must match.
+a diagonal-plus-low-rank transition :math:`\mathrm{Diag}(w_t) - b_t \hat\kappa_t^\top`.
 
-Forward: one program per (batch, head, block of ``BLOCK_V`` value columns). The transition acts
-on the state's rows (key channels) only, so value columns never mix and the state splits by
-them. The program keeps its ``(N, BLOCK_V)`` block of the state in float32 registers, walks the
-steps, writes :math:`o_t`, and saves the state entering every ``checkpoint`` steps.
+The chunked kernel (:func:`wkv7`)
+---------------------------------
+Chunks of ``T = 16`` steps; inputs padded with identity steps (:math:`\log w = 0`,
+:math:`\tilde k = \hat\kappa = a = r = v = 0`). Inside a chunk entered with :math:`S`, with
+:math:`g_t = \sum_{r \le t} \log w_r` (cumulated from the chunk's start, float32, in PyTorch) and
+:math:`g^-_t = g_t - \log w_t`, the recalled rows :math:`X` (one :math:`x_t` per row) solve a unit
+lower-triangular system, and everything else is a product:
 
-Backward: one program per (batch, head, value block) walks time in reverse with the state's
-gradient :math:`G = \partial\mathcal L/\partial S_t` (float32). A step needs the state before
-it, :math:`S_{t-1}`, and the forward kept only one state per checkpoint interval: entering an
-interval, the program recomputes its ``checkpoint`` states from the saved one into a scratch
-buffer (global memory, ``checkpoint * N * BLOCK_V`` floats per program), then walks them
-backwards. Per step, with :math:`G \mathrel{+}= r_t\, do_t^\top` first (:math:`o_t` reads
-:math:`S_t`):
+.. math::
+
+    (I + A)\, X = K_g S + B_m V, \qquad
+    o = R_g S + P_k V - P_a X, \qquad
+    S \leftarrow \mathrm{Diag}(e^{g_T}) S + K_d^\top V - B_d^\top X,
+
+with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
+:math:`K_d = \tilde k \odot e^{g_T - g}`, :math:`B_d = b \odot e^{g_T - g}` and the ``(T, T)`` matrices
+:math:`A_{tj} = \sum_c \hat\kappa_{tc} e^{g^-_{tc} - g_{jc}} b_{jc}` and :math:`B_{m,tj}` (the same with
+:math:`\tilde k_j`) for :math:`j < t`, :math:`P_{k,tj} = \sum_c r_{tc} e^{g_{tc} - g_{jc}} \tilde k_{jc}` and
+:math:`P_{a,tj}` (with :math:`b_j`) for :math:`j \le t`. Every exponent is :math:`\le 0`: the matrices
+are built one column :math:`j` at a time, exponent first (splitting :math:`e^{g_t - g_j}` into
+:math:`e^{g_t} e^{-g_j}` to make one matrix product overflows once decays are strong).
+
+1. ``_chunk_matrices``, one program per (batch, head, chunk), all chunks at once: :math:`(I+A)^{-1}`
+   (forward substitution on the identity), :math:`B_m, P_k, P_a`.
+2. ``_fwd_pass``, one program per (batch, head, ``BLOCK_V`` value columns: the transition acts on
+   rows, value columns never mix) walks the chunks in order with its state block in float32, saves
+   the state entering each chunk and applies the three lines above (eight small matrix products).
+3. ``_bwd_pass`` walks the chunks in reverse with the state's gradient :math:`\bar S`, recomputes
+   :math:`X`, and by the chain rule through the three lines
+   (:math:`\partial X = -P_a^\top do - B_d \bar S`, :math:`\partial\mathrm{rhs} = (I+A)^{-\top}\partial X`,
+   :math:`\bar S \leftarrow \mathrm{Diag}(e^{g_T})\bar S + R_g^\top do + K_g^\top \partial\mathrm{rhs}`, ...)
+   writes :math:`\partial v` and each value block's share of the gradients that sum over values:
+   the direct terms of :math:`\partial r, \partial\tilde k, \partial b, \partial\hat\kappa` and
+   :math:`\partial A = -\partial\mathrm{rhs}\, X^\top` (strictly lower), :math:`\partial B_m, \partial P_k, \partial P_a`.
+4. ``_chunk_matrix_grads``, all chunks at once: the ``(T, T)`` gradients back to
+   :math:`r, \tilde k, b, \hat\kappa`, one column at a time as in 1. Then, in PyTorch,
+   :math:`\partial a = \hat\kappa \odot \partial b` and :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`.
+
+The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
+step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
+the float64 recurrence, and by the tests)
+
+.. math::
+
+    \partial\log w_t = \sum_{\tau \ge t} r_\tau \odot \partial r_\tau + \sum_{\tau > t} e_\tau
+    + \textstyle\sum_v S_L \odot \bar S_L - a_t \odot \partial a_t - \tilde k_t \odot \partial\tilde k_t,
+    \qquad e_\tau = \hat\kappa_\tau \odot \partial\hat\kappa_\tau - 2\, a_\tau \odot \partial a_\tau - \tilde k_\tau \odot \partial\tilde k_\tau ,
+
+a reverse cumulative sum over the sequence, formed in PyTorch from the other gradients.
+
+Precision: float32 inside. The exponents are differences of float32 cumulative sums, off by about
+:math:`u\,|g|` (:math:`u = 6\cdot 10^{-8}`): for RWKV-7's decays (:math:`\log w \ge -e^{-1/2}`,
+:math:`|g| < 10` in a chunk) that is below :math:`10^{-6}`; for :math:`\log w` near :math:`-30`
+it reaches :math:`3\cdot 10^{-5}` relative (the tests fit their tolerance to it). The fused
+recurrent kernel multiplies step by step and has no such term.
+
+The fused recurrent kernel (:func:`wkv7_fused_recurrent`)
+--------------------------------------------------------
+One program per (batch, head, ``RECURRENT_BLOCK_V`` value columns) walks time one step after
+another with its state block in registers, saving the state entering every ``checkpoint`` steps.
+The backward walks time in reverse with :math:`G = \partial\mathcal L/\partial S_t`; entering an
+interval it recomputes the interval's states from the checkpoint into a scratch buffer (global
+memory, ``checkpoint * N * RECURRENT_BLOCK_V`` floats per program). Per step, after
+:math:`G \mathrel{+}= r_t\, do_t^\top`:
 
 .. math::
 
@@ -44,15 +92,16 @@ backwards. Per step, with :math:`G \mathrel{+}= r_t\, do_t^\top` first (:math:`o
     \partial \log w_t = w_t \odot \partial w_t, \quad
     G \leftarrow \mathrm{Diag}(w_t)\, G + \hat\kappa_t\, \partial x_t^\top .
 
-The gradients of ``r, log_w, k, kappa_hat, a`` sum over value columns: each value block writes
-its share and PyTorch adds the shares. The inputs are padded to a multiple of ``checkpoint``
-with identity steps (:math:`\log w = 0`, :math:`\tilde k = \hat\kappa = a = 0`), which leave the
-state unchanged.
-
-Cost: :math:`O(L\,N\,d_v)` work per (batch, head), like the chunked form's state updates, but
-in ``L`` dependent steps of a few vector operations: on a GPU its speed is set by the latency of
-one step, not by bandwidth or FLOPs. Unmeasured: checked under the Triton interpreter against
-the float64 recurrence and compiled for sm_90 by ``benchmarks.compile_check``; not timed on a GPU.
+Cost and status
+---------------
+Both do :math:`O(L\,N\,d_v)` work per (batch, head) in the state updates. The fused recurrent
+kernel takes ``L`` dependent steps of a few vector operations (its speed is set by one step's
+latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix products, and its
+``(T, T)`` matrices, the costliest part (:math:`O(T^2 N)` exponentials per chunk), are built for all
+chunks in parallel. The walk over chunks is still sequential per (batch, head, value block), as in
+:mod:`seqbook.kernels.delta`; flash-linear-attention's ``chunk_rwkv7`` splits the work differently.
+Unmeasured: both are checked under the Triton interpreter against the float64 recurrence and
+compiled for sm_90 by ``benchmarks.compile_check``; neither is timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -61,15 +110,289 @@ import torch
 import triton
 import triton.language as tl
 
-#: value columns per program (the smallest head dim the kernel takes: more programs, shorter steps)
-BLOCK_V = 16
-#: steps between the states the forward saves for the backward, by default
+#: steps per chunk (the chunked kernel)
+CHUNK = 16
+#: value columns per program in the chunked kernel's passes over chunks
+BLOCK_V = 32
+#: value columns per program in the fused recurrent kernel (more programs, shorter steps)
+RECURRENT_BLOCK_V = 16
+#: steps between the states the fused recurrent forward saves for its backward, by default
 CHECKPOINT = 16
 
 
 @triton.jit
+def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunks,
+                    DK: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T), built one column at a time."""
+    bh, ci = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rt = tl.arange(0, DK), tl.arange(0, T)
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    r = tl.load(r_ptr + offs).to(tl.float32)
+    g = tl.load(g_ptr + offs)
+    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    k = tl.load(k_ptr + offs).to(tl.float32)
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
+    bb = tl.load(a_ptr + offs).to(tl.float32) * kh
+    A = tl.zeros([T, T], dtype=tl.float32)
+    Bm = tl.zeros([T, T], dtype=tl.float32)
+    Pk = tl.zeros([T, T], dtype=tl.float32)
+    Pa = tl.zeros([T, T], dtype=tl.float32)
+    for j in range(T):
+        one = (rt == j).to(tl.float32)
+        g_j = tl.sum(g * one[:, None], axis=0)
+        k_j = tl.sum(k * one[:, None], axis=0)
+        b_j = tl.sum(bb * one[:, None], axis=0)
+        # decays from after step j to the start (E) and the end (F) of step t; exponents <= 0
+        E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
+        F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
+        A += one[None, :] * tl.sum(kh * E * b_j[None, :], axis=1)[:, None]
+        Bm += one[None, :] * tl.sum(kh * E * k_j[None, :], axis=1)[:, None]
+        Pk += one[None, :] * tl.sum(r * F * k_j[None, :], axis=1)[:, None]
+        Pa += one[None, :] * tl.sum(r * F * b_j[None, :], axis=1)[:, None]
+    # (I + A)^{-1} by forward substitution, one row at a time
+    Tinv = tl.zeros([T, T], dtype=tl.float32)
+    for i in range(T):
+        one = (rt == i).to(tl.float32)
+        a_i = tl.sum(A * one[:, None], axis=0)
+        x_i = one - tl.sum(a_i[:, None] * Tinv, axis=0)
+        Tinv += one[:, None] * x_i[None, :]
+    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    tl.store(mat_ptr + m_off, Tinv)
+    tl.store(mat_ptr + m_off + T * T, Bm)
+    tl.store(mat_ptr + m_off + 2 * T * T, Pk)
+    tl.store(mat_ptr + m_off + 3 * T * T, Pa)
+
+
+@triton.jit
+def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
+                  rk, rv, rt, vmask, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    g = tl.load(g_ptr + offs)
+    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    g_last = tl.load(g_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
+    to_end = tl.exp(g_last[None, :] - g)
+    Kg = kh * tl.exp(gp)
+    Rg = tl.load(r_ptr + offs).to(tl.float32) * tl.exp(g)
+    Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
+    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
+    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
+    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    Tinv = tl.load(mat_ptr + m_off)
+    Bm = tl.load(mat_ptr + m_off + T * T)
+    Pk = tl.load(mat_ptr + m_off + 2 * T * T)
+    Pa = tl.load(mat_ptr + m_off + 3 * T * T)
+    return rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa
+
+
+@triton.jit
+def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
+              Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
+              HAS_S0: tl.constexpr):  # fmt: skip
+    bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
+    vmask = rv < DV
+    s_off = rk[:, None] * DV + rv[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([DK, BV], dtype=tl.float32)
+    for ci in range(n_chunks):
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
+        rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
+            r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
+            vmask, DK, DV, T)  # fmt: skip
+        rhs = tl.dot(Kg, S, input_precision="ieee") + tl.dot(Bm, v, input_precision="ieee")
+        X = tl.dot(Tinv, rhs, input_precision="ieee")  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
+        o = tl.dot(Rg, S, input_precision="ieee") + tl.dot(Pk, v, input_precision="ieee") \
+            - tl.dot(Pa, X, input_precision="ieee")  # fmt: skip
+        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
+        S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision="ieee") \
+            - tl.dot(tl.trans(Bd), X, input_precision="ieee")  # fmt: skip
+    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
+
+
+@triton.jit
+def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
+              dr_ptr, dk_ptr, db_ptr, dkh_ptr, dv_ptr, dmat_ptr, ds0_ptr, B, Lp, H, n_chunks,
+              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
+    vmask = rv < DV
+    s_off = rk[:, None] * DV + rv[None, :]
+    share = pid_v * B * Lp * H * DK
+    mshare = pid_v * B * H * n_chunks * 4 * T * T
+    dS = tl.load(dsl_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0)
+    for cr in range(n_chunks):
+        ci = n_chunks - 1 - cr
+        S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, mask=vmask[None, :], other=0.0)
+        rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
+            r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
+            vmask, DK, DV, T)  # fmt: skip
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
+        rhs = tl.dot(Kg, S, input_precision="ieee") + tl.dot(Bm, v, input_precision="ieee")
+        X = tl.dot(Tinv, rhs, input_precision="ieee")
+        # o = Rg S + Pk V - Pa X;  S_out = e^{g_last} S + Kd^T V - Bd^T X;  X = Tinv (Kg S + Bm V)
+        dX = -tl.dot(tl.trans(Pa), do, input_precision="ieee") - tl.dot(Bd, dS, input_precision="ieee")
+        dR = tl.dot(tl.trans(Tinv), dX, input_precision="ieee")
+        dv = tl.dot(tl.trans(Pk), do, input_precision="ieee") + tl.dot(Kd, dS, input_precision="ieee") \
+            + tl.dot(tl.trans(Bm), dR, input_precision="ieee")  # fmt: skip
+        to_end = tl.exp(g_last[None, :] - g)
+        offs = share + rows[:, None] * DK + rk[None, :]
+        tl.store(dr_ptr + offs, tl.dot(do, tl.trans(S), input_precision="ieee") * tl.exp(g))
+        tl.store(dk_ptr + offs, tl.dot(v, tl.trans(dS), input_precision="ieee") * to_end)
+        tl.store(db_ptr + offs, -tl.dot(X, tl.trans(dS), input_precision="ieee") * to_end)
+        tl.store(dkh_ptr + offs, tl.dot(dR, tl.trans(S), input_precision="ieee") * tl.exp(gp))
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv, mask=vmask[None, :])
+        m_off = mshare + (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+        tl.store(dmat_ptr + m_off, -tl.dot(dR, tl.trans(X), input_precision="ieee"))  # dA
+        tl.store(dmat_ptr + m_off + T * T, tl.dot(dR, tl.trans(v), input_precision="ieee"))  # dBm
+        tl.store(dmat_ptr + m_off + 2 * T * T, tl.dot(do, tl.trans(v), input_precision="ieee"))  # dPk
+        tl.store(dmat_ptr + m_off + 3 * T * T, -tl.dot(do, tl.trans(X), input_precision="ieee"))  # dPa
+        dS = tl.exp(g_last)[:, None] * dS + tl.dot(tl.trans(Rg), do, input_precision="ieee") \
+            + tl.dot(tl.trans(Kg), dR, input_precision="ieee")  # fmt: skip
+    tl.store(ds0_ptr + bh * DK * DV + s_off, dS, mask=vmask[None, :])
+
+
+@triton.jit
+def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr_ptr, dk_ptr, db_ptr, dkh_ptr,
+                        Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    """Per chunk (all in parallel): the (T, T) matrices' gradients back to r, k~, b = a kappa_hat, kappa_hat."""
+    bh, ci = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rt = tl.arange(0, DK), tl.arange(0, T)
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    r = tl.load(r_ptr + offs).to(tl.float32)
+    g = tl.load(g_ptr + offs)
+    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    k = tl.load(k_ptr + offs).to(tl.float32)
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
+    bb = tl.load(a_ptr + offs).to(tl.float32) * kh
+    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    dA = tl.load(dmat_ptr + m_off)
+    dBm = tl.load(dmat_ptr + m_off + T * T)
+    dPk = tl.load(dmat_ptr + m_off + 2 * T * T)
+    dPa = tl.load(dmat_ptr + m_off + 3 * T * T)
+    dr = tl.zeros([T, DK], dtype=tl.float32)
+    dk = tl.zeros([T, DK], dtype=tl.float32)
+    db = tl.zeros([T, DK], dtype=tl.float32)
+    dkh = tl.zeros([T, DK], dtype=tl.float32)
+    for j in range(T):
+        one = (rt == j).to(tl.float32)
+        g_j = tl.sum(g * one[:, None], axis=0)
+        k_j = tl.sum(k * one[:, None], axis=0)
+        b_j = tl.sum(bb * one[:, None], axis=0)
+        E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
+        F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
+        dA_j = tl.sum(dA * one[None, :], axis=1)[:, None]  # column j, over t
+        dBm_j = tl.sum(dBm * one[None, :], axis=1)[:, None]
+        dPk_j = tl.sum(dPk * one[None, :], axis=1)[:, None]
+        dPa_j = tl.sum(dPa * one[None, :], axis=1)[:, None]
+        # A_tj = sum_c kh_tc E_tjc b_jc, Bm with k_j; Pk_tj = sum_c r_tc F_tjc k_jc, Pa with b_j
+        dkh += (dA_j * b_j[None, :] + dBm_j * k_j[None, :]) * E
+        dr += (dPk_j * k_j[None, :] + dPa_j * b_j[None, :]) * F
+        db_j = tl.sum(dA_j * E * kh, axis=0) + tl.sum(dPa_j * F * r, axis=0)
+        dk_j = tl.sum(dBm_j * E * kh, axis=0) + tl.sum(dPk_j * F * r, axis=0)
+        db += one[:, None] * db_j[None, :]
+        dk += one[:, None] * dk_j[None, :]
+    tl.store(dr_ptr + offs, dr)
+    tl.store(dk_ptr + offs, dk)
+    tl.store(db_ptr + offs, db)
+    tl.store(dkh_ptr + offs, dkh)
+
+
+def _pad(x, Lp):
+    L = x.shape[1]
+    if L == Lp:
+        return x.contiguous()
+    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
+
+
+def _chunk_cumsum(log_w, T):
+    """g_t = sum of log w over the chunk's steps up to t, in float32, (batch, Lp, H, N)."""
+    B, Lp, H, DK = log_w.shape
+    return log_w.float().view(B, Lp // T, T, H, DK).cumsum(2).view(B, Lp, H, DK).contiguous()
+
+
+class WKV7Chunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, kappa_hat, a, S0):
+        B, L, H, DK = r.shape
+        DV = v.shape[-1]
+        T = CHUNK
+        n = triton.cdiv(L, T)
+        Lp = n * T
+        # padded steps are the identity: log w = 0, every other input 0
+        rp, wp, kp, vp, khp, ap = (_pad(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
+        g = _chunk_cumsum(wp, T)  # g_t, from each chunk's start
+        dev = r.device
+        mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
+        _chunk_matrices[(B * H, n)](rp, g, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T)
+        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev)
+        final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
+        o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
+        s0 = S0.float().contiguous() if S0 is not None else final
+        _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, g, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
+                                                      DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None)  # fmt: skip
+        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, g, mats, states, final)
+        ctx.L = L
+        ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
+        return o[:, :L], final
+
+    @staticmethod
+    def backward(ctx, do, dS_final):
+        rp, wp, kp, vp, khp, ap, g, mats, states, final = ctx.saved_tensors
+        B, Lp, H, DK = rp.shape
+        DV, T, L = vp.shape[-1], CHUNK, ctx.L
+        n, nv = Lp // T, triton.cdiv(DV, BLOCK_V)
+        dev = rp.device
+        dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
+        dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
+        shares = [torch.empty(nv, B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]  # r, k, b, kh
+        dmats = torch.empty(nv, B * H, n, 4, T, T, dtype=torch.float32, device=dev)
+        dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
+        dS0 = torch.empty_like(dsl)
+        _bwd_pass[(B * H, nv)](rp, g, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
+                               DK=DK, DV=DV, T=T, BV=BLOCK_V)  # fmt: skip
+        dr, dk, db, dkh = (x.sum(0) for x in shares)
+        dmats = dmats.sum(0).contiguous()
+        more = [torch.empty(B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]
+        _chunk_matrix_grads[(B * H, n)](rp, g, wp, kp, khp, ap, dmats, *more, Lp, H, n, DK=DK, T=T)
+        dr, dk, db, dkh = dr + more[0], dk + more[1], db + more[2], dkh + more[3]
+        r32, k32, kh32, a32 = rp.float(), kp.float(), khp.float(), ap.float()
+        da = kh32 * db
+        dkh = dkh + a32 * db
+        # log w's gradient from the others (module docstring): no kernel needed
+        e = kh32 * dkh - 2 * a32 * da - k32 * dk
+        z = r32 * dr
+        z[:, :-1] += e[:, 1:]  # e_tau enters the sums of the steps before tau only
+        Q = z.flip(1).cumsum(1).flip(1) + (final * dsl).sum(-1)[:, None]
+        dlw = Q - a32 * da - k32 * dk
+        d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
+        return (dr[:, :L].to(d_r), dlw[:, :L].to(d_w), dk[:, :L].to(d_k), dv[:, :L].to(d_v), dkh[:, :L].to(d_kh),
+                da[:, :L].to(d_a), None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
+
+
+def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
+    """``(o, final_state)`` by chunks of 16 steps; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
+    (powers of two). ``final_state`` is float32 and differentiable, like ``o``."""
+    return WKV7Chunked.apply(r, log_w, k, v, kappa_hat, a, initial_state)
+
+
+# --------------------------------------------------------------------------------------
+# The fused recurrent kernel: the step-by-step baseline
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
 def _load_step(r_ptr, w_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, row, rk, rv, vmask, DK: tl.constexpr, DV: tl.constexpr):
-    """One step's vectors, in float32: r, w = e^{log w}, k~, kappa_hat, a (N,) and v (BLOCK_V,)."""
+    """One step's vectors, in float32: r, w = e^{log w}, k~, kappa_hat, a (N,) and v (RECURRENT_BLOCK_V,)."""
     r = tl.load(r_ptr + row * DK + rk).to(tl.float32)
     log_w = tl.load(w_ptr + row * DK + rk).to(tl.float32)
     k = tl.load(k_ptr + row * DK + rk).to(tl.float32)
@@ -156,14 +479,7 @@ def _wkv7_bwd(r_ptr, w_ptr, k_ptr, v_ptr, kh_ptr, a_ptr, do_ptr, ckpt_ptr, scrat
     tl.store(ds0_ptr + bh * DK * DV + s_off, G, mask=vmask[None, :])
 
 
-def _pad(x, Lp):
-    L = x.shape[1]
-    if L == Lp:
-        return x.contiguous()
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
-
-
-class WKV7(torch.autograd.Function):
+class WKV7Recurrent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, kappa_hat, a, S0, checkpoint):
         B, L, H, DK = r.shape
@@ -177,8 +493,8 @@ class WKV7(torch.autograd.Function):
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=r.device)
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=r.device)
         s0 = S0.float().contiguous() if S0 is not None else final
-        _wkv7_fwd[(B * H, triton.cdiv(DV, BLOCK_V))](rp, wp, kp, vp, khp, ap, s0, ckpt, o, final, Lp, H, n, T, DK=DK,
-                                                      DV=DV, BV=BLOCK_V, HAS_S0=S0 is not None)  # fmt: skip
+        _wkv7_fwd[(B * H, triton.cdiv(DV, RECURRENT_BLOCK_V))](rp, wp, kp, vp, khp, ap, s0, ckpt, o, final, Lp, H, n, T, DK=DK,
+                                                      DV=DV, BV=RECURRENT_BLOCK_V, HAS_S0=S0 is not None)  # fmt: skip
         ctx.save_for_backward(rp, wp, kp, vp, khp, ap, ckpt)
         ctx.L, ctx.T = L, T
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
@@ -189,26 +505,26 @@ class WKV7(torch.autograd.Function):
         rp, wp, kp, vp, khp, ap, ckpt = ctx.saved_tensors
         B, Lp, H, DK = rp.shape
         DV, T, L = vp.shape[-1], ctx.T, ctx.L
-        n, nv = Lp // T, triton.cdiv(DV, BLOCK_V)
+        n, nv = Lp // T, triton.cdiv(DV, RECURRENT_BLOCK_V)
         dev = rp.device
         dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
         shares = [torch.empty(nv, B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(5)]  # r, log_w, k, kh, a
         dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
         dS0 = torch.empty_like(dsl)
-        scratch = torch.empty(B * H, nv, T, DK, BLOCK_V, dtype=torch.float32, device=dev)
+        scratch = torch.empty(B * H, nv, T, DK, RECURRENT_BLOCK_V, dtype=torch.float32, device=dev)
         dr, dw, dk, dkh, da = shares
         _wkv7_bwd[(B * H, nv)](rp, wp, kp, vp, khp, ap, dop, ckpt, scratch, dsl, dr, dw, dk, dv, dkh, da, dS0, B, Lp, H,
-                               n, T, DK=DK, DV=DV, BV=BLOCK_V)  # fmt: skip
+                               n, T, DK=DK, DV=DV, BV=RECURRENT_BLOCK_V)  # fmt: skip
         dr, dw, dk, dkh, da = (x.sum(0)[:, :L] for x in shares)
         d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
         return (dr.to(d_r), dw.to(d_w), dk.to(d_k), dv[:, :L].to(d_v), dkh.to(d_kh), da.to(d_a),
                 None if d_s0 is None else dS0.to(d_s0), None)  # fmt: skip
 
 
-def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None, checkpoint=CHECKPOINT):
-    """``(o, final_state)``; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128 (powers of two).
+def wkv7_fused_recurrent(r, log_w, k, v, kappa_hat, a, initial_state=None, checkpoint=CHECKPOINT):
+    """The fused recurrent kernel (module docstring): ``(o, final_state)`` as :func:`wkv7`.
 
     ``checkpoint``: steps between the states saved for the backward (memory ``L / checkpoint``
     states per (batch, head); the backward recomputes the others)."""
-    return WKV7.apply(r, log_w, k, v, kappa_hat, a, initial_state, checkpoint)
+    return WKV7Recurrent.apply(r, log_w, k, v, kappa_hat, a, initial_state, checkpoint)
