@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import types
 
@@ -415,14 +416,16 @@ def sweep(device: str = "cuda") -> list[dict]:
     backward row without the atomic adds of dB and dC, ``BC_GRADS=False``: what they cost);
     each row carries its fraction of the exponential floor (measured rate: ``exp_Tps``)."""
     k = kernels("selective_scan")
+    kinds = os.environ.get("SWEEP_KINDS", "fwd,bwd").split(",")  # e.g. SWEEP_KINDS=bwd: the backward alone
     exp_rate = measure_exp_rate(device) * 1e12
     found = []
-    for shape in (TARGET, dict(TARGET, dtype="fp32")):
+    dtypes = os.environ.get("SWEEP_DTYPES", "bf16,fp32").split(",")
+    for shape in [dict(TARGET, dtype=t) for t in dtypes]:
         x = make_inputs(shape, device, seed=3)
         u, delta, A, B, C, D = (x[n] for n in ("u", "delta", "A", "B", "C", "D"))
         L, d, N = shape["L"], shape["D"], shape["N"]
         floor = {"fwd": _exps(shape, 1) / exp_rate * 1e3, "bwd": _exps(shape, 1) / exp_rate * 1e3}
-        for method, chunk, block_d, stages, warps in FWD_CONFIGS:
+        for method, chunk, block_d, stages, warps in FWD_CONFIGS if "fwd" in kinds else ():
             cfg = dict(METHOD=method, CHUNK=chunk, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=warps)
             fn = lambda: k._forward(u, delta, A, B, C, D, None, None, False, False, cfg)  # noqa: E731
             found.append(_time_config("fwd", cfg, fn, shape, floor["fwd"]))
@@ -430,7 +433,11 @@ def sweep(device: str = "cuda") -> list[dict]:
         # The last is a probe, not a configuration: the default without dB's and dC's atomic
         # adds (their values are then wrong), timing what those B L N d / BLOCK_D adds cost.
         probe = dict(k.config_for(u.dtype, "bwd"), BC_GRADS=False)
-        bwd_runs = [dict(CHUNK=c, BLOCK_D=b, NUM_STAGES=s, num_warps=w) for c, b, s, w in BWD_CONFIGS] + [probe]
+        runs = [dict(CHUNK=c, BLOCK_D=b, NUM_STAGES=s, num_warps=w) for c, b, s, w in BWD_CONFIGS]
+        # dB, dC as per-block partial sums (plain stores, summed afterwards) instead of atomic adds;
+        # the default, the probe and the default with partial sums first (a time-out keeps them)
+        partial = [dict(r, BC_PARTIAL=True) for r in runs[:4]]
+        bwd_runs = [runs[0], probe, partial[0]] + partial[1:] + runs[1:] if "bwd" in kinds else []
         for run in bwd_runs:
             cfg = k._fit(run, "bwd", L, d, N)
             try:

@@ -277,6 +277,14 @@ def test_kernel_many_chunks_and_blocks(device):
                  num_warps=4), bwd_config=dict(CHUNK=4, BLOCK_D=2, NUM_STAGES=1, num_warps=4))  # fmt: skip
 
 
+@pytest.mark.parametrize("block_d", [2, 4])
+def test_kernel_partial_sums_of_dB_dC(device, block_d):
+    # BC_PARTIAL: each channel block stores its share of dB, dC in its own slice (no atomic
+    # adds), summed afterwards; 3 and 2 channel blocks over 2 batch elements and 6 chunks.
+    check_kernel(device, (2, 23, 5, 4), seed=4, fwd_config=dict(METHOD="steps", CHUNK=4, BLOCK_D=2, NUM_STAGES=1,
+                 num_warps=4), bwd_config=dict(CHUNK=4, BLOCK_D=block_d, NUM_STAGES=1, num_warps=4, BC_PARTIAL=True))  # fmt: skip
+
+
 def test_kernel_chunked_forward(device):
     # The "chunks" forward (tiles combined by an associative scan), with and without grad.
     cfg = dict(METHOD="chunks", CHUNK=8, BLOCK_D=4, NUM_STAGES=1, num_warps=4)

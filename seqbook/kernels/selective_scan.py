@@ -379,7 +379,8 @@ def _selective_scan_bwd(
     G,  # (Bt, L, d): dLoss/dy
     G_LAST,  # (Bt, d, N): dLoss/d(last state) (if HAS_G_LAST)
     DU, DDELTA, DZ,  # (Bt, L, d) outputs, in the inputs' dtype
-    DB, DC,  # (Bt, L, N) float32, zeroed: every channel block adds its sum over its channels
+    DB, DC,  # (Bt, L, N) float32, zeroed: every channel block adds its sum over its channels;
+    # with BC_PARTIAL, (n_dblocks, Bt, L, N): each channel block stores its own sum, summed after
     DA_PART,  # (Bt, d, N) float32: dLoss/dA summed over time, per batch element
     DD_PART, DBIAS_PART,  # (Bt, d) float32: the same for D and delta_bias
     L, D, N: tl.constexpr,
@@ -387,6 +388,7 @@ def _selective_scan_bwd(
     HAS_G_LAST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     BC_GRADS: tl.constexpr = True,  # False only to time what dB, dC's atomic adds cost (the sweep)
+    BC_PARTIAL: tl.constexpr = False,
 ):  # fmt: skip
     n_dblocks = tl.cdiv(D, BLOCK_D)
     batch = tl.program_id(0) // n_dblocks
@@ -471,7 +473,11 @@ def _selective_scan_bwd(
         dD += tl.sum(g_bar * u, axis=0)
         dbias += tl.sum(dv, axis=0)
         # Sums over channels: this block's share; the other channel blocks add theirs.
-        if BC_GRADS:
+        if BC_GRADS and BC_PARTIAL:  # plain stores into this block's own slice: no contention
+            part = (tl.program_id(0) % n_dblocks).to(tl.int64) * (L * N) * (tl.num_programs(0) // n_dblocks)
+            tl.store(DB + part + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n)
+            tl.store(DC + part + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n)
+        elif BC_GRADS:
             tl.atomic_add(DB + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n, sem="relaxed")
             tl.atomic_add(DC + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n, sem="relaxed")
 
@@ -582,10 +588,14 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, softplus, states, g, g_last, 
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
-    dB, dC = torch.zeros(batch, L, N, **f32), torch.zeros(batch, L, N, **f32)
+    n_dblocks = triton.cdiv(d, cfg["BLOCK_D"])
+    if cfg.get("BC_PARTIAL"):  # one (batch, L, N) slice per channel block, summed below
+        dB, dC = torch.empty(n_dblocks, batch, L, N, **f32), torch.empty(n_dblocks, batch, L, N, **f32)
+    else:
+        dB, dC = torch.zeros(batch, L, N, **f32), torch.zeros(batch, L, N, **f32)
     dA_part = torch.empty(batch, d, N, **f32)
     dD_part, dbias_part = torch.empty(batch, d, **f32), torch.empty(batch, d, **f32)
-    LAST_LAUNCH["bwd"] = _selective_scan_bwd[(batch * triton.cdiv(d, cfg["BLOCK_D"]),)](
+    LAST_LAUNCH["bwd"] = _selective_scan_bwd[(batch * n_dblocks,)](
         u, delta, A, _wide_rows(B), _wide_rows(C), u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
         states, g, dA_part if g_last is None else g_last,
         du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part,
@@ -593,6 +603,8 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, softplus, states, g, g_last, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_G_LAST=g_last is not None, **cfg,
     )  # fmt: skip
+    if cfg.get("BC_PARTIAL"):
+        dB, dC = dB.sum(0), dC.sum(0)
     return (
         du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
         None if D is None else dD_part.sum(0).to(D.dtype), dz,
