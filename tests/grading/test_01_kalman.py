@@ -8,7 +8,7 @@ batch dimension, several, size-1 dimensions, shared or per-batch matrices), to
 1e-8.  Each case earns its share of the test's points (``credit``); the message
 names the cases and outputs that differ, how, and the likely mistake.
 Exercise 2 also has a float32 case that only the Joseph form passes: with P
-much larger than R the short form (I - K H) P loses its digits to the rounding
+much larger than R the short form (I - K C) P loses its digits to the rounding
 of the gain, the Joseph form does not (its error is second order in the gain's).
 
 While a student function runs, the library's Kalman functions are blocked
@@ -16,12 +16,13 @@ While a student function runs, the library's Kalman functions are blocked
 
 Contract (chapters/01_kalman/kalman.ipynb, "Exercises"):
   Exercise 1  kf_predict(x, P, F, Q) -> (x_pred, P_pred)
-  Exercise 2  kf_update(x, P, z, H, R) -> (x_post, P_post)            Joseph form
+  Exercise 2  kf_update(x, P, z, C, R) -> (x_post, P_post)            Joseph form
   Exercise 3  rts_step(x_filt, P_filt, x_pred_next, P_pred_next, x_smooth_next, P_smooth_next, F) -> (x_s, P_s)
   Exercise 4  nis(innovation, S) -> innovation.shape[:-1]
-  Exercise 5  steady_state(F, H, Q, R, tol=1e-12, max_iter=10_000) -> (P_inf, K_inf)   unbatched (n, n), (n, m)
-  Exercise 6  kf_update_sequential(x, P, z, H, r) -> (x_post, P_post)  == update with R = diag(r); H (m, n), r (m,)
-Shapes: x (..., n), P (..., n, n), z (..., m); F, Q (n, n) or (..., n, n); H (m, n) or (..., m, n); R likewise.
+  Exercise 5  steady_state(F, C, Q, R, tol=1e-12, max_iter=10_000) -> (P_inf, K_inf)   unbatched (N, N), (N, m)
+  Exercise 6  kf_update_sequential(x, P, z, C, r) -> (x_post, P_post)  == update with R = diag(r); C (m, N), r (m,)
+Shapes: x (..., N), P (..., N, N), z (..., m); F, Q (N, N) or (..., N, N); C (m, N) or (..., m, N); R likewise.
+(C is the measurement matrix, which seqbook.kalman's functions take as their argument H.)
 """
 
 import pytest
@@ -108,7 +109,7 @@ def test_kf_update(submission, credit):
         x, z = (torch.randn(batch, n, generator=g, dtype=DTYPE) for _ in range(2))
         x, P, z, H, R = (t.float() for t in (x, P, z, H, R))
         _, P_ref, _, _ = kalman.update(*(t.double() for t in (x, P, z, H, R)), joseph=True)
-        case = f"float32, {batch} problems with n = m = {n}, P about 1e5 R"
+        case = f"float32, {batch} problems with N = m = {n}, P about 1e5 R"
         with credit.case(case, weight=2):
             _, P_post = as_tuple(submission.kf_update(x, P, z, H, R), ("x_post", "P_post"), "kf_update")
             assert isinstance(P_post, torch.Tensor) and P_post.dtype == torch.float32, (
@@ -116,8 +117,8 @@ def test_kf_update(submission, credit):
             try:
                 assert_close(P_post.double(), P_ref, f"P_post ({case})", rtol=1e-5, atol=1e-5 * float(P_ref.abs().max()))
             except AssertionError as exc:
-                raise AssertionError(f"{exc}. Hint: this is the error of the short form (I - K H) P, whose error is "
-                                     "first order in the gain's rounding; the Joseph form (I - K H) P (I - K H)^T "
+                raise AssertionError(f"{exc}. Hint: this is the error of the short form (I - K C) P, whose error is "
+                                     "first order in the gain's rounding; the Joseph form (I - K C) P (I - K C)^T "
                                      "+ K R K^T is insensitive to it") from None
 
 
@@ -185,9 +186,9 @@ def test_steady_state(submission, credit):
     one = lambda v: torch.tensor([[v]], dtype=DTYPE)  # noqa: E731
     A = torch.randn(3, 3, generator=gen, dtype=DTYPE)
     models = [
-        ("the chapter's tracker (n = 4, m = 2)", cv["F"], cv["H"], cv["Q"], cv["R"]),
+        ("the chapter's tracker (N = 4, m = 2)", cv["F"], cv["H"], cv["Q"], cv["R"]),
         ("1-D random walk, q/r = 0.01", one(1.0), one(1.0), one(0.01), one(1.0)),
-        ("stable random F (n = 3, m = 1)", 0.8 * A / torch.linalg.eigvals(A).abs().max(),
+        ("stable random F (N = 3, m = 1)", 0.8 * A / torch.linalg.eigvals(A).abs().max(),
          torch.randn(1, 3, generator=gen, dtype=DTYPE), random_spd(n=3, generator=gen), random_spd(n=1, generator=gen)),
         ("unstable random F (n = 3, m = 2)", 1.3 * A / torch.linalg.eigvals(A).abs().max(),
          torch.randn(2, 3, generator=gen, dtype=DTYPE), random_spd(n=3, generator=gen), random_spd(n=2, generator=gen)),

@@ -16,13 +16,13 @@ first notebook, hippo.ipynb, has none).  Contract:
   Exercise 1  hippo_legs(N) -> (A, B)                           == hippo.transition("legs", N)
   Exercise 2  hippo_legt(N) -> (A, B)                           == hippo.transition("legt", N)
   Exercise 3  cauchy_naive(v, z, w) -> k                        == s4.cauchy_reference(v, z, w)
-  Exercise 4  woodbury_resolvent(Lambda, P, B, C, g) -> r       == C (g I - diag(Lambda) + P P^*)^{-1} B, per row
+  Exercise 4  woodbury_resolvent(Lambda, p, B, C, g) -> r       == C (g I - diag(Lambda) + p p^*)^{-1} B, per row
   Exercise 5  s4d_inv(H, modes) -> A                            == s4.s4d_init(H, modes, "inv", dtype=complex128)
-  Exercise 6  legs_eigenvectors(N) -> W                          A W = W diag(-1..-N), unit columns, W_kk > 0;
+  Exercise 6  legs_eigenvectors(N) -> E                          A E = E diag(-1..-N), unit columns, E_kk > 0;
                                                                  no eigensolver, factorization or solve
   Exercise 7  legs_online(f, N) -> c                             == hippo.hippo_online("legs", f, N)
 Exercises 6 and 7 earn partial credit per case, with hints for the common mistakes.
-Shapes: A (N, N), B (N,) float64; v, w, Lambda, P, B, C (H, N) complex; z (L,) or (H, L); g (H, L); k, r (H, L).
+Shapes: A (N, N), B (N,) float64; v, w, Lambda, p, B, C (H, N) complex; z (L,) or (H, L); g (H, L); k, r (H, L).
 """
 
 import math
@@ -96,17 +96,17 @@ def test_cauchy_naive(submission):
 
 @pytest.mark.points(3)
 def test_woodbury_resolvent(submission):
-    """Exercise 4: C_h (g I - diag(Lambda_h) + P_h P_h^*)^{-1} B_h at every point, against a dense solve."""
+    """Exercise 4: C_h (g I - diag(Lambda_h) + p_h p_h^*)^{-1} B_h at every point, against a dense solve."""
     gen = torch.Generator().manual_seed(302)
     for H, N, L in [(2, 6, 9), (3, 16, 40), (1, 1, 3), (2, 31, 17)]:
         Lambda = _poles(H, N, gen)
-        P, B, C = (torch.randn(H, N, generator=gen, dtype=C128) for _ in range(3))
+        p, B, C = (torch.randn(H, N, generator=gen, dtype=C128) for _ in range(3))
         g = 1j * (torch.rand(H, L, generator=gen, dtype=F64) * 2 - 1) * 4 * N  # on the imaginary axis, as in S4
-        M = torch.diag_embed(Lambda) - P[:, :, None] * P.conj()[:, None, :]  # (H, N, N): A = diag(Lambda) - P P^*
+        A = torch.diag_embed(Lambda) - p[:, :, None] * p.conj()[:, None, :]  # (H, N, N): A = diag(Lambda) - p p^*
         eye = torch.eye(N, dtype=C128)
-        x = torch.linalg.solve(g[:, :, None, None] * eye - M[:, None], B[:, None, :, None])  # (H, L, N, 1)
+        x = torch.linalg.solve(g[:, :, None, None] * eye - A[:, None], B[:, None, :, None])  # (H, L, N, 1)
         ref = (C[:, None, None, :] @ x)[..., 0, 0]  # (H, L)
-        got = submission.woodbury_resolvent(Lambda, P, B, C, g)
+        got = submission.woodbury_resolvent(Lambda, p, B, C, g)
         assert_close(got, ref, f"r (H = {H}, N = {N}, L = {L})", rtol=1e-9, atol=1e-10 * float(ref.abs().max()))
 
 
@@ -139,14 +139,14 @@ def test_legs_eigenvectors(submission, credit):
         want = _legs_eigenvectors_reference(N)
         unnormalized = want / torch.diagonal(want)  # v_k = 1, never scaled
         mistakes = {"has the right directions but columns not scaled to unit length": unnormalized,
-                    "has each column's sign flipped: make W[k, k] > 0": -want}
+                    "has each column's sign flipped: make E[k, k] > 0": -want}
         case = f"N = {N}"
         with credit.case(case):
             W = submission.legs_eigenvectors(N)
             assert isinstance(W, torch.Tensor) and W.dtype == F64 and tuple(W.shape) == (N, N), (
-                f"W ({case}): want a float64 ({N}, {N}) tensor, got {getattr(W, 'dtype', type(W))} "
+                f"E ({case}): want a float64 ({N}, {N}) tensor, got {getattr(W, 'dtype', type(W))} "
                 f"{tuple(getattr(W, 'shape', ()))}")
-            assert_close(W, want, f"W ({case})", rtol=1e-8, atol=1e-10, mistakes=mistakes)
+            assert_close(W, want, f"E ({case})", rtol=1e-8, atol=1e-10, mistakes=mistakes)
 
 
 @pytest.mark.points(2)
