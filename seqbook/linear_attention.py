@@ -970,11 +970,17 @@ class DeltaNet(nn.Module):
     as in Yang et al. 2024b and Mamba) lets a key see its predecessor, which the recall tasks use;
     ``conv_size=None`` leaves it out (then the activation is SiLU of the projection alone).
 
+    ``rule="additive"`` is the control for experiments: the same layer (projections, convolution,
+    unit keys, :math:`\beta_t`, norm) with the delta rule's correction removed,
+    :math:`S_t = S_{t-1} + \beta_t k_t v_t^\top` (:func:`linear_attention` with keys
+    :math:`\beta_t k_t`), so that a difference in recall is the update rule's and nothing else's.
+
     Args:
         d_model, n_heads: the width and the number of heads (dividing it); ``d_k = d_v = d_model / n_heads``.
         beta_max: 1 (:math:`\beta_t \in (0, 1)`) or 2 (:math:`\beta_t \in (0, 2)`).
         conv_size: taps of the short convolution, or None.
-        backend: for :func:`delta_rule` in :meth:`forward`.
+        rule: ``"delta"`` or ``"additive"``.
+        backend: for :func:`delta_rule` (or :func:`linear_attention`) in :meth:`forward`.
 
     **Decoding.** The state is ``(window, S)``: the last ``conv_size - 1`` projected inputs
     ``(batch, conv_size - 1, 3 d_model)`` (empty without the convolution) and ``S (batch, n_heads, d_k,
@@ -982,15 +988,17 @@ class DeltaNet(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, beta_max: float = 1.0, conv_size: int | None = 4,
-                 backend: str = "auto"):  # fmt: skip
+                 rule: str = "delta", backend: str = "auto"):  # fmt: skip
         super().__init__()
         _check_mixer_dims("DeltaNet", d_model, n_heads)
+        if rule not in ("delta", "additive"):
+            raise ValueError(f"DeltaNet: rule must be 'delta' or 'additive', got {rule!r}")
         if beta_max not in (1, 2):
             raise ValueError(f"DeltaNet: beta_max must be 1 (beta in (0, 1)) or 2 (beta in (0, 2)), got {beta_max!r}")
         if conv_size is not None and (isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 1):
             raise ValueError(f"DeltaNet: conv_size must be a positive int or None, got {conv_size!r}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
-        self.beta_max, self.conv_size, self.backend = float(beta_max), conv_size, backend
+        self.beta_max, self.conv_size, self.rule, self.backend = float(beta_max), conv_size, rule, backend
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         if conv_size is not None:
             self.conv = nn.Conv1d(3 * d_model, 3 * d_model, conv_size, groups=3 * d_model, padding=conv_size - 1)
@@ -1013,6 +1021,8 @@ class DeltaNet(nn.Module):
         if self.conv_size is not None:  # causal: pad both sides, keep the first L outputs
             u = self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
         q, k, v, beta = self._heads(u, x)
+        if self.rule == "additive":
+            return self._finish(linear_attention(q, beta[..., None] * k, v, backend=self.backend))
         return self._finish(delta_rule(q, k, v, beta, backend=self.backend))
 
     def init_state(self, batch: int, device=None, dtype=torch.float32):
@@ -1030,6 +1040,9 @@ class DeltaNet(nn.Module):
             window = torch.cat([window, u[:, None]], dim=1)  # (batch, conv_size, 3 d_model), oldest first
             u = torch.einsum("btc,ct->bc", window, self.conv.weight[:, 0]) + self.conv.bias
             window = window[:, 1:]
-        q, k, v, beta = (t[:, None] for t in self._heads(u, x_t))
-        o, S = delta_rule_recurrent(q, k, v, beta, initial_state=S)
+        q, k, v, beta = self._heads(u, x_t)
+        if self.rule == "additive":
+            o, S = recurrent_step(q, beta[..., None] * k, v, S)
+            return self._finish(o), (window, S)
+        o, S = delta_rule_recurrent(q[:, None], k[:, None], v[:, None], beta[:, None], initial_state=S)
         return self._finish(o[:, 0]), (window, S)

@@ -331,6 +331,7 @@ MIXERS = {
     "deltanet": lambda d, h: la.DeltaNet(d, h),
     "deltanet beta in (0, 2), no conv": lambda d, h: la.DeltaNet(d, h, beta_max=2, conv_size=None),
     "deltanet conv 2": lambda d, h: la.DeltaNet(d, h, conv_size=2),
+    "deltanet, additive control": lambda d, h: la.DeltaNet(d, h, rule="additive"),
 }
 
 
@@ -452,7 +453,22 @@ def test_mixer_bad_input():
             m.step(torch.zeros(2, 1, 12), m.init_state(2))
     with pytest.raises(ValueError, match="beta_max must be 1"):
         la.DeltaNet(12, 2, beta_max=3)
+    with pytest.raises(ValueError, match="rule must be 'delta' or 'additive'"):
+        la.DeltaNet(12, 2, rule="hebb")
     with pytest.raises(ValueError, match="conv_size must be a positive int or None"):
         la.DeltaNet(12, 2, conv_size=0)
     with pytest.raises(ValueError, match="gate_rank must be a positive int"):
         la.GatedLinearAttention(12, 2, gate_rank=0)
+
+
+def test_deltanet_additive_control_differs_only_in_the_update():
+    """Same weights: from an empty state the first step writes beta_1 k_1 v_1^T under both rules (equal outputs);
+    from the second step on the delta rule subtracts beta_t k_t (S^T k_t)^T, so the outputs differ."""
+    delta = mixer("deltanet")
+    additive = la.DeltaNet(12, 2, rule="additive").double()
+    additive.load_state_dict(delta.state_dict())
+    x = randn(2, 6, 12, seed=12)
+    with torch.no_grad():
+        y_d, y_a = delta(x), additive(x)
+    torch.testing.assert_close(y_a[:, 0], y_d[:, 0], rtol=1e-12, atol=1e-12)
+    assert (y_a[:, 1:] - y_d[:, 1:]).abs().max() > 1e-3
