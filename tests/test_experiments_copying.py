@@ -139,7 +139,7 @@ def test_registered_on_the_command_line():
 def test_default_families_include_the_required_ones():
     for fam in ("softmax attention", "hybrid: Mamba + 1 attention", "Mamba", "linear attention", "RWKV-6"):
         assert fam in ec.DEFAULT_FAMILIES
-    assert set(ec.DEFAULT_FAMILIES) <= set(h2h.FAMILIES)
+    assert set(ec.DEFAULT_FAMILIES) <= set(h2h.FAMILIES) and len(ec.DEFAULT_FAMILIES) == 5
 
 
 TINY = dict(seeds=(0,), steps=3, families=("softmax attention", "linear attention"), target_params=3000, batch=4,
