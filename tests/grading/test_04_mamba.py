@@ -16,11 +16,12 @@ first notebook, selective_scan.ipynb, has none).  Contract:
   Exercise 3  segsum(a) -> S                                          == mamba.segsum(a), stable in float32
   Exercise 4  conv_step(conv_state, x_t, weight, bias) -> (y_t, new)  == one step of a causal depthwise conv1d
   Exercise 5  scan_doubling(a, b) -> h                                h_t = a_t h_{t-1} + b_t, h_{-1} = 0
-  Exercise 6  ssd_chunk(x, dt, a, B, C, H_in) -> (y, H_out)            == mamba.ssd_chunked, one head, one chunk
+  Exercise 6  ssd_chunk(x, dt, a, B, C, h_in) -> (y, h_out)            == mamba.ssd_chunked, one head, one chunk
 Exercises 5 and 6 earn partial credit per case, with hints for the common mistakes.
-Shapes: delta, u (batch, d) in Ex. 1 and (batch, L, d) in Ex. 2; A (d, N); B (batch, N) / (batch, L, N);
-C (batch, L, N); D (d,); a (..., T) -> S (..., T, T); conv_state (batch, E, K - 1), x_t (batch, E),
-weight (E, K), bias (E,) or None.
+Shapes (u is the input x of the chapter's text, named as in seqbook.mamba): delta, u (batch, d) in Ex. 1
+and (batch, L, d) in Ex. 2; A (d, N); B (batch, N) / (batch, L, N);
+C (batch, L, N); D (d,); a (..., T) -> S (..., T, T); conv_state (batch, E, d_conv - 1), x_t (batch, E),
+weight (E, d_conv), bias (E,) or None.
 """
 
 import pytest
@@ -147,18 +148,18 @@ def test_ssd_chunk(submission, credit):
         dt = F.softplus(torch.randn(Q, generator=gen, dtype=F64))
         a = -0.1 - torch.rand((), generator=gen, dtype=F64)
         B, C = (torch.randn(Q, N, generator=gen, dtype=F64) for _ in range(2))
-        H_in = torch.randn(P, N, generator=gen, dtype=F64)
-        y_want, H_want = mamba.ssd_chunked(x[None, :, None], dt[None, :, None], a[None], B[None, :, None],
-                                           C[None, :, None], chunk_size=Q, initial_state=H_in[None, None],
+        h_in = torch.randn(P, N, generator=gen, dtype=F64)
+        y_want, h_want = mamba.ssd_chunked(x[None, :, None], dt[None, :, None], a[None], B[None, :, None],
+                                           C[None, :, None], chunk_size=Q, initial_state=h_in[None, None],
                                            return_final_state=True)  # fmt: skip
-        y_want, H_want = y_want[0, :, 0], H_want[0, 0]
+        y_want, h_want = y_want[0, :, 0], h_want[0, 0]
         y_no_state = mamba.ssd_chunked(x[None, :, None], dt[None, :, None], a[None], B[None, :, None],
                                        C[None, :, None], chunk_size=Q)[0, :, 0]  # fmt: skip
         case = f"Q {Q}, P {P}, N {N}"
         with credit.case(case):
-            y, H_out = as_tuple(submission.ssd_chunk(x, dt, a, B, C, H_in), ("y", "H_out"), "ssd_chunk")
+            y, h_out = as_tuple(submission.ssd_chunk(x, dt, a, B, C, h_in), ("y", "h_out"), "ssd_chunk")
             assert_close(y, y_want, f"y ({case})", rtol=1e-10, atol=1e-11,
-                         mistakes={"leaves out the incoming state: add exp(cumsum(dt a))_t C_t H_in^T": y_no_state})
-            assert_close(H_out, H_want, f"H_out ({case})", rtol=1e-10, atol=1e-11,
-                         mistakes={"does not decay the incoming state over the chunk: exp(sum(dt a)) H_in": H_want
-                                   - H_in * (torch.exp((dt * a).sum()) - 1)})
+                         mistakes={"leaves out the incoming state: add exp(cumsum(dt a))_t C_t h_in^T": y_no_state})
+            assert_close(h_out, h_want, f"h_out ({case})", rtol=1e-10, atol=1e-11,
+                         mistakes={"does not decay the incoming state over the chunk: exp(sum(dt a)) h_in": h_want
+                                   - h_in * (torch.exp((dt * a).sum()) - 1)})
