@@ -315,6 +315,7 @@ def mqar_state_sweep(
     steps: int = 400,
     *,
     widths: dict | None = None,
+    families=None,
     pair_counts=(2, 4, 8, 16),
     n_keys: int = 16,
     n_values: int = 16,
@@ -329,7 +330,8 @@ def mqar_state_sweep(
 ) -> dict:
     r"""Recall against the decoding state's size (Arora et al. 2024, Fig. 2): each family at several widths.
 
-    For each family and width in ``widths`` (default :data:`SWEEP_WIDTHS`) and each seed: the recipe
+    For each family and width in ``widths`` (default :data:`SWEEP_WIDTHS`; only ``families`` of it if
+    given) and each seed: the recipe
     and task of :func:`mqar_head_to_head` (trained on the mixture of ``pair_counts``, scored at each
     of them); the model's decoding state in bytes (:func:`state_bytes`) at the longest test length
     ``3 max(pair_counts)``. The figure puts that state on the x-axis and the accuracy at the hardest
@@ -340,6 +342,11 @@ def mqar_state_sweep(
     "state_bytes", P: {"mean", "std", "min", "max", "n"}}}}}``; ``on_run(record)`` after every run.
     """
     widths = {f: tuple(int(d) for d in ds) for f, ds in (SWEEP_WIDTHS if widths is None else widths).items()}
+    if families is not None:  # a subset, e.g. to run the sweep as several processes (--families)
+        missing = [f for f in families if f not in widths]
+        if missing:
+            raise ValueError(f"families must be among the swept {list(widths)}, got {missing}")
+        widths = {f: widths[f] for f in families}
     seeds, pair_counts = _check_mqar_args(seeds, tuple(widths), pair_counts, n_keys)
     if any(not ds or min(ds) < 1 for ds in widths.values()):
         raise ValueError(f"widths must map each family to positive ints, got {widths}")

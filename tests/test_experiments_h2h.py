@@ -127,6 +127,12 @@ def test_state_sweep_tiny_run():
         h2h.mqar_state_sweep(widths={"nope": (8,)})
     with pytest.raises(ValueError, match="widths"):
         h2h.mqar_state_sweep(widths={"Mamba": ()})
+    with pytest.raises(ValueError, match="swept"):
+        h2h.mqar_state_sweep(families=("RWKV-7",))
+    part = h2h.mqar_state_sweep(**{**kw, "seeds": (1,)}, families=("softmax attention",))
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731  (a timing)
+    assert [strip(r) for r in part["runs"]] == [strip(r) for r in record["runs"]
+                                                if r["family"] == "softmax attention" and r["seed"] == 1]  # fmt: skip
 
 
 def test_crossover_length():
