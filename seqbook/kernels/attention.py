@@ -346,24 +346,27 @@ def _attn_bwd_dq(
 #: forward and "dq" hold BLOCK_M queries and stream BLOCK_N keys. Causal masking needs
 #: the held block to be a multiple of the streamed one.
 #:
-#: Not yet timed on a GPU: chosen by compiling every candidate for sm_90 without one
-#: (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, Triton 3.9) and reading each
-#: cubin's registers and local-memory stack, then taking the largest tiles that keep the
-#: matrix products on wgmma and spill little or nothing. dk/dv at d = 128 is the tight one:
-#: the two float32 accumulators and the held k, v fill the 255 registers of a thread, so it
-#: holds 64 keys (128 spilled 300-600 bytes per thread). ``python -m benchmarks.run --ops
-#: attention --sweep`` times the candidates; its results should replace this table.
+#: d = 128 and d = 64 are chosen from timings on an H200 (Triton 3.6, bf16, causal;
+#: ``python -m benchmarks.run --quick --sweep --ops attention``, recorded in
+#: benchmarks/results/sweeps/2026-12-02-h200-attention-attention.json; each row varies one
+#: kernel with the others at the previous defaults). At d = 128, L = 16384 the whole backward
+#: took 15.5 ms with dk/dv tiles of (32 queries streamed, 64 keys held) and 7.55 ms with
+#: (64, 128), although that tile compiles to 255 registers with a small spill: each step then
+#: does twice the wgmma work per load; "dq" with 3 stages 14.5 instead of 15.5. At d = 64
+#: (B=4, H=32, L=4096) the smaller tiles won: forward (64, 64, 4 warps) 0.70 ms against 0.85,
+#: dk/dv (32, 64, 4 warps) 2.75 against 3.08, dq (64, 64, 4 warps) 2.44 against 3.04. d = 32
+#: and 16 are still chosen from sm_90 compiles alone (registers, spills, wgmma), not timed.
 CONFIGS = {
     ("fwd", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3),
-    ("fwd", 2, 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, NUM_STAGES=3),
+    ("fwd", 2, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     ("fwd", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     ("fwd", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
-    ("dkdv", 2, 128): dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
-    ("dkdv", 2, 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
+    ("dkdv", 2, 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, NUM_STAGES=2),
+    ("dkdv", 2, 64): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
     ("dkdv", 2, 32): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
     ("dkdv", 2, 16): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=2),
-    ("dq", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
-    ("dq", 2, 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
+    ("dq", 2, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3),
+    ("dq", 2, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
     ("dq", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
     ("dq", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
 }

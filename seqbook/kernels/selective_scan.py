@@ -500,14 +500,18 @@ def _selective_scan_bwd(
 #:   needs NUM_STAGES >= 2: with the loads pipelined the chunk's tiles reach the step loop
 #:   from shared memory in the state's layout; with NUM_STAGES = 1 the compiler converts
 #:   layouts at every step (about 100 barriers per chunk instead of 3).
-#: - backward: (CHUNK, BLOCK_D, N) = (16, 16, 16) tiles at 8 warps, 180-200 registers and no
-#:   spills with or without the optional inputs (at 4 warps: 255 registers and spills).
-#:   Its CHUNK is also the interval at which the forward saves states for it.
+#: - backward: (CHUNK, BLOCK_D, N) = (16, 16, 16) tiles; its CHUNK is also the interval at
+#:   which the forward saves states for it. Timed on an H200 (bf16, B=4, L=4096, d=2048,
+#:   N=16, the backward kernel alone; benchmarks/results/sweeps/2026-12-02-h200-selective_scan-
+#:   selective_scan.json): 9.35 ms at 8 warps, 5.49 ms at 4 warps (255 registers, no spill
+#:   reported). Without the two sums over channels that form dB and dC (the BC_GRADS=False
+#:   probe, wrong values) 2.91 ms: those cross-thread reductions are most of the time, not the
+#:   atomic adds that follow them (BC_PARTIAL, plain stores into per-block slices: 9.64 ms).
 CONFIGS = {
     ("fwd", 4): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("fwd", 2): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
-    ("bwd", 4): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=8),
-    ("bwd", 2): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=8),
+    ("bwd", 4): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=4),
+    ("bwd", 2): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=4),
 }
 #: Register budget: at most this many float32 per (BLOCK_D, N) state forward, and per
 #: (CHUNK, BLOCK_D, N) tile backward; BLOCK_D shrinks for larger N.
