@@ -263,6 +263,13 @@ def hippo_init_ablation(
 from .experiments_h2h import mqar_head_to_head  # noqa: E402
 
 experiment("mqar_head_to_head", "chapters/08_head_to_head/results/mqar_head_to_head.json")(mqar_head_to_head)
+
+# Chapter 6: the delta rule against additive updates on trained recall (seqbook.experiments_delta)
+from .experiments_delta import delta_recall, delta_recall_rewrites  # noqa: E402
+
+experiment("delta_recall", "chapters/06_linear_attention/results/delta_recall.json")(delta_recall)
+experiment("delta_recall_rewrites", "chapters/06_linear_attention/results/delta_recall_rewrites.json")(delta_recall_rewrites)
+
 from .experiments_h2h import mqar_state_sweep  # noqa: E402
 
 experiment("mqar_state_sweep", "chapters/08_head_to_head/results/mqar_state_sweep.json")(mqar_state_sweep)
