@@ -314,6 +314,14 @@ def _pad(x, Lp):
     return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
 
 
+def _warps(DK):
+    """Warps for the passes over chunks. Their small fp32 products (FMA, not tensor cores) hold whole
+    operand rows per thread: compiled for sm_90 (ptxas -v, Triton 3.9), 4 warps use 255 registers and
+    spill 0.1-0.5 kB at N = 64, 1.5-16 kB at N = 128; 8 warps spill 0.7-0.8 kB at N = 128. At N = 64
+    keep 4 (two programs fit an SM: B H d_v / 32 programs run in one wave on 132 SMs at the anchor shape)."""
+    return 4 if DK <= 64 else 8
+
+
 def _chunk_cumsum(log_w, T):
     """g_t = sum of log w over the chunk's steps up to t, in float32, (batch, Lp, H, N)."""
     B, Lp, H, DK = log_w.shape
@@ -339,7 +347,8 @@ class WKV7Chunked(torch.autograd.Function):
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
         s0 = S0.float().contiguous() if S0 is not None else final
         _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, g, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
-                                                      DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None)  # fmt: skip
+                                                      DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None,
+                                                      num_warps=_warps(DK))  # fmt: skip
         ctx.save_for_backward(rp, wp, kp, vp, khp, ap, g, mats, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
@@ -359,7 +368,7 @@ class WKV7Chunked(torch.autograd.Function):
         dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
         dS0 = torch.empty_like(dsl)
         _bwd_pass[(B * H, nv)](rp, g, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
-                               DK=DK, DV=DV, T=T, BV=BLOCK_V)  # fmt: skip
+                               DK=DK, DV=DV, T=T, BV=BLOCK_V, num_warps=_warps(DK))  # fmt: skip
         dr, dk, db, dkh = (x.sum(0) for x in shares)
         dmats = dmats.sum(0).contiguous()
         more = [torch.empty(B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]
