@@ -71,8 +71,9 @@ _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "logsumexp", "cumsum
 
 class _FlopCount(TorchDispatchMode):
     """Counts, for every ATen operation that runs: matrix products by PyTorch's own formulas (2 FLOPs
-    per multiply-add), pointwise operations at one FLOP per output element, reductions and
-    normalizations at one FLOP per input element. Copies, views and indexing count 0."""
+    per multiply-add), pointwise operations at one FLOP per output element (4 for complex; ``clone``
+    and dtype casts are tagged pointwise by PyTorch, so they count too), reductions and
+    normalizations at one FLOP per input element. Views and indexing count 0."""
 
     def __init__(self):
         super().__init__()
@@ -190,6 +191,7 @@ def lm_matched_compute(
     prompt: str = "ROMEO:\n",
     sample_length: int = 160,
     temperature: float = 0.8,
+    val_limit: int | None = None,
     progress: bool = False,
     on_run: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -202,7 +204,8 @@ def lm_matched_compute(
     drawn with ``seed``: ``steps x batch x length`` characters for every family. Then score the whole
     validation text (:func:`validation_loss`) and sample ``sample_length`` characters after
     ``prompt`` at ``temperature`` (generator seeded with ``seed``; :meth:`LanguageModel.generate`,
-    which steps the recurrence where the family has one).
+    which steps the recurrence where the family has one). ``val_limit``: score only the first
+    ``val_limit`` validation characters (for quick runs; the record says so in its config).
 
     Returns ``{"config", "families": {family: {"d_model", "parameters", "chapter", "flops_per_step":
     {"matmul", "elementwise", "total"}}}, "runs": [{"family", "seed", "val_nats", "val_bits_per_char",
@@ -221,13 +224,15 @@ def lm_matched_compute(
     vocab = corpus.CharVocab(text)
     tokens = vocab.encode(text)
     train_tokens, val_tokens = corpus.split(tokens, 0.1)
+    if val_limit is not None:  # a quick run (tests) scores the first val_limit characters only
+        val_tokens = val_tokens[: int(val_limit)]
     val_text = vocab.decode(val_tokens)
     train_text = vocab.decode(train_tokens)
     warmup = max(1, steps // 20)
     config = dict(seeds=seeds, steps=steps, families=families, target_params=target_params, n_layers=n_layers,
                   batch=batch, length=length, lr=lr, weight_decay=weight_decay, warmup=warmup,
                   tokens_seen=steps * batch * length, vocab_size=len(vocab), train_characters=len(train_tokens),
-                  val_characters=len(val_tokens), prompt=prompt, sample_length=sample_length,
+                  val_characters=len(val_tokens), val_limit=val_limit, prompt=prompt, sample_length=sample_length,
                   temperature=temperature)  # fmt: skip
     compressors = {"alone": compressor_bits_per_char(val_text),
                    "given_training_text": compressor_bits_per_char(val_text, train_text)}  # fmt: skip
