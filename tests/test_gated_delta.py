@@ -472,3 +472,54 @@ def test_deltanet_additive_control_differs_only_in_the_update():
         y_d, y_a = delta(x), additive(x)
     torch.testing.assert_close(y_a[:, 0], y_d[:, 0], rtol=1e-12, atol=1e-12)
     assert (y_a[:, 1:] - y_d[:, 1:]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# The recall experiment (seqbook.experiments_delta), at tiny sizes
+# --------------------------------------------------------------------------------------
+
+
+def test_delta_recall_registered():
+    from seqbook import experiments
+    from seqbook import experiments_delta as ed
+
+    assert experiments.EXPERIMENTS["delta_recall"] == (ed.delta_recall, "chapters/06_linear_attention/results/delta_recall.json")
+    fn, out = experiments.EXPERIMENTS["delta_recall_rewrites"]
+    assert fn is ed.delta_recall_rewrites and out.endswith("06_linear_attention/results/delta_recall_rewrites.json")
+
+
+def test_mqar_rewrite_batch_asks_for_the_latest_value():
+    from seqbook import experiments_delta as ed
+
+    P, R, n_keys = 6, 3, 8
+    x, y = ed.mqar_rewrite_batch(50, P, torch.Generator().manual_seed(0), n_keys=n_keys, n_values=5, n_rewrites=R)
+    assert x.shape == y.shape == (50, 3 * P + 2 * R)
+    assert (y[:, : 2 * (P + R)] == -100).all()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        first = dict(zip(row_x[0 : 2 * P : 2], row_x[1 : 2 * P : 2]))
+        again = dict(zip(row_x[2 * P : 2 * (P + R) : 2], row_x[2 * P + 1 : 2 * (P + R) : 2]))
+        assert len(first) == P and len(again) == R and set(again) <= set(first)  # distinct keys, rewrites of stored ones
+        assert all(again[k] != first[k] for k in again)  # a rewrite changes the answer
+        assert sorted(row_x[-P:]) == sorted(first) and all(k < n_keys for k in row_x[-P:])
+        assert [{**first, **again}[k] for k in row_x[-P:]] == row_y[-P:]
+    with pytest.raises(ValueError, match=r"n_rewrites must be an int in \[0, n_pairs = 6\]"):
+        ed.mqar_rewrite_batch(2, P, torch.Generator(), n_keys=n_keys, n_values=5, n_rewrites=7)
+
+
+def test_delta_recall_tiny_record():
+    from seqbook import experiments_delta as ed
+
+    r = ed.delta_recall(seeds=(0, 1), steps=3, families=("DeltaNet", "DeltaNet layer, additive update"), pair_counts=(2, 3),
+                        n_keys=4, n_values=4, target_params=3000, jobs=1, rewrite_fraction=0.5)  # fmt: skip
+    assert [(run["family"], run["seed"]) for run in r["runs"]] == [("DeltaNet", 0), ("DeltaNet", 1),
+                                                                   ("DeltaNet layer, additive update", 0),
+                                                                   ("DeltaNet layer, additive update", 1)]  # fmt: skip
+    info = r["families"]["DeltaNet"]
+    assert info["state_numbers_per_layer"] == 2 * info["d_k"] ** 2 and info["d_model"] == 2 * info["d_k"]
+    assert r["families"]["DeltaNet"]["parameters"] == r["families"]["DeltaNet layer, additive update"]["parameters"]
+    for run in r["runs"]:
+        assert set(run["test_accuracy"]) == {"2", "3"} and all(0 <= a <= 1 for a in run["test_accuracy"].values())
+        assert len(run["loss_curve"]["loss"]) == 3
+    assert r["summary"]["DeltaNet"]["2"]["n"] == 2
+    with pytest.raises(ValueError, match="families must be among"):
+        ed.delta_recall(seeds=(0,), steps=1, families=("DeltaNet 2",))
