@@ -10,9 +10,9 @@ Families (ops ``<family>.fwd`` and ``<family>.fwdbwd``, rows in the schema of sh
   (keys L2-normalized by the caller, ``beta`` in (0, 1));
 - ``rwkv7``: :func:`seqbook.rwkv.wkv7` against ``chunk_rwkv7(r, w=log_w, k, v, a=-kappa_hat,
   b=a * kappa_hat)`` (fla's :math:`S' = \mathrm{Diag}(e^{w}) S + b\,(a^\top S) + k v^\top`
-  is ours with those two vectors). Ours is the Triton kernel where ``wkv7(backend="triton")``
-  has one (row ``seqbook.triton``), else the PyTorch chunked form that CUDA tensors run
-  today (row ``seqbook.reference``, eager, at ``L <= 4096``);
+  is ours with those two vectors). Ours is :mod:`seqbook.kernels.rwkv7`'s chunked kernel
+  (row ``seqbook.triton``, skipped with a note where ``wkv7(backend="triton")`` has none),
+  and the PyTorch chunked form (row ``seqbook.reference``, eager, at ``L <= 4096``);
 - ``rwkv4``: RWKV-4's WKV, :func:`seqbook.rwkv.wkv4` (decay rates ``w >= 0``) against
   ``fused_recurrent_rwkv4(log w, u, k, v, state)`` (fla takes the stored ``time_decay`` and
   forms :math:`-e^{w}` itself; its initial state ``(B, 3, 1, C)`` is
@@ -136,7 +136,9 @@ def _kernel(family: str):
             return kernels("delta").delta_rule(i["q"], i["k"], i["v"], i["beta"])[0]
         if family == "rwkv4":
             return kernels("rwkv4").wkv4(i["w"], i["u"], i["k"], i["v"])[0]
-        return _ours(family, "triton")(i)  # rwkv7: the public entry, timed eagerly
+        if family == "rwkv7":
+            return kernels("rwkv7").wkv7(i["q"], i["log_alpha"], i["k"], i["v"], i["kappa_hat"], i["a"])[0]
+        raise ValueError(family)
 
     return call
 
@@ -230,7 +232,7 @@ def _wkv7_kernel_missing() -> str | None:
 def _impls(family: str, grad: bool) -> list[Impl]:
     impls = []
     if family == "rwkv7":
-        impls.append(Impl("seqbook.triton", _build(_kernel(family), grad), available=_wkv7_kernel_missing))
+        impls.append(Impl("seqbook.triton", _build(_kernel(family), grad), graph=True, available=_wkv7_kernel_missing))
         impls.append(Impl("seqbook.reference", _build(_ours(family, "reference"), grad),
                           when=lambda s: s["L"] <= REFERENCE_MAX_L and not s.get("lengths")))  # fmt: skip
     else:

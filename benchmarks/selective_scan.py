@@ -595,30 +595,38 @@ def ssd_check(device: str = "cuda") -> dict:
 
 register_check("ssd", ssd_check)
 
-# (Q, BLOCK_P, NUM_STAGES, num_warps); the first is the 16-bit default.
-SSD_CONFIGS = [(32, 64, 2, 8), (32, 64, 3, 8), (32, 32, 2, 4), (64, 64, 2, 8), (16, 64, 2, 4), (32, 64, 2, 4),
-               (64, 32, 2, 4)]  # fmt: skip
+# (Q, BLOCK_P, NUM_STAGES, num_warps); the first is the 16-bit default. Smaller BLOCK_P splits
+# a head's P channels over more programs (each recomputes the chunk's C B^T): at B=1 the
+# default runs one program per head, 32 in all (the length sweep: 0.14x mamba at 32k-64k).
+SSD_CONFIGS = [(32, 64, 2, 8), (32, 32, 2, 4), (32, 16, 2, 4), (32, 32, 2, 8), (32, 64, 3, 8), (64, 64, 2, 8),
+               (16, 64, 2, 4), (32, 64, 2, 4), (64, 32, 2, 4)]  # fmt: skip
+SSD_SWEEP_SHAPES = [SSD_TARGET, dict(SSD_TARGET, B=1, L=16384)]
 
 
 def ssd_sweep(device: str = "cuda") -> list[dict]:
-    """The SSD kernel alone at the target shape over :data:`SSD_CONFIGS`."""
+    """The SSD kernel alone at the target shape and at one sequence of 16k steps over
+    :data:`SSD_CONFIGS` (``SSD_SWEEP_N`` of them: the first N)."""
     k = kernels("ssd")
-    inp = ssd_inputs(SSD_TARGET, device, seed=6)
-    x, dt, A, B, C = (inp[n] for n in ("x", "dt", "A", "B", "C"))
-    floor = max(_ssd_bytes(SSD_TARGET) / 3.0e12, _ssd_flops(SSD_TARGET) / 747e12) * 1e3
     found = []
-    for q, block_p, stages, warps in SSD_CONFIGS:
-        cfg = dict(Q=q, BLOCK_P=block_p, NUM_STAGES=stages, num_warps=warps)
-        try:
-            fn = lambda: k.ssd_forward(x, dt, A, B, C, config=cfg)  # noqa: E731
-            fn()
-            ms = time_ms(fn, warmup=10, rep=40)
-        except Exception as e:
-            ms = float("nan")
-            print("sweep ssd", cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)
-        found.append(dict(cfg, kernel="ssd.fwd", shape=ssd_shape_name(SSD_TARGET), ms=round(ms, 4),
-                          floor_fraction=round(floor / ms, 4)))  # fmt: skip
-        print("sweep", found[-1], flush=True)
+    configs = SSD_CONFIGS[: int(os.environ.get("SSD_SWEEP_N", len(SSD_CONFIGS)))]
+    for shape in SSD_SWEEP_SHAPES:
+        inp = ssd_inputs(shape, device, seed=6)
+        x, dt, A, B, C = (inp[n] for n in ("x", "dt", "A", "B", "C"))
+        floor = max(_ssd_bytes(shape) / 4.2e12, _ssd_flops(shape) / 690e12) * 1e3  # H200 ceilings
+        for q, block_p, stages, warps in configs:
+            cfg = dict(Q=q, BLOCK_P=block_p, NUM_STAGES=stages, num_warps=warps)
+            try:
+                fn = lambda: k.ssd_forward(x, dt, A, B, C, config=cfg)  # noqa: E731
+                fn()
+                ms = time_ms(fn, warmup=10, rep=40)
+            except Exception as e:
+                ms = float("nan")
+                print("sweep ssd", cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)
+            found.append(dict(cfg, kernel="ssd.fwd", shape=ssd_shape_name(shape), ms=round(ms, 4),
+                              floor_fraction=round(floor / ms, 4)))  # fmt: skip
+            print("sweep", found[-1], flush=True)
+        del inp, x, dt, A, B, C
+        torch.cuda.empty_cache()
     return found
 
 

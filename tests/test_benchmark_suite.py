@@ -36,7 +36,7 @@ def test_listing_needs_no_gpu():
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     for op in ("scan.fwd", "ssm_kernel.fwd", "cauchy.fwd", "selective_scan.fwdbwd", "ssd.fwd", "attention.fwd",
-               "linear_attention.fwd"):  # fmt: skip
+               "linear_attention.fwd", "gla.fwdbwd", "rwkv6.fwd", "delta_rule.fwdbwd", "rwkv7.fwd", "rwkv4.fwdbwd"):  # fmt: skip
         assert op in proc.stdout, f"{op} missing from the registry:\n{proc.stdout[:2000]}"
 
 
