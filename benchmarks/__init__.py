@@ -18,6 +18,12 @@ draws time against length from those files.
   (``attention.fwd``, ``attention.fwdbwd``).
 - :mod:`benchmarks.linear_attention`: causal linear attention, our chunked kernel against
   flash-linear-attention's (``linear_attention.fwd``, ``.fwdbwd``, ``.decay_fwd``, ``.decay_fwdbwd``).
+- :mod:`benchmarks.gated`: chapter 7's recurrences against fla's kernels (``gla``, ``rwkv6``,
+  ``delta_rule``, ``rwkv7``, ``rwkv4``; ``.fwd`` and ``.fwdbwd`` each).
+
+``--lengths`` times only the length-sweep shapes (one batch of 16 heads of 128, or 2048
+channels, at L = 1k ... 64k) that the book's time-against-length plots read; other runs
+leave them out.
 
 ``python -m benchmarks.run --list`` prints the registry without a GPU, and
 ``python -m benchmarks.compile_check`` compiles every kernel for sm_90 without one
