@@ -438,6 +438,9 @@ def sweep(device: str = "cuda") -> list[dict]:
         # the default, the probe and the default with partial sums first (a time-out keeps them)
         partial = [dict(r, BC_PARTIAL=True) for r in runs[:4]]
         bwd_runs = [runs[0], probe, partial[0]] + partial[1:] + runs[1:] if "bwd" in kinds else []
+        if os.environ.get("SS_BWD_CONFIGS") and "bwd" in kinds:  # "CHUNK,BLOCK_D,STAGES,WARPS;...": these alone
+            picked = [tuple(int(v) for v in c.split(",")) for c in os.environ["SS_BWD_CONFIGS"].split(";")]
+            bwd_runs = [dict(CHUNK=c, BLOCK_D=b, NUM_STAGES=s, num_warps=w) for c, b, s, w in picked]
         for run in bwd_runs:
             cfg = k._fit(run, "bwd", L, d, N)
             try:
