@@ -102,13 +102,20 @@ def test_fused_recurrent_kernel_matches_float64_recurrence(device, shape, checkp
         assert_near(got[name], want[name], 1e-5, f"{name} at {shape}, checkpoint {checkpoint}")
 
 
-def test_kernel_float16(device):
-    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0), state=True, dtype=torch.float16, seed=9)
-    assert got["o"].dtype == torch.float16 and got["dlog_w"].dtype == torch.float16
+# 16-bit inputs: (rel for o and the state, rel for the gradients), compare.py; bfloat16 on CUDA only
+# (the interpreter runs NumPy, which has no bfloat16)
+HALF = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_kernel_16_bit(device, dtype):
+    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0), state=True, dtype=dtype, seed=9)
+    assert got["o"].dtype == dtype and got["dlog_w"].dtype == dtype
     for name in want:
-        # the inputs rounded to float16 are the reference's inputs too; o and the gradients are
-        # rounded to float16 once at the end: about 8 and 20 u (compare.py)
-        assert_near(got[name], want[name], 4e-3 if name in ("o", "final_state") else 1e-2, f"{name}, float16")
+        # the inputs rounded to 16 bits are the reference's inputs too; o and the gradients are
+        # rounded to 16 bits once at the end
+        rel = HALF[dtype][0] if name in ("o", "final_state") else HALF[dtype][1]
+        assert_near(got[name], want[name], rel, f"{name}, {dtype}")
 
 
 def test_kernel_output_only_and_special_case_delta_rule(device):
