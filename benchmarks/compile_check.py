@@ -184,17 +184,20 @@ def cases():
     out += [(f"delta_rule {dt}, d={d}", lambda dt=dt, d=d: delta(dt, d))
             for dt, d in ((torch.float32, 64), (torch.bfloat16, 128))]
 
-    def wkv7(dtype, d, with_state, form):
+    def wkv7(dtype, d, with_state, form, grad=True):
         rr, lw, kk, v, kh, a = _grads(r(1, 300, 2, d).to(dtype), -torch.rand(1, 300, 2, d).to(dtype),
                                       *(r(1, 300, 2, d).to(dtype) for _ in range(3)), torch.rand(1, 300, 2, d).to(dtype))
         s0 = _grads(r(1, 2, d, d))[0] if with_state else None
-        o, last = getattr(k["rwkv7"], form)(rr, lw, kk, v, kh, a, s0)
-        (o.float().sum() + last.sum()).backward()
+        with torch.set_grad_enabled(grad):  # without gradients the chunked forward saves no states
+            o, last = getattr(k["rwkv7"], form)(rr, lw, kk, v, kh, a, s0)
+        if grad:
+            (o.float().sum() + last.sum()).backward()
 
-    out += [(f"rwkv7 {f} {dt}, d={d}{', initial state' if s else ''}",
-             lambda dt=dt, d=d, s=s, f=f: wkv7(dt, d, s, f))
-            for dt, d, s, f in ((torch.float32, 64, True, "wkv7"), (torch.bfloat16, 128, False, "wkv7"),
-                                (torch.float32, 64, True, "wkv7_fused_recurrent"))]
+    out += [(f"rwkv7 {f} {dt}, d={d}{', initial state' if s else ''}{'' if g else ', forward only'}",
+             lambda dt=dt, d=d, s=s, f=f, g=g: wkv7(dt, d, s, f, g))
+            for dt, d, s, f, g in ((torch.float32, 64, True, "wkv7", True), (torch.bfloat16, 128, False, "wkv7", True),
+                                   (torch.bfloat16, 64, False, "wkv7", False),
+                                   (torch.float32, 64, True, "wkv7_fused_recurrent", True))]
     return out
 
 

@@ -168,6 +168,7 @@ def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, 
 @triton.jit
 def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
                   rk, rv, rt, vmask, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    """Chunk ``ci``'s rows, its decayed inputs K_g, R_g, K_d, B_d (module docstring), values and matrices."""
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
     g = tl.load(g_ptr + offs)
@@ -191,7 +192,7 @@ def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b,
 @triton.jit
 def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
               Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
-              HAS_S0: tl.constexpr):  # fmt: skip
+              HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr):  # fmt: skip
     bh, pid_v = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
@@ -202,7 +203,8 @@ def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr
     else:
         S = tl.zeros([DK, BV], dtype=tl.float32)
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
+        if SAVE_STATES:  # for the backward; a forward without gradients skips the writes
+            tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
         rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
             r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
             vmask, DK, DV, T)  # fmt: skip
@@ -342,13 +344,14 @@ class WKV7Chunked(torch.autograd.Function):
         dev = r.device
         mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
         _chunk_matrices[(B * H, n)](rp, g, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T)
-        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev)
+        save = any(ctx.needs_input_grad)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
+        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
         s0 = S0.float().contiguous() if S0 is not None else final
         _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, g, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
                                                       DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None,
-                                                      num_warps=_warps(DK))  # fmt: skip
+                                                      SAVE_STATES=save, num_warps=_warps(DK))  # fmt: skip
         ctx.save_for_backward(rp, wp, kp, vp, khp, ap, g, mats, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
