@@ -428,6 +428,9 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     if v.dim() != 4 or v.shape[:3] != r.shape[:3]:
         raise ValueError(f"{where}: v must be (batch, length, H, d_v) with (batch, length, H) = {tuple(r.shape[:3])}, "
                          f"got {tuple(v.shape)}")  # fmt: skip
+    for name, x in (("k", k), ("v", v), ("kappa_hat", kappa_hat), ("a", a)):  # log_w may be kept in float32
+        if x.dtype != r.dtype:
+            raise TypeError(f"{where}: {name} must have the dtype of r ({r.dtype}), got {x.dtype}")
     if log_w.numel() and not bool((log_w <= 0).all()):
         raise ValueError(f"{where}: log_w must be <= 0 (a decay w in (0, 1]), got a maximum of {log_w.max().item():.3g}")
     if a.numel() and not bool(((a >= 0) & (a <= 1)).all()):

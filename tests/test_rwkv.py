@@ -235,6 +235,11 @@ def test_wkv7_public_entry_and_errors():
         rwkv.wkv7(r[0], log_w[0], k[0], v[0], kh[0], a[0])
     with pytest.raises(ValueError, match=r"initial_state must be \(batch, H, N, d_v\)"):
         rwkv.wkv7(r, log_w, k, v, kh, a, initial_state=S0[0])
+    for i, name in ((2, "k"), (3, "v"), (4, "kappa_hat"), (5, "a")):  # mixed dtypes: an error, not a kernel crash
+        args = [r, log_w, k, v, kh, a]
+        args[i] = args[i].float()
+        with pytest.raises(TypeError, match=f"wkv7: {name} must have the dtype of r"):
+            rwkv.wkv7(*args, backend="reference")
     with pytest.raises(ValueError, match="wkv6: log_w must be <= 0"):
         rwkv.wkv6(r, k, v, -log_w, randn(2, 4))
     with pytest.raises(ValueError, match=r"wkv6: u must be \(heads, d_k\) = \(2, 4\)"):
