@@ -12,13 +12,13 @@ names the first case and output that differ, and how.
 The exercises are in chapters/06_linear_attention/linear_attention.ipynb ("Exercises").  Contract:
   Exercise 1  linear_attention_step(q_t, k_t, v_t, S, log_decay_t) -> (o_t, S')
               S' = exp(a_t) S + k_t v_t^T, o_t = q_t^T S' / sqrt(d_k)  (seqbook.linear_attention.recurrent_step)
-  Exercise 2  stable_decay_mask(log_decay) -> D     == seqbook.linear_attention.decay_mask, finite in float32
+  Exercise 2  stable_decay_mask(log_decay) -> L     == seqbook.linear_attention.decay_mask, finite in float32
   Exercise 3  chunk_state_update(S, k_c, v_c, log_decay_c) -> S'
               the state after the chunk: linear_attention_recurrent(..., initial_state=S)'s final state
   Exercise 4  join_states(S_a, S_b, log_decay_b) -> S   the state after A then B from each one's own (zero start)
   Exercise 5  initial_state_grad(q, do, log_decay, d_final) -> dS_0   == autograd, without autograd
 Shapes: q_t, k_t (batch, heads, d_k); v_t (batch, heads, d_v); S (batch, heads, d_k, d_v);
-log_decay_t (batch, heads); log_decay (batch, length, heads); D (batch, heads, length, length);
+log_decay_t (batch, heads); log_decay (batch, length, heads); the decay mask L (batch, heads, length, length);
 k_c (batch, C, heads, d_k); v_c (batch, C, heads, d_v); log_decay_c (batch, C, heads).
 """
 
@@ -89,12 +89,12 @@ def test_stable_decay_mask(submission):
         case = f"(log_decay of shape {(B, L, H)}, a ~ -U(0, {strength:g}), {dtype})"
         if dtype == F32:
             assert isinstance(got, torch.Tensor) and torch.isfinite(got).all(), (
-                f"D {case} has nan or inf: the cumulative product prod_r gamma_r underflows in float32; "
+                f"the mask L {case} has nan or inf: the cumulative product prod_r gamma_r underflows in float32; "
                 "sum the logs of each segment instead")
             want = la.decay_mask(a.double()).float()
-            assert_close(got, want, f"D {case}", rtol=1e-4, atol=1e-7)
+            assert_close(got, want, f"the mask L {case}", rtol=1e-4, atol=1e-7)
         else:
-            assert_close(got, la.decay_mask(a), f"D {case}", rtol=1e-12, atol=1e-14)
+            assert_close(got, la.decay_mask(a), f"the mask L {case}", rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.points(4)
