@@ -507,11 +507,18 @@ def _selective_scan_bwd(
 #:   reported). Without the two sums over channels that form dB and dC (the BC_GRADS=False
 #:   probe, wrong values) 2.91 ms: those cross-thread reductions are most of the time, not the
 #:   atomic adds that follow them (BC_PARTIAL, plain stores into per-block slices: 9.64 ms).
+#:   Triton lays the tile out with the warps along the channel axis, so those sums cross warps
+#:   through shared memory (sm_90 TTGIR: 63 barriers in the kernel, 27 without the sums). With
+#:   one warp there is nothing to cross: (CHUNK, BLOCK_D) = (8, 8) at 1 warp took 2.95 ms
+#:   (255 registers, no spill; sweeps/2026-12-02-h200-selective_scan-bwd_warps.json), (8, 16) at
+#:   2 warps 3.76, (16, 8) at 2 warps 5.39. 16-bit inputs now use (8, 8, 1 warp); float32 keeps
+#:   the 4-warp tile it was timed with (not timed at 1 warp). The compiled tests of the GPU
+#:   session ran before this change: the 1-warp backward is timed there, not yet tested there.
 CONFIGS = {
     ("fwd", 4): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("fwd", 2): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("bwd", 4): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=4),
-    ("bwd", 2): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=4),
+    ("bwd", 2): dict(CHUNK=8, BLOCK_D=8, NUM_STAGES=1, num_warps=1),
 }
 #: Register budget: at most this many float32 per (BLOCK_D, N) state forward, and per
 #: (CHUNK, BLOCK_D, N) tile backward; BLOCK_D shrinks for larger N.
