@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -106,6 +107,17 @@ def listing(families=None) -> str:
     return "\n".join(lines)
 
 
+def shape_chosen(shape: dict, lengths: bool = False, quick: bool = False) -> bool:
+    """Whether a run times ``shape``: with ``lengths`` only the length-sweep shapes (marked
+    ``lengths=True``); otherwise never those, and with ``quick`` only the target shapes
+    (``target`` or ``quick``, or ``L`` = 4096 or no length)."""
+    if lengths:
+        return bool(shape.get("lengths"))
+    if shape.get("lengths"):
+        return False
+    return not quick or bool(shape.get("target") or shape.get("quick") or shape.get("L") in (None, 4096))
+
+
 def _one(op_name: str, impl_name: str, shape_json: str) -> int:
     """Child-process mode for isolated implementations: time one row, print ``RESULT <ms>``."""
     op = suite.REGISTRY[op_name]
@@ -151,7 +163,8 @@ def main(argv=None) -> int:
     import triton
 
     families = args.ops or sorted({name.split(".")[0] for name in suite.REGISTRY})
-    ops = [op for name, op in suite.REGISTRY.items() if name.split(".")[0] in families]
+    # in the order of --ops: a run stopped by its time-out keeps the families named first
+    ops = [op for family in families for name, op in suite.REGISTRY.items() if name.split(".")[0] == family]
 
     name = torch.cuda.get_device_name()
     result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _commit(),
@@ -190,12 +203,7 @@ def main(argv=None) -> int:
     print("ceilings:", ceilings, flush=True)
     write()
     notes, rows, eager = result["notes"], result["rows"], result["eager"]
-    if args.lengths:
-        chosen = lambda s: bool(s.get("lengths"))  # noqa: E731
-    elif args.quick:
-        chosen = lambda s: not s.get("lengths") and bool(s.get("target") or s.get("quick") or s.get("L") in (None, 4096))  # noqa: E731
-    else:
-        chosen = lambda s: not s.get("lengths")  # noqa: E731
+    chosen = functools.partial(shape_chosen, lengths=args.lengths, quick=args.quick)
     suite.run_ops(ops, ceilings, notes, isolate_budget_s=args.isolate_budget, shape_filter=chosen, eager=eager,
                   max_seconds=args.max_seconds, on_row=write, rows=rows)  # fmt: skip
     result["complete"] = True

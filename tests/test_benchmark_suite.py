@@ -74,3 +74,17 @@ def test_run_ops_kernel_rows_first_and_a_family_stops_past_its_time(monkeypatch)
     assert len(rows) == 6 and len(calls) == 6
     skipped = [n for n in notes if "skipped, the family" in n]
     assert len(skipped) == 6 and all("seqbook.triton" not in n for n in skipped)
+
+
+def test_length_sweep_shapes_only_with_lengths():
+    """``--lengths`` times the length-sweep shapes alone; ``--quick`` and full runs leave them out,
+    and ``--quick`` keeps only the targets."""
+    from benchmarks.run import shape_chosen
+
+    sweep = dict(B=1, L=8192, H=16, d=128, lengths=True)
+    target, other, at_4096 = dict(L=16384, target=True), dict(L=8192), dict(L=4096)
+    assert shape_chosen(sweep, lengths=True) and not shape_chosen(target, lengths=True)
+    assert not shape_chosen(sweep) and not shape_chosen(sweep, quick=True)
+    assert shape_chosen(other) and not shape_chosen(other, quick=True)
+    assert shape_chosen(target, quick=True) and shape_chosen(at_4096, quick=True)
+    assert not shape_chosen(dict(sweep, L=4096), quick=True)  # a sweep shape at 4096 is not a quick one
