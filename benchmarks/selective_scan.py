@@ -413,8 +413,11 @@ BWD_CONFIGS = [
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward kernels (no states saved) and the backward kernel alone at the target
     shape, bfloat16 and float32, over :data:`FWD_CONFIGS` and :data:`BWD_CONFIGS` (and one
-    backward row without the atomic adds of dB and dC, ``BC_GRADS=False``: what they cost);
-    each row carries its fraction of the exponential floor (measured rate: ``exp_Tps``)."""
+    backward row without the sums and atomic adds of dB and dC, ``BC_GRADS=False``: what they
+    cost, and rows with those sums stored per channel block, ``BC_PARTIAL``); each row carries
+    its fraction of the exponential floor (measured rate: ``exp_Tps``). Environment:
+    ``SWEEP_KINDS`` (``fwd,bwd``), ``SWEEP_DTYPES`` (``bf16,fp32``), ``SS_BWD_CONFIGS``
+    (``"CHUNK,BLOCK_D,STAGES,WARPS;..."``: these backward configurations alone)."""
     k = kernels("selective_scan")
     kinds = os.environ.get("SWEEP_KINDS", "fwd,bwd").split(",")  # e.g. SWEEP_KINDS=bwd: the backward alone
     exp_rate = measure_exp_rate(device) * 1e12
