@@ -1,4 +1,4 @@
-"""Grading tests for chapter 8 (head to head): Exercises 1-3, 10 points.
+"""Grading tests for chapter 8 (head to head): Exercises 1-4, 13 points.
 
 Run by the grader (``python -m seqbook.grading grade ...``), one process per submission;
 ``submission`` holds the student's functions, running in a sandbox. Each case earns its share of
@@ -17,7 +17,13 @@ The exercises are in chapters/08_head_to_head/head_to_head.ipynb ("Exercises"). 
               the smallest L >= 0 with 2 * L * d_model * n_layers * bytes_per_number >= fixed_bytes.
   Exercise 3  exact_recall_state(keys (P, d_k), values (P, d_v)) -> S (d_k, d_v) with keys @ S == values
               for P <= d_k linearly independent keys; P > d_k: ValueError. Any exact S is accepted.
+  Exercise 4  crossover_length(lengths, t_a, t_b) -> float or None
+              the first length where log(t_a / t_b) changes sign, interpolated linearly in (log L, log ratio)
+              between the two measured lengths around it (exact for power laws); a measured tie is that length;
+              no sign change: None.
 """
+
+import math
 
 import pytest
 import torch
@@ -29,7 +35,8 @@ from seqbook.grading.submission import SubmissionError
 F64 = torch.float64
 
 BLOCKED = ["seqbook.experiments_h2h.*", "seqbook.linear_attention.*"]
-FORBIDDEN = {"decoding_state_bytes": BLOCKED, "kv_crossover_length": BLOCKED, "exact_recall_state": BLOCKED}
+FORBIDDEN = {"decoding_state_bytes": BLOCKED, "kv_crossover_length": BLOCKED, "exact_recall_state": BLOCKED,
+             "crossover_length": BLOCKED}
 
 
 def _int_answer(got, want, what, mistakes=None):
@@ -124,3 +131,53 @@ def test_exact_recall_state(submission, credit):
     with credit.case("more keys than dimensions raises ValueError"):
         K, V = torch.randn(9, 8, generator=gen, dtype=F64), torch.randn(9, 2, generator=gen, dtype=F64)
         _raises_value_error(lambda: submission.exact_recall_state(K, V), "9 keys in 8 dimensions")
+
+
+def _float_answer(got, want, what, mistakes=None):
+    if want is None:
+        if got is not None:
+            raise AssertionError(f"{what}: the curves do not cross between the measured lengths; expected None, got {got!r}")
+        return
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        raise AssertionError(f"{what}: expected a number, got {type(got).__name__} {got!r}")
+    if not abs(got - want) <= 1e-6 * want:
+        hint = next((h for h, wrong in (mistakes or {}).items() if wrong and abs(got - wrong) <= 1e-6 * wrong), None)
+        raise AssertionError(f"{what}: got {got!r}, expected {want!r}" + (f". Hint: {hint}" if hint else ""))
+
+
+def _linear_in_L(lengths, t_a, t_b):
+    """The common mistake: the crossing interpolated linearly in L and in the time difference."""
+    for i in range(len(lengths) - 1):
+        d0, d1 = t_a[i] - t_b[i], t_a[i + 1] - t_b[i + 1]
+        if d0 * d1 < 0:
+            return lengths[i] + d0 / (d0 - d1) * (lengths[i + 1] - lengths[i])
+    return None
+
+
+@pytest.mark.points(3)
+def test_crossover_length(submission, credit):
+    """Exercise 4: where a linear-cost curve meets a quadratic one, read off measured points in log-log."""
+    lengths = [1024, 2048, 4096, 8192, 16384]
+    for L_star, p_a, p_b in [(3000.0, 1.0, 2.0), (5000.0, 1.0, 1.8), (1500.0, 0.9, 2.0)]:
+        with credit.case(f"power laws L^{p_a} and L^{p_b} meeting at L = {L_star:g} (log-log interpolation is exact)"):
+            t_a = [(L / L_star) ** p_a for L in lengths]  # the slower-growing curve, slower at short L
+            t_b = [(L / L_star) ** p_b for L in lengths]
+            got = submission.crossover_length(lengths, t_a, t_b)
+            _float_answer(got, L_star, "crossover length",
+                          {"interpolate in log L and log(t_a / t_b): the curves are straight lines on log-log "
+                           "axes, not on linear ones": _linear_in_L(lengths, t_a, t_b)})  # fmt: skip
+    with credit.case("the curves meet exactly at a measured length; the roles of a and b swapped"):
+        t_b = [L / 4096 for L in lengths]
+        t_a = [(L / 4096) ** 2 for L in lengths]
+        _float_answer(submission.crossover_length(lengths, t_a, t_b), 4096.0, "a tie at L = 4096")
+    with credit.case("no crossing inside the measured lengths gives None (no extrapolation)"):
+        t_a = [L / 1e5 for L in lengths]
+        t_b = [(L / 1e3) ** 2 for L in lengths]
+        _float_answer(submission.crossover_length(lengths, t_a, t_b), None, "a always faster than b")
+        _float_answer(submission.crossover_length(lengths, t_b, t_a), None, "a always slower than b")
+        # two crossings: the first one counts
+        t_a, t_b = [1.0, 3.0, 1.0], [2.0, 2.0, 2.0]
+        want = math.exp(math.log(100) + math.log(2) / math.log(3) * (math.log(200) - math.log(100)))
+        _float_answer(submission.crossover_length([100, 200, 400], t_a, t_b), want, "the first of two crossings")
