@@ -32,8 +32,9 @@ sequences seen (``step * batch``): how many examples each family needs.
 **The state-size bound.** After the separator, a recurrent model's whole knowledge of the string is
 its state; a state of :math:`S` bits takes at most :math:`2^S` values, and :math:`A^n` strings must
 lead to :math:`A^n` different copies, so at most a fraction :math:`2^S / A^n` of the strings can be
-copied exactly (Jelassi et al. 2024, Theorem 2.7, in counting form). :func:`copy_bound_length` is
-the longest :math:`n` with :math:`n \log_2 A \le S`, with :math:`S` the measured state bytes times 8.
+copied exactly (the counting behind Jelassi et al. 2024's bound on what a fixed state can copy).
+:func:`copy_bound_length` is the longest :math:`n` with :math:`n \log_2 A \le S`, with :math:`S` the
+measured state bytes times 8.
 Attention's state (the KV cache) grows with the string, and has no such bound.
 
 Glossary (symbol -> shape)
