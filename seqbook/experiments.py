@@ -274,9 +274,11 @@ from .experiments_h2h import mqar_state_sweep  # noqa: E402
 
 experiment("mqar_state_sweep", "chapters/08_head_to_head/results/mqar_state_sweep.json")(mqar_state_sweep)
 from .experiments_beyond import images_as_sequences, lm_matched_compute  # noqa: E402
+from . import experiments_beyond as _beyond  # noqa: E402
 
 experiment("lm_matched_compute", "chapters/08_head_to_head/results/lm_matched_compute.json")(lm_matched_compute)
 experiment("images_as_sequences", "chapters/08_head_to_head/results/images_as_sequences.json")(images_as_sequences)
+experiment("image_orders", "chapters/08_head_to_head/results/image_orders.json")(_beyond.image_orders)
 
 # Chapters 5-7: the score-scale ablation, MQAR of two mixers, the LM comparison (seqbook.experiments_chapters)
 from .experiments_chapters import REGISTRY as _CHAPTER_EXPERIMENTS  # noqa: E402

@@ -413,3 +413,45 @@ def images_as_sequences(
                 if on_run is not None:
                     on_run(record())
     return record()
+
+
+def image_orders(
+    seeds=(0, 1, 2),
+    steps: int = 300,
+    *,
+    families=("Mamba, causal", "Mamba, bidirectional", "attention (non-causal)"),
+    orders=("row", "hilbert", "random"),
+    target_params: int = 3_000,
+    progress: bool = False,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict:
+    r"""Does the order of the patches matter? :func:`images_as_sequences` at one size, once per order.
+
+    The same models, recipe, split and seeds for every order in ``orders`` (names of
+    :func:`seqbook.digits.pixel_order`, applied to the 4x4 grid of 2x2 patches; ``"random"`` is one
+    fixed permutation). Returns ``{"config", "orders": {order: the record of images_as_sequences},
+    "summary": {family: {order: {mean, std, min, max, n}}}}``; ``on_run(record)`` after every run.
+    """
+    unknown = [o for o in orders if o not in digits.ORDERS]
+    if unknown:
+        raise ValueError(f"orders must be among {digits.ORDERS}, got {unknown}")
+    by_order: dict[str, dict] = {}
+
+    def record():
+        summary = {}
+        for name, rec in by_order.items():
+            for fam, by_target in rec["summary"].items():
+                summary.setdefault(fam, {})[name] = by_target[str(target_params)]
+        config = dict(seeds=[int(s) for s in seeds], steps=steps, families=list(families), orders=list(orders),
+                      target_params=target_params)  # fmt: skip
+        return {"config": config, "orders": by_order, "summary": summary}
+
+    for name in orders:
+        def keep(partial, name=name):
+            by_order[name] = partial
+            if on_run is not None:
+                on_run(record())
+
+        by_order[name] = images_as_sequences(seeds, steps, families=families, target_params=(target_params,),
+                                             order=name, progress=progress, on_run=keep)  # fmt: skip
+    return record()
