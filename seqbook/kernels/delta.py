@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked_state import pad_to, state_tile
+
 #: steps per chunk
 CHUNK = 16
 #: value columns per program in the forward
@@ -82,15 +84,7 @@ def _wy_transpose(A, dX, rt, T: tl.constexpr):
 @triton.jit
 def _delta_fwd(q_ptr, k_ptr, v_ptr, b_ptr, s0_ptr, states_ptr, o_ptr, final_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
-    bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
-    s_off = rk[:, None] * DV + rv[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([DK, BV], dtype=tl.float32)
+    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     lower = rt[:, None] > rt[None, :]
     for ci in range(n_chunks):
         tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
@@ -160,13 +154,6 @@ def _delta_bwd(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, dsl_ptr, dq_ptr, 
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS)
 
 
-def _pad(x, Lp):
-    L = x.shape[1]
-    if L == Lp:
-        return x.contiguous()
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
-
-
 class DeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, S0, scale):
@@ -175,7 +162,7 @@ class DeltaRule(torch.autograd.Function):
         T = CHUNK
         n = triton.cdiv(L, T)
         Lp = n * T
-        qp, kp, vp, bp = _pad(q, Lp), _pad(k, Lp), _pad(v, Lp), _pad(beta.float(), Lp)  # padded steps: beta = 0
+        qp, kp, vp, bp = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(beta.float(), Lp)  # padded steps: beta = 0
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=q.device)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
@@ -192,7 +179,7 @@ class DeltaRule(torch.autograd.Function):
         B, Lp, H, DK = qp.shape
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
         n = Lp // T
-        dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
+        dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=qp.device)).float().contiguous()
         dq = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=qp.device)
         dk, dv = torch.empty_like(dq), torch.empty(B, Lp, H, DV, dtype=torch.float32, device=qp.device)

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked_state import pad_to, state_tile
+
 #: steps per chunk
 CHUNK = 16
 #: value columns per program in the forward passes
@@ -60,15 +62,7 @@ BLOCK_V = 32
 @triton.jit
 def _state_pass(k_ptr, v_ptr, c_ptr, s0_ptr, states_ptr, final_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
-    bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
-    s_off = rk[:, None] * DV + rv[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([DK, BV], dtype=tl.float32)
+    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     for ci in range(n_chunks):
         tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
         rows = (b * Lp + ci * T + rt) * H + h  # (T,)
@@ -114,12 +108,7 @@ def _chunk_out(q_ptr, k_ptr, v_ptr, c_ptr, cq_ptr, u_ptr, states_ptr, o_ptr, sca
 @triton.jit
 def _dstate_pass(q_ptr, do_ptr, c_ptr, cq_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
                  DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr):  # fmt: skip
-    bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
-    s_off = rk[:, None] * DV + rv[None, :]
-    dS = tl.load(dsl_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0)
+    bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
     for i in range(n_chunks):
         ci = n_chunks - 1 - i
         tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS, mask=vmask[None, :])
@@ -178,13 +167,6 @@ def _chunk_grads(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, cq_ptr, states_ptr, dstates
     tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv)
 
 
-def _pad(x, Lp):
-    L = x.shape[1]
-    if L == Lp:
-        return x.contiguous()
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
-
-
 class GLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_alpha, S0, scale, bonus):
@@ -193,8 +175,8 @@ class GLA(torch.autograd.Function):
         T = CHUNK
         n = triton.cdiv(L, T)
         Lp = n * T
-        qp, kp, vp = _pad(q, Lp), _pad(k, Lp), _pad(v, Lp)
-        g = _pad(log_alpha.float(), Lp)
+        qp, kp, vp = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp)
+        g = pad_to(log_alpha.float(), Lp)
         c = g.view(B, n, T, H, DK).cumsum(2).view(B, Lp, H, DK).contiguous()  # inclusive, within each chunk
         cq = c if bonus is None else (c - g).contiguous()  # the bonus form reads the state before the step
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=q.device)
@@ -216,7 +198,7 @@ class GLA(torch.autograd.Function):
         qp, kp, vp, g, c, cq, states, final, bonus = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
         DV, T, n, L, scale = vp.shape[-1], CHUNK, Lp // CHUNK, ctx.L, ctx.scale
-        dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
+        dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros_like(final)).float().contiguous()
         dstates, dS0 = torch.empty_like(states), torch.empty_like(final)
         _dstate_pass[(B * H, triton.cdiv(DV, BLOCK_V))](qp, dop, c, cq, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV,
