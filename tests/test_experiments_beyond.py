@@ -198,17 +198,20 @@ def _load(name):
 
 def test_lm_record_is_consistent():
     rec = _load("lm_matched_compute.json")
-    assert rec["complete"] and len(rec["config"]["seeds"]) >= 2
+    config = rec["config"]
+    n_seeds = len(config["seeds"])
+    assert rec["complete"] and n_seeds >= 2
+    assert set(rec["summary"]) == set(rec["families"]) == set(config["families"])  # every family, every seed
     params = [f["parameters"] for f in rec["families"].values()]
     assert max(params) / min(params) < 1.25  # matched parameters
     for fam, s in rec["summary"].items():
         runs = [r for r in rec["runs"] if r["family"] == fam]
-        assert s["val_nats"]["n"] == len(runs) == len(rec["config"]["seeds"])
+        assert s["val_nats"]["n"] == len(runs) == n_seeds
         mean = sum(r["val_nats"] for r in runs) / len(runs)
         assert s["val_nats"]["mean"] == pytest.approx(mean, abs=1e-4)
         for r in runs:
             assert r["val_bits_per_char"] == pytest.approx(r["val_nats"] / math.log(2), abs=2e-4)
-            assert 0 < r["val_nats"] < math.log(rec["config"]["vocab_size"])  # better than uniform
+            assert 0 < r["val_nats"] < math.log(config["vocab_size"])  # better than uniform
 
 
 def test_images_record_is_consistent():
@@ -219,3 +222,20 @@ def test_images_record_is_consistent():
             accs = [r["test_accuracy"] for r in rec["runs"] if r["family"] == fam and str(r["target"]) == target]
             assert s["n"] == len(accs) and s["mean"] == pytest.approx(sum(accs) / len(accs), abs=1e-4)
             assert s["mean"] > 2 * rec["config"]["chance"], (fam, target)  # every model learned something
+
+
+def test_image_orders_tiny_and_bad_order():
+    rec = eb.image_orders(seeds=(0,), steps=2, families=("attention (non-causal)",), orders=("row", "random"))
+    assert set(rec["summary"]["attention (non-causal)"]) == {"row", "random"}
+    assert rec["orders"]["random"]["config"]["order"] == "random"
+    with pytest.raises(ValueError, match="orders"):
+        eb.image_orders(seeds=(0,), steps=1, orders=("spiral",))
+
+
+def test_image_orders_record_reproduces_the_row_runs():
+    rec, main = _load("image_orders.json"), _load("images_as_sequences.json")
+    assert rec["complete"] and len(rec["config"]["seeds"]) >= 3
+    target = rec["config"]["target_params"]
+    for r in rec["orders"]["row"]["runs"]:  # the same runs as the main record's: the code is deterministic
+        twin = next(m for m in main["runs"] if (m["family"], m["target"], m["seed"]) == (r["family"], target, r["seed"]))
+        assert r["test_accuracy"] == twin["test_accuracy"], r
