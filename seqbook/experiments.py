@@ -17,6 +17,13 @@ Experiments:
 - :func:`selective_copying_ablation` (chapter 4): Mamba's Table 1 on a laptop scale: the same
   Mamba block around a time-invariant SSM (S4-style, LTI) or the selective one (S6), each with and
   without the short convolution, on selective copying; several seeds.
+- Chapters 5-7 (:mod:`seqbook.experiments_chapters`): ``attention_scale_ablation``,
+  ``linear_attention_mqar``, ``lm_comparison``; chapter 6 (:mod:`seqbook.experiments_delta`):
+  ``delta_recall``, ``delta_recall_rewrites``.
+- Chapter 8: ``mqar_head_to_head``, ``mqar_state_sweep`` (:mod:`seqbook.experiments_h2h`);
+  ``copying_head_to_head``, ``selective_copying_head_to_head``, ``induction_heads_head_to_head``
+  (:mod:`seqbook.experiments_copying`); ``lm_matched_compute``, ``images_as_sequences``,
+  ``image_orders`` (:mod:`seqbook.experiments_beyond`).
 """
 
 from __future__ import annotations
