@@ -29,6 +29,7 @@ Experiments:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -310,6 +311,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON record (default: the chapter's results/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible sums)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda, for the experiments that take a device (default: the experiment's, the CPU)")
     parser.add_argument("--families", nargs="+", default=None,
                         help="only these families (experiments with a families= argument, e.g. mqar_head_to_head)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
@@ -324,9 +327,16 @@ def main(argv=None) -> int:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     fn, default_out = EXPERIMENTS[args.name]
-    kwargs = {"seeds": tuple(range(args.seeds)), "progress": True}
+    rank, world = train.init_distributed()  # (0, 1) unless started by torchrun
+    kwargs = {"seeds": tuple(range(args.seeds)), "progress": rank == 0}
     if args.steps is not None:
         kwargs["steps"] = args.steps
+    if args.device is not None:
+        if "device" not in inspect.signature(fn).parameters:
+            parser.error(f"{args.name} runs on the CPU only (it takes no device)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+        kwargs["device"] = args.device
     if args.families is not None:
         kwargs["families"] = tuple(args.families)
     commit = git_commit("seqbook")  # the code an experiment runs
@@ -336,10 +346,14 @@ def main(argv=None) -> int:
 
     def save(record, complete):
         wall = time.perf_counter() - start
-        record = {"experiment": args.name, "command": "python -m seqbook.experiments " + " ".join(
+        if rank != 0:  # under torchrun every process holds the same record; the first one writes it
+            return wall
+        launcher = f"torchrun --nproc_per_node={world} -m" if world > 1 else "python -m"
+        record = {"experiment": args.name, "command": f"{launcher} seqbook.experiments " + " ".join(
                       sys.argv[1:] if argv is None else argv),
                   "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "complete": complete, "wall_seconds": round(wall, 1), "threads": args.threads,
+                  "complete": complete, "wall_seconds": round(wall, 1), "threads": args.threads, "processes": world,
+                  "device": kwargs.get("device", "cpu"),
                   "machine": {"python": platform.python_version(), "torch": torch.__version__,
                               "processor": platform.machine(), "cpus": os.cpu_count()},
                   **record}  # fmt: skip
@@ -348,7 +362,8 @@ def main(argv=None) -> int:
 
     record = fn(**kwargs, on_run=lambda partial: save(partial, complete=False))
     wall = save(record, complete=True)
-    print(f"wrote {out} ({wall:.0f} s)")
+    if rank == 0:
+        print(f"wrote {out} ({wall:.0f} s)")
     return 0
 
 

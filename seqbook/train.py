@@ -10,6 +10,13 @@ schedule with a short warm-up.
 Determinism: ``torch.manual_seed(seed)`` before the first step (dropout) and a data
 generator seeded with ``seed``; on CPU the same call returns the same history. The
 model's initialization is the caller's: seed before building it.
+
+Several processes (data parallel). Under ``torchrun --nproc_per_node=N`` (which sets up
+``torch.distributed``: see :func:`init_distributed`), :func:`fit` wraps the model in PyTorch's
+``DistributedDataParallel``: every process draws the same global batch from the same seeded
+generator, keeps its ``1/N`` slice, and DDP averages the gradients, so each step is the step of
+one process on the whole batch (up to the order of the float sums) whenever the loss is a mean
+over the same number of terms in every slice. The recorded loss is averaged over the processes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import math
 import time
 from typing import Callable
 
+import os
+
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 LOSSES = ("auto", "mse", "cross_entropy")
@@ -35,6 +45,36 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor):
     if out.shape[-1] == 1 and y.ndim == out.ndim - 1:  # (batch, 1) prediction for a (batch,) target
         out = out[..., 0]
     return F.mse_loss(out, y), None
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (gloo on the CPU, NCCL on CUDA), once.
+
+    Returns ``(rank, world_size)``; ``(0, 1)`` when not started by ``torchrun`` (no ``WORLD_SIZE``).
+    On CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the process group fit trains in (``(0, 1)`` without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's slice of a global batch (the batch must split evenly: equal slices keep the step exact)."""
+    if t.shape[0] % world:
+        raise ValueError(f"fit: the global batch ({t.shape[0]}) must be divisible by the number of processes ({world})")
+    return t.tensor_split(world)[rank]
 
 
 def fit(
@@ -91,6 +131,10 @@ def fit(
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
+    rank, world = _world()
+    net = model
+    if world > 1:  # gradients averaged over the processes during backward (DDP's buckets)
+        net = torch.nn.parallel.DistributedDataParallel(model)
     history = {"step": [], "loss": [], "accuracy": []}
     start = time.perf_counter()
     model.train()
@@ -98,17 +142,23 @@ def fit(
         for g, p in zip(opt.param_groups, peak):
             g["lr"] = p * schedule(step)
         x, y = data_fn(gen)
-        value, acc = _loss(loss, model(x), y)
+        if world > 1:
+            x, y = _shard(x, rank, world), _shard(y, rank, world)
+        value, acc = _loss(loss, net(x), y)
         opt.zero_grad(set_to_none=True)
         value.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if world > 1:  # record the global batch's loss and accuracy, the same in every process
+            stats = torch.tensor([value.item(), 0.0 if acc is None else acc], dtype=torch.float64, device=value.device)
+            dist.all_reduce(stats)
+            value, acc = stats[0] / world, None if acc is None else (stats[1] / world).item()
         history["step"].append(step)
         history["loss"].append(value.item())
         if acc is not None:
             history["accuracy"].append(acc)
-        if progress and (step % log_every == 0 or step == steps - 1):
+        if progress and rank == 0 and (step % log_every == 0 or step == steps - 1):
             extra = f"  accuracy {acc:.3f}" if acc is not None else ""
             print(f"step {step:5d}  loss {value.item():.4f}{extra}  ({time.perf_counter() - start:.1f} s)")
     history["seconds"] = time.perf_counter() - start

@@ -51,12 +51,15 @@ def test_command_line_writes_the_record(tmp_path, capsys):
     assert record["experiment"] == "selective_copying_ablation"
     assert record["command"] == f"python -m seqbook.experiments selective_copying_ablation --seeds 1 --steps 2 --out {out}"
     assert record["commit"] != "" and record["wall_seconds"] >= 0 and record["config"]["steps"] == 2
-    assert record["complete"] is True
+    assert record["complete"] is True and record["processes"] == 1 and record["device"] == "cpu"
     assert {r["model"] for r in record["runs"]} == set(experiments.ABLATION_MIXERS)
     assert experiments.main(["--list"]) == 0
     assert "selective_copying_ablation" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         experiments.main(["no_such_experiment"])
+    with pytest.raises(SystemExit):  # this one takes no device: refused, not silently run on the CPU
+        experiments.main(["selective_copying_ablation", "--device", "cuda", "--out", str(out)])
+    assert "runs on the CPU only" in capsys.readouterr().err
 
 
 def test_hippo_ablation_zeroes_the_frequencies_and_records_every_run():
