@@ -63,18 +63,29 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the process group fit trains in (``(0, 1)`` without one)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _data_parallel(model: torch.nn.Module):
+    """``(net, shard, average)`` for the process group fit trains in: ``net`` the model (wrapped in
+    DistributedDataParallel when there are several processes), ``shard(x, y)`` this process's slice
+    of a global batch, ``average(loss, accuracy)`` the global batch's values. One process: the model
+    and two identities."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, lambda x, y: (x, y), lambda loss, acc: (loss, acc)
+    rank, world = dist.get_rank(), dist.get_world_size()
 
+    def shard(x, y):  # equal slices keep the step exact: the batch must split evenly
+        if x.shape[0] % world:
+            raise ValueError(f"fit: the global batch ({x.shape[0]}) must be divisible by the number of processes "
+                             f"({world})")  # fmt: skip
+        return x.tensor_split(world)[rank], y.tensor_split(world)[rank]
 
-def _shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This process's slice of a global batch (the batch must split evenly: equal slices keep the step exact)."""
-    if t.shape[0] % world:
-        raise ValueError(f"fit: the global batch ({t.shape[0]}) must be divisible by the number of processes ({world})")
-    return t.tensor_split(world)[rank]
+    def average(loss, acc):
+        stats = torch.tensor([loss, 0.0 if acc is None else acc], dtype=torch.float64,
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")  # fmt: skip
+        dist.all_reduce(stats)
+        stats = (stats / world).tolist()
+        return stats[0], None if acc is None else stats[1]
+
+    return torch.nn.parallel.DistributedDataParallel(model), shard, average
 
 
 def fit(
@@ -131,36 +142,28 @@ def fit(
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    rank, world = _world()
-    net = model
-    if world > 1:  # gradients averaged over the processes during backward (DDP's buckets)
-        net = torch.nn.parallel.DistributedDataParallel(model)
+    net, shard, average = _data_parallel(model)  # one process: the model itself (module docstring)
     history = {"step": [], "loss": [], "accuracy": []}
     start = time.perf_counter()
     model.train()
     for step in range(steps):
         for g, p in zip(opt.param_groups, peak):
             g["lr"] = p * schedule(step)
-        x, y = data_fn(gen)
-        if world > 1:
-            x, y = _shard(x, rank, world), _shard(y, rank, world)
+        x, y = shard(*data_fn(gen))
         value, acc = _loss(loss, net(x), y)
         opt.zero_grad(set_to_none=True)
         value.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        if world > 1:  # record the global batch's loss and accuracy, the same in every process
-            stats = torch.tensor([value.item(), 0.0 if acc is None else acc], dtype=torch.float64, device=value.device)
-            dist.all_reduce(stats)
-            value, acc = stats[0] / world, None if acc is None else (stats[1] / world).item()
+        value, acc = average(value.item(), acc)
         history["step"].append(step)
-        history["loss"].append(value.item())
+        history["loss"].append(value)
         if acc is not None:
             history["accuracy"].append(acc)
-        if progress and rank == 0 and (step % log_every == 0 or step == steps - 1):
+        if progress and (step % log_every == 0 or step == steps - 1):
             extra = f"  accuracy {acc:.3f}" if acc is not None else ""
-            print(f"step {step:5d}  loss {value.item():.4f}{extra}  ({time.perf_counter() - start:.1f} s)")
+            print(f"step {step:5d}  loss {value:.4f}{extra}  ({time.perf_counter() - start:.1f} s)")
     history["seconds"] = time.perf_counter() - start
     if not history["accuracy"]:
         del history["accuracy"]
