@@ -110,6 +110,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked_state import pad_to, state_tile
+
 #: steps per chunk (the chunked kernel)
 CHUNK = 16
 #: value columns per program in the chunked kernel's passes over chunks
@@ -193,15 +195,7 @@ def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b,
 def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
               Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
               HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr):  # fmt: skip
-    bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
-    s_off = rk[:, None] * DV + rv[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([DK, BV], dtype=tl.float32)
+    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     for ci in range(n_chunks):
         if SAVE_STATES:  # for the backward; a forward without gradients skips the writes
             tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
@@ -222,14 +216,10 @@ def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr
 def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
               dr_ptr, dk_ptr, db_ptr, dkh_ptr, dv_ptr, dmat_ptr, ds0_ptr, B, Lp, H, n_chunks,
               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr):  # fmt: skip
-    bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
-    s_off = rk[:, None] * DV + rv[None, :]
+    bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
+    pid_v = tl.program_id(1)
     share = pid_v * B * Lp * H * DK
     mshare = pid_v * B * H * n_chunks * 4 * T * T
-    dS = tl.load(dsl_ptr + bh * DK * DV + s_off, mask=vmask[None, :], other=0.0)
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
         S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, mask=vmask[None, :], other=0.0)
@@ -309,13 +299,6 @@ def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr
     tl.store(dkh_ptr + offs, dkh)
 
 
-def _pad(x, Lp):
-    L = x.shape[1]
-    if L == Lp:
-        return x.contiguous()
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, Lp - L]).contiguous()
-
-
 def _warps(DK):
     """Warps for the passes over chunks. Their small fp32 products (FMA, not tensor cores) hold whole
     operand rows per thread: compiled for sm_90 (ptxas -v, Triton 3.9), 4 warps use 255 registers and
@@ -339,7 +322,7 @@ class WKV7Chunked(torch.autograd.Function):
         n = triton.cdiv(L, T)
         Lp = n * T
         # padded steps are the identity: log w = 0, every other input 0
-        rp, wp, kp, vp, khp, ap = (_pad(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
+        rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
         g = _chunk_cumsum(wp, T)  # g_t, from each chunk's start
         dev = r.device
         mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
@@ -364,7 +347,7 @@ class WKV7Chunked(torch.autograd.Function):
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
         n, nv = Lp // T, triton.cdiv(DV, BLOCK_V)
         dev = rp.device
-        dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
+        dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
         shares = [torch.empty(nv, B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]  # r, k, b, kh
         dmats = torch.empty(nv, B * H, n, 4, T, T, dtype=torch.float32, device=dev)
@@ -500,7 +483,7 @@ class WKV7Recurrent(torch.autograd.Function):
         n = triton.cdiv(L, T)
         Lp = n * T
         # padded steps: log w = 0 and k~ = kappa_hat = a = 0, the identity
-        rp, wp, kp, vp, khp, ap = (_pad(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
+        rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
         ckpt = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=r.device)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=r.device)
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=r.device)
@@ -519,7 +502,7 @@ class WKV7Recurrent(torch.autograd.Function):
         DV, T, L = vp.shape[-1], ctx.T, ctx.L
         n, nv = Lp // T, triton.cdiv(DV, RECURRENT_BLOCK_V)
         dev = rp.device
-        dop = _pad(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
+        dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
         shares = [torch.empty(nv, B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(5)]  # r, log_w, k, kh, a
         dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
