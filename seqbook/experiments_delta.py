@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import train
+from . import experiments_h2h, train
 from .attention import MultiHeadAttention
 from .experiments_h2h import IGNORE, _summary, mqar_batch, n_parameters, recall_accuracy
 from .linear_attention import DeltaNet, GatedLinearAttention, LinearAttention
@@ -87,13 +87,6 @@ def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: i
     return LanguageModel(FAMILIES[family], vocab_size, d_model, n_layers, ffn_mult=2)
 
 
-def matched_width(family: str, target_params: int, vocab_size: int, n_layers: int = 2,
-                  widths=range(16, 129, 4)) -> int:  # fmt: skip
-    """The width in ``widths`` whose model has the parameter count closest to ``target_params``."""
-    counts = {d: n_parameters(build(family, d, vocab_size, n_layers)) for d in widths}
-    return min(counts, key=lambda d: abs(counts[d] - target_params))
-
-
 def delta_recall(
     seeds=(0, 1, 2),
     steps: int = 1000,
@@ -116,8 +109,8 @@ def delta_recall(
 ) -> dict:
     r"""MQAR accuracy against the number of pairs: the delta rule against additive updates and attention.
 
-    For each family: the width closest to ``target_params`` (:func:`matched_width`); for each seed:
-    build from ``torch.manual_seed(seed)``, train ``steps`` steps on batches whose pair count is drawn
+    For each family: the width closest to ``target_params``
+    (:func:`seqbook.experiments_h2h.matched_width` with this module's :func:`build`); for each seed: build from ``torch.manual_seed(seed)``, train ``steps`` steps on batches whose pair count is drawn
     from ``pair_counts`` (data generator seeded with ``seed``), score on ``n_test`` fixed sequences per
     pair count (seed ``test_seed + P``). ``jobs`` processes train runs side by side (one thread each; the
     numbers do not depend on it).
@@ -146,7 +139,7 @@ def delta_recall(
         return {"config": config, "families": fam_info, "runs": runs, "summary": _summary(runs, pair_counts)}
 
     for fam in families:
-        d = matched_width(fam, target_params, vocab, n_layers)
+        d = experiments_h2h.matched_width(fam, target_params, vocab, n_layers, build=build)
         d_k = d // N_HEADS
         fam_info[fam] = {"d_model": d, "d_k": d_k, "parameters": n_parameters(build(fam, d, vocab, n_layers)),
                          "state_numbers_per_layer": (None if fam == "softmax attention" else N_HEADS * d_k * d_k)}

@@ -104,8 +104,9 @@ def n_parameters(model: nn.Module) -> int:
 
 
 def matched_width(family: str, target_params: int, vocab_size: int, n_layers: int = 2,
-                  widths=range(16, 129, 4)) -> int:  # fmt: skip
-    """The width in ``widths`` whose model has the parameter count closest to ``target_params``."""
+                  widths=range(16, 129, 4), *, build=build) -> int:  # fmt: skip
+    """The width in ``widths`` whose model (made by ``build``, default this module's) has the parameter
+    count closest to ``target_params``."""
     counts = {d: n_parameters(build(family, d, vocab_size, n_layers)) for d in widths}
     return min(counts, key=lambda d: abs(counts[d] - target_params))
 
