@@ -91,19 +91,20 @@ def test_length_sweep_shapes_only_with_lengths():
 
 
 def test_gated_checks_pass_a_right_kernel_and_fail_a_wrong_one(monkeypatch):
-    """benchmarks.gated's GPU checks, run on the CPU through the interpreter at a tiny float32
-    shape (fla left out): every family's kernel passes against the float64 reference, and an
-    output off by 1% fails the check that would otherwise pass it on the GPU."""
+    """benchmarks.gated's GPU checks at a tiny float32 shape (fla left out), compiled on a GPU and
+    through the interpreter on a CPU: every family's kernel passes against the float64 reference,
+    and an output off by 1% fails the check that would otherwise pass it."""
     import benchmarks.gated as g
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(g, "CHECK_SHAPE", dict(B=1, L=20, H=1, d=16, dtype="fp32"))
     monkeypatch.setattr(g, "RWKV4_CHECK", dict(B=1, L=20, C=16, dtype="fp32"))
     monkeypatch.setattr(g, "_fla", lambda family: (None, "left out on the CPU"))
     for family in ("gla", "rwkv6", "delta_rule", "rwkv7", "rwkv4"):
-        result = g._check(family)("cpu")
+        result = g._check(family)(device)
         assert not result["failures"], (family, result["failures"])
         assert result["errors"] and max(result["errors"].values()) < 1e-5, (family, result["errors"])
     right = g._kernel
     monkeypatch.setattr(g, "_kernel", lambda family: (lambda i: 1.01 * right(family)(i)))
-    result = g._check("gla")("cpu")
+    result = g._check("gla")(device)
     assert any("kernel: o relative error" in f for f in result["failures"]), result["failures"]

@@ -170,10 +170,12 @@ def test_bad_input():
 
 
 def test_mamba2_runs_the_ssd_kernel_when_no_gradient_is_needed():
-    """backend="triton" (the Triton interpreter on a CPU) gives the readable form's output, float32."""
+    """backend="triton" (compiled on a GPU, the Triton interpreter on a CPU) gives the readable form's
+    output, float32."""
     torch.manual_seed(8)
-    m = Mamba2(16, d_state=8, headdim=8, chunk_size=16)
-    u = torch.randn(2, 21, 16)  # 21: not a multiple of the chunk
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = Mamba2(16, d_state=8, headdim=8, chunk_size=16).to(device)
+    u = torch.randn(2, 21, 16, device=device)  # 21: not a multiple of the chunk
     with torch.no_grad():
         ref = m(u)
         m.backend = "triton"
