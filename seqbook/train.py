@@ -58,7 +58,12 @@ def init_distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise RuntimeError(f"init_distributed: LOCAL_RANK is {local} but only {count} CUDA device(s) are visible: "
+                               f"start at most {count} processes per node, or hide the GPUs "
+                               f"(CUDA_VISIBLE_DEVICES='') to train on the CPU with gloo")  # fmt: skip
+        torch.cuda.set_device(local)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

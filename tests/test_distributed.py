@@ -1,5 +1,7 @@
 """Data-parallel training: two processes under ``torchrun`` (gloo, CPU) take the same steps as one.
 
+The workers see no GPU (``CUDA_VISIBLE_DEVICES=""``), so the test is the same gloo run on a CUDA machine.
+
 :func:`seqbook.train.fit` under ``torchrun --nproc_per_node=2`` gives each process half of the same
 global batch and lets DistributedDataParallel average the gradients. On a task whose loss is a mean
 over the same number of terms in every half (MQAR: every sequence of a batch has the same number of
@@ -39,7 +41,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     got = torch.load(out)
     assert got["world"] == 2
