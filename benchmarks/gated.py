@@ -20,7 +20,7 @@ Families (ops ``<family>.fwd`` and ``<family>.fwdbwd``, rows in the schema of sh
 
 Shapes: the first four at GPU.md's anchor shape ``B=4, L=4096, H=32, d=64`` bf16 (fla's
 RWKV-6 and RWKV-7 rows there) and at ``B=1, L=16384, H=16, d=128`` bf16 (issue 13's two
-targets; both in ``--quick``), and ``gla`` also over lengths (``lengths=True``, run with
+targets; both in ``--quick``), and all four also over lengths (``lengths=True``, run with
 ``--lengths``: ``B=1, H=16, d=128``, ``L = 1k ... 64k``); ``rwkv4`` at GPU.md's
 ``B=1, L=16384, C=2048`` float32.
 
@@ -258,7 +258,7 @@ def _state_flops(s: dict) -> int:
 ARRAYS = {"gla": (5, 0), "rwkv6": (5, 0), "delta_rule": (4, 1), "rwkv7": (7, 0)}
 
 for _family, (_nd, _nh) in ARRAYS.items():
-    _shapes = [WIDE, LONG] + (LENGTH_SHAPES if _family == "gla" else [])
+    _shapes = [WIDE, LONG] + LENGTH_SHAPES
     _inputs = functools.partial(make_inputs, family=_family)
     register(Op(f"{_family}.fwd", _shapes, shape_name, _inputs,
                 functools.partial(_token_bytes, arrays_d=_nd, arrays_h=_nh), _impls(_family, False),

@@ -24,6 +24,7 @@ To add an operation: a module that registers ``Op``s (see :mod:`benchmarks.suite
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import importlib
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="per family: once a family has spent this long timing, its remaining rows are skipped "
                              "(with a note)")  # fmt: skip
+    parser.add_argument("--impls", nargs="*", default=None,
+                        help="time only the implementations whose names start with one of these, e.g. seqbook.triton")
     parser.add_argument("--tag", default="", help="suffix of the result file's name: <date>-<gpu><tag>.json")
     parser.add_argument("--one", nargs=3, metavar=("OP", "IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
     families = args.ops or sorted({name.split(".")[0] for name in suite.REGISTRY})
     # in the order of --ops: a run stopped by its time-out keeps the families named first
     ops = [op for family in families for name, op in suite.REGISTRY.items() if name.split(".")[0] == family]
+    if args.impls:
+        ops = [dataclasses.replace(op, impls=[i for i in op.impls if i.name.startswith(tuple(args.impls))]) for op in ops]
 
     name = torch.cuda.get_device_name()
     result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _commit(),
