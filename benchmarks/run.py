@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="per family: once a family has spent this long timing, its remaining rows are skipped "
                              "(with a note)")  # fmt: skip
+    parser.add_argument("--in-process", action="store_true",
+                        help="time every row in this process, also those marked for a child process (anchors whose "
+                             "autotuning is already cached)")
     parser.add_argument("--impls", nargs="*", default=None,
                         help="time only the implementations whose names start with one of these, e.g. seqbook.triton")
     parser.add_argument("--tag", default="", help="suffix of the result file's name: <date>-<gpu><tag>.json")
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
     families = args.ops or sorted({name.split(".")[0] for name in suite.REGISTRY})
     # in the order of --ops: a run stopped by its time-out keeps the families named first
     ops = [op for family in families for name, op in suite.REGISTRY.items() if name.split(".")[0] == family]
+    if args.in_process:
+        ops = [dataclasses.replace(op, impls=[dataclasses.replace(i, isolate_s=None) for i in op.impls]) for op in ops]
     if args.impls:
         ops = [dataclasses.replace(op, impls=[i for i in op.impls if i.name.startswith(tuple(args.impls))]) for op in ops]
 
