@@ -89,12 +89,29 @@ FAMILIES: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] =
     "DeltaNet": (lambda: lambda d: linear_attention.DeltaNet(d, 2), 2, "6"),
 }
 
+#: The short-convolution control (same entries as :data:`FAMILIES`): DeltaNet has a short causal
+#: convolution on ``q, k, v`` and GLA has none, so a gap between them on recall mixes the update rule
+#: with the convolution. These two variants swap it, for ``--families``, not part of the default run:
+#: ``python -m seqbook.experiments mqar_head_to_head --families GLA "GLA + conv" DeltaNet "DeltaNet, no conv"``.
+CONV_VARIANTS: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] = {
+    "GLA + conv": (lambda: lambda d: linear_attention.GatedLinearAttention(d, 2, conv_size=4), 2, "6"),
+    "DeltaNet, no conv": (lambda: lambda d: linear_attention.DeltaNet(d, 2, conv_size=None), 2, "6"),
+}
+
+
+def _entry(family: str):
+    """``family``'s (factory maker, ffn_mult, chapter), from :data:`FAMILIES` or :data:`CONV_VARIANTS`."""
+    if family in FAMILIES:
+        return FAMILIES[family]
+    if family in CONV_VARIANTS:
+        return CONV_VARIANTS[family]
+    raise ValueError(f"family must be one of {list(FAMILIES) + list(CONV_VARIANTS)}, got {family!r}")
+
 
 def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: int = 0) -> LanguageModel:
-    """The :class:`LanguageModel` of ``family`` (a key of :data:`FAMILIES`), initialized from ``torch.manual_seed(seed)``."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
-    maker, ffn_mult, _ = FAMILIES[family]
+    """The :class:`LanguageModel` of ``family`` (a key of :data:`FAMILIES` or :data:`CONV_VARIANTS`), initialized
+    from ``torch.manual_seed(seed)``."""
+    maker, ffn_mult, _ = _entry(family)
     torch.manual_seed(seed)
     return LanguageModel(maker(), vocab_size, d_model, n_layers, ffn_mult=ffn_mult)
 
@@ -202,9 +219,9 @@ def _check_mqar_args(seeds, families, pair_counts, n_keys):
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES and f not in CONV_VARIANTS]
     if unknown:
-        raise ValueError(f"families must be among {list(FAMILIES)}, got {unknown}")
+        raise ValueError(f"families must be among {list(FAMILIES) + list(CONV_VARIANTS)}, got {unknown}")
     pair_counts = [int(P) for P in pair_counts]
     if not pair_counts or min(pair_counts) < 1 or max(pair_counts) > n_keys:
         raise ValueError(f"pair_counts must be ints in [1, n_keys = {n_keys}], got {pair_counts}")
@@ -284,7 +301,7 @@ def mqar_head_to_head(
     for fam in families:
         d = matched_width(fam, target_params, vocab, n_layers)
         probe = build(fam, d, vocab, n_layers)
-        fam_info[fam] = {"d_model": d, "parameters": n_parameters(probe), "chapter": FAMILIES[fam][2],
+        fam_info[fam] = {"d_model": d, "parameters": n_parameters(probe), "chapter": _entry(fam)[2],
                          "state_bytes": state_bytes(probe, 3 * max(pair_counts)),
                          "state_bytes_per_length": {str(3 * P): state_bytes(probe, 3 * P) for P in pair_counts}}  # fmt: skip
         for seed in seeds:

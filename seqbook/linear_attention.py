@@ -867,6 +867,31 @@ def _check_x(where: str, x, d_model: int, ndim: int):
         raise ValueError(f"{where}: x must be {what} with d_model = {d_model}, got shape {tuple(x.shape)}")
 
 
+def _check_conv_size(where: str, conv_size):
+    if conv_size is not None and (isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 1):
+        raise ValueError(f"{where}: conv_size must be a positive int or None, got {conv_size!r}")
+
+
+def _short_conv(channels: int, conv_size: int) -> nn.Conv1d:
+    """A depthwise convolution of ``conv_size`` taps per channel (one filter per channel, no mixing across them)."""
+    return nn.Conv1d(channels, channels, conv_size, groups=channels, padding=conv_size - 1)
+
+
+def _short_conv_forward(conv: nn.Conv1d, u: torch.Tensor) -> torch.Tensor:
+    """The causal short convolution over a sequence, ``u (batch, length, channels)`` -> the same shape:
+    the conv pads ``conv_size - 1`` zeros on both sides; keeping the first ``length`` outputs makes
+    output ``t`` depend on ``u_{t - conv_size + 1} .. u_t`` only."""
+    return conv(u.transpose(1, 2))[..., : u.shape[1]].transpose(1, 2)
+
+
+def _short_conv_step(conv: nn.Conv1d, window: torch.Tensor, u_t: torch.Tensor):
+    """One step of :func:`_short_conv_forward`: ``window (batch, conv_size - 1, channels)`` holds the last
+    inputs, oldest first; ``u_t (batch, channels)`` -> ``(output (batch, channels), window')``."""
+    window = torch.cat([window, u_t[:, None]], dim=1)  # (batch, conv_size, channels), oldest first
+    out = torch.einsum("btc,ct->bc", window, conv.weight[:, 0]) + conv.bias
+    return out, window[:, 1:]
+
+
 def _head_rms_norm(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each head's output RMS-normalized, ``(..., heads, d) -> (..., heads, d)``: the output's scale no
     longer depends on how much the state has accumulated (GLA's and DeltaNet's head-wise norm)."""
@@ -893,38 +918,51 @@ class GatedLinearAttention(nn.Module):
     the state starts by remembering. :math:`q, k` have no feature map (the paper's choice: the gate,
     not positivity, keeps the state bounded), and ``norm`` is a per-head RMS norm.
 
+    ``conv_size`` (default None: none) puts a short causal depthwise convolution on the projections,
+    :math:`q, k, v = \mathrm{conv}(x W_q, x W_k, x W_v)`, the one :class:`DeltaNet` has (fla's GLA layer
+    has it as an option, ``use_short_conv``). Here it adds the convolution and nothing else (no
+    activation after it), so that GLA with and without it differ by the convolution alone; chapter 8
+    uses the pair to tell what the convolution does for recall from what the gates do.
+
     Args:
         d_model, n_heads: the width and the number of heads (dividing it); ``d_k = d_v = d_model / n_heads``.
         gate_rank: the rank of the gate's projection :math:`W_\alpha^1 W_\alpha^2`.
         gate_temperature: :math:`\tau`.
+        conv_size: taps of the short convolution on ``q, k, v``, or None (the default: no convolution).
         backend: for :func:`gla` in :meth:`forward` (``"auto"``: the Triton kernel on CUDA when
             ``d_k`` is one of ``KERNEL_HEAD_DIMS``).
 
-    **Decoding.** The state is ``S (batch, n_heads, d_k, d_v)``; :meth:`step` applies one step of
-    :func:`gla_recurrent` and reproduces :meth:`forward`.
+    **Decoding.** The state is ``S (batch, n_heads, d_k, d_v)``, and with the convolution
+    ``(window, S)``, ``window (batch, conv_size - 1, 3 d_model)`` the last projected inputs;
+    :meth:`step` applies one step of :func:`gla_recurrent` and reproduces :meth:`forward`.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, gate_rank: int = 16, gate_temperature: float = 16.0,
-                 backend: str = "auto"):  # fmt: skip
+                 conv_size: int | None = None, backend: str = "auto"):  # fmt: skip
         super().__init__()
         _check_mixer_dims("GatedLinearAttention", d_model, n_heads)
         if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
             raise ValueError(f"GatedLinearAttention: gate_rank must be a positive int, got {gate_rank!r}")
         if not isinstance(gate_temperature, (int, float)) or not gate_temperature > 0:
             raise ValueError(f"GatedLinearAttention: gate_temperature must be a positive number, got {gate_temperature!r}")
+        _check_conv_size("GatedLinearAttention", conv_size)
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
-        self.gate_temperature, self.backend = float(gate_temperature), backend
+        self.gate_temperature, self.conv_size, self.backend = float(gate_temperature), conv_size, backend
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        if conv_size is not None:
+            self.conv = _short_conv(3 * d_model, conv_size)
         self.gate_down = nn.Linear(d_model, gate_rank, bias=False)  # W_alpha^1
         self.gate_up = nn.Linear(gate_rank, d_model)  # W_alpha^2, b_alpha
         self.output_gate = nn.Linear(d_model, d_model, bias=False)  # W_r
         self.out = nn.Linear(d_model, d_model, bias=False)  # W_o
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
-    def _project(self, x):
-        """``x (..., d_model)`` -> ``q, k, v, log_alpha (..., n_heads, d)``."""
+    def _project(self, x, u=None):
+        """``x (..., d_model)`` and its (convolved) projection ``u (..., 3 d_model)``, by default ``x W_qkv``
+        -> ``q, k, v, log_alpha (..., n_heads, d)``."""
         heads = (self.n_heads, self.head_dim)
-        q, k, v = self.qkv(x).unflatten(-1, (3, *heads)).unbind(dim=-3)
+        u = self.qkv(x) if u is None else u
+        q, k, v = u.unflatten(-1, (3, *heads)).unbind(dim=-3)
         log_alpha = F.logsigmoid(self.gate_up(self.gate_down(x))) / self.gate_temperature
         return q, k, v, log_alpha.unflatten(-1, heads)
 
@@ -934,19 +972,31 @@ class GatedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x("GatedLinearAttention", x, self.d_model, 3)
-        q, k, v, log_alpha = self._project(x)
+        u = self.qkv(x)
+        if self.conv_size is not None:
+            u = _short_conv_forward(self.conv, u)
+        q, k, v, log_alpha = self._project(x, u)
         return self._finish(gla(q, k, v, log_alpha, backend=self.backend), x)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32):
-        """The empty state: ``S``, zeros ``(batch, n_heads, d_k, d_v)``."""
-        return torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype)
+        """The empty state: ``S``, zeros ``(batch, n_heads, d_k, d_v)``; with the convolution ``(window, S)``,
+        ``window`` zeros ``(batch, conv_size - 1, 3 d_model)``."""
+        S = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype)
+        if self.conv_size is None:
+            return S
+        return torch.zeros(batch, self.conv_size - 1, 3 * self.d_model, device=device, dtype=dtype), S
 
     def step(self, x_t: torch.Tensor, state):
-        """One token: ``x_t (batch, d_model)``, ``state = S`` -> ``(y_t (batch, d_model), S')``."""
+        """One token: ``x_t (batch, d_model)``, ``state = S`` (or ``(window, S)``) -> ``(y_t (batch, d_model), state')``."""
         _check_x("GatedLinearAttention.step", x_t, self.d_model, 2)
-        q, k, v, log_alpha = (t[:, None] for t in self._project(x_t))
+        u = self.qkv(x_t)
+        if self.conv_size is not None:
+            window, state = state
+            u, window = _short_conv_step(self.conv, window, u)
+        q, k, v, log_alpha = (t[:, None] for t in self._project(x_t, u))
         o, S = gla_recurrent(q, k, v, log_alpha, initial_state=state)
-        return self._finish(o[:, 0], x_t), S
+        y = self._finish(o[:, 0], x_t)
+        return (y, S) if self.conv_size is None else (y, (window, S))
 
 
 class DeltaNet(nn.Module):
@@ -995,13 +1045,12 @@ class DeltaNet(nn.Module):
             raise ValueError(f"DeltaNet: rule must be 'delta' or 'additive', got {rule!r}")
         if beta_max not in (1, 2):
             raise ValueError(f"DeltaNet: beta_max must be 1 (beta in (0, 1)) or 2 (beta in (0, 2)), got {beta_max!r}")
-        if conv_size is not None and (isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 1):
-            raise ValueError(f"DeltaNet: conv_size must be a positive int or None, got {conv_size!r}")
+        _check_conv_size("DeltaNet", conv_size)
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.beta_max, self.conv_size, self.rule, self.backend = float(beta_max), conv_size, rule, backend
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         if conv_size is not None:
-            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, conv_size, groups=3 * d_model, padding=conv_size - 1)
+            self.conv = _short_conv(3 * d_model, conv_size)
         self.beta = nn.Linear(d_model, n_heads)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
@@ -1018,8 +1067,8 @@ class DeltaNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x("DeltaNet", x, self.d_model, 3)
         u = self.qkv(x)
-        if self.conv_size is not None:  # causal: pad both sides, keep the first L outputs
-            u = self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        if self.conv_size is not None:
+            u = _short_conv_forward(self.conv, u)
         q, k, v, beta = self._heads(u, x)
         if self.rule == "additive":
             return self._finish(linear_attention(q, beta[..., None] * k, v, backend=self.backend))
@@ -1037,9 +1086,7 @@ class DeltaNet(nn.Module):
         window, S = state
         u = self.qkv(x_t)
         if self.conv_size is not None:
-            window = torch.cat([window, u[:, None]], dim=1)  # (batch, conv_size, 3 d_model), oldest first
-            u = torch.einsum("btc,ct->bc", window, self.conv.weight[:, 0]) + self.conv.bias
-            window = window[:, 1:]
+            u, window = _short_conv_step(self.conv, window, u)
         q, k, v, beta = self._heads(u, x_t)
         if self.rule == "additive":
             o, S = recurrent_step(q, beta[..., None] * k, v, S)

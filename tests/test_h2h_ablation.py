@@ -1,0 +1,128 @@
+"""Chapter 8's short-convolution control: GLA with a short convolution, DeltaNet without one, and Based with
+its short gated convolutions; each mixer's decoding (step) against its forward, in float64, gradients included."""
+
+import seqbook  # noqa: F401  (first: the Triton interpreter switch)
+
+import pytest
+import torch
+
+from compare import assert_near
+from seqbook import experiments_h2h as h2h
+from seqbook import linear_attention as la
+from seqbook.nn import LanguageModel
+
+F64 = torch.float64
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def perturbed(m, seed=0):
+    """``m`` in float64 with every parameter moved off its initial value (biases start at 0: move them)."""
+    m = m.to(F64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=F64))
+    return m
+
+
+def stepped(m, x):
+    state = m.init_state(x.shape[0], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, state = m.step(x[:, t], state)
+        ys.append(y_t)
+    return torch.stack(ys, dim=1), state
+
+
+def check_step_equals_forward(m, x, dy, what):
+    results = []
+    for run in (lambda x: m(x), lambda x: stepped(m, x)[0]):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = run(xx)
+        (y * dy).sum().backward()
+        results.append((y.detach(), xx.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (y_f, dx_f, g_f), (y_s, dx_s, g_s) = results
+    assert_near(y_s, y_f, 1e-11, f"{what}: step vs forward")
+    assert_near(dx_s, dx_f, 1e-11, f"{what}: dx")
+    for n in g_f:
+        assert_near(g_s[n], g_f[n], 1e-11, f"{what}: d{n}", floor=1e-3)
+        assert g_f[n].abs().max() > 0, f"{what}: no gradient reaches {n}"
+
+
+@pytest.mark.parametrize("conv_size", [2, 4])
+@pytest.mark.parametrize("L", [1, 3, 70])  # shorter than the window, and across a chunk boundary
+def test_gla_with_conv_step_equals_forward(conv_size, L):
+    torch.manual_seed(0)
+    m = perturbed(la.GatedLinearAttention(12, 2, conv_size=conv_size, backend="reference"), seed=L)
+    x, dy = randn(2, L, 12, seed=L), randn(2, L, 12, seed=L + 1)
+    if L == 1:  # one token: the taps for older inputs see only zeros and get no gradient; compare outputs
+        y, _ = stepped(m, x)
+        assert_near(y, m(x), 1e-11, "GLA + conv, one token")
+        return
+    check_step_equals_forward(m, x, dy, f"GLA + conv {conv_size}")
+
+
+def test_gla_conv_is_causal_and_short():
+    """Output t of the convolved projection depends on inputs t - conv_size + 1 .. t only."""
+    torch.manual_seed(1)
+    m = perturbed(la.GatedLinearAttention(8, 2, conv_size=3, backend="reference"))
+    x = randn(1, 10, 8, seed=2).requires_grad_()
+    u = la._short_conv_forward(m.conv, m.qkv(x))
+    u[0, 6].sum().backward()
+    touched = (x.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert touched == [4, 5, 6]
+
+
+def test_gla_without_conv_is_unchanged():
+    """The default has no convolution: the same parameters (names and values) and the plain S state as before."""
+    torch.manual_seed(0)
+    m = la.GatedLinearAttention(12, 2)
+    assert m.conv_size is None and not hasattr(m, "conv")
+    assert isinstance(m.init_state(2), torch.Tensor) and m.init_state(2).shape == (2, 2, 6, 6)
+    names = sorted(n for n, _ in m.named_parameters())
+    assert names == sorted(["qkv.weight", "gate_down.weight", "gate_up.weight", "gate_up.bias", "output_gate.weight",
+                            "out.weight", "norm_weight"])  # fmt: skip
+    with_conv = la.GatedLinearAttention(12, 2, conv_size=4)
+    window, S = with_conv.init_state(2)
+    assert window.shape == (2, 3, 36) and S.shape == (2, 2, 6, 6)
+    # the convolution adds 3 d_model (conv_size + 1) parameters: the taps and a bias per channel
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(with_conv) - n(m) == 36 * 5
+
+
+def test_conv_size_bad_input():
+    for cls in (la.GatedLinearAttention, la.DeltaNet):
+        for bad in (0, -1, 2.0, True, "4"):
+            with pytest.raises(ValueError, match="conv_size must be a positive int or None"):
+                cls(12, 2, conv_size=bad)
+
+
+@pytest.mark.parametrize("family", list(h2h.CONV_VARIANTS))
+def test_conv_variants_build_and_decode_like_forward(family):
+    """The experiment's variants: built seeded, and their language models decode like their forward."""
+    model = h2h.build(family, 16, 11, n_layers=2, seed=3).double()
+    conv = [b.mixer.conv_size for b in model.blocks]
+    assert conv == ([4, 4] if family == "GLA + conv" else [None, None])
+    tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(4))
+    logits = model(tokens)
+    state = model.init_state(2)
+    outs = []
+    for t in range(9):
+        out, state = model.step(tokens[:, t], state)
+        outs.append(out)
+    assert_near(torch.stack(outs, 1), logits, 1e-11, f"{family}: step vs forward")
+    assert torch.equal(h2h.build(family, 16, 11, n_layers=2, seed=3).double()(tokens), logits)
+
+
+def test_conv_variants_run_through_the_experiment():
+    r = h2h.mqar_head_to_head(seeds=(0,), steps=2, families=("GLA", "GLA + conv"), pair_counts=(2,), n_keys=4,
+                              n_values=4, target_params=2000, n_test=8)  # fmt: skip
+    assert [run["family"] for run in r["runs"]] == ["GLA", "GLA + conv"]
+    assert r["families"]["GLA + conv"]["parameters"] > r["families"]["GLA"]["parameters"] - 500
+    with pytest.raises(ValueError, match="families must be among"):
+        h2h.mqar_head_to_head(seeds=(0,), steps=1, families=("GLA + conv 2",))
+    assert "GLA + conv" not in h2h.FAMILIES  # the default run and the summary table keep their twelve families
