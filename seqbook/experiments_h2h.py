@@ -36,8 +36,10 @@ Glossary (symbol -> shape)
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,6 +128,66 @@ def matched_width(family: str, target_params: int, vocab_size: int, n_layers: in
     count closest to ``target_params``."""
     counts = {d: n_parameters(build(family, d, vocab_size, n_layers)) for d in widths}
     return min(counts, key=lambda d: abs(counts[d] - target_params))
+
+
+#: config keys that name what a record ran (and so differ between the records of one experiment)
+_PER_RECORD = ("families", "widths")
+
+
+def load_results(results_dir, name: str) -> dict:
+    """Every committed record of experiment ``name`` in ``results_dir``, merged into one.
+
+    An experiment's families are sometimes run as several processes, or added later with ``--families
+    ... --out``: ``name.json`` and then ``name_*.json`` (``_added``, ``_b``, ...). This reads them all
+    (sorted by file name, ``name.json`` first) and checks that they are one experiment: every record
+    complete, the same config except the families (or widths) it ran, no family in two records. It
+    returns the first record's ``config`` with the families (widths) of all, ``families`` and
+    ``summary`` (dicts by family) joined, ``runs`` (and ``points``) concatenated, and ``sources``: one
+    entry per file with its ``file``, ``command``, ``commit``, ``date``, ``wall_seconds``, ``device``
+    and ``families``, so that a page can say where each number came from.
+    """
+    results_dir = Path(results_dir)
+    paths = sorted(results_dir.glob(f"{name}_*.json"))
+    main = results_dir / f"{name}.json"
+    if not main.exists():
+        raise FileNotFoundError(f"load_results: no record {main}")
+    merged, seen = None, {}
+    for path in [main, *paths]:
+        rec = json.loads(path.read_text())
+        if not rec.get("complete"):
+            raise ValueError(f"load_results: {path.name} is not complete (the run stopped before its end)")
+        config = rec["config"]
+        fams = list(config.get("families") or config.get("widths") or rec.get("families") or [])
+        twice = [f for f in fams if f in seen]
+        if twice:
+            raise ValueError(f"load_results: {twice} are both in {seen[twice[0]]} and {path.name}")
+        seen.update(dict.fromkeys(fams, path.name))
+        source = {"file": path.name, "command": rec["command"], "commit": rec["commit"], "date": rec["date"],
+                  "wall_seconds": rec["wall_seconds"], "device": rec.get("device", config.get("device", "cpu")),
+                  "families": fams}  # fmt: skip
+        if merged is None:
+            merged = {k: v for k, v in rec.items() if k not in ("experiment", "command", "commit", "date", "complete",
+                                                                "wall_seconds", "threads", "processes", "device",
+                                                                "machine")}  # fmt: skip
+            merged["config"] = dict(config)
+            merged["sources"] = [source]
+            continue
+        first = merged["config"]
+        differ = sorted(k for k in set(first) | set(config) if k not in _PER_RECORD and first.get(k) != config.get(k))
+        if differ:
+            raise ValueError(f"load_results: {path.name} differs from {main.name} in {differ}: not one experiment")
+        for key in _PER_RECORD:
+            if isinstance(first.get(key), list):
+                first[key] = first[key] + list(config[key])
+            elif isinstance(first.get(key), dict):
+                first[key] = {**first[key], **config[key]}
+        for key, value in rec.items():
+            if key in ("families", "summary") or (isinstance(value, dict) and key in merged and key != "config"):
+                merged[key] = {**merged.get(key, {}), **value}
+            elif key in ("runs", "points"):
+                merged[key] = merged.get(key, []) + value
+        merged["sources"].append(source)
+    return merged
 
 
 def _tensor_bytes(state) -> int:

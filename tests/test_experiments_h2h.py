@@ -158,3 +158,61 @@ def test_bad_arguments():
         h2h.mqar_head_to_head(pair_counts=(4, 99), n_keys=16)
     with pytest.raises(ValueError, match="seeds"):
         h2h.mqar_head_to_head(seeds=())
+
+
+# --------------------------------------------------------------------------------------
+# load_results: one experiment's records (name.json, name_*.json) merged
+# --------------------------------------------------------------------------------------
+
+
+def _write_record(path, families, *, complete=True, lr=3e-3, device=None):
+    import json
+
+    rec = {"experiment": "x", "command": f"python -m seqbook.experiments x --families {' '.join(families)}",
+           "commit": "abc", "date": "2026-12-02 10:00 UTC", "complete": complete, "wall_seconds": 1.0,
+           "config": {"seeds": [0, 1], "families": list(families), "lr": lr, "device": "cpu"},
+           "families": {f: {"d_model": 16} for f in families},
+           "runs": [{"family": f, "seed": s, "test_accuracy": {"2": 0.5}} for f in families for s in (0, 1)],
+           "summary": {f: {"2": {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 2}} for f in families}}  # fmt: skip
+    if device is not None:
+        rec["device"] = device
+    path.write_text(json.dumps(rec))
+
+
+def test_load_results_merges_the_added_records(tmp_path):
+    _write_record(tmp_path / "x.json", ["a", "b"])
+    _write_record(tmp_path / "x_added.json", ["c"], device="cuda")
+    _write_record(tmp_path / "y_x.json", ["d"])  # another experiment's file: not read
+    r = h2h.load_results(tmp_path, "x")
+    assert r["config"]["families"] == ["a", "b", "c"] and list(r["summary"]) == ["a", "b", "c"]
+    assert list(r["families"]) == ["a", "b", "c"]
+    assert [(run["family"], run["seed"]) for run in r["runs"]] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    assert [(s["file"], s["device"], s["families"]) for s in r["sources"]] == [
+        ("x.json", "cpu", ["a", "b"]), ("x_added.json", "cuda", ["c"])]  # fmt: skip
+
+
+def test_load_results_refuses_what_is_not_one_experiment(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no record"):
+        h2h.load_results(tmp_path, "x")
+    _write_record(tmp_path / "x.json", ["a", "b"])
+    _write_record(tmp_path / "x_added.json", ["b"])
+    with pytest.raises(ValueError, match=r"\['b'\] are both in x.json and x_added.json"):
+        h2h.load_results(tmp_path, "x")
+    _write_record(tmp_path / "x_added.json", ["c"], lr=1e-2)
+    with pytest.raises(ValueError, match=r"x_added.json differs from x.json in \['lr'\]"):
+        h2h.load_results(tmp_path, "x")
+    _write_record(tmp_path / "x_added.json", ["c"], complete=False)
+    with pytest.raises(ValueError, match="x_added.json is not complete"):
+        h2h.load_results(tmp_path, "x")
+
+
+@pytest.mark.parametrize("name", ["mqar_head_to_head", "copying_head_to_head", "selective_copying_head_to_head",
+                                  "induction_heads_head_to_head"])  # fmt: skip
+def test_committed_records_hold_every_family_with_three_seeds(name):
+    from pathlib import Path
+
+    r = h2h.load_results(Path(__file__).resolve().parent.parent / "chapters/08_head_to_head/results", name)
+    assert set(r["summary"]) == set(h2h.FAMILIES)
+    for fam in h2h.FAMILIES:
+        assert sorted(run["seed"] for run in r["runs"] if run["family"] == fam) == [0, 1, 2], fam
+    assert all(s["device"] == "cpu" for s in r["sources"])
