@@ -68,7 +68,7 @@ Implementations of the selective scan, one signature:
 - :func:`selective_scan`: the public entry, which validates and dispatches (``backend``).
 
 and of SSD: :func:`ssd_quadratic`, :func:`ssd_chunked` (readable), :mod:`seqbook.kernels.ssd`
-(the Triton forward), :func:`ssd` (the public entry).
+(the Triton kernel, forward and backward), :func:`ssd` (the public entry).
 
 **The Mamba block** (:class:`Mamba`, Sec. 3.4 of the paper) wraps the selective scan in a
 mixer: an input projection to a branch and a gate, a short causal convolution, the
@@ -406,10 +406,12 @@ def ssd(
     docstring); the final state is float32 from the kernel. ``chunk_size`` changes how
     the work is cut, not the result: None takes each implementation's own (64 for the
     reference, the kernel's configuration for the kernel). ``backend``: ``"reference"``
-    (:func:`ssd_chunked`), ``"triton"`` (:mod:`seqbook.kernels.ssd`, forward only: it
-    refuses inputs that need gradients, and a ``chunk_size`` that is not a power of two
-    >= 16), or ``"auto"``: the kernel for CUDA tensors of float32, bfloat16 or float16
-    when no gradient is needed, the reference otherwise.
+    (:func:`ssd_chunked`), ``"triton"`` (:mod:`seqbook.kernels.ssd`: forward and backward,
+    gradients for ``x, dt, A, B, C`` and ``initial_state``; it refuses a ``chunk_size``
+    that is not a power of two >= 16, and dtypes other than float32, bfloat16 and
+    float16), or ``"auto"``: the kernel for CUDA tensors it supports, the reference
+    otherwise. When no gradient is needed the kernel runs forward only (saving no
+    per-chunk states).
     """
     _check_ssd(x, dt, A, B, C, "ssd", initial_state)
     _validate.check_positive_int("ssd", "chunk_size", chunk_size, optional=True)
@@ -417,11 +419,9 @@ def ssd(
     tensors = [t for t in (x, dt, A, B, C, initial_state) if t is not None]
     chosen = _backend.resolve(backend, *tensors)
     if chosen == "triton":
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         pow2 = chunk_size is None or (isinstance(chunk_size, int) and chunk_size >= 16
                                       and chunk_size & (chunk_size - 1) == 0)  # fmt: skip
-        why = ("it has no backward, and an input requires grad" if needs_grad
-               else f"chunk_size must be a power of two >= 16, got {chunk_size!r}" if not pow2
+        why = (f"chunk_size must be a power of two >= 16, got {chunk_size!r}" if not pow2
                else f"it supports dtypes {_names(KERNEL_DTYPES)}, got {x.dtype}" if x.dtype not in KERNEL_DTYPES
                else None)  # fmt: skip
         if why and backend == "triton":
@@ -431,7 +431,11 @@ def ssd(
     if chosen == "reference":
         return ssd_chunked(x, dt, A, B, C, 64 if chunk_size is None else chunk_size, initial_state,
                            return_final_state)  # fmt: skip
-    y, final = _backend.kernels("ssd").ssd_forward(x, dt, A, B, C, chunk_size, initial_state)
+    kernel = _backend.kernels("ssd")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        y, final = kernel.ssd_autograd(x, dt, A, B, C, chunk_size, initial_state)
+    else:
+        y, final = kernel.ssd_forward(x, dt, A, B, C, chunk_size, initial_state)
     return (y, final) if return_final_state else y
 
 
@@ -817,7 +821,7 @@ class Mamba2(nn.Module):
             different memories (the paper's code: (1, 16)).
         dt_min, dt_max, dt_init_floor: the initial steps, log-uniform, through ``dt_bias`` (as in :class:`Mamba`).
         chunk_size: SSD's chunk for the readable form (None: :func:`ssd`'s default).
-        backend: for :func:`ssd` (``"auto"``: the Triton kernel on CUDA when no gradient is needed).
+        backend: for :func:`ssd` (``"auto"``: the Triton kernel on CUDA, for training too).
 
     :meth:`step` runs the recurrence :math:`S_t = e^{\Delta_t A_h} S_{t-1} + \Delta_t x_t B_t^\top`,
     :math:`y_t = S_t C_t + D_h x_t` one token at a time and reproduces :meth:`forward`.

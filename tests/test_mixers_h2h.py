@@ -169,9 +169,9 @@ def test_bad_input():
         t.step(torch.randn(2, 3, 16), t.init_state(2))
 
 
-def test_mamba2_runs_the_ssd_kernel_when_no_gradient_is_needed():
+def test_mamba2_runs_the_ssd_kernel_forward_and_backward():
     """backend="triton" (compiled on a GPU, the Triton interpreter on a CPU) gives the readable form's
-    output, float32."""
+    output, float32, and, since the SSD kernel has a backward, the same parameter gradients."""
     torch.manual_seed(8)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = Mamba2(16, d_state=8, headdim=8, chunk_size=16).to(device)
@@ -181,5 +181,11 @@ def test_mamba2_runs_the_ssd_kernel_when_no_gradient_is_needed():
         m.backend = "triton"
         got = m(u)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="no backward"):
-        m(u.requires_grad_())  # the SSD kernel is forward only: training uses the reference (backend="auto")
+    grads = {}
+    for backend in ("reference", "triton"):
+        m.backend = backend
+        m.zero_grad()
+        m(u).square().sum().backward()
+        grads[backend] = {name: p.grad.clone() for name, p in m.named_parameters()}
+    for name, want in grads["reference"].items():
+        torch.testing.assert_close(grads["triton"][name], want, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")

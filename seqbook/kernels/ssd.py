@@ -1,38 +1,53 @@
-r"""Triton kernel: the chunked SSD (Mamba-2) forward, with the state kept on chip.
+r"""Triton kernels: the chunked SSD (Mamba-2), forward and backward.
 
 The readable forms (:func:`seqbook.mamba.ssd_quadratic`, :func:`seqbook.mamba.ssd_chunked`),
 the glossary and the shapes are in :mod:`seqbook.mamba`; the public entry is
-:func:`seqbook.mamba.ssd`. Forward only: there is no backward here (the public entry
-uses the readable chunked form when gradients are needed).
+:func:`seqbook.mamba.ssd`, which calls :func:`ssd_forward` (no gradient needed) or
+:class:`SSDFunction` (an autograd function: gradients for ``x, dt, A, B, C`` and the
+initial state).
 
-Design
-------
-One program per (batch element, head, block of ``BLOCK_P`` of the head's ``P`` channels)
-holds that block's ``(BLOCK_P, N)`` state in registers and walks the chunks of ``Q``
-steps in order, doing for each the four steps of :func:`seqbook.mamba.ssd_chunked` (Dao
-and Gu 2024, Sec. 6) on tiles:
+Notation, for one (batch element, head) and one chunk of ``Q`` steps: :math:`c_t` is the
+cumulative sum of :math:`\Delta A` inside the chunk (short, so differences of it are
+accurate), :math:`c_\text{last}` its total, :math:`S` the ``(P, N)`` state entering the
+chunk and :math:`S'` the one leaving it. The chunk computes (Dao and Gu 2024, Sec. 6)
 
-1. the chunk's own outputs, :math:`y = (L \circ C B^\top)(\Delta x)`: two matrix products
-   ``(Q, N) x (N, Q)`` and ``(Q, Q) x (Q, BLOCK_P)`` with the decay mask
-   :math:`L_{ts} = e^{c_t - c_s}` (:math:`c` the cumulative sum of :math:`\Delta A` inside
-   the chunk: short, so the difference is accurate);
-2. plus what the state entering the chunk contributes, :math:`e^{c_t} C_t^\top S`: one
-   ``(Q, N) x (N, BLOCK_P)`` product;
-3. then the state leaving the chunk, :math:`S \leftarrow e^{c_{Q-1}} S + \sum_s
-   e^{c_{Q-1} - c_s} \Delta_s x_s B_s^\top`: one ``(BLOCK_P, Q) x (Q, N)`` product.
+.. math::
 
-The state passing of the readable form (step 3 there, a scan over chunks) is the loop
-itself: it runs over ``L / Q`` chunks instead of ``L`` steps, and everything inside a
-chunk is a matrix product on the tensor cores. The parallelism is ``batch * heads *
-P / BLOCK_P`` programs (128 to 256 at the benchmark shape, about one per SM): each
-walks its sequence alone. mamba_ssm's kernels instead split the chunks over programs
-and pass states in a separate kernel, more parallelism for more passes over memory.
+    y_t = \sum_{s \le t} \underbrace{(C_t \cdot B_s)\, e^{c_t - c_s} \Delta_s}_{M_{ts}} x_s
+          + e^{c_t} S C_t, \qquad
+    S' = e^{c_\text{last}} S + \sum_s \underbrace{e^{c_\text{last} - c_s} \Delta_s}_{w_s} x_s B_s^\top .
 
-Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``,
-not TF32). With bfloat16 or float16 inputs, the products of inputs (``C B^T``, and the
-masked scores times ``x``) feed the tensor cores in that format; the state stays float32,
-and its two products take float32 operands at TF32 precision (10 bits of mantissa, not
-bfloat16's 7). Everything accumulates in float32.
+Two designs of the forward
+--------------------------
+*Fused* (:func:`_ssd_fwd`): one program per (batch element, head, block of ``BLOCK_P``
+channels) holds its block of the state in registers and walks the chunks in order. No
+state ever goes to memory, but the parallelism is ``batch * heads * P / BLOCK_P``
+programs: 128 at the benchmark shape (about one per SM), only 32 at batch 1.
+
+*Split* (three kernels, as mamba_ssm's): (1) :func:`_chunk_states` computes every chunk's
+own contribution :math:`\sum_s w_s x_s B_s^\top` in parallel; (2) :func:`_state_pass` runs
+the recurrence :math:`S \leftarrow e^{c_\text{last}} S + (\ldots)` over chunks, elementwise
+on ``(P N)``-long rows, writing the state entering each chunk; (3) :func:`_chunk_outputs`
+computes every chunk's outputs in parallel. More passes over memory, but
+``batch * heads * chunks`` programs. :func:`ssd_forward` takes it when the fused grid
+would leave SMs idle.
+
+The backward
+------------
+Given :math:`\bar y = \partial \ell / \partial y` and the gradient of the final state,
+the gradient of the state entering each chunk obeys the same recurrence backwards:
+:math:`\bar S_{c} = e^{c_\text{last}} \bar S'_{c} + \sum_t e^{c_t} \bar y_t C_t^\top` (the
+second term from the chunk's own outputs), with :math:`\bar S'_c = \bar S_{c+1}`. So the
+backward reuses pieces (1) and (2): :func:`_chunk_states` with the weights
+:math:`e^{c_t}` on :math:`\bar y` and :math:`C`, then :func:`_state_pass` run in reverse.
+Last, :func:`_ssd_bwd` differentiates one chunk with :math:`S` (saved by the forward) and
+:math:`\bar S'` in hand, in parallel over chunks (formulas in its comments).
+
+Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``, not
+TF32). With bfloat16 or float16 inputs, products of inputs (``C B^T``, masked scores times
+``x``) feed the tensor cores in that format; states and their gradients stay float32 (in
+memory too), and their products take float32 operands at TF32 precision. Everything
+accumulates in float32.
 """
 
 from __future__ import annotations
@@ -54,6 +69,44 @@ def _mm(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(X, DT, A, B, C, batch, head, group, t0, p, n, L, H, G, P, N, Q: tl.constexpr):
+    """One chunk's tiles: ``x`` ``(Q, BLOCK_P)``, ``B``, ``C`` ``(Q, BLOCK_N)``, ``dt``, the
+    cumulative log-decay ``c`` ``(Q,)`` and its total, the offsets of ``x`` and the masks.
+    Steps past the end load ``dt = 0``: decay 1 and no input, so they change nothing."""
+    t = (t0 + tl.arange(0, Q)).to(tl.int64)
+    live = t < L
+    x_offs = ((batch * L + t[:, None]) * H + head) * P + p[None, :]
+    x_ok = live[:, None] & (p < P)[None, :]
+    x = tl.load(X + x_offs, mask=x_ok, other=0.0)
+    dt = tl.load(DT + (batch * L + t) * H + head, mask=live, other=0.0).to(tl.float32)
+    bc_offs = ((batch * L + t[:, None]) * G + group) * N + n[None, :]
+    bc_ok = live[:, None] & (n < N)[None, :]
+    Bc = tl.load(B + bc_offs, mask=bc_ok, other=0.0)
+    Cc = tl.load(C + bc_offs, mask=bc_ok, other=0.0)
+    a = dt * tl.load(A + head).to(tl.float32)
+    c = tl.cumsum(a, axis=0)  # log of the decay from the chunk's start to step t
+    c_last = tl.sum(a, axis=0)  # ... to its end
+    return t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last
+
+
+@triton.jit
+def _chunk_y(x, dt, Bc, Cc, c, S, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+             WIDEN: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+    """A chunk's outputs ``(Q, BLOCK_P)`` from its inputs and the state ``S`` entering it."""
+    rows = tl.arange(0, Q)
+    causal = rows[:, None] >= rows[None, :]
+    # 1. The chunk's own outputs: (L o C B^T)(Delta x), masked to s <= t.
+    scores = _mm(Cc, tl.trans(Bc), PRECISION, WIDEN)  # (Q, Q): C_t . B_s
+    decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
+    M = scores * decay * dt[None, :]
+    y = _mm(M.to(x.dtype), x, PRECISION, WIDEN)
+    # 2. What the state entering the chunk contributes at each step.
+    # (the state stays float32: TF32 products for 16-bit inputs, not a rounding to 8 bits)
+    y += tl.exp(c)[:, None] * _mm(Cc.to(tl.float32), tl.trans(S), STATE_PRECISION, WIDEN)
+    return y
+
+
+@triton.jit
 def _ssd_fwd(
     X,  # (Bt, L, H, P)
     DT,  # (Bt, L, H)
@@ -62,55 +115,201 @@ def _ssd_fwd(
     S0,  # (Bt, H, P, N) float32: the initial state (if HAS_S0)
     Y,  # (Bt, L, H, P) output
     S_END,  # (Bt, H, P, N) float32 output: the final state
+    STATES,  # (Bt, chunks, H, P, N) float32 output: the state entering each chunk (if STORE_STATES)
     L, H, G, P, N,
-    HAS_S0: tl.constexpr, WIDEN: tl.constexpr,  # (see _mm)
+    HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, WIDEN: tl.constexpr,  # (see _mm)
     PRECISION: tl.constexpr,  # products of the inputs: "ieee" for float32 inputs (ignored for 16-bit ones)
     STATE_PRECISION: tl.constexpr,  # products with the float32 state: "ieee" (float32 inputs) or "tf32"
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
+    """The fused forward: one program per (batch, head, block of P) walks all chunks."""
     batch = tl.program_id(0) // H
     head = tl.program_id(0) % H
     group = head // (H // G)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, Q)
-    p_ok, n_ok = p < P, n < N
-    causal = rows[:, None] >= rows[None, :]
-    A_h = tl.load(A + head).to(tl.float32)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
     state = ((batch * H + head).to(tl.int64) * P + p[:, None]) * N + n[None, :]
-    pn_ok = p_ok[:, None] & n_ok[None, :]
     if HAS_S0:
         S = tl.load(S0 + state, mask=pn_ok, other=0.0)
     else:
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     for t0 in tl.range(0, L, Q, num_stages=NUM_STAGES):
-        t = (t0 + rows).to(tl.int64)
-        live = t < L
-        x_offs = ((batch * L + t[:, None]) * H + head) * P + p[None, :]
-        x = tl.load(X + x_offs, mask=live[:, None] & p_ok[None, :], other=0.0)  # (Q, BLOCK_P)
-        dt = tl.load(DT + (batch * L + t) * H + head, mask=live, other=0.0).to(tl.float32)  # 0: identity steps
-        bc_offs = ((batch * L + t[:, None]) * G + group) * N + n[None, :]
-        Bc = tl.load(B + bc_offs, mask=live[:, None] & n_ok[None, :], other=0.0)  # (Q, BLOCK_N)
-        Cc = tl.load(C + bc_offs, mask=live[:, None] & n_ok[None, :], other=0.0)
-        c = tl.cumsum(dt * A_h, axis=0)  # log of the decay from the chunk's start to step t
-        c_last = tl.sum(dt * A_h, axis=0)  # ... to its end (padded steps add 0)
-
-        # 1. The chunk's own outputs: (L o C B^T)(Delta x), masked to s <= t.
-        scores = _mm(Cc, tl.trans(Bc), PRECISION, WIDEN)  # (Q, Q): C_t . B_s
-        decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
-        M = scores * decay * dt[None, :]
-        y = _mm(M.to(x.dtype), x, PRECISION, WIDEN)  # (Q, BLOCK_P)
-        # 2. What the state entering the chunk contributes at each step.
-        # (the state stays float32: TF32 products for 16-bit inputs, not a rounding to 8 bits)
-        y += tl.exp(c)[:, None] * _mm(Cc.to(tl.float32), tl.trans(S), STATE_PRECISION, WIDEN)
-        tl.store(Y + x_offs, y.to(Y.dtype.element_ty), mask=live[:, None] & p_ok[None, :])
+        if STORE_STATES:  # for the backward: [batch, chunk, head, p, n]
+            chunk = t0 // Q
+            tl.store(STATES + (((batch * tl.cdiv(L, Q) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N
+                     + n[None, :], S, mask=pn_ok)  # fmt: skip
+        t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
+            X, DT, A, B, C, batch, head, group, t0, p, n, L, H, G, P, N, Q)
+        y = _chunk_y(x, dt, Bc, Cc, c, S, PRECISION, STATE_PRECISION, WIDEN, Q)
+        tl.store(Y + x_offs, y.to(Y.dtype.element_ty), mask=x_ok)
         # 3. The state leaving the chunk: decayed old state plus the chunk's inputs.
         w = tl.exp(c_last - c) * dt  # (Q,): step s's input, decayed to the chunk's end
         xw = x.to(tl.float32) * w[:, None]
-        S = tl.exp(c_last) * S + _mm(tl.trans(xw), Bc.to(tl.float32), STATE_PRECISION, WIDEN)  # (BLOCK_P, BLOCK_N)
+        S = tl.exp(c_last) * S + _mm(tl.trans(xw), Bc.to(tl.float32), STATE_PRECISION, WIDEN)
 
     tl.store(S_END + state, S, mask=pn_ok)
+
+
+@triton.jit
+def _chunk_states(
+    U,  # (Bt, L, H, P): x (forward) or the output gradient (backward)
+    DT, A,
+    V,  # (Bt, L, G, N): B (forward) or C (backward)
+    OUT,  # (Bt, chunks, H, P, N) float32: sum_t weight_t U_t V_t^T per chunk
+    L, H, G, P, N,
+    FROM_START: tl.constexpr,  # weights e^{c_t} (backward) instead of e^{c_last - c_t} dt_t (forward)
+    WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per (batch * head, chunk, block of P): the chunk's own contribution to the state
+    leaving it (forward), or to the gradient of the state entering it (backward)."""
+    batch = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    group = head // (H // G)
+    chunk = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    t, live, x_offs, x_ok, u, dt, bc_offs, bc_ok, v, _, c, c_last = _load_chunk(
+        U, DT, A, V, V, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+    if FROM_START:
+        w = tl.where(live, tl.exp(c), 0.0)
+    else:
+        w = tl.exp(c_last - c) * dt
+    uw = u.to(tl.float32) * w[:, None]
+    out = _mm(tl.trans(uw), v.to(tl.float32), STATE_PRECISION, WIDEN)  # (BLOCK_P, BLOCK_N)
+    offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
+    tl.store(OUT + offs, out, mask=(p < P)[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _state_pass(
+    INC,  # (Bt, chunks, H, P*N) float32: each chunk's own contribution
+    DECAY,  # (Bt, chunks, H) float32: each chunk's total log-decay c_last
+    S0,  # (Bt, H, P*N) float32: the state before the first chunk taken (if HAS_S0)
+    OUT,  # (Bt, chunks, H, P*N) float32: the state before each chunk's update (may be INC)
+    S_END,  # (Bt, H, P*N) float32: the state after the last update
+    n_chunks, H, PN,
+    HAS_S0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``S <- e^{c_last} S + INC[chunk]`` over the chunks, in order (forward: states) or in
+    reverse (backward: their gradients), ``BLOCK`` elements of one (batch, head) per program."""
+    bh = tl.program_id(0)
+    batch, head = bh // H, bh % H
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < PN
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * PN + e, mask=ok, other=0.0)
+    else:
+        S = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(n_chunks):
+        chunk = n_chunks - 1 - i if REVERSE else i
+        row = (batch * n_chunks + chunk).to(tl.int64) * H + head
+        inc = tl.load(INC + row * PN + e, mask=ok, other=0.0)  # before the store: OUT may be INC
+        tl.store(OUT + row * PN + e, S, mask=ok)
+        S = tl.exp(tl.load(DECAY + row)) * S + inc
+    tl.store(S_END + bh.to(tl.int64) * PN + e, S, mask=ok)
+
+
+@triton.jit
+def _chunk_outputs(
+    X, DT, A, B, C,
+    STATES,  # (Bt, chunks, H, P, N) float32: the state entering each chunk
+    Y,  # (Bt, L, H, P)
+    L, H, G, P, N,
+    WIDEN: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The split forward's last step: per (batch * head, chunk, block of P), the chunk's outputs."""
+    batch = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    group = head // (H // G)
+    chunk = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
+    offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
+    S = tl.load(STATES + offs, mask=pn_ok, other=0.0)
+    t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
+        X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+    y = _chunk_y(x, dt, Bc, Cc, c, S, PRECISION, STATE_PRECISION, WIDEN, Q)
+    tl.store(Y + x_offs, y.to(Y.dtype.element_ty), mask=x_ok)
+
+
+@triton.jit
+def _ssd_bwd(
+    X, DT, A, B, C,
+    DY,  # (Bt, L, H, P): the output gradient
+    STATES,  # (Bt, chunks, H, P, N) float32: S, the state entering each chunk
+    DSTATES,  # (Bt, chunks, H, P, N) float32: the gradient of the state leaving each chunk
+    DX,  # (Bt, L, H, P), x's dtype
+    DB, DC,  # (P blocks, Bt, L, H, N) float32: per head and block of P (summed by the caller)
+    DDT,  # (P blocks, Bt, L, H) float32
+    DA,  # (P blocks, Bt, chunks, H) float32
+    L, H, G, P, N,
+    WIDEN: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Every gradient of one chunk, per (batch * head, chunk, block of P)."""
+    batch = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    group = head // (H // G)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    pblock = tl.program_id(2)
+    p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, Q)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
+    offs = (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
+    S = tl.load(STATES + offs, mask=pn_ok, other=0.0)  # entering the chunk
+    dS = tl.load(DSTATES + offs, mask=pn_ok, other=0.0)  # d loss / d (state leaving the chunk)
+    t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
+        X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+    dy = tl.load(DY + x_offs, mask=x_ok, other=0.0)
+
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))  # e^{c_t - c_s}, s <= t
+    scores = _mm(Cc, tl.trans(Bc), PRECISION, WIDEN)  # C_t . B_s
+    dyx = _mm(dy, tl.trans(x), PRECISION, WIDEN)  # dy_t . x_s
+    w = tl.exp(c_last - c) * dt  # w_s: step s's input weight in the state leaving the chunk
+    Bg = _mm(Bc.to(tl.float32), tl.trans(dS), STATE_PRECISION, WIDEN)  # (Q, BLOCK_P): B_s dS^T
+    CS = _mm(Cc.to(tl.float32), tl.trans(S), STATE_PRECISION, WIDEN)  # (Q, BLOCK_P): S C_t
+
+    # dx_s = sum_t M_ts dy_t + w_s dS B_s, with M_ts = (C_t . B_s) e^{c_t - c_s} dt_s
+    M = scores * decay * dt[None, :]
+    dx = _mm(tl.trans(M).to(dy.dtype), dy, PRECISION, WIDEN) + w[:, None] * Bg
+    tl.store(DX + x_offs, dx.to(DX.dtype.element_ty), mask=x_ok)
+
+    # dC_t = sum_s D_ts B_s + e^{c_t} dy_t S and dB_s = sum_t D_ts C_t + w_s x_s dS,
+    # with D_ts = (dy_t . x_s) e^{c_t - c_s} dt_s
+    D = dyx * decay * dt[None, :]
+    dC = _mm(D.to(Bc.dtype), Bc, PRECISION, WIDEN)
+    dC += tl.exp(c)[:, None] * _mm(dy.to(tl.float32), S, STATE_PRECISION, WIDEN)
+    dB = _mm(tl.trans(D).to(Cc.dtype), Cc, PRECISION, WIDEN)
+    dB += w[:, None] * _mm(x.to(tl.float32), dS, STATE_PRECISION, WIDEN)
+    bt = tl.num_programs(0) // H  # the batch size
+    dbc_offs = (((pblock * bt + batch).to(tl.int64) * L + t[:, None]) * H + head) * N + n[None, :]
+    tl.store(DB + dbc_offs, dB, mask=bc_ok)
+    tl.store(DC + dbc_offs, dC, mask=bc_ok)
+
+    # dt enters directly (the dt_s in M and w) and through the log-decays a_r = dt_r A, which
+    # every c_t with t >= r sums. First the gradient of each c_t (as if independent) ...
+    xf = x.to(tl.float32)
+    state_in = w * tl.sum(xf * Bg, axis=1)  # K_s = w_s x_s . (dS B_s): input s's part of the leaving state
+    P_ts = M * dyx  # the terms of y's own-chunk part, as they enter the loss
+    dc = tl.sum(P_ts, axis=1) - tl.sum(P_ts, axis=0) - state_in
+    dc += tl.exp(c) * tl.sum(dy.to(tl.float32) * CS, axis=1)  # the state's part of y_t: e^{c_t} S C_t
+    dc_last = tl.sum(state_in, axis=0) + tl.exp(c_last) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+    # ... then da_r = sum_{t >= r} dc_t + dc_last (c_last sums every a_r of the chunk).
+    da = tl.sum(dc, axis=0) - tl.cumsum(dc, axis=0) + dc + dc_last
+    ddt_direct = tl.sum(scores * decay * dyx, axis=0) + tl.exp(c_last - c) * tl.sum(xf * Bg, axis=1)
+    A_h = tl.load(A + head).to(tl.float32)
+    ddt = ddt_direct + da * A_h
+    tl.store(DDT + ((pblock * bt + batch).to(tl.int64) * L + t) * H + head, ddt, mask=live)
+    dA = tl.sum(tl.where(live, da * dt, 0.0), axis=0)
+    tl.store(DA + ((pblock * bt + batch).to(tl.int64) * n_chunks + chunk) * H + head, dA)
 
 
 #: Launch parameters by input element size (bytes): chunk Q, channels per program, warps.
@@ -124,26 +323,151 @@ CONFIGS = {
     2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8),
 }
 
+#: Streaming multiprocessors assumed under the interpreter (no device to ask).
+INTERPRETER_SMS = 8
 
-def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None):
-    """``(y, final_state)`` of SSD, forward only; inputs as validated by
-    :func:`seqbook.mamba.ssd` (contiguous copies are made). ``chunk_size`` (a power of two
-    >= 16) overrides the configuration's ``Q``; the final state is float32."""
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    batch, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+
+def _setup(x, B, config, chunk_size):
+    """The launch configuration for these inputs (``Q``, ``BLOCK_P``, ``BLOCK_N``, warps)."""
+    P, N = x.shape[3], B.shape[3]
     cfg = dict(config or CONFIGS[x.dtype.itemsize])
     if chunk_size is not None:
         cfg["Q"] = chunk_size
     cfg["BLOCK_P"] = max(16, min(cfg["BLOCK_P"], triton.next_power_of_2(P)))
     cfg["BLOCK_N"] = max(16, triton.next_power_of_2(N))  # tl.dot needs every side >= 16
-    y = torch.empty_like(x)
-    s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    grid = (batch * H, triton.cdiv(P, cfg["BLOCK_P"]))
-    _ssd_fwd[grid](
-        x, dt, A, B, C, s_end if s0 is None else s0, y, s_end, L, H, G, P, N,
-        HAS_S0=s0 is not None, WIDEN=interpreting(), PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        STATE_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
+    return cfg
+
+
+def _precisions(x):
+    ieee = x.dtype == torch.float32
+    return dict(PRECISION="ieee" if ieee else "tf32", STATE_PRECISION="ieee" if ieee else "tf32", WIDEN=interpreting())
+
+
+def _sms(device) -> int:
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_design(x, cfg) -> str:
+    """``"fused"`` when its ``batch * heads * P / BLOCK_P`` programs fill the SMs, else ``"split"``."""
+    batch, _, H, P = x.shape
+    return "fused" if batch * H * triton.cdiv(P, cfg["BLOCK_P"]) >= _sms(x.device) else "split"
+
+
+def _chunk_decays(dt, A, Q):
+    """``(batch, chunks, heads)`` float32: each chunk's total log-decay (padding adds 0)."""
+    batch, L, H = dt.shape
+    a = dt.float() * A.float()
+    a = torch.nn.functional.pad(a, (0, 0, 0, (-L) % Q))
+    return a.view(batch, -1, Q, H).sum(2).contiguous()
+
+
+def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse):
+    """Pieces (1) and (2) of the split design: the per-chunk contributions of ``U V^T``, passed
+    through the chunk recurrence. Returns (the state before each chunk's update, the last state)."""
+    batch, L, H, P = U.shape
+    G, N = V.shape[2], V.shape[3]
+    n_chunks = triton.cdiv(L, Q)
+    states = torch.empty(batch, n_chunks, H, P, N, dtype=torch.float32, device=U.device)
+    prec = _precisions(U)
+    _chunk_states[(batch * H, n_chunks, triton.cdiv(P, cfg["BLOCK_P"]))](
+        U, dt, A, V, states, L, H, G, P, N, FROM_START=from_start, WIDEN=prec["WIDEN"],
+        STATE_PRECISION=prec["STATE_PRECISION"], Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=4,
     )  # fmt: skip
+    s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=U.device)
+    block = min(1024, triton.next_power_of_2(P * N))
+    _state_pass[(batch * H, triton.cdiv(P * N, block))](
+        states, _chunk_decays(dt, A, Q), s_end if s0 is None else s0, states, s_end, n_chunks, H, P * N,
+        HAS_S0=s0 is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return states, s_end
+
+
+def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
+    """``(y, final state, entering states or None)``; inputs contiguous."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q = cfg["Q"]
+    y = torch.empty_like(x)
+    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    prec = _precisions(x)
+    if design == "fused":
+        s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+        states = (torch.empty(batch, triton.cdiv(L, Q), H, P, N, dtype=torch.float32, device=x.device)
+                  if store_states else s_end)  # fmt: skip
+        _ssd_fwd[(batch * H, triton.cdiv(P, cfg["BLOCK_P"]))](
+            x, dt, A, B, C, s_end if s0 is None else s0, y, s_end, states, L, H, G, P, N,
+            HAS_S0=s0 is not None, STORE_STATES=store_states, **prec, **cfg,
+        )  # fmt: skip
+        return y, s_end, states if store_states else None
+    states, s_end = _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False)
+    _chunk_outputs[(batch * H, triton.cdiv(L, Q), triton.cdiv(P, cfg["BLOCK_P"]))](
+        x, dt, A, B, C, states, y, L, H, G, P, N, **prec, Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return y, s_end, states
+
+
+def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None, design="auto"):
+    """``(y, final_state)`` of SSD, forward only; inputs as validated by
+    :func:`seqbook.mamba.ssd` (contiguous copies are made). ``chunk_size`` (a power of two
+    >= 16) overrides the configuration's ``Q``; the final state is float32. ``design``:
+    ``"fused"``, ``"split"`` or ``"auto"`` (:func:`choose_design`)."""
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    cfg = _setup(x, B, config, chunk_size)
+    design = choose_design(x, cfg) if design == "auto" else design
+    y, s_end, _ = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=False)
     return y, s_end
+
+
+class SSDFunction(torch.autograd.Function):
+    """SSD with its backward: ``apply(x, dt, A, B, C, initial_state or None, chunk_size or
+    None, config or None, design)`` -> ``(y, final_state)``."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
+        x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+        cfg = _setup(x, B, config, chunk_size)
+        design = choose_design(x, cfg) if design == "auto" else design
+        y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
+        ctx.save_for_backward(x, dt, A, B, C, states)
+        ctx.cfg = cfg
+        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.dtypes = (dt.dtype, A.dtype)
+        return y, s_end
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        x, dt, A, B, C, states = ctx.saved_tensors
+        cfg = ctx.cfg
+        Q, BLOCK_P, BLOCK_N = cfg["Q"], cfg["BLOCK_P"], cfg["BLOCK_N"]
+        batch, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        n_chunks, p_blocks = triton.cdiv(L, Q), triton.cdiv(P, BLOCK_P)
+        dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+        d_final = None if d_final is None else d_final.float().contiguous()
+        # The gradient of the state leaving each chunk: the forward's recurrence, backwards.
+        d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True)
+        dx = torch.empty_like(x)
+        dB = torch.empty(p_blocks, batch, L, H, N, dtype=torch.float32, device=x.device)
+        dC = torch.empty_like(dB)
+        ddt = torch.empty(p_blocks, batch, L, H, dtype=torch.float32, device=x.device)
+        dA = torch.empty(p_blocks, batch, n_chunks, H, dtype=torch.float32, device=x.device)
+        _ssd_bwd[(batch * H, n_chunks, p_blocks)](
+            x, dt, A, B, C, dy, states, d_states, dx, dB, dC, ddt, dA, L, H, G, P, N, **_precisions(x),
+            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+        )  # fmt: skip
+
+        def per_group(d):  # heads share their group's B and C: sum the P blocks and the group's heads
+            return d.sum(0).view(batch, L, G, H // G, N).sum(3).to(B.dtype)
+
+        d_s0 = None if ctx.s0_dtype is None else d_s0.to(ctx.s0_dtype)
+        return (dx, ddt.sum(0).to(ctx.dtypes[0]), dA.sum((0, 1, 2)).to(ctx.dtypes[1]), per_group(dB), per_group(dC),
+                d_s0, None, None, None)  # fmt: skip
+
+
+def ssd_autograd(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None, design="auto"):
+    """``(y, final_state)`` through :class:`SSDFunction` (differentiable)."""
+    return SSDFunction.apply(x, dt, A, B, C, initial_state, chunk_size, config, design)

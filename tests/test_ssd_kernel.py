@@ -1,0 +1,137 @@
+"""The SSD (Mamba-2) Triton kernel, seqbook.kernels.ssd, forward and backward, against the
+float64 chunked form (seqbook.mamba.ssd_chunked), in both designs of the forward (fused:
+one program walks all chunks; split: chunk states, a pass over them, chunk outputs).
+
+Shapes are small (the interpreter on a CPU): several chunks, a partial last chunk, groups
+of heads sharing B and C, P and N that are not powers of two, float32 / bfloat16 / float16.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from compare import assert_near
+
+from seqbook import mamba
+from seqbook.backend import kernels
+
+F64 = torch.float64
+DESIGNS = ["fused", "split"]
+
+# (batch, length, heads, P, groups, N, chunk): a single step; a length that is not a multiple
+# of the chunk with two groups and odd P, N; several chunks with P > BLOCK_P (two P blocks in
+# float32, BLOCK_P = 16) and N not a power of two; a length that fills its chunks exactly.
+CASES = [(1, 1, 2, 3, 1, 4, 16), (2, 37, 4, 5, 2, 7, 16), (1, 70, 2, 20, 1, 12, 16), (1, 64, 3, 16, 3, 16, 32)]
+
+
+def make(batch, length, heads, P, groups, N, seed):
+    """x, B, C, the initial state: N(0, 1); dt = softplus(N(0, 1) - 1); A in [-2.5, -0.5] (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, heads, P, generator=gen, dtype=F64)
+    dt = F.softplus(torch.randn(batch, length, heads, generator=gen, dtype=F64) - 1)
+    A = -0.5 - 2 * torch.rand(heads, generator=gen, dtype=F64)
+    B = torch.randn(batch, length, groups, N, generator=gen, dtype=F64)
+    C = torch.randn(batch, length, groups, N, generator=gen, dtype=F64)
+    s0 = torch.randn(batch, heads, P, N, generator=gen, dtype=F64)
+    return x, dt, A, B, C, s0
+
+
+def run_both(inputs, wide, chunk, design, with_s0=True):
+    """The kernel's and the float64 reference's y, final state and every gradient, for random
+    output gradients of y and of the final state."""
+    k = kernels("ssd")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    s0 = leaves[5] if with_s0 else None
+    y, final = k.ssd_autograd(*leaves[:5], chunk, s0, None, design)
+    gen = torch.Generator().manual_seed(99)
+    gy = torch.randn(y.shape, generator=gen, dtype=F64)
+    gf = torch.randn(final.shape, generator=gen, dtype=F64)
+    loss = (y.double() * gy.to(y.device)).sum() + (final.double() * gf.to(y.device)).sum()
+    got = torch.autograd.grad(loss, leaves if with_s0 else leaves[:5])
+    ref_leaves = [t.clone().requires_grad_() for t in wide]
+    y_ref, final_ref = mamba.ssd_chunked(*ref_leaves[:5], 8, ref_leaves[5] if with_s0 else None, True)
+    want = torch.autograd.grad((y_ref * gy).sum() + (final_ref * gf).sum(),
+                               ref_leaves if with_s0 else ref_leaves[:5])  # fmt: skip
+    return (y, final, *got), (y_ref, final_ref, *want)
+
+
+NAMES = ["y", "final state", "dx", "ddt", "dA", "dB", "dC", "d initial state"]
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B={},L={},H={},P={},G={},N={},Q={}".format(*c))
+def test_forward_and_gradients_float32(device, case, design):
+    *shape, chunk = case
+    wide = make(*shape, seed=shape[1])
+    inputs = [t.float().to(device) for t in wide]
+    got, want = run_both(inputs, wide, chunk, design)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for name, g, w in zip(NAMES, got, want):
+        assert_near(g.cpu(), w, 1e-5, f"{name} ({design})")
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_without_initial_state(device, design):
+    wide = make(2, 37, 4, 5, 2, 7, seed=5)
+    inputs = [t.float().to(device) for t in wide]
+    got, want = run_both(inputs, wide, 16, design, with_s0=False)
+    for name, g, w in zip(NAMES, got, want):
+        assert_near(g.cpu(), w, 1e-5, f"{name} ({design}, zero initial state)")
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(device, dtype, design):
+    # 16-bit x, B, C (dt and A float32, as Mamba-2 keeps them): the products of inputs and the
+    # masked scores go through 16 bits, states and their gradients stay float32.
+    wide = make(2, 50, 2, 16, 2, 16, seed=3)
+    inputs = [t.to(device=device, dtype=dtype if i in (0, 3, 4) else torch.float32) for i, t in enumerate(wide)]
+    wide = [t.to(F64) for t in (t.cpu() for t in inputs)]  # the reference sees the rounded inputs
+    got, want = run_both(inputs, wide, 16, design)
+    assert got[0].dtype == dtype and got[2].dtype == dtype and got[3].dtype == torch.float32
+    rel = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for name, g, w in zip(NAMES, got, want):
+        assert_near(g.cpu(), w, rel, f"{name} ({dtype}, {design})")
+
+
+def test_designs_agree_with_the_forward_only_path(device):
+    # ssd_forward (no gradient, nothing saved) gives what the autograd function gives, in
+    # both designs, and "auto" takes one of them.
+    k = kernels("ssd")
+    wide = make(1, 45, 2, 8, 1, 8, seed=11)
+    x, dt, A, B, C, s0 = (t.float().to(device) for t in wide)
+    want_y, want_f = mamba.ssd_chunked(*wide[:5], 8, wide[5], True)
+    for design in ("fused", "split", "auto"):
+        y, f = k.ssd_forward(x, dt, A, B, C, 16, s0, design=design)
+        assert_near(y.cpu(), want_y, 1e-5, f"y ({design})")
+        assert_near(f.cpu(), want_f, 1e-5, f"final state ({design})")
+    assert k.choose_design(x, k._setup(x, B, None, 16)) in ("fused", "split")
+
+
+def test_public_entry_trains_through_the_kernel(device):
+    # ssd(backend="triton") with inputs that need gradients goes through the kernel's backward
+    # (not the reference): its gradients match the float64 reference's.
+    wide = make(2, 33, 2, 16, 1, 16, seed=12)
+    leaves = [t.float().to(device).requires_grad_() for t in wide]
+    y, final = mamba.ssd(*leaves[:5], 16, leaves[5], True, backend="triton")
+    assert y.grad_fn is not None and "SSDFunction" in type(y.grad_fn).__name__
+    (y.sum() + final.sum()).backward()
+    ref = [t.clone().requires_grad_() for t in wide]
+    y_ref, f_ref = mamba.ssd_chunked(*ref[:5], 8, ref[5], True)
+    (y_ref.sum() + f_ref.sum()).backward()
+    for name, a, b in zip(NAMES[2:], leaves, ref):
+        assert_near(a.grad.cpu(), b.grad, 1e-5, name)
+
+
+def test_only_y_or_only_the_final_state_needs_a_gradient(device):
+    # The backward gets None for an output that was not used.
+    wide = make(1, 40, 2, 8, 1, 8, seed=13)
+    for use in ("y", "final"):
+        leaves = [t.float().to(device).requires_grad_() for t in wide]
+        y, final = mamba.ssd(*leaves[:5], 16, leaves[5], True, backend="triton")
+        (y if use == "y" else final).square().sum().backward()
+        ref = [t.clone().requires_grad_() for t in wide]
+        y_ref, f_ref = mamba.ssd_chunked(*ref[:5], 8, ref[5], True)
+        (y_ref if use == "y" else f_ref).square().sum().backward()
+        for name, a, b in zip(NAMES[2:], leaves, ref):
+            want = torch.zeros_like(b) if b.grad is None else b.grad  # C does not reach the final state
+            assert_near(a.grad.cpu(), want, 1e-5, f"{name} (loss on {use})")
