@@ -23,9 +23,15 @@ weighted average of values as in softmax attention. The **sliding window**
 :math:`w` tokens (the paper: 64 to 128), a KV cache of bounded size, for the precise local
 comparisons that a low-order feature map blurs.
 
-The paper's models interleave both with short gated convolutions (BaseConv); seqbook's Based stack
-(:func:`based_factory`) alternates the two attention layers only, window first, so that a two-layer
-model has one of each.
+The paper's models interleave both with **short gated convolutions** (its "BaseConv" layers, from
+Zoology), :math:`y = (x W + b) \odot (h * x)`: a depthwise causal convolution :math:`h` of a few taps
+(3 here), gated elementwise by a linear projection (:class:`GatedShortConv`). They mix neighbouring
+tokens, which the recall tasks need (a value must be bound to the key just before it), at a cost and
+a state that do not depend on the length. :func:`based_factory` alternates the two attention layers,
+window first, so that a two-layer model has one of each; with ``conv_size`` it puts a gated
+convolution layer before each of them (conv, window, conv, linear, ...: four layers hold one of each).
+The convolution is off by default: chapter 8's committed Based records were trained without it, and
+they stay reproducible (the paper's stack, with it, is ``based_factory(..., conv_size=3)``).
 
 Glossary (symbol -> shape)
 --------------------------
@@ -37,6 +43,7 @@ Glossary (symbol -> shape)
     v            (batch, length, heads, d)       d = d_model / heads
     S            (batch, heads, D, d)            sum_j phi(k_j) v_j^T
     z            (batch, heads, D)               sum_j phi(k_j), the normalizer
+    h            (d_model, conv_size)            the gated convolution's taps, one filter per channel
 """
 
 from __future__ import annotations
@@ -133,18 +140,80 @@ class TaylorLinearAttention(nn.Module):
         return self._finish(o1), (S1[..., :-1], S1[..., -1])
 
 
-def based_factory(n_heads: int = 2, window: int = 64, feature_dim: int = 16) -> Callable[[int], nn.Module]:
-    """A mixer factory for :class:`seqbook.nn.LanguageModel`: even layers (0, 2, ...) sliding-window attention
-    over ``window`` tokens, odd layers :class:`TaylorLinearAttention` with ``feature_dim``.
+class GatedShortConv(nn.Module):
+    r"""Based's short gated convolution (the paper's BaseConv with a short filter), ``(batch, length, d_model)
+    -> (batch, length, d_model)``:
+
+    .. math::
+
+        y_t = (x_t W + b) \odot \Big(c + \sum_{i=0}^{K-1} h_i \odot x_{t-i}\Big),
+
+    a depthwise causal convolution of ``conv_size`` :math:`= K` taps per channel (inputs before the
+    sequence are 0) gated elementwise by a linear projection. The convolution moves information
+    between neighbouring tokens only; the gate makes the product of two views of the input, which a
+    convolution alone (linear in :math:`x`) cannot form.
+
+    **Decoding.** The state is the last ``conv_size - 1`` inputs, ``(batch, conv_size - 1, d_model)``;
+    :meth:`step` reproduces :meth:`forward`.
+    """
+
+    def __init__(self, d_model: int, conv_size: int = 3):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("conv_size", conv_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GatedShortConv: {name} must be a positive int, got {value!r}")
+        self.d_model, self.conv_size = d_model, conv_size
+        self.gate = nn.Linear(d_model, d_model)  # W, b
+        self.conv = nn.Conv1d(d_model, d_model, conv_size, groups=d_model, padding=conv_size - 1)  # h, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"GatedShortConv: x must be (batch, length, d_model) with d_model = {self.d_model}, "
+                             f"got {got}")  # fmt: skip
+        # the conv pads K - 1 zeros on both sides; the first L outputs are the causal ones
+        conv = self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return self.gate(x) * conv
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        """Zeros ``(batch, conv_size - 1, d_model)``: the inputs before the sequence."""
+        return torch.zeros(batch, self.conv_size - 1, self.d_model, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token: ``x_t (batch, d_model)``, ``state`` the last inputs -> ``(y_t (batch, d_model), state')``."""
+        if not isinstance(x_t, torch.Tensor) or x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
+            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"GatedShortConv.step: x_t must be (batch, d_model) with d_model = {self.d_model}, "
+                             f"got {got}")  # fmt: skip
+        window = torch.cat([state, x_t[:, None]], dim=1)  # (batch, K, d_model), oldest first: x_{t-K+1} .. x_t
+        # Conv1d's weight[:, 0, j] multiplies the input j - (K - 1) steps back, so it lines up with window[:, j]
+        conv = torch.einsum("bjc,cj->bc", window, self.conv.weight[:, 0]) + self.conv.bias
+        return self.gate(x_t) * conv, window[:, 1:]
+
+
+def based_factory(n_heads: int = 2, window: int = 64, feature_dim: int = 16,
+                  conv_size: int | None = None) -> Callable[[int], nn.Module]:  # fmt: skip
+    """A mixer factory for :class:`seqbook.nn.LanguageModel`.
+
+    Without ``conv_size`` (the default): even layers (0, 2, ...) sliding-window attention over ``window``
+    tokens, odd layers :class:`TaylorLinearAttention` with ``feature_dim``. With ``conv_size`` (the paper
+    uses short filters; 3 here): a :class:`GatedShortConv` layer before each of those, so the layers
+    run conv, window, conv, linear, ... (four layers hold one of each).
 
     :class:`~seqbook.nn.LanguageModel` calls a factory once per layer, in order; each factory returned
     here counts its own calls, so build every model from a fresh one.
     """
+    if conv_size is not None and (isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 1):
+        raise ValueError(f"based_factory: conv_size must be a positive int or None, got {conv_size!r}")
     calls = {"n": 0}
 
     def factory(d_model: int) -> nn.Module:
         i = calls["n"]
         calls["n"] += 1
+        if conv_size is not None:
+            if i % 2 == 0:
+                return GatedShortConv(d_model, conv_size)
+            i //= 2  # the i-th attention layer
         if i % 2 == 0:
             return SlidingWindowAttention(d_model, n_heads, window)
         return TaylorLinearAttention(d_model, n_heads, feature_dim)

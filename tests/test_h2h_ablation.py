@@ -126,3 +126,68 @@ def test_conv_variants_run_through_the_experiment():
     with pytest.raises(ValueError, match="families must be among"):
         h2h.mqar_head_to_head(seeds=(0,), steps=1, families=("GLA + conv 2",))
     assert "GLA + conv" not in h2h.FAMILIES  # the default run and the summary table keep their twelve families
+
+
+# --------------------------------------------------------------------------------------
+# Based's short gated convolution (seqbook.based.GatedShortConv, based_factory(conv_size=...))
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_size", [1, 3, 4])
+def test_gated_short_conv_step_equals_forward(conv_size):
+    from seqbook.based import GatedShortConv
+
+    torch.manual_seed(0)
+    m = perturbed(GatedShortConv(10, conv_size), seed=conv_size)
+    x, dy = randn(3, 13, 10, seed=1), randn(3, 13, 10, seed=2)
+    check_step_equals_forward(m, x, dy, f"GatedShortConv({conv_size})")
+
+
+def test_gated_short_conv_is_the_formula():
+    """y_t = (x_t W + b) * (c + sum_i h_i x_{t-i}), written out with a loop over taps, zeros before the start."""
+    from seqbook.based import GatedShortConv
+
+    torch.manual_seed(1)
+    m = perturbed(GatedShortConv(6, 3))
+    x = randn(2, 8, 6, seed=3)
+    h, c = m.conv.weight[:, 0], m.conv.bias  # (d_model, K): h[:, K - 1] is the current input's tap
+    conv = torch.zeros_like(x) + c
+    for i in range(3):  # x_{t-i}, shifted in from zeros
+        shifted = torch.cat([torch.zeros_like(x[:, :i]), x[:, : x.shape[1] - i]], dim=1)
+        conv = conv + h[:, 2 - i] * shifted
+    assert_near(m(x), (x @ m.gate.weight.T + m.gate.bias) * conv, 1e-12, "GatedShortConv formula")
+
+
+def test_based_stack_with_convolutions_decodes_like_forward():
+    from seqbook.attention import SlidingWindowAttention
+    from seqbook.based import GatedShortConv, TaylorLinearAttention, based_factory
+
+    torch.manual_seed(5)
+    lm = LanguageModel(based_factory(2, window=3, feature_dim=4, conv_size=3), 11, 16, 4, ffn_mult=2)
+    assert [type(b.mixer) for b in lm.blocks] == [GatedShortConv, SlidingWindowAttention, GatedShortConv,
+                                                  TaylorLinearAttention]  # fmt: skip
+    lm = perturbed(lm, seed=6)
+    tokens = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(7))
+    logits = lm(tokens)
+    state = lm.init_state(2)
+    outs = []
+    for t in range(12):
+        out, state = lm.step(tokens[:, t], state)
+        outs.append(out)
+    assert_near(torch.stack(outs, 1), logits, 1e-10, "Based with convolutions: step vs forward")
+    assert h2h.state_bytes(lm.float(), 12) == h2h.state_bytes(lm.float(), 40)  # window full: the state is fixed
+
+
+def test_based_default_is_unchanged_and_bad_conv_size():
+    from seqbook.attention import SlidingWindowAttention
+    from seqbook.based import GatedShortConv, TaylorLinearAttention, based_factory
+
+    lm = LanguageModel(based_factory(2, window=8, feature_dim=8), 11, 16, 2, ffn_mult=2)
+    assert [type(b.mixer) for b in lm.blocks] == [SlidingWindowAttention, TaylorLinearAttention]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="conv_size must be a positive int or None"):
+            based_factory(conv_size=bad)
+    with pytest.raises(ValueError, match=r"GatedShortConv: x must be \(batch, length, d_model\) with d_model = 6"):
+        GatedShortConv(6, 3)(torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match=r"x_t must be \(batch, d_model\) with d_model = 6"):
+        GatedShortConv(6, 3).step(torch.zeros(2, 5, 6), torch.zeros(2, 2, 6))
