@@ -4,39 +4,54 @@ The readable form is :func:`seqbook.linear_attention.delta_rule_chunked`; read i
 module has the signature ``delta_rule(q, k, v, beta, initial_state, scale) -> (o, final_state)``
 behind a :class:`torch.autograd.Function`.
 
-Design: one program per (batch, head) walks the chunks of ``T = 16`` steps with the state
-``(d_k, d_v)`` in float32 (the state's rows mix, :math:`(I - \beta k k^\top) S`, so it is not
-split by rows; it is split by value columns in the forward, whose columns never mix). Per chunk:
+Design
+------
+Chunks of ``T = 64`` steps (inputs padded with ``beta = 0`` steps, which change nothing). The work
+that does not depend on the state entering a chunk is done for all chunks at once; only a thin
+pass over chunks stays sequential. Per chunk, with :math:`K, V` its rows and :math:`S` the state
+``(d_k, d_v)`` entering it:
 
-1. the WY representation: :math:`A = \mathrm{tril}_{-1}(\mathrm{Diag}(\beta) K K^\top)`, then
-   :math:`W = (I + A)^{-1}\mathrm{Diag}(\beta) K` and :math:`\tilde U = (I+A)^{-1}\mathrm{Diag}(\beta) V`
-   by forward substitution, one row at a time (16 rows);
-2. :math:`U = \tilde U - W S`, :math:`o = s\,(Q S + \mathrm{tril}(Q K^\top)\, U)`,
-   :math:`S \leftarrow S + K^\top U`; the state entering each chunk is saved.
+1. ``_wy_fwd`` (all chunks in parallel): :math:`A = \mathrm{tril}_{-1}(\mathrm{Diag}(\beta) K K^\top)`,
+   :math:`T = (I + A)^{-1}` (``_unit_lower_inverse``), the WY representation
+   :math:`W = T\,\mathrm{Diag}(\beta) K` and :math:`\tilde U = T\,\mathrm{Diag}(\beta) V`.
+2. ``_state_fwd`` (one program per (batch, head, ``BV`` value columns): the transition
+   :math:`I - \beta k k^\top` mixes rows of the state, never its columns) walks the chunks in order:
+   saves :math:`S`, then :math:`U = \tilde U - W S` (the pseudo-values) and
+   :math:`S \leftarrow S + K^\top U`. Two matrix products per chunk.
+3. ``_out_fwd`` (all chunks in parallel): :math:`o = s\,(Q S + \mathrm{tril}(Q K^\top)\, U)`.
 
-The backward walks the chunks in reverse with the state's gradient :math:`\bar S` (all value
-columns in one program: :math:`\partial W = -\partial U\, S^\top` sums over them). Per chunk, from
-the saved entering state and the WY step recomputed:
+The inverse of the unit lower triangular :math:`I + A` (64 by 64) is forward substitution by
+blocks of 16 rows, written with matrix products so that it runs on tensor cores: first the four
+diagonal blocks all at once (step ``i`` finishes row ``i`` of every block, from the rows above it in
+its block), then block row ``b`` of :math:`T` from the block rows above it,
+:math:`T_b = D_b (I - L_b T)` (:math:`D_b` the inverse of the diagonal block, :math:`L_b` the part of
+:math:`A` left of it). Each row is computed from finished rows only, as in forward substitution.
 
-.. math::
+The backward, with :math:`\bar S` the gradient of the state leaving a chunk:
 
-    \partial U = s\,M^\top do + K \bar S, \quad M = \mathrm{tril}(QK^\top), \quad
-    \partial M = s\,\mathrm{tril}(do\, U^\top), \quad
-    \partial Q = \partial M\, K + s\, do\, S^\top, \quad \partial K \mathrel{+}= \partial M^\top Q + U \bar S^\top,
+4. ``_dv_local`` (parallel): :math:`\partial U \mathrel{+}= s\, M^\top do`, :math:`M = \mathrm{tril}(QK^\top)`.
+5. ``_state_bwd`` (per value block, chunks in reverse): saves :math:`\bar S`, then
+   :math:`\partial U \mathrel{+}= K \bar S` and :math:`\bar S \leftarrow \bar S + s\,Q^\top do - W^\top \partial U`.
+6. ``_bwd_qkw`` (parallel): :math:`\partial M = s\,\mathrm{tril}(do\, U^\top)`,
+   :math:`\partial Q = \partial M K + s\, do\, S^\top`,
+   :math:`\partial K = \partial M^\top Q + U \bar S^\top` (so far), :math:`\partial W = -\partial U S^\top`.
+7. ``_bwd_wy`` (parallel): through :math:`X = T Y` for :math:`(W, \mathrm{Diag}(\beta)K)` and
+   :math:`(\tilde U, \mathrm{Diag}(\beta)V)`: :math:`\partial Y = T^\top \partial X`,
+   :math:`\partial A = -\partial Y X^\top` on the strictly lower triangle, and from
+   :math:`A = \mathrm{Diag}(\beta)\,\mathrm{tril}_{-1}(KK^\top)`:
+   :math:`\partial\beta_i \mathrel{+}= \sum_j \partial A_{ij} (KK^\top)_{ij}`,
+   :math:`\partial K \mathrel{+}= (G + G^\top) K` with :math:`G = \mathrm{Diag}(\beta)\,\partial A`.
 
-    \bar S_\text{in} = \bar S + s\, Q^\top do - W^\top \partial U, \qquad
-    \partial W = -\partial U\, S^\top, \qquad \partial\tilde U = \partial U .
-
-Through :math:`X = (I+A)^{-1} Y` (:math:`Y = \mathrm{Diag}(\beta)[K\,|\,V]`): :math:`\partial Y =
-(I+A)^{-\top}\partial X` by backward substitution, :math:`\partial A = -\partial Y X^\top` on the
-strictly lower triangle, and from :math:`A = \mathrm{Diag}(\beta)\,\mathrm{tril}_{-1}(KK^\top)`:
-:math:`\partial\beta_i \mathrel{+}= \sum_j \partial A_{ij} (KK^\top)_{ij}`,
-:math:`\partial K \mathrel{+}= (G + G^\top) K` with :math:`G = \mathrm{Diag}(\beta)\,\partial A`.
+Precision: states, their gradients and every accumulation in float32. Matrix products take their
+operands in the inputs' dtype (bfloat16/float16 operands on tensor cores, as flash-linear-attention
+does; :math:`W, \tilde U, U` are stored in that dtype); for float32 inputs every product is exact
+float32 (``input_precision="ieee"``), and the inverse is float32 (TF32 products for 16-bit inputs,
+whose products round :math:`T` to 16 bits afterwards anyway).
 
 Unmeasured: checked under the Triton interpreter against the float64 recurrence and compiled for
-sm_90 by ``benchmarks.compile_check``; not timed on a GPU. The walk over chunks is sequential per
-(batch, head): at small batch times heads the GPU is underused (a kernel tuned for speed would
-compute the WY step of every chunk in parallel first, as flash-linear-attention does).
+sm_90 by ``benchmarks.compile_check``. (The previous kernel, one program per (batch, head) walking
+chunks of 16 with the WY step inside the walk, took 10.6 ms forward and 92 ms forward+backward at
+B=4, L=4096, H=32, d=64 bf16 on the H200: GPU call 1.)
 """
 
 from __future__ import annotations
@@ -45,113 +60,223 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_state import pad_to, state_tile
+from .chunked_state import pad_to
 
 #: steps per chunk
-CHUNK = 16
-#: value columns per program in the forward
-BLOCK_V = 32
+CHUNK = 64
+#: rows per diagonal block of the inverse (forward substitution by blocks)
+SUB = 16
+
+
+def _state_block_v(BH, DV):
+    """Value columns per program of the passes over chunks: 32, or 16 when that leaves too few
+    programs to fill the GPU's 132 SMs (B=1, H=16, d_v=128: 64 programs of 32 columns)."""
+    return min(DV, 32 if BH * triton.cdiv(DV, 32) >= 256 else 16)
 
 
 @triton.jit
-def _wy(K, Y, beta, A, rt, T: tl.constexpr):
-    """X = (I + A)^{-1} diag(beta) Y by forward substitution, A strictly lower (T, T)."""
-    X = tl.zeros(Y.shape, dtype=tl.float32)
-    for i in range(T):
-        one = (rt == i).to(tl.float32)
-        a_i = tl.sum(A * one[:, None], axis=0)  # row i of A, over j
-        y_i = tl.sum(Y * one[:, None], axis=0)
-        b_i = tl.sum(beta * one, axis=0)
-        x_i = b_i * y_i - tl.sum(a_i[:, None] * X, axis=0)
-        X += one[:, None] * x_i[None, :]
-    return X
+def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^{-1} for A (BT, BT) strictly lower triangular, float32: forward substitution by
+    blocks of SUB rows (module docstring)."""
+    eye = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
+    blk = rt // SUB
+    A_diag = tl.where(blk[:, None] == blk[None, :], A, 0.0)  # the diagonal blocks
+    A_left = A - A_diag  # the blocks left of the diagonal
+    # 1. the diagonal blocks' inverses, all at once: step i finishes row i of every block
+    D = eye
+    for i in range(1, SUB):
+        D = tl.where((rt % SUB == i)[:, None], eye - tl.dot(A_diag, D, input_precision=PREC), D)
+    # 2. block row b from the block rows above it: T_b = D_b (I - A_left,b T)
+    Tinv = D
+    for bi in range(1, BT // SUB):
+        new = tl.dot(D, eye - tl.dot(A_left, Tinv, input_precision=PREC), input_precision=PREC)
+        Tinv = tl.where((blk == bi)[:, None], new, Tinv)
+    return Tinv
 
 
 @triton.jit
-def _wy_transpose(A, dX, rt, T: tl.constexpr):
-    """dY = (I + A)^{-T} dX by backward substitution."""
-    dY = tl.zeros(dX.shape, dtype=tl.float32)
-    for r in range(T):
-        i = T - 1 - r
-        one = (rt == i).to(tl.float32)
-        col_i = tl.sum(A * one[None, :], axis=1)  # column i of A: A_ji over j
-        dx_i = tl.sum(dX * one[:, None], axis=0)
-        dy_i = dx_i - tl.sum(col_i[:, None] * dY, axis=0)
-        dY += one[:, None] * dy_i[None, :]
-    return dY
-
-
-@triton.jit
-def _delta_fwd(q_ptr, k_ptr, v_ptr, b_ptr, s0_ptr, states_ptr, o_ptr, final_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
-    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
-    lower = rt[:, None] > rt[None, :]
-    for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
-        rows = (b * Lp + ci * T + rt) * H + h
-        q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
-        beta = tl.load(b_ptr + rows).to(tl.float32)
-        A = tl.where(lower, beta[:, None] * tl.dot(k, tl.trans(k), input_precision="ieee"), 0.0)
-        W = _wy(k, k, beta, A, rt, T)
-        U = _wy(k, v, beta, A, rt, T) - tl.dot(W, S, input_precision="ieee")
-        M = tl.where(rt[:, None] >= rt[None, :], tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0)
-        o = scale * (tl.dot(q, S, input_precision="ieee") + tl.dot(M, U, input_precision="ieee"))
-        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
-        S = S + tl.dot(tl.trans(k), U, input_precision="ieee")
-    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
-
-
-@triton.jit
-def _delta_bwd(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, dsl_ptr, dq_ptr, dk_ptr, dv_ptr, db_ptr, ds0_ptr,
-               scale, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(0)
+def _chunk_rows(Lp, H, BT: tl.constexpr):
+    """For a program on the grid (chunk, batch * heads): chunk, bh, rt (BT,) and the rows of the
+    (batch * Lp * heads) row-major inputs that hold this chunk's steps."""
+    ci, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, T)
-    s_off = rk[:, None] * DV + rv[None, :]
-    dS = tl.load(dsl_ptr + bh * DK * DV + s_off)
-    lower = rt[:, None] > rt[None, :]
-    causal = rt[:, None] >= rt[None, :]
-    for r in range(n_chunks):
-        ci = n_chunks - 1 - r
-        rows = (b * Lp + ci * T + rt) * H + h
-        q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
+    rt = tl.arange(0, BT)
+    return ci, bh, rt, (b * Lp + ci * BT + rt) * H + h
+
+
+@triton.jit
+def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
+            BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):  # fmt: skip
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    rk = tl.arange(0, DK)
+    k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+    dt = k.dtype
+    beta = tl.load(b_ptr + rows)
+    A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
+    Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC)
+    tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv)
+    Tc = Tinv.to(dt)
+    W = tl.dot(Tc, (beta[:, None] * k.to(tl.float32)).to(dt), input_precision=PREC)
+    tl.store(w_ptr + rows[:, None] * DK + rk[None, :], W.to(dt))
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
         v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        beta = tl.load(b_ptr + rows).to(tl.float32)
-        S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off)
-        # the forward's chunk, recomputed
-        G = tl.dot(k, tl.trans(k), input_precision="ieee")
-        A = tl.where(lower, beta[:, None] * G, 0.0)
-        W = _wy(k, k, beta, A, rt, T)
-        U_t = _wy(k, v, beta, A, rt, T)
-        U = U_t - tl.dot(W, S, input_precision="ieee")
-        M = tl.where(causal, tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0)
-        # o = s (Q S + M U); S_end = S + K^T U
-        dU = scale * tl.dot(tl.trans(M), do, input_precision="ieee") + tl.dot(k, dS, input_precision="ieee")
-        dM = tl.where(causal, scale * tl.dot(do, tl.trans(U), input_precision="ieee"), 0.0)
-        dq = tl.dot(dM, k, input_precision="ieee") + scale * tl.dot(do, tl.trans(S), input_precision="ieee")
-        dk = tl.dot(tl.trans(dM), q, input_precision="ieee") + tl.dot(U, tl.trans(dS), input_precision="ieee")
-        dS_in = dS + scale * tl.dot(tl.trans(q), do, input_precision="ieee") - tl.dot(tl.trans(W), dU, input_precision="ieee")
-        dW = -tl.dot(dU, tl.trans(S), input_precision="ieee")
-        # through X = (I + A)^{-1} diag(beta) Y, for (W, K) and (U~, V)
-        dYk = _wy_transpose(A, dW, rt, T)
-        dYv = _wy_transpose(A, dU, rt, T)
-        dA = tl.where(lower, -(tl.dot(dYk, tl.trans(W), input_precision="ieee")
-                               + tl.dot(dYv, tl.trans(U_t), input_precision="ieee")), 0.0)  # fmt: skip
-        dk += beta[:, None] * dYk
-        dv = beta[:, None] * dYv
-        dbeta = tl.sum(dYk * k, axis=1) + tl.sum(dYv * v, axis=1) + tl.sum(dA * G, axis=1)
-        dG = beta[:, None] * dA
-        dk += tl.dot(dG + tl.trans(dG), k, input_precision="ieee")
-        tl.store(dq_ptr + rows[:, None] * DK + rk[None, :], dq)
-        tl.store(dk_ptr + rows[:, None] * DK + rk[None, :], dk)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv)
-        tl.store(db_ptr + rows, dbeta)
-        dS = dS_in
+        U = tl.dot(Tc, (beta[:, None] * v).to(dt), input_precision=PREC)
+        tl.store(u_ptr + rows[:, None] * DV + rv[None, :], U.to(dt))
+
+
+@triton.jit
+def _state_fwd(k_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, vn_ptr, final_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+               DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    s_off = rk[:, None] * DV + rv[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + bh * DK * DV + s_off).to(tl.float32)
+    else:
+        S = tl.zeros([DK, BV], dtype=tl.float32)
+    for ci in range(n_chunks):
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S)
+        rows = (b * Lp + ci * BT + rt) * H + h
+        w = tl.load(w_ptr + rows[:, None] * DK + rk[None, :])
+        dt = w.dtype
+        u = tl.load(u_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+        vn = (u - tl.dot(w, S.to(dt), input_precision=PREC)).to(dt)  # the pseudo-values U = U~ - W S
+        tl.store(vn_ptr + rows[:, None] * DV + rv[None, :], vn)
+        k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+        S += tl.dot(tl.trans(k), vn, input_precision=PREC)
+    tl.store(final_ptr + bh * DK * DV + s_off, S)
+
+
+@triton.jit
+def _out_fwd(q_ptr, k_ptr, vn_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
+             BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    rk, rv = tl.arange(0, DK), tl.program_id(2) * BV + tl.arange(0, BV)
+    q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
+    k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+    dt = q.dtype
+    M = tl.where(rt[:, None] >= rt[None, :], tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]).to(dt)
+    vn = tl.load(vn_ptr + rows[:, None] * DV + rv[None, :])
+    o = scale * (tl.dot(q, S, input_precision=PREC) + tl.dot(M.to(dt), vn, input_precision=PREC))
+    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dv_local(q_ptr, k_ptr, do_ptr, dvl_ptr, scale, Lp, H, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+              BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dU's share from inside the chunk: s M^T do, M = tril(Q K^T)."""
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    rk, rv = tl.arange(0, DK), tl.program_id(2) * BV + tl.arange(0, BV)
+    q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
+    k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+    Mt = tl.where(rt[:, None] <= rt[None, :], tl.dot(k, tl.trans(q), input_precision=PREC), 0.0)  # M^T
+    do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :])
+    dvl = scale * tl.dot(Mt.to(do.dtype), do, input_precision=PREC)
+    tl.store(dvl_ptr + rows[:, None] * DV + rv[None, :], dvl)
+
+
+@triton.jit
+def _state_bwd(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, dsl_ptr, dstates_ptr, dvn_ptr, ds0_ptr, scale, Lp, H, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    s_off = rk[:, None] * DV + rv[None, :]
+    dS = tl.load(dsl_ptr + bh * DK * DV + s_off)  # the gradient of the state leaving the chunk
+    for cr in range(n_chunks):
+        ci = n_chunks - 1 - cr
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS)
+        rows = (b * Lp + ci * BT + rt) * H + h
+        k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+        dt = k.dtype
+        dvn = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :]) + tl.dot(k, dS.to(dt), input_precision=PREC)
+        tl.store(dvn_ptr + rows[:, None] * DV + rv[None, :], dvn)
+        q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
+        w = tl.load(w_ptr + rows[:, None] * DK + rk[None, :])
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :])
+        dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC) \
+            - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)  # fmt: skip
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS)
+
+
+@triton.jit
+def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_ptr, dk_ptr, dw_ptr, scale, Lp, H,
+             n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    rk = tl.arange(0, DK)
+    q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
+    k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
+    dt = q.dtype
+    s_base = (bh * n_chunks + ci) * DK * DV
+    dM = tl.zeros([BT, BT], dtype=tl.float32)
+    dq = tl.zeros([BT, DK], dtype=tl.float32)
+    dk = tl.zeros([BT, DK], dtype=tl.float32)
+    dw = tl.zeros([BT, DK], dtype=tl.float32)
+    for v0 in range(0, DV, BV):  # the sums over value columns
+        rv = v0 + tl.arange(0, BV)
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :])
+        vn = tl.load(vn_ptr + rows[:, None] * DV + rv[None, :])
+        dvn = tl.load(dvn_ptr + rows[:, None] * DV + rv[None, :]).to(dt)
+        St = tl.load(states_ptr + s_base + rk[None, :] * DV + rv[:, None]).to(dt)  # S^T, (BV, DK)
+        dSt = tl.load(dstates_ptr + s_base + rk[None, :] * DV + rv[:, None]).to(dt)
+        dM += tl.dot(do, tl.trans(vn), input_precision=PREC)
+        dq += tl.dot(do, St, input_precision=PREC)
+        dk += tl.dot(vn, dSt, input_precision=PREC)
+        dw -= tl.dot(dvn, St, input_precision=PREC)
+    dM = tl.where(rt[:, None] >= rt[None, :], scale * dM, 0.0).to(dt)
+    dq = scale * dq + tl.dot(dM, k, input_precision=PREC)
+    dk += tl.dot(tl.trans(dM), q, input_precision=PREC)
+    offs = rows[:, None] * DK + rk[None, :]
+    tl.store(dq_ptr + offs, dq)
+    tl.store(dk_ptr + offs, dk)
+    tl.store(dw_ptr + offs, dw)
+
+
+@triton.jit
+def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H, n_chunks,
+            DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    rk = tl.arange(0, DK)
+    offs = rows[:, None] * DK + rk[None, :]
+    k = tl.load(k_ptr + offs)
+    dt = k.dtype
+    beta = tl.load(b_ptr + rows)
+    # T^T, (BT, BT), read transposed
+    Tt = tl.load(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[None, :] * BT + rt[:, None]).to(dt)
+    # (W, diag(beta) K): dY = T^T dW
+    dYk = tl.dot(Tt, tl.load(dw_ptr + offs).to(dt), input_precision=PREC)
+    dA = tl.dot(dYk.to(dt), tl.trans(tl.load(w_ptr + offs)), input_precision=PREC)
+    kf = k.to(tl.float32)
+    dk = tl.load(dk_ptr + offs) + beta[:, None] * dYk
+    dbeta = tl.sum(dYk * kf, axis=1)
+    # (U~, diag(beta) V), by value blocks: dY = T^T dU
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
+        v_off = rows[:, None] * DV + rv[None, :]
+        dYv = tl.dot(Tt, tl.load(dvn_ptr + v_off).to(dt), input_precision=PREC)
+        tl.store(dv_ptr + v_off, beta[:, None] * dYv)
+        dbeta += tl.sum(dYv * tl.load(v_ptr + v_off).to(tl.float32), axis=1)
+        dA += tl.dot(dYv.to(dt), tl.trans(tl.load(u_ptr + v_off)), input_precision=PREC)
+    # A = diag(beta) tril_{-1}(K K^T)
+    dA = tl.where(rt[:, None] > rt[None, :], -dA, 0.0)
+    G = tl.dot(k, tl.trans(k), input_precision=PREC)
+    dbeta += tl.sum(dA * G, axis=1)
+    dG = beta[:, None] * dA
+    dk += tl.dot((dG + tl.trans(dG)).to(dt), k, input_precision=PREC)
+    tl.store(dk_ptr + offs, dk)
+    tl.store(db_ptr + rows, dbeta)
+
+
+def _precisions(dtype):
+    """(products of the inputs' dtype, products inside the inverse): exact float32 for float32 inputs."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+
+
+def _warps(DK):
+    return 4 if DK <= 64 else 8
 
 
 class DeltaRule(torch.autograd.Function):
@@ -162,30 +287,63 @@ class DeltaRule(torch.autograd.Function):
         T = CHUNK
         n = triton.cdiv(L, T)
         Lp = n * T
+        dev = q.device
+        prec, inv_prec = _precisions(q.dtype)
         qp, kp, vp, bp = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(beta.float(), Lp)  # padded steps: beta = 0
-        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=q.device)
-        final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
-        o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
+        # 1. the WY representation of every chunk
+        Tinv = torch.empty(B * H, n, T, T, dtype=torch.float32, device=dev)
+        W, U = torch.empty_like(kp), torch.empty_like(vp)
+        BVw = min(DV, 64)
+        _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
+                            INV_PREC=inv_prec, num_warps=4)  # fmt: skip
+        # 2. the pass over chunks
+        BV = _state_block_v(B * H, DV)
+        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev)
+        final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
+        vn = torch.empty_like(vp)
         s0 = S0.float().contiguous() if S0 is not None else final
-        _delta_fwd[(B * H, triton.cdiv(DV, BLOCK_V))](qp, kp, vp, bp, s0, states, o, final, scale, Lp, H, n, DK=DK,
-                                                       DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None)  # fmt: skip
-        ctx.save_for_backward(qp, kp, vp, bp, states)
+        _state_fwd[(B * H, triton.cdiv(DV, BV))](kp, W, U, s0, states, vn, final, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BV,
+                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=4)  # fmt: skip
+        # 3. the outputs
+        o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=dev)
+        BVo = min(DV, 64)
+        _out_fwd[(n, B * H, triton.cdiv(DV, BVo))](qp, kp, vn, states, o, scale, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVo,
+                                                   PREC=prec, num_warps=4)  # fmt: skip
+        ctx.save_for_backward(qp, kp, vp, bp, Tinv, W, U, states, vn)
         ctx.scale, ctx.L, ctx.has_s0, ctx.dtypes = scale, L, S0 is not None, (beta.dtype, None if S0 is None else S0.dtype)
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qp, kp, vp, bp, states = ctx.saved_tensors
+        qp, kp, vp, bp, Tinv, W, U, states, vn = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
-        DV, T, L = vp.shape[-1], CHUNK, ctx.L
+        DV, T, L, scale = vp.shape[-1], CHUNK, ctx.L, ctx.scale
         n = Lp // T
-        dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
-        dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=qp.device)).float().contiguous()
-        dq = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=qp.device)
-        dk, dv = torch.empty_like(dq), torch.empty(B, Lp, H, DV, dtype=torch.float32, device=qp.device)
-        db, dS0 = torch.empty(B, Lp, H, dtype=torch.float32, device=qp.device), torch.empty_like(dsl)
-        _delta_bwd[(B * H,)](qp, kp, vp, bp, dop, states, dsl, dq, dk, dv, db, dS0, ctx.scale, Lp, H, n, DK=DK, DV=DV,
-                             T=T)  # fmt: skip
+        dev = qp.device
+        prec, _ = _precisions(qp.dtype)
+        dop = pad_to((do if do is not None else torch.zeros(B, L, H, DV, device=dev)).to(vp.dtype), Lp)
+        dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
+        f32 = dict(dtype=torch.float32, device=dev)
+        # 4. dU from inside each chunk
+        BVo = min(DV, 64)
+        dvl = torch.empty(B, Lp, H, DV, **f32)
+        _dv_local[(n, B * H, triton.cdiv(DV, BVo))](qp, kp, dop, dvl, scale, Lp, H, DK=DK, DV=DV, BT=T, BV=BVo,
+                                                    PREC=prec, num_warps=4)  # fmt: skip
+        # 5. the pass over chunks in reverse
+        BV = _state_block_v(B * H, DV)
+        dstates = torch.empty(B * H, n, DK, DV, **f32)
+        dvn, dS0 = torch.empty(B, Lp, H, DV, **f32), torch.empty_like(dsl)
+        _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
+                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4)  # fmt: skip
+        # 6. dq, dk (so far), dW
+        dq, dk, dW = (torch.empty(B, Lp, H, DK, **f32) for _ in range(3))
+        BVg = min(DV, 32 if DK > 64 else 64)
+        _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk, dW, scale, Lp, H, n, DK=DK, DV=DV, BT=T,
+                             BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        # 7. through the WY representation
+        dv, db = torch.empty(B, Lp, H, DV, **f32), torch.empty(B, Lp, H, **f32)
+        _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg,
+                            PREC=prec, num_warps=_warps(DK))  # fmt: skip
         b_dt, s0_dt = ctx.dtypes
         return (dq[:, :L].to(qp.dtype), dk[:, :L].to(kp.dtype), dv[:, :L].to(vp.dtype), db[:, :L].to(b_dt),
                 dS0.to(s0_dt) if ctx.has_s0 else None, None)  # fmt: skip
