@@ -55,8 +55,8 @@ Implementations
   ``(batch, d, length)`` tensors: they are transposed once when the closure is built,
   outside the timing.
 
-The module also registers the family ``ssd`` (Mamba-2's chunked SSD forward: ``ssd.fwd``,
-see the section at the end).
+The module also registers the family ``ssd`` (Mamba-2's chunked SSD: ``ssd.fwd`` and
+``ssd.fwdbwd``, see the section at the end).
 
 ``python -m benchmarks.run --ops selective_scan ssd [--quick] [--sweep]``; the sweeps time
 the kernels alone over their configurations, to choose ``CONFIGS`` in
@@ -479,16 +479,18 @@ register_sweep("selective_scan", sweep)
 
 
 # --------------------------------------------------------------------------------------
-# SSD (Mamba-2): the chunked forward kernel (family "ssd")
+# SSD (Mamba-2): the chunked kernel, forward and backward (family "ssd")
 # --------------------------------------------------------------------------------------
 #
-# ``ssd.fwd``: ``y = ssd(x, dt, A, B, C)``, forward only (the kernel has no backward), at
+# ``ssd.fwd``: ``y = ssd(x, dt, A, B, C)`` with no autograd graph; ``ssd.fwdbwd``: the same
+# with ``x, dt, A, B, C`` requiring grad, then ``y.backward(g)``; at
 # GPU.md's anchor shape ``B=4, L=4096, H=32, P=64, N=128``, one group, ``x, B, C`` in
 # bfloat16 and ``dt, A`` in float32 (as Mamba-2 keeps them); also ``L = 1024, 16384``.
 # Implementations: ``seqbook.triton`` (:mod:`seqbook.kernels.ssd`, its own chunk),
 # ``seqbook.reference`` (:func:`seqbook.mamba.ssd_chunked`, chunk 64, in PyTorch) and
 # ``anchor:mamba_ssm.mamba_chunk_scan_combined`` (mamba_ssm's Triton kernels, chunk 256
-# as in GPU.md's figure: 0.66 ms forward), loaded from .anchors/mamba when present.
+# as in GPU.md's figure: 0.66 ms forward, 4.07 ms forward + backward on the H100), loaded
+# from .anchors/mamba when present.
 #
 # Floor: the bytes (``x`` read and ``y`` written, ``B, C`` read, ``dt``) and the FLOPs
 # every form must do on the state: per token and head, the state update
@@ -568,9 +570,53 @@ register(Op("ssd.fwd", SSD_SHAPES, ssd_shape_name, ssd_inputs, _ssd_bytes, [
 ], flops=_ssd_flops))  # fmt: skip
 
 
+def ssd_inputs_grad(shape: dict, device: str, seed: int) -> dict:
+    """:func:`ssd_inputs` with ``x, dt, A, B, C`` requiring grad, and ``g``, the gradient of ``y``."""
+    inputs = ssd_inputs(shape, device, seed)
+    names = ["x", "dt", "A", "B", "C"]
+    for k in names:
+        inputs[k].requires_grad_()
+    inputs["grads"] = [inputs[k] for k in names]
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    inputs["g"] = torch.randn(inputs["x"].shape, generator=gen, device=device).to(inputs["x"].dtype)
+    return inputs
+
+
+def _ssd_bytes_fwdbwd(s: dict) -> int:
+    """Forward: x, B, C, dt read, y written; backward: x, dy, B, C, dt read, dx, dB, dC, ddt written."""
+    e = DTYPES[s["dtype"]].itemsize
+    tokens = s["B"] * s["L"]
+    return (5 * tokens * s["H"] * s["P"] + 6 * tokens * s["G"] * s["N"]) * e + 3 * 4 * tokens * s["H"]
+
+
+def _ssd_build_fwdbwd(which: str):
+    def build(shape, inputs):
+        x, dt, A, B, C, g = (inputs[k] for k in ("x", "dt", "A", "B", "C", "g"))
+
+        def run():
+            if which == "anchor":
+                y = _mamba_chunk_scan()[0](x, dt, A, B, C, chunk_size=256)
+            else:
+                y = mamba.ssd(x, dt, A, B, C, backend=which)
+            y.backward(g)
+
+        return run
+
+    return build
+
+
+register(Op("ssd.fwdbwd", SSD_SHAPES, ssd_shape_name, ssd_inputs_grad, _ssd_bytes_fwdbwd, [
+    Impl("seqbook.triton", _ssd_build_fwdbwd("triton")),
+    Impl("seqbook.reference", _ssd_build_fwdbwd("reference"), when=lambda s: s["L"] <= 4096 and not s.get("lengths")),
+    Impl("anchor:mamba_ssm.mamba_chunk_scan_combined", _ssd_build_fwdbwd("anchor"),
+         available=lambda: _mamba_chunk_scan()[1]),
+], flops=lambda s: 3 * _ssd_flops(s)))  # fmt: skip
+
+
 def ssd_check(device: str = "cuda") -> dict:
     """The SSD kernel against the float64 chunked form on this GPU (y and the final state,
-    with an initial state; float32 and bfloat16), then mamba_ssm's kernel against our
+    with an initial state, then every gradient in both designs; float32 and bfloat16), then
+    mamba_ssm's kernel against our
     float64 form if the anchor is present. Limits: 1e-4 (float32), 3e-2 (bfloat16)."""
     errors, failures = {}, []
     cases = [("fp32", dict(SSD_TARGET, B=1, L=1000, H=4, P=40, N=24, G=2, dtype="fp32")),
@@ -587,6 +633,22 @@ def ssd_check(device: str = "cuda") -> dict:
             errors[f"{label}:{name}"] = err
             if not err < limit:
                 failures.append(f"ssd {label} {ssd_shape_name(shape)}: {name} relative error {err:.2e} >= {limit:.0e}")
+        # Every gradient, in both designs of the forward, against the float64 chunked form's.
+        leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, s0)]
+        wide_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        y_w, final_w = mamba.ssd_chunked(*wide_leaves[:5], 64, wide_leaves[5], True)
+        gy, gf = torch.randn_like(y_w), torch.randn_like(final_w)
+        want = torch.autograd.grad((y_w * gy).sum() + (final_w * gf).sum(), wide_leaves)
+        for design in ("fused", "split"):
+            y_k, final_k = kernels("ssd").ssd_autograd(*leaves[:5], None, leaves[5], None, design)
+            got = torch.autograd.grad((y_k.double() * gy).sum() + (final_k.double() * gf).sum(), leaves)
+            for name, g, w in zip(("y", "final", "dx", "ddt", "dA", "dB", "dC", "ds0"), (y_k, final_k, *got),
+                                  (y_w, final_w, *want)):  # fmt: skip
+                err = relative_error(g, w)
+                errors[f"{label}:{design}:{name}"] = err
+                if not err < limit:
+                    failures.append(f"ssd {label} {design} {ssd_shape_name(shape)}: {name} relative error {err:.2e}")
+        del leaves, wide_leaves, y_w, final_w, want, got
         anchor, _ = _mamba_chunk_scan()
         if anchor is not None and label == "bf16":
             got = anchor(x, dt, A, B, C, chunk_size=256)  # without the initial state: compare with y from zero
