@@ -354,6 +354,20 @@ def test_wkv4_kernel_matches_reference(device, shape, state):
         assert_near(got[name], want[name], tol, f"{name} at {shape}, state={state}")
 
 
+def test_wkv4_kernel_forward_without_gradients(device):
+    # without gradients the kernel writes no log-denominators: the same outputs and final state
+    B, L, C, T = 2, 37, 40, 8
+    w, u, k, v = (x.float().to(device) for x in wkv4_problem(B, L, C, seed=12, k_scale=3.0))
+    S0 = tuple(x.float().to(device) for x in (randn(B, C, seed=13), rand(B, C, seed=14) + 0.5, randn(B, C, seed=15)))
+    with torch.no_grad():
+        got, (a, b, p) = rwkv.wkv4(w, u, k, v, initial_state=S0, chunk_size=T, return_final_state=True,
+                                   backend="triton")  # fmt: skip
+    want, (a_r, b_r, p_r) = rwkv.wkv4_recurrent(*(x.double() for x in (w, u, k, v)), tuple(x.double() for x in S0))
+    assert_near(got, want, 1e-5, "wkv without gradients")
+    assert_near(a * torch.exp(p.double() - p_r), a_r, 1e-4, "final a e^p without gradients")
+    assert_near(b * torch.exp(p.double() - p_r), b_r, 1e-4, "final b e^p without gradients")
+
+
 def test_wkv4_kernel_huge_keys_float16(device):
     # keys of size ~100 in float16 inputs: e^k overflows float16 at 11 and float32 at 88; the kernel
     # works in float32 on differences to a running maximum.

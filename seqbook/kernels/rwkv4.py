@@ -77,6 +77,8 @@ BLOCK_C = 32
 CHUNK = 64
 #: warps per program: BLOCK_C / 32, one channel per thread
 NUM_WARPS = 1
+#: the walks' loops unrolled by this factor, so that the loads of several steps are in flight at once
+UNROLL = 8
 
 
 @triton.jit
@@ -90,7 +92,8 @@ def _weights(x, y):
 
 @triton.jit
 def _walk_fwd(w_ptr, u_ptr, k_ptr, v_ptr, a_in, b_in, p_in, a_out, b_out, p_out, y_ptr, lse_ptr,
-              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, OUT: tl.constexpr, LSE: tl.constexpr):  # fmt: skip
+              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, OUT: tl.constexpr,
+              LSE: tl.constexpr):  # fmt: skip
     """One chunk of the stable recurrence for a block of channels. OUT: from the given entering
     states (B, n_chunks, C), write the outputs (and with LSE, each step's log-denominator);
     otherwise, from an empty state, write the state leaving the chunk (the chunk's summary)."""
@@ -109,7 +112,7 @@ def _walk_fwd(w_ptr, u_ptr, k_ptr, v_ptr, a_in, b_in, p_in, a_out, b_out, p_out,
         b = a
         p = tl.full([BLOCK], float("-inf"), tl.float32)
     t0 = pid_t * T
-    for i in range(T):
+    for i in tl.range(0, T, loop_unroll_factor=UNROLL):
         t = t0 + i
         live = cmask & ((cols * 0 + t) < L)
         off = (pid_b * L + t) * C + cols
@@ -135,7 +138,7 @@ def _walk_fwd(w_ptr, u_ptr, k_ptr, v_ptr, a_in, b_in, p_in, a_out, b_out, p_out,
 
 @triton.jit
 def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a_io, b_io, p_io, a_in, b_in, p_in, L, C, n_chunks,
-               T: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+               T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
     """Phase 2: the states entering each chunk (a_in, b_in, p_in: (B, n_chunks, C)) from the chunks'
     summaries (a_loc, ...: (B, n_chunks, C)), walking the chunks in order from the initial state;
     a_io, b_io, p_io (B, C) hold the initial state and receive the final one."""
@@ -147,7 +150,7 @@ def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a_io, b_io, p_io, a_in, b_in, p_in, L
     a = tl.load(a_io + io, mask=cmask, other=0.0)
     b = tl.load(b_io + io, mask=cmask, other=0.0)
     p = tl.load(p_io + io, mask=cmask, other=float("-inf"))
-    for c in range(n_chunks):
+    for c in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         off = (pid_b * n_chunks + c) * C + cols
         tl.store(a_in + off, a, mask=cmask)
         tl.store(b_in + off, b, mask=cmask)
@@ -164,7 +167,7 @@ def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a_io, b_io, p_io, a_in, b_in, p_in, L
 
 @triton.jit
 def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr, dv_ptr, du_ptr, dw_ptr,
-              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, OUT: tl.constexpr):  # fmt: skip
+              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, OUT: tl.constexpr):  # fmt: skip
     """One chunk of the reverse sums. acc (5, B, n_chunks, C) = (m, R, RY, R', RY') scaled by e^m.
     OUT: start from the sums entering the chunk (those of the steps after it, relative to its last
     step) and write dk, dv and the chunk's partial du, dw; otherwise start empty and write the
@@ -189,7 +192,7 @@ def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr
     du = tl.zeros([BLOCK], dtype=tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     t0 = pid_t * T
-    for i in range(T):
+    for i in tl.range(0, T, loop_unroll_factor=UNROLL):
         t = t0 + T - 1 - i
         live = cmask & ((cols * 0 + t) < L)
         off = (pid_b * L + t) * C + cols
@@ -228,7 +231,7 @@ def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr
 
 @triton.jit
 def _carry_bwd(w_ptr, acc_ptr, acc_in, a0_ptr, b0_ptr, p0_ptr, da0_ptr, db0_ptr, dp0_ptr, dw0_ptr, L, C, n_chunks,
-               T: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+               T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
     """Phase 2 of the backward: the reverse sums entering each chunk (acc_in, relative to its last
     step) from the chunks' own sums (acc, relative to the step before each chunk), walking the
     chunks from the last; then the initial state's gradients from the totals, relative to step -1."""
@@ -240,7 +243,7 @@ def _carry_bwd(w_ptr, acc_ptr, acc_in, a0_ptr, b0_ptr, p0_ptr, da0_ptr, db0_ptr,
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     r = tl.zeros([BLOCK], dtype=tl.float32)
     ry, r1, ry1 = r, r, r
-    for i in range(n_chunks):
+    for i in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         c = n_chunks - 1 - i
         off = (pid_b * n_chunks + c) * C + cols
         tl.store(acc_in + off, m, mask=cmask)
@@ -281,7 +284,7 @@ class WKV4(torch.autograd.Function):
         w32, u32 = w.float().contiguous(), u.float().contiguous()
         k, v = k.contiguous(), v.contiguous()
         n = triton.cdiv(L, T)
-        opts = dict(T=T, BLOCK=BLOCK_C, num_warps=NUM_WARPS)
+        opts = dict(T=T, BLOCK=BLOCK_C, UNROLL=UNROLL, num_warps=NUM_WARPS)
         # 1. each chunk's own summary, from an empty state
         local = [torch.empty(B, n, C, dtype=torch.float32, device=k.device) for _ in range(3)]
         _walk_fwd[_grid(B, C, n)](w32, u32, k, v, *local, *local, k, k, L, C, n, OUT=False, LSE=False, **opts)
@@ -306,7 +309,7 @@ class WKV4(torch.autograd.Function):
         T = ctx.T
         n = triton.cdiv(L, T)
         g = g.contiguous()
-        opts = dict(T=T, BLOCK=BLOCK_C, num_warps=NUM_WARPS)
+        opts = dict(T=T, BLOCK=BLOCK_C, UNROLL=UNROLL, num_warps=NUM_WARPS)
         # 1. each chunk's own reverse sums
         local = torch.empty(5, B, n, C, dtype=torch.float32, device=k.device)
         _walk_bwd[_grid(B, C, n)](w, u, k, v, y, lse, g, local, k, k, k, k, L, C, n, OUT=False, **opts)
