@@ -137,19 +137,26 @@ def _walk_fwd(w_ptr, u_ptr, k_ptr, v_ptr, a_in, b_in, p_in, a_out, b_out, p_out,
 
 
 @triton.jit
-def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a_io, b_io, p_io, a_in, b_in, p_in, L, C, n_chunks,
-               T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a0_ptr, b0_ptr, p0_ptr, a_in, b_in, p_in, a_fin, b_fin, p_fin,
+               L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+               INIT: tl.constexpr):  # fmt: skip
     """Phase 2: the states entering each chunk (a_in, b_in, p_in: (B, n_chunks, C)) from the chunks'
     summaries (a_loc, ...: (B, n_chunks, C)), walking the chunks in order from the initial state;
-    a_io, b_io, p_io (B, C) hold the initial state and receive the final one."""
+    INIT: start from the initial state a0, b0, p0 (B, C), else from the empty one; write the final
+    state to a_fin, b_fin, p_fin (B, C)."""
     pid_b, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
     io = pid_b * C + cols
-    a = tl.load(a_io + io, mask=cmask, other=0.0)
-    b = tl.load(b_io + io, mask=cmask, other=0.0)
-    p = tl.load(p_io + io, mask=cmask, other=float("-inf"))
+    if INIT:
+        a = tl.load(a0_ptr + io, mask=cmask, other=0.0)
+        b = tl.load(b0_ptr + io, mask=cmask, other=0.0)
+        p = tl.load(p0_ptr + io, mask=cmask, other=float("-inf"))
+    else:
+        a = tl.zeros([BLOCK], dtype=tl.float32)
+        b = a
+        p = tl.full([BLOCK], float("-inf"), tl.float32)
     for c in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         off = (pid_b * n_chunks + c) * C + cols
         tl.store(a_in + off, a, mask=cmask)
@@ -160,14 +167,15 @@ def _carry_fwd(w_ptr, a_loc, b_loc, p_loc, a_io, b_io, p_io, a_in, b_in, p_in, L
         e1, e2, p = _weights(p - steps * w, tl.load(p_loc + off, mask=cmask, other=0.0))
         a = e1 * a + e2 * tl.load(a_loc + off, mask=cmask, other=0.0)
         b = e1 * b + e2 * tl.load(b_loc + off, mask=cmask, other=0.0)
-    tl.store(a_io + io, a, mask=cmask)
-    tl.store(b_io + io, b, mask=cmask)
-    tl.store(p_io + io, p, mask=cmask)
+    tl.store(a_fin + io, a, mask=cmask)
+    tl.store(b_fin + io, b, mask=cmask)
+    tl.store(p_fin + io, p, mask=cmask)
 
 
 @triton.jit
 def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr, dv_ptr, du_ptr, dw_ptr,
-              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, OUT: tl.constexpr):  # fmt: skip
+              L, C, n_chunks, T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+              OUT: tl.constexpr):  # fmt: skip
     """One chunk of the reverse sums. acc (5, B, n_chunks, C) = (m, R, RY, R', RY') scaled by e^m.
     OUT: start from the sums entering the chunk (those of the steps after it, relative to its last
     step) and write dk, dv and the chunk's partial du, dw; otherwise start empty and write the
@@ -231,10 +239,11 @@ def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr
 
 @triton.jit
 def _carry_bwd(w_ptr, acc_ptr, acc_in, a0_ptr, b0_ptr, p0_ptr, da0_ptr, db0_ptr, dp0_ptr, dw0_ptr, L, C, n_chunks,
-               T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+               T: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, INIT: tl.constexpr):  # fmt: skip
     """Phase 2 of the backward: the reverse sums entering each chunk (acc_in, relative to its last
     step) from the chunks' own sums (acc, relative to the step before each chunk), walking the
-    chunks from the last; then the initial state's gradients from the totals, relative to step -1."""
+    chunks from the last; then (INIT) the initial state's gradients from the totals, relative to
+    step -1, and its share of dw (dw0, (B, C))."""
     pid_b, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
@@ -258,19 +267,20 @@ def _carry_bwd(w_ptr, acc_ptr, acc_in, a0_ptr, b0_ptr, p0_ptr, da0_ptr, db0_ptr,
         ry1 = e1 * (ry1 + steps * ry) + e2 * tl.load(acc_ptr + 4 * plane + off, mask=cmask, other=0.0)
         r = e1 * r + e2 * tl.load(acc_ptr + plane + off, mask=cmask, other=0.0)
         ry = e1 * ry + e2 * tl.load(acc_ptr + 2 * plane + off, mask=cmask, other=0.0)
-    # The initial state (sums a0 e^{p0}, b0 e^{p0}) is seen from step s with lag s: the totals,
-    # relative to step -1, are exactly its weights.
-    io = pid_b * C + cols
-    a0 = tl.load(a0_ptr + io, mask=cmask, other=0.0)
-    b0 = tl.load(b0_ptr + io, mask=cmask, other=0.0)
-    p0 = tl.load(p0_ptr + io, mask=cmask, other=float("-inf"))
-    live = p0 > float("-inf")
-    e0 = tl.where(live, tl.exp(tl.where(live, p0, 0.0) + m), 0.0)  # <= 1 wherever a0, b0 count
-    da0, db0 = e0 * r, -e0 * ry
-    tl.store(da0_ptr + io, da0, mask=cmask)
-    tl.store(db0_ptr + io, db0, mask=cmask)
-    tl.store(dp0_ptr + io, tl.where(live, a0 * da0 + b0 * db0, 0.0), mask=cmask)
-    tl.store(dw0_ptr + io, -e0 * (a0 * r1 - b0 * ry1), mask=cmask)
+    if INIT:
+        # The initial state (sums a0 e^{p0}, b0 e^{p0}) is seen from step s with lag s: the totals,
+        # relative to step -1, are exactly its weights.
+        io = pid_b * C + cols
+        a0 = tl.load(a0_ptr + io, mask=cmask, other=0.0)
+        b0 = tl.load(b0_ptr + io, mask=cmask, other=0.0)
+        p0 = tl.load(p0_ptr + io, mask=cmask, other=float("-inf"))
+        live = p0 > float("-inf")
+        e0 = tl.where(live, tl.exp(tl.where(live, p0, 0.0) + m), 0.0)  # <= 1 wherever a0, b0 count
+        da0, db0 = e0 * r, -e0 * ry
+        tl.store(da0_ptr + io, da0, mask=cmask)
+        tl.store(db0_ptr + io, db0, mask=cmask)
+        tl.store(dp0_ptr + io, tl.where(live, a0 * da0 + b0 * db0, 0.0), mask=cmask)
+        tl.store(dw0_ptr + io, -e0 * (a0 * r1 - b0 * ry1), mask=cmask)
 
 
 def _grid(B, C, n=None):
@@ -279,7 +289,7 @@ def _grid(B, C, n=None):
 
 class WKV4(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, u, k, v, a0, b0, p0, T):
+    def forward(ctx, w, u, k, v, a0, b0, p0, T):  # a0, b0, p0: (B, C) float32, or all None
         B, L, C = k.shape
         w32, u32 = w.float().contiguous(), u.float().contiguous()
         k, v = k.contiguous(), v.contiguous()
@@ -289,22 +299,24 @@ class WKV4(torch.autograd.Function):
         local = [torch.empty(B, n, C, dtype=torch.float32, device=k.device) for _ in range(3)]
         _walk_fwd[_grid(B, C, n)](w32, u32, k, v, *local, *local, k, k, L, C, n, OUT=False, LSE=False, **opts)
         # 2. the states entering each chunk, and the final state
-        final = [x.float().contiguous().clone() for x in (a0, b0, p0)]
+        init = a0 is not None
+        state0 = [x.contiguous() for x in (a0, b0, p0)] if init else [w32] * 3
         ins = [torch.empty_like(x) for x in local]
-        _carry_fwd[_grid(B, C)](w32, *local, *final, *ins, L, C, n, **opts)
+        final = [torch.empty(B, C, dtype=torch.float32, device=k.device) for _ in range(3)]
+        _carry_fwd[_grid(B, C)](w32, *local, *state0, *ins, *final, L, C, n, INIT=init, **opts)
         # 3. the outputs from the entering states (and, for the backward, log-denominators)
         grads = any(ctx.needs_input_grad[:7])
         y = torch.empty_like(k)
         lse = torch.empty(B, L, C, dtype=torch.float32, device=k.device) if grads else y
         _walk_fwd[_grid(B, C, n)](w32, u32, k, v, *ins, *ins, y, lse, L, C, n, OUT=True, LSE=grads, **opts)
-        ctx.save_for_backward(w32, u32, k, v, y, lse, a0.float(), b0.float(), p0.float())
-        ctx.T, ctx.dtypes = T, (w.dtype, u.dtype, a0.dtype)
+        ctx.save_for_backward(w32, u32, k, v, y, lse, *(state0 if init else ()))
+        ctx.T, ctx.init, ctx.dtypes = T, init, (w.dtype, u.dtype)
         ctx.mark_non_differentiable(*final)
         return (y, *final)
 
     @staticmethod
     def backward(ctx, g, *_final_grads):
-        w, u, k, v, y, lse, a0, b0, p0 = ctx.saved_tensors
+        w, u, k, v, y, lse, *state0 = ctx.saved_tensors
         B, L, C = k.shape
         T = ctx.T
         n = triton.cdiv(L, T)
@@ -315,24 +327,24 @@ class WKV4(torch.autograd.Function):
         _walk_bwd[_grid(B, C, n)](w, u, k, v, y, lse, g, local, k, k, k, k, L, C, n, OUT=False, **opts)
         # 2. the sums entering each chunk from the chunks after it; the initial state's gradients
         ins = torch.empty_like(local)
-        da0, db0, dp0, dw0 = (torch.empty(B, C, dtype=torch.float32, device=k.device) for _ in range(4))
-        _carry_bwd[_grid(B, C)](w, local, ins, a0, b0, p0, da0, db0, dp0, dw0, L, C, n, **opts)
+        d_state0 = [torch.empty(B, C, dtype=torch.float32, device=k.device) for _ in range(4)] if ctx.init else [w] * 4
+        _carry_bwd[_grid(B, C)](w, local, ins, *(state0 or [w] * 3), *d_state0, L, C, n, INIT=ctx.init, **opts)
         # 3. dk, dv and per-chunk partial sums of du, dw
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         du, dw = local[0], local[1]  # (B, n, C) each: the chunks' own sums are no longer needed
         _walk_bwd[_grid(B, C, n)](w, u, k, v, y, lse, g, ins, dk, dv, du, dw, L, C, n, OUT=True, **opts)
-        du, dw = du.sum((0, 1)), dw.sum((0, 1)) + dw0.sum(0)
-        w_dt, u_dt, s_dt = ctx.dtypes
-        return dw.to(w_dt), du.to(u_dt), dk, dv, da0.to(s_dt), db0.to(s_dt), dp0.to(s_dt), None
+        du, dw = du.sum((0, 1)), dw.sum((0, 1))
+        if ctx.init:
+            dw = dw + d_state0[3].sum(0)
+        w_dt, u_dt = ctx.dtypes
+        return (dw.to(w_dt), du.to(u_dt), dk, dv, *(d_state0[:3] if ctx.init else (None,) * 3), None)
 
 
 def wkv4(w, u, k, v, initial_state=None, chunk_size=CHUNK):
     """``w, u (C,)``, ``k, v (batch, length, C)``, ``initial_state (a, b, p)`` or None -> ``(wkv, (a, b, p))``.
 
-    The state is float32; the output in the dtype of ``k``."""
-    B, L, C = k.shape
-    if initial_state is None:
-        zeros = torch.zeros(B, C, dtype=torch.float32, device=k.device)
-        initial_state = (zeros, zeros.clone(), torch.full_like(zeros, float("-inf")))
-    y, a, b, p = WKV4.apply(w, u, k, v, *initial_state, chunk_size)
+    The state is float32 (an initial state is converted; its gradients flow back through the
+    conversion); the output in the dtype of ``k``."""
+    state0 = (None,) * 3 if initial_state is None else tuple(s.float() for s in initial_state)
+    y, a, b, p = WKV4.apply(w, u, k, v, *state0, chunk_size)
     return y, (a, b, p)
