@@ -7,42 +7,50 @@ The readable forms, the glossary and the shapes are in :mod:`seqbook.linear_atte
 
 Design
 ------
-Chunks of ``T = 16`` steps. The inputs are padded to a multiple of ``T`` with zeros (a zero key
-and value add nothing; a zero log-gate keeps the decay flat), and the gates' cumulative sums
-inside each chunk, :math:`c_t`, are formed once in PyTorch (a cumulative sum over 16 steps).
+Chunks of ``T = 64`` steps, each cut into four sub-chunks of 16 (fla's layout for ``chunk_gla``, read for the
+facts). The inputs are padded to a multiple of ``T`` with zeros (a zero key and value add nothing; a zero
+log-gate keeps the decay flat). ``c`` is the log-gates' inclusive cumulative sum inside each chunk (float32,
+``_chunk_cumsum``); the query's exponent is :math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the
+query reads the state before its own step). Every matrix product runs on float32 operands: exact
+(``"ieee"``) for float32 inputs, on the tensor cores at tf32 for 16-bit ones (float16's mantissa, float32's
+range: the states and the exponentials need no 16-bit rounding).
 
-Forward, as in :mod:`seqbook.kernels.linear_attention`:
+Forward:
 
-1. ``_state_pass``: one program per (batch, head, block of value columns) walks the chunks in
-   order with its ``(d_k, BLOCK_V)`` state in float32, saves the state entering each chunk and
-   folds the chunk in, :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ
-   e^{c_\text{last} - c})^\top v`. Rows (key channels) decay separately but never mix.
-2. ``_chunk_out``: one program per (batch, head, chunk, value block):
-   :math:`o = s\,(q \circ e^{c^q}) S_\text{in}` plus the intra-chunk sum. The intra-chunk
-   weights :math:`\sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` cannot be one matrix product
-   without splitting the exponential (which overflows: the readable form's docstring); with
-   chunks of 16 steps the kernel forms them column by column, one key :math:`j` at a time,
-   exponent first, every exponent :math:`\le 0`. This is the readable form's "diagonal
-   sub-block" with the chunk as the sub-chunk: exact, :math:`O(T^2 d_k)` per chunk.
+1. ``_state_pass``: one program per (batch, head, key block, value block) walks the chunks in order with
+   its tile of the state in float32, saves the state entering each chunk and folds the chunk in,
+   :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ e^{c_\text{last} - c})^\top v`. Key
+   rows decay separately and never mix, so the state splits into independent tiles both ways.
+2. ``_intra_weights``: the chunk's weights :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}`
+   (``j <= t``; ``j < t`` and the bonus :math:`q_t\cdot(u\circ k_t)` on the diagonal with it), float32,
+   stored. A block of sub-chunks ``I > J`` is one matrix product: the exponent is split at the step before
+   sub-chunk ``I``, :math:`(q_I\circ e^{c^q_I - c_r})(k_J\circ e^{c_r - c_J})^\top`, both factors
+   :math:`\le 1` because ``c`` decreases, so neither overflows and an underflow only drops a weight that is
+   below float32's range anyway. The 16x16 diagonal blocks are formed column by column, each exponent a
+   difference :math:`\le 0` formed before the exponential (the readable form's "diagonal sub-block").
+3. ``_chunk_out``: :math:`o = s\,((q \circ e^{c^q}) S_\text{in} + A v)`, two 64-row matrix products.
 
 Backward:
 
-3. ``_dstate_pass``: the state's gradient walks the chunks in reverse,
+4. ``_dstate_pass``: the state's gradient walks the chunks in reverse,
    :math:`\bar S_\text{in} = \mathrm{Diag}(e^{c_\text{last}})\bar S_\text{out} + s\,(q\circ e^{c^q})^\top do`,
    saving :math:`\bar S_\text{out}` per chunk; it ends with the initial state's gradient.
-4. ``_chunk_grads``: one program per (batch, head, chunk) with the whole ``d_v``:
-   :math:`dq, dk, dv` from the intra-chunk columns and the saved states.
+5. ``_chunk_dv``: :math:`dv = s A^\top do + (k\circ e^{c_\text{last}-c})\bar S_\text{out}` and the weights'
+   gradient :math:`dA = s\, do\, v^\top` (lower triangle), stored.
+6. ``_chunk_dqk``: per (chunk, key block), sub-chunk by sub-chunk: dq, dk through the states, through the
+   other sub-chunks (matrix products with the same split exponents) and through the diagonal block (column by
+   column), the bonus's diagonal terms, and the log-gates' gradient.
 
-The log-gates' gradient needs no kernel: every exponent in the model is a difference
-:math:`b_x - b_y` of global cumulative gates (the chunk boundaries cancel), so
-:math:`\partial\mathcal L/\partial b_x` is :math:`q_x \odot \partial q_x` (where :math:`b_x`
-appears with a plus sign, shifted by one step with the bonus) minus :math:`k_x \odot
-\partial k_x`, plus the final state's :math:`\sum_v S_L \odot \bar S_L` at the last step; the
-log-gates' gradient is its reverse cumulative sum. The bonus's terms are elementwise and are
-added in PyTorch.
+The log-gates' gradient: every exponent in the model is a difference :math:`b_x - b_y` of global cumulative
+gates (the chunk boundaries cancel), so :math:`\partial\mathcal L/\partial b_x = q_x \odot \partial q_x -
+k_x\odot\partial k_x` (the gated parts of dq, dk), plus the final state's :math:`\sum_v S_L \odot \bar S_L`
+at the last step; the log-gate's gradient at step ``t`` is the sum over steps ``>= t``. With the bonus the
+query's exponent is :math:`b_{t-1}`, so its own step's :math:`q_t \odot\partial q_t` leaves the sum. Step 6
+forms the sum inside the chunk and each chunk's total; the totals of the later chunks are added in PyTorch
+(tensors 64 times smaller than the inputs, and one addition).
 
-Unmeasured: checked under the Triton interpreter against the float64 reference, compiled for
-sm_90 by ``benchmarks.compile_check``; not timed on a GPU.
+Unmeasured: checked under the Triton interpreter against the float64 reference, compiled for sm_90 by
+``benchmarks.compile_check``; not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -51,120 +59,279 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_state import pad_to, state_tile
+from .chunked_state import pad_to
 
 #: steps per chunk
-CHUNK = 16
-#: value columns per program in the forward passes
-BLOCK_V = 32
+CHUNK = 64
+#: steps per sub-chunk: the blocks of the chunk's weights formed as one matrix product, or column by column
+SUB_CHUNK = 16
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """``a @ b`` on float32 operands, accumulated in float32: ``"ieee"`` (exact float32, for float32 inputs) or
+    ``"tf32"`` (tensor cores, 10-bit mantissas like float16's, float32's range: for 16-bit inputs)."""
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _chunk_cumsum(g_ptr, c_ptr, Lp, H, DK: tl.constexpr, T: tl.constexpr):
+    """``c``: the log-gates' inclusive cumulative sum inside each chunk, float32."""
+    ci, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rt, rk = tl.arange(0, T), tl.arange(0, DK)
+    offs = ((b * Lp + ci * T + rt) * H + h)[:, None] * DK + rk[None, :]
+    tl.store(c_ptr + offs, tl.cumsum(tl.load(g_ptr + offs).to(tl.float32), axis=0))
 
 
 @triton.jit
 def _state_pass(k_ptr, v_ptr, c_ptr, s0_ptr, states_ptr, final_ptr, Lp, H, n_chunks,
-                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
-    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
+                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_S0: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    # one (batch, head) and one (BK, BV) tile of the state: key rows decay separately and never mix
+    bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rk, rv, rt = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV), tl.arange(0, T)
+    s_off = rk[:, None] * DV + rv[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + bh * DK * DV + s_off).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S)
         rows = (b * Lp + ci * T + rt) * H + h  # (T,)
         k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
         c = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
-        c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)  # (DK,)
-        kd = k * tl.exp(c_last[None, :] - c)
-        S = tl.exp(c_last)[:, None] * S + tl.dot(tl.trans(kd), v, input_precision="ieee")
-    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
+        c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)  # (BK,)
+        S = tl.exp(c_last)[:, None] * S + _dot(tl.trans(k * tl.exp(c_last[None, :] - c)), v, PREC)
+    tl.store(final_ptr + bh * DK * DV + s_off, S)
 
 
 @triton.jit
-def _chunk_out(q_ptr, k_ptr, v_ptr, c_ptr, cq_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, BONUS: tl.constexpr):  # fmt: skip
-    bh, ci, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _intra_weights(q_ptr, k_ptr, c_ptr, g_ptr, u_ptr, a_ptr, Lp, H,
+                   DK: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    r"""The chunk's weights ``A[t, j]`` (T, T), float32, zeros above the diagonal:
+    :math:`\sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` for ``j < t`` (and ``j = t`` without the bonus), the bonus's
+    :math:`q_t \cdot (u \circ k_t)` on the diagonal with it."""
+    ci, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, T)
-    vmask = rv < DV
+    NC: tl.constexpr = T // BC
+    rc, rk = tl.arange(0, BC), tl.arange(0, DK)
+    t0 = b * Lp + ci * T  # the chunk's first step
+    a_base = a_ptr + (bh * (Lp // T) + ci) * T * T
+    for I in tl.static_range(NC):
+        rows_i = (t0 + I * BC + rc) * H + h
+        q_i = tl.load(q_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
+        c_i = tl.load(c_ptr + rows_i[:, None] * DK + rk[None, :])
+        if BONUS:  # the query reads the state before its own step: its exponent stops one step short
+            cq_i = c_i - tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
+        else:
+            cq_i = c_i
+        if I > 0:
+            # earlier sub-chunks: one matrix product, the exponent split at the step before sub-chunk I,
+            # so that both factors are <= 1 (c decreases along the chunk)
+            ref = tl.load(c_ptr + ((t0 + I * BC - 1) * H + h) * DK + rk)
+            qe = q_i * tl.exp(cq_i - ref[None, :])
+            for J in tl.static_range(I):
+                rows_j = (t0 + J * BC + rc) * H + h
+                k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
+                c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
+                a_ij = _dot(qe, tl.trans(k_j * tl.exp(ref[None, :] - c_j)), PREC)
+                tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], a_ij)
+        for J in tl.static_range(I + 1, NC):  # the future: zeros
+            tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], tl.zeros([BC, BC], dtype=tl.float32))
+        # the diagonal block: one key column at a time, each exponent a difference <= 0 formed first
+        a_ii = tl.zeros([BC, BC], dtype=tl.float32)
+        for j in range(BC):
+            row_j = (t0 + I * BC + j) * H + h
+            k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
+            c_col = tl.load(c_ptr + row_j * DK + rk)
+            if BONUS:
+                causal = rc > j
+            else:
+                causal = rc >= j
+            expo = tl.where(causal[:, None], cq_i - c_col[None, :], float("-inf"))
+            col = tl.sum(q_i * k_col[None, :] * tl.exp(expo), axis=1)
+            if BONUS:
+                u = tl.load(u_ptr + h * DK + rk)
+                col += tl.where(rc == j, tl.sum(q_i * (u * k_col)[None, :], axis=1), 0.0)
+            a_ii = tl.where(rc[None, :] == j, col[:, None], a_ii)
+        tl.store(a_base + (I * BC + rc)[:, None] * T + I * BC + rc[None, :], a_ii)
+
+
+@triton.jit
+def _chunk_out(q_ptr, v_ptr, c_ptr, g_ptr, a_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, BONUS: tl.constexpr,
+               PREC: tl.constexpr):  # fmt: skip
+    """``o = s (q e^{c^q} S_in + A v)`` for one chunk and one block of value columns."""
+    ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rk, rv, rt = tl.arange(0, DK), pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
     q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    cq = tl.load(cq_ptr + rows[:, None] * DK + rk[None, :])
-    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0)
-    o = tl.dot(q * tl.exp(cq), S, input_precision="ieee")  # the past, decayed to each step
-    for j in range(T):  # the chunk's own keys, one column of weights at a time
-        row_j = (b * Lp + ci * T + j) * H + h
-        k_j = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-        c_j = tl.load(c_ptr + row_j * DK + rk)
-        v_j = tl.load(v_ptr + row_j * DV + rv, mask=vmask, other=0.0).to(tl.float32)
-        if BONUS:
-            causal = rt > j
-        else:
-            causal = rt >= j
-        expo = tl.where(causal[:, None], cq - c_j[None, :], float("-inf"))
-        a_j = tl.sum(q * k_j[None, :] * tl.exp(expo), axis=1)  # (T,)
-        if BONUS:
-            u = tl.load(u_ptr + h * DK + rk).to(tl.float32)
-            a_j += tl.where(rt == j, tl.sum(q * (u * k_j)[None, :], axis=1), 0.0)
-        o += a_j[:, None] * v_j[None, :]
-    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=vmask[None, :])
+    cq = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
+    if BONUS:
+        cq -= tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
+    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+    A = tl.load(a_ptr + (bh * n_chunks + ci) * T * T + rt[:, None] * T + rt[None, :])
+    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+    o = _dot(q * tl.exp(cq), S, PREC) + _dot(A, v, PREC)
+    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _dstate_pass(q_ptr, do_ptr, c_ptr, cq_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
-                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr):  # fmt: skip
-    bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
+def _dstate_pass(q_ptr, do_ptr, c_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
+                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    r"""The state's gradient, chunks in reverse: saves :math:`\bar S_\text{out}` of each chunk, then
+    :math:`\bar S_\text{in} = \mathrm{Diag}(e^{c_\text{last}})\bar S_\text{out} + s\,(q\circ e^{c^q})^\top do`."""
+    bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rk, rv, rt = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV), tl.arange(0, T)
+    s_off = rk[:, None] * DV + rv[None, :]
+    dS = tl.load(dsl_ptr + bh * DK * DV + s_off)
     for i in range(n_chunks):
         ci = n_chunks - 1 - i
-        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS, mask=vmask[None, :])
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS)
         rows = (b * Lp + ci * T + rt) * H + h
         q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
-        cq = tl.load(cq_ptr + rows[:, None] * DK + rk[None, :])
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+        cq = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
+        if BONUS:
+            cq -= tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
         c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
-        dS = tl.exp(c_last)[:, None] * dS + scale * tl.dot(tl.trans(q * tl.exp(cq)), do, input_precision="ieee")
-    tl.store(ds0_ptr + bh * DK * DV + s_off, dS, mask=vmask[None, :])
+        dS = tl.exp(c_last)[:, None] * dS + scale * _dot(tl.trans(q * tl.exp(cq)), do, PREC)
+    tl.store(ds0_ptr + bh * DK * DV + s_off, dS)
 
 
 @triton.jit
-def _chunk_grads(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, cq_ptr, states_ptr, dstates_ptr, dq_ptr, dk_ptr, dv_ptr,
-                 scale, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
-                 BONUS: tl.constexpr):  # fmt: skip
-    """dq, dk, dv of one chunk, without the bonus's diagonal terms (added in PyTorch)."""
-    bh, ci = tl.program_id(0), tl.program_id(1)
+def _chunk_dv(k_ptr, v_ptr, do_ptr, c_ptr, a_ptr, dstates_ptr, dv_ptr, da_ptr, scale, Lp, H, n_chunks,
+              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    r"""One chunk: :math:`dv = s A^\top do + (k \circ e^{c_\text{last} - c})\,\bar S_\text{out}` and the weights'
+    gradient :math:`dA = s\, do\, v^\top` (lower triangle, diagonal included), value blocks in a loop."""
+    ci, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, T)
+    rk, rt = tl.arange(0, DK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-    do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
     c = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
-    cq = tl.load(cq_ptr + rows[:, None] * DK + rk[None, :])
     c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
-    s_off = (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]
-    S_in = tl.load(states_ptr + s_off)
-    dS_out = tl.load(dstates_ptr + s_off)
-    # inter-chunk parts
-    dq = scale * tl.exp(cq) * tl.dot(do, tl.trans(S_in), input_precision="ieee")
-    to_end = tl.exp(c_last[None, :] - c)
-    dk = to_end * tl.dot(v, tl.trans(dS_out), input_precision="ieee")
-    dv = tl.dot(k * to_end, dS_out, input_precision="ieee")
-    # intra-chunk parts, one key column j at a time
-    for j in range(T):
-        row_j = (b * Lp + ci * T + j) * H + h
-        k_j = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-        c_j = tl.load(c_ptr + row_j * DK + rk)
-        v_j = tl.load(v_ptr + row_j * DV + rv).to(tl.float32)
+    k_end = k * tl.exp(c_last[None, :] - c)
+    tile = (bh * n_chunks + ci) * T * T + rt[:, None] * T + rt[None, :]
+    A = tl.load(a_ptr + tile)
+    dA = tl.zeros([T, T], dtype=tl.float32)
+    for pv in tl.static_range(DV // BV):
+        rv = pv * BV + tl.arange(0, BV)
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+        dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+        dA += _dot(do, tl.trans(v), PREC)
+        dv = scale * _dot(tl.trans(A), do, PREC) + _dot(k_end, dS, PREC)
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
+    tl.store(da_ptr + tile, tl.where(rt[:, None] >= rt[None, :], scale * dA, 0.0))
+
+
+@triton.jit
+def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr, da_ptr,
+               dq_ptr, dk_ptr, r_ptr, tot_ptr, du_ptr, scale, Lp, H, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dq, dk of one chunk and one block of key channels, sub-chunk by sub-chunk from the last; with them the
+    log-gates' gradient inside the chunk (``r``, a reverse cumulative sum) and its chunk total (``tot``)."""
+    ci, bh, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    NC: tl.constexpr = T // BC
+    rc, rk = tl.arange(0, BC), pk * BK + tl.arange(0, BK)
+    t0 = b * Lp + ci * T
+    st_base = (bh * n_chunks + ci) * DK * DV
+    da_base = da_ptr + (bh * n_chunks + ci) * T * T
+    c_last = tl.load(c_ptr + ((t0 + T - 1) * H + h) * DK + rk)
+    carry = tl.zeros([BK], dtype=tl.float32)  # the log-gates' gradient summed over the later sub-chunks
+    du = tl.zeros([BK], dtype=tl.float32)
+    for X in tl.static_range(NC - 1, -1, -1):  # sub-chunks from the last
+        rows = (t0 + X * BC + rc) * H + h
+        kd_off = rows[:, None] * DK + rk[None, :]
+        q = tl.load(q_ptr + kd_off).to(tl.float32)
+        k = tl.load(k_ptr + kd_off).to(tl.float32)
+        c = tl.load(c_ptr + kd_off)
         if BONUS:
-            causal = rt > j
+            cq = c - tl.load(g_ptr + kd_off).to(tl.float32)
         else:
-            causal = rt >= j
-        E = tl.exp(tl.where(causal[:, None], cq - c_j[None, :], float("-inf")))  # (T, DK)
-        a_j = tl.sum(q * k_j[None, :] * E, axis=1)  # A[:, j]
-        da_j = tl.where(causal, tl.sum(do * v_j[None, :], axis=1), 0.0)  # dA[:, j] = do_t . v_j
-        dq += scale * da_j[:, None] * k_j[None, :] * E
-        one = (rt == j).to(tl.float32)[:, None]
-        dk += one * scale * tl.sum(da_j[:, None] * q * E, axis=0)[None, :]
-        dv += one * scale * tl.sum(a_j[:, None] * do, axis=0)[None, :]
-    tl.store(dq_ptr + rows[:, None] * DK + rk[None, :], dq)
-    tl.store(dk_ptr + rows[:, None] * DK + rk[None, :], dk)
-    tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv)
+            cq = c
+        # 1. through the states: dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T)
+        dq = tl.zeros([BC, BK], dtype=tl.float32)
+        dk = tl.zeros([BC, BK], dtype=tl.float32)
+        for pv in tl.static_range(DV // BV):
+            rv = pv * BV + tl.arange(0, BV)
+            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+            s_off = st_base + rk[:, None] * DV + rv[None, :]
+            dq += _dot(do, tl.trans(tl.load(states_ptr + s_off)), PREC)
+            dk += _dot(v, tl.trans(tl.load(dstates_ptr + s_off)), PREC)
+        dq *= scale * tl.exp(cq)
+        dk *= tl.exp(c_last[None, :] - c)
+        # 2. earlier sub-chunks' keys (for dq) and later sub-chunks' queries (for dk): matrix products with the
+        # exponent split at a step between the two sub-chunks, both factors <= 1
+        if X > 0:
+            ref = tl.load(c_ptr + ((t0 + X * BC - 1) * H + h) * DK + rk)
+            acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for J in tl.static_range(X):
+                rows_j = (t0 + J * BC + rc) * H + h
+                k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
+                c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
+                da = tl.load(da_base + (X * BC + rc)[:, None] * T + J * BC + rc[None, :])
+                acc += _dot(da, k_j * tl.exp(ref[None, :] - c_j), PREC)
+            dq += acc * tl.exp(cq - ref[None, :])
+        if X < NC - 1:
+            ref = tl.load(c_ptr + ((t0 + X * BC + BC - 1) * H + h) * DK + rk)
+            acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for I in tl.static_range(X + 1, NC):
+                rows_i = (t0 + I * BC + rc) * H + h
+                q_i = tl.load(q_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
+                cq_i = tl.load(c_ptr + rows_i[:, None] * DK + rk[None, :])
+                if BONUS:
+                    cq_i -= tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
+                da = tl.load(da_base + (I * BC + rc)[:, None] * T + X * BC + rc[None, :])
+                acc += _dot(tl.trans(da), q_i * tl.exp(cq_i - ref[None, :]), PREC)
+            dk += acc * tl.exp(ref[None, :] - c)
+        # 3. the diagonal block, one key column j at a time
+        for j in range(BC):
+            row_j = (t0 + X * BC + j) * H + h
+            k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
+            c_col = tl.load(c_ptr + row_j * DK + rk)
+            da_j = tl.load(da_base + (X * BC + rc) * T + X * BC + j)  # dA[:, j] in this block
+            if BONUS:
+                causal = rc > j
+            else:
+                causal = rc >= j
+            E = tl.exp(tl.where(causal[:, None], cq - c_col[None, :], float("-inf")))
+            dq += da_j[:, None] * k_col[None, :] * E
+            dk += tl.where(rc[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
+        # 4. the log-gates: b_x appears with + in the queries' exponents, with - in the keys'
+        db = q * dq - k * dk
+        r = carry[None, :] + tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # sum over steps >= t
+        carry += tl.sum(db, axis=0)
+        if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
+            r -= q * dq
+            # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
+            da_tt = tl.load(da_base + (X * BC + rc) * (T + 1))
+            u = tl.load(u_ptr + h * DK + rk)
+            dq += da_tt[:, None] * u[None, :] * k
+            dk += da_tt[:, None] * u[None, :] * q
+            du += tl.sum(da_tt[:, None] * q * k, axis=0)
+        tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
+        tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
+        tl.store(r_ptr + kd_off, r)
+    tl.store(tot_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, carry)
+    if BONUS:
+        tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, du)
+
+
+def _tiles(DK, DV):
+    """Tile sizes (key block, value block) of each pass, and its warps."""
+    return dict(state=(min(DK, 64), min(DV, 32), 4), out=(min(DV, 64), 4), dv=(min(DV, 64), 8),
+                dqk=(min(DK, 64), min(DV, 64), 4))
 
 
 class GLA(torch.autograd.Function):
@@ -172,60 +339,66 @@ class GLA(torch.autograd.Function):
     def forward(ctx, q, k, v, log_alpha, S0, scale, bonus):
         B, L, H, DK = q.shape
         DV = v.shape[-1]
-        T = CHUNK
-        n = triton.cdiv(L, T)
+        T, n = CHUNK, triton.cdiv(L, CHUNK)
         Lp = n * T
-        qp, kp, vp = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp)
-        g = pad_to(log_alpha.float(), Lp)
-        c = g.view(B, n, T, H, DK).cumsum(2).view(B, Lp, H, DK).contiguous()  # inclusive, within each chunk
-        cq = c if bonus is None else (c - g).contiguous()  # the bonus form reads the state before the step
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        tiles = _tiles(DK, DV)
+        qp, kp, vp, g = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(log_alpha, Lp)
+        c = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=q.device)
+        _chunk_cumsum[(n, B * H)](g, c, Lp, H, DK=DK, T=T)
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=q.device)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
         s0 = S0.float().contiguous() if S0 is not None else final
-        nv = triton.cdiv(DV, BLOCK_V)
-        _state_pass[(B * H, nv)](kp, vp, c, s0, states, final, Lp, H, n, DK=DK, DV=DV, T=T, BV=BLOCK_V,
-                                 HAS_S0=S0 is not None)  # fmt: skip
-        o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
+        BK, BV, warps = tiles["state"]
+        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, c, s0, states, final, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+                                                 BV=BV, HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
         u = bonus.float().contiguous() if bonus is not None else c
-        _chunk_out[(B * H, n, nv)](qp, kp, vp, c, cq, u, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BLOCK_V,
-                                   BONUS=bonus is not None)  # fmt: skip
-        ctx.save_for_backward(qp, kp, vp, g, c, cq, states, final, bonus)
-        ctx.scale, ctx.L, ctx.has_s0, ctx.dtypes = scale, L, S0 is not None, (log_alpha.dtype, None if S0 is None else S0.dtype)
+        A = torch.empty(B * H, n, T, T, dtype=torch.float32, device=q.device)
+        _intra_weights[(n, B * H)](qp, kp, c, g, u, A, Lp, H, DK=DK, T=T, BC=SUB_CHUNK, BONUS=bonus is not None,
+                                   PREC=prec)  # fmt: skip
+        o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
+        BV, warps = tiles["out"]
+        _chunk_out[(n, B * H, DV // BV)](qp, vp, c, g, A, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV,
+                                         BONUS=bonus is not None, PREC=prec, num_warps=warps)  # fmt: skip
+        ctx.save_for_backward(qp, kp, vp, g, c, u, A, states, final)
+        ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
+        ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qp, kp, vp, g, c, cq, states, final, bonus = ctx.saved_tensors
+        qp, kp, vp, g, c, u, A, states, final = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
-        DV, T, n, L, scale = vp.shape[-1], CHUNK, Lp // CHUNK, ctx.L, ctx.scale
+        DV, T, L, scale, bonus = vp.shape[-1], CHUNK, ctx.L, ctx.scale, ctx.has_bonus
+        n = Lp // T
+        prec = "ieee" if qp.dtype == torch.float32 else "tf32"
+        tiles = _tiles(DK, DV)
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros_like(final)).float().contiguous()
         dstates, dS0 = torch.empty_like(states), torch.empty_like(final)
-        _dstate_pass[(B * H, triton.cdiv(DV, BLOCK_V))](qp, dop, c, cq, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV,
-                                                       T=T, BV=BLOCK_V)  # fmt: skip
-        dq = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=qp.device)
-        dk, dv = torch.empty_like(dq), torch.empty(B, Lp, H, DV, dtype=torch.float32, device=qp.device)
-        _chunk_grads[(B * H, n)](qp, kp, vp, dop, c, cq, states, dstates, dq, dk, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T,
-                                 BONUS=bonus is not None)  # fmt: skip
-        q32, k32 = qp.float(), kp.float()
-        # the log-gates: +q dq where b appears as the query's exponent, -k dk where as the key's
-        plus, minus = q32 * dq, k32 * dk
-        if bonus is not None:  # the query reads b_{t-1}: its share belongs one step earlier
-            plus = torch.cat([plus[:, 1:], torch.zeros_like(plus[:, :1])], dim=1)
-        db = plus - minus
-        db[:, L - 1] += (final * dsl).sum(-1)  # the final state's decay exponent is b_{L-1}
-        dg = db.flip(1).cumsum(1).flip(1)
-        du = None
-        if bonus is not None:  # the diagonal term s (q_t . (u * k_t)) v_t, elementwise
-            u = bonus.float()
-            dov = scale * (dop.float() * vp.float()).sum(-1, keepdim=True)  # (B, Lp, H, 1)
-            dq = dq + dov * u * k32
-            dk = dk + dov * u * q32
-            dv = dv + scale * (q32 * u * k32).sum(-1, keepdim=True) * dop.float()
-            du = (dov * q32 * k32).sum((0, 1)).to(bonus.dtype)
-        la_dt, s0_dt = ctx.dtypes
-        return (dq[:, :L].to(qp.dtype), dk[:, :L].to(kp.dtype), dv[:, :L].to(vp.dtype), dg[:, :L].to(la_dt),
-                dS0.to(s0_dt) if ctx.has_s0 else None, None, du)  # fmt: skip
+        BK, BV, warps = tiles["state"]
+        _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, c, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV, T=T,
+                                                  BK=BK, BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
+        dv = torch.empty_like(vp)
+        dA = torch.empty_like(A)
+        BV, warps = tiles["dv"]
+        _chunk_dv[(n, B * H)](kp, vp, dop, c, A, dstates, dv, dA, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV, PREC=prec,
+                              num_warps=warps)  # fmt: skip
+        dq, dk = torch.empty_like(qp), torch.empty_like(kp)
+        r = torch.empty_like(c)
+        tot = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device)
+        du = torch.empty_like(tot) if bonus else tot
+        BK, BV, warps = tiles["dqk"]
+        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, c, g, u, states, dstates, dA, dq, dk, r, tot, du, scale, Lp,
+                                         H, n, DK=DK, DV=DV, T=T, BC=SUB_CHUNK, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
+                                         num_warps=warps)  # fmt: skip
+        # the log-gates' gradient at step t is the sum over steps >= t: r holds the part inside t's chunk; the later
+        # chunks' totals, and the final state's Diag(e^{b_{L-1}}) (every step up to L-1), are added per chunk
+        later = tot.sum(1, keepdim=True) - tot.cumsum(1) + (final * dsl).sum(-1)[:, None]  # (B, n, H, DK)
+        dg = (r.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
+        la_dt, s0_dt, u_dt = ctx.dtypes
+        return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L].to(la_dt), dS0.to(s0_dt) if ctx.has_s0 else None, None,
+                du.sum((0, 1)).to(u_dt) if bonus else None)  # fmt: skip
 
 
 def gla(q, k, v, log_alpha, initial_state=None, scale=None, bonus=None):
