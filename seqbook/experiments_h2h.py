@@ -143,8 +143,9 @@ def load_results(results_dir, name: str) -> dict:
     complete, the same config except the families (or widths) it ran, no family in two records. It
     returns the first record's ``config`` with the families (widths) of all, ``families`` and
     ``summary`` (dicts by family) joined, ``runs`` (and ``points``) concatenated, and ``sources``: one
-    entry per file with its ``file``, ``command``, ``commit``, ``date``, ``wall_seconds``, ``device``
-    and ``families``, so that a page can say where each number came from.
+    entry per file with its ``file``, ``command``, ``commit``, ``date``, ``wall_seconds``, ``device``,
+    ``machine`` and ``families``, so that a page can say where each number came from. (Records made
+    before ``--device`` existed have no ``device``: their experiments took none and ran on the CPU.)
     """
     results_dir = Path(results_dir)
     paths = sorted(results_dir.glob(f"{name}_*.json"))
@@ -164,7 +165,7 @@ def load_results(results_dir, name: str) -> dict:
         seen.update(dict.fromkeys(fams, path.name))
         source = {"file": path.name, "command": rec["command"], "commit": rec["commit"], "date": rec["date"],
                   "wall_seconds": rec["wall_seconds"], "device": rec.get("device", config.get("device", "cpu")),
-                  "families": fams}  # fmt: skip
+                  "machine": rec.get("machine"), "families": fams}  # fmt: skip
         if merged is None:
             merged = {k: v for k, v in rec.items() if k not in ("experiment", "command", "commit", "date", "complete",
                                                                 "wall_seconds", "threads", "processes", "device",
