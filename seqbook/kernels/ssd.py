@@ -203,12 +203,19 @@ def _state_pass(
         S = tl.load(S0 + bh.to(tl.int64) * PN + e, mask=ok, other=0.0)
     else:
         S = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Each step waits only on S; the next chunk's loads are issued a step ahead, so that their
+    # latency overlaps the current update instead of adding to it.
+    first = n_chunks - 1 if REVERSE else 0
+    row = (batch * n_chunks + first).to(tl.int64) * H + head
+    inc, decay = tl.load(INC + row * PN + e, mask=ok, other=0.0), tl.load(DECAY + row)
     for i in range(n_chunks):
-        chunk = n_chunks - 1 - i if REVERSE else i
-        row = (batch * n_chunks + chunk).to(tl.int64) * H + head
-        inc = tl.load(INC + row * PN + e, mask=ok, other=0.0)  # before the store: OUT may be INC
-        tl.store(OUT + row * PN + e, S, mask=ok)
-        S = tl.exp(tl.load(DECAY + row)) * S + inc
+        j = tl.minimum(i + 1, n_chunks - 1)  # the next chunk (the last one again at the end: harmless)
+        chunk_next = n_chunks - 1 - j if REVERSE else j
+        row_next = (batch * n_chunks + chunk_next).to(tl.int64) * H + head
+        inc_next, decay_next = tl.load(INC + row_next * PN + e, mask=ok, other=0.0), tl.load(DECAY + row_next)
+        tl.store(OUT + row * PN + e, S, mask=ok)  # (after this chunk's INC was read: OUT may be INC)
+        S = tl.exp(decay) * S + inc
+        row, inc, decay = row_next, inc_next, decay_next
     tl.store(S_END + bh.to(tl.int64) * PN + e, S, mask=ok)
 
 
@@ -323,14 +330,22 @@ CONFIGS = {
     2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8),
 }
 
+#: The split design's (and so the backward's, after a split forward) chunk, channels per
+#: program and warps. A longer chunk than the fused one: the states go through memory once
+#: per chunk, and the pass over them takes one sequential step per chunk.
+SPLIT_CONFIGS = {
+    4: dict(Q=16, BLOCK_P=16, num_warps=4),
+    2: dict(Q=64, BLOCK_P=64, num_warps=8),
+}
+
 #: Streaming multiprocessors assumed under the interpreter (no device to ask).
 INTERPRETER_SMS = 8
 
 
-def _setup(x, B, config, chunk_size):
-    """The launch configuration for these inputs (``Q``, ``BLOCK_P``, ``BLOCK_N``, warps)."""
+def _setup(x, B, config, chunk_size, design="fused"):
+    """The launch configuration of ``design`` for these inputs (``Q``, ``BLOCK_P``, ``BLOCK_N``, warps)."""
     P, N = x.shape[3], B.shape[3]
-    cfg = dict(config or CONFIGS[x.dtype.itemsize])
+    cfg = dict(config or (CONFIGS if design == "fused" else SPLIT_CONFIGS)[x.dtype.itemsize])
     if chunk_size is not None:
         cfg["Q"] = chunk_size
     cfg["BLOCK_P"] = max(16, min(cfg["BLOCK_P"], triton.next_power_of_2(P)))
@@ -349,10 +364,19 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_design(x, cfg) -> str:
+def choose_design(x, B, config=None, chunk_size=None) -> str:
     """``"fused"`` when its ``batch * heads * P / BLOCK_P`` programs fill the SMs, else ``"split"``."""
     batch, _, H, P = x.shape
+    cfg = _setup(x, B, config, chunk_size, "fused")
     return "fused" if batch * H * triton.cdiv(P, cfg["BLOCK_P"]) >= _sms(x.device) else "split"
+
+
+def _configure(x, B, config, chunk_size, design):
+    """``(design, its configuration)``; ``design`` "auto" is :func:`choose_design`'s."""
+    design = choose_design(x, B, config, chunk_size) if design == "auto" else design
+    if design not in ("fused", "split"):
+        raise ValueError(f"ssd: design must be 'fused', 'split' or 'auto', got {design!r}")
+    return design, _setup(x, B, config, chunk_size, design)
 
 
 def _chunk_decays(dt, A, Q):
@@ -377,7 +401,9 @@ def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse):
         num_warps=4,
     )  # fmt: skip
     s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=U.device)
-    block = min(1024, triton.next_power_of_2(P * N))
+    # Enough programs to keep the memory system busy (about four per SM), at most 1024 elements each.
+    block = triton.next_power_of_2(max(1, batch * H * P * N // (4 * _sms(U.device)))) // 2
+    block = max(128, min(1024, block, triton.next_power_of_2(P * N)))
     _state_pass[(batch * H, triton.cdiv(P * N, block))](
         states, _chunk_decays(dt, A, Q), s_end if s0 is None else s0, states, s_end, n_chunks, H, P * N,
         HAS_S0=s0 is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
@@ -416,8 +442,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None
     >= 16) overrides the configuration's ``Q``; the final state is float32. ``design``:
     ``"fused"``, ``"split"`` or ``"auto"`` (:func:`choose_design`)."""
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    cfg = _setup(x, B, config, chunk_size)
-    design = choose_design(x, cfg) if design == "auto" else design
+    design, cfg = _configure(x, B, config, chunk_size, design)
     y, s_end, _ = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=False)
     return y, s_end
 
@@ -429,8 +454,7 @@ class SSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-        cfg = _setup(x, B, config, chunk_size)
-        design = choose_design(x, cfg) if design == "auto" else design
+        design, cfg = _configure(x, B, config, chunk_size, design)
         y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
         ctx.save_for_backward(x, dt, A, B, C, states)
         ctx.cfg = cfg
