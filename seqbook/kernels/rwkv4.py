@@ -115,7 +115,7 @@ def _walk_fwd(w_ptr, u_ptr, k_ptr, v_ptr, a_in, b_in, p_in, a_out, b_out, p_out,
     for i in tl.range(0, T, loop_unroll_factor=UNROLL):
         t = t0 + i
         live = cmask & ((cols * 0 + t) < L)
-        off = (pid_b * L + t) * C + cols
+        off = (pid_b.to(tl.int64) * L + t) * C + cols  # B L C may pass 2^31
         k = tl.load(k_ptr + off, mask=live, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + off, mask=live, other=0.0).to(tl.float32)
         if OUT:
@@ -203,7 +203,7 @@ def _walk_bwd(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, g_ptr, acc_ptr, dk_ptr
     for i in tl.range(0, T, loop_unroll_factor=UNROLL):
         t = t0 + T - 1 - i
         live = cmask & ((cols * 0 + t) < L)
-        off = (pid_b * L + t) * C + cols
+        off = (pid_b.to(tl.int64) * L + t) * C + cols  # B L C may pass 2^31
         lse = tl.load(lse_ptr + off, mask=live, other=0.0)
         g = tl.load(g_ptr + off, mask=live, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + off, mask=live, other=0.0).to(tl.float32)
