@@ -44,9 +44,10 @@ which obeys :math:`R'_{t-1} = e^{-w}(R'_t + R_t)`. They are kept scaled by :math
 :math:`m_t` their largest exponent; since :math:`q_s \ge k_t - (s-1-t)w` (the forward's running
 maximum), :math:`k_t + m_t \le 0`: every exponential is again :math:`\le 1`. The kernel
 reads only :math:`\ell_s = q_s + \log\tilde D_s`: :math:`e^{-q_s}\gamma_s = e^{-\ell_s} g_s`,
-and it keeps the maximum of :math:`-(s-1-t)w - \ell_s \le -(s-1-t)w - q_s`, so the bound holds. The reverse sums
-compose across chunks like the forward ones (a shift by :math:`n` steps: :math:`m \to m - nw`,
-:math:`R' \to R' + nR`), so the backward has the forward's three phases, run from the end.
+and it keeps the maximum of :math:`-(s-1-t)w - \ell_s \le -(s-1-t)w - q_s`, so the bound
+holds. The reverse sums compose across chunks like the forward ones (a shift by :math:`n`
+steps: :math:`m \to m - nw`, :math:`R' \to R' + nR`), so the backward has the forward's
+three phases, run from the end.
 ``_walk_bwd`` (chunks' own sums), ``_carry_bwd`` (the sums entering each chunk, and the
 initial state's gradients from the totals that reach step :math:`-1`), ``_walk_bwd`` again
 (:math:`\partial k, \partial v` and per-chunk partial sums of :math:`\partial u, \partial w`,
