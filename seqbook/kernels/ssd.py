@@ -115,7 +115,7 @@ def _ssd_fwd(
     S0,  # (Bt, H, P, N) float32: the initial state (if HAS_S0)
     Y,  # (Bt, L, H, P) output
     S_END,  # (Bt, H, P, N) float32 output: the final state
-    STATES,  # (Bt, chunks, H, P, N) float32 output: the state entering each chunk (if STORE_STATES)
+    STATES,  # (Bt, chunks, H, P, N) output: the state entering each chunk (if STORE_STATES)
     L, H, G, P, N,
     HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, WIDEN: tl.constexpr,  # (see _mm)
     PRECISION: tl.constexpr,  # products of the inputs: "ieee" for float32 inputs (ignored for 16-bit ones)
@@ -139,7 +139,7 @@ def _ssd_fwd(
         if STORE_STATES:  # for the backward: [batch, chunk, head, p, n]
             chunk = t0 // Q
             tl.store(STATES + (((batch * tl.cdiv(L, Q) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N
-                     + n[None, :], S, mask=pn_ok)  # fmt: skip
+                     + n[None, :], S.to(STATES.dtype.element_ty), mask=pn_ok)  # fmt: skip
         t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
             X, DT, A, B, C, batch, head, group, t0, p, n, L, H, G, P, N, Q)
         y = _chunk_y(x, dt, Bc, Cc, c, S, PRECISION, STATE_PRECISION, WIDEN, Q)
@@ -188,7 +188,7 @@ def _state_pass(
     INC,  # (Bt, chunks, H, P*N) float32: each chunk's own contribution
     DECAY,  # (Bt, chunks, H) float32: each chunk's total log-decay c_last
     S0,  # (Bt, H, P*N) float32: the state before the first chunk taken (if HAS_S0)
-    OUT,  # (Bt, chunks, H, P*N) float32: the state before each chunk's update (may be INC)
+    OUT,  # (Bt, chunks, H, P*N): the state before each chunk's update (may be INC, if float32)
     S_END,  # (Bt, H, P*N) float32: the state after the last update
     n_chunks, H, PN,
     HAS_S0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
@@ -213,7 +213,7 @@ def _state_pass(
         chunk_next = n_chunks - 1 - j if REVERSE else j
         row_next = (batch * n_chunks + chunk_next).to(tl.int64) * H + head
         inc_next, decay_next = tl.load(INC + row_next * PN + e, mask=ok, other=0.0), tl.load(DECAY + row_next)
-        tl.store(OUT + row * PN + e, S, mask=ok)  # (after this chunk's INC was read: OUT may be INC)
+        tl.store(OUT + row * PN + e, S.to(OUT.dtype.element_ty), mask=ok)  # (after this chunk's INC was read)
         S = tl.exp(decay) * S + inc
         row, inc, decay = row_next, inc_next, decay_next
     tl.store(S_END + bh.to(tl.int64) * PN + e, S, mask=ok)
@@ -222,7 +222,7 @@ def _state_pass(
 @triton.jit
 def _chunk_outputs(
     X, DT, A, B, C,
-    STATES,  # (Bt, chunks, H, P, N) float32: the state entering each chunk
+    STATES,  # (Bt, chunks, H, P, N): the state entering each chunk
     Y,  # (Bt, L, H, P)
     L, H, G, P, N,
     WIDEN: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
@@ -237,7 +237,7 @@ def _chunk_outputs(
     n = tl.arange(0, BLOCK_N)
     pn_ok = (p < P)[:, None] & (n < N)[None, :]
     offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
-    S = tl.load(STATES + offs, mask=pn_ok, other=0.0)
+    S = tl.load(STATES + offs, mask=pn_ok, other=0.0).to(tl.float32)
     t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
         X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
     y = _chunk_y(x, dt, Bc, Cc, c, S, PRECISION, STATE_PRECISION, WIDEN, Q)
@@ -248,8 +248,8 @@ def _chunk_outputs(
 def _ssd_bwd(
     X, DT, A, B, C,
     DY,  # (Bt, L, H, P): the output gradient
-    STATES,  # (Bt, chunks, H, P, N) float32: S, the state entering each chunk
-    DSTATES,  # (Bt, chunks, H, P, N) float32: the gradient of the state leaving each chunk
+    STATES,  # (Bt, chunks, H, P, N): S, the state entering each chunk
+    DSTATES,  # (Bt, chunks, H, P, N): the gradient of the state leaving each chunk
     DX,  # (Bt, L, H, P), x's dtype
     DB, DC,  # (P blocks, Bt, L, H, N) float32: per head and block of P (summed by the caller)
     DDT,  # (P blocks, Bt, L, H) float32
@@ -270,8 +270,8 @@ def _ssd_bwd(
     rows = tl.arange(0, Q)
     pn_ok = (p < P)[:, None] & (n < N)[None, :]
     offs = (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
-    S = tl.load(STATES + offs, mask=pn_ok, other=0.0)  # entering the chunk
-    dS = tl.load(DSTATES + offs, mask=pn_ok, other=0.0)  # d loss / d (state leaving the chunk)
+    S = tl.load(STATES + offs, mask=pn_ok, other=0.0).to(tl.float32)  # entering the chunk
+    dS = tl.load(DSTATES + offs, mask=pn_ok, other=0.0).to(tl.float32)  # d loss / d (state leaving the chunk)
     t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
         X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
     dy = tl.load(DY + x_offs, mask=x_ok, other=0.0)
@@ -387,9 +387,10 @@ def _chunk_decays(dt, A, Q):
     return a.view(batch, -1, Q, H).sum(2).contiguous()
 
 
-def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse):
+def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse, state_dtype):
     """Pieces (1) and (2) of the split design: the per-chunk contributions of ``U V^T``, passed
-    through the chunk recurrence. Returns (the state before each chunk's update, the last state)."""
+    through the chunk recurrence. Returns (the state before each chunk's update, in
+    ``state_dtype``, the last state, float32)."""
     batch, L, H, P = U.shape
     G, N = V.shape[2], V.shape[3]
     n_chunks = triton.cdiv(L, Q)
@@ -404,11 +405,12 @@ def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse):
     # Enough programs to keep the memory system busy (about four per SM), at most 1024 elements each.
     block = triton.next_power_of_2(max(1, batch * H * P * N // (4 * _sms(U.device)))) // 2
     block = max(128, min(1024, block, triton.next_power_of_2(P * N)))
+    out = states if state_dtype == torch.float32 else torch.empty_like(states, dtype=state_dtype)
     _state_pass[(batch * H, triton.cdiv(P * N, block))](
-        states, _chunk_decays(dt, A, Q), s_end if s0 is None else s0, states, s_end, n_chunks, H, P * N,
+        states, _chunk_decays(dt, A, Q), s_end if s0 is None else s0, out, s_end, n_chunks, H, P * N,
         HAS_S0=s0 is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
     )  # fmt: skip
-    return states, s_end
+    return out, s_end
 
 
 def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
@@ -416,19 +418,20 @@ def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     Q = cfg["Q"]
+    state_dtype = cfg.pop("state_dtype", torch.float32)
     y = torch.empty_like(x)
     s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     prec = _precisions(x)
     if design == "fused":
         s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-        states = (torch.empty(batch, triton.cdiv(L, Q), H, P, N, dtype=torch.float32, device=x.device)
+        states = (torch.empty(batch, triton.cdiv(L, Q), H, P, N, dtype=state_dtype, device=x.device)
                   if store_states else s_end)  # fmt: skip
         _ssd_fwd[(batch * H, triton.cdiv(P, cfg["BLOCK_P"]))](
             x, dt, A, B, C, s_end if s0 is None else s0, y, s_end, states, L, H, G, P, N,
             HAS_S0=s0 is not None, STORE_STATES=store_states, **prec, **cfg,
         )  # fmt: skip
         return y, s_end, states if store_states else None
-    states, s_end = _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False)
+    states, s_end = _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False, state_dtype=state_dtype)
     _chunk_outputs[(batch * H, triton.cdiv(L, Q), triton.cdiv(P, cfg["BLOCK_P"]))](
         x, dt, A, B, C, states, y, L, H, G, P, N, **prec, Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
@@ -443,7 +446,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None
     ``"fused"``, ``"split"`` or ``"auto"`` (:func:`choose_design`)."""
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     design, cfg = _configure(x, B, config, chunk_size, design)
-    y, s_end, _ = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=False)
+    y, s_end, _ = _forward(x, dt, A, B, C, initial_state, dict(cfg), design, store_states=False)
     return y, s_end
 
 
@@ -455,7 +458,7 @@ class SSDFunction(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
         design, cfg = _configure(x, B, config, chunk_size, design)
-        y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
+        y, s_end, states = _forward(x, dt, A, B, C, initial_state, dict(cfg), design, store_states=True)
         ctx.save_for_backward(x, dt, A, B, C, states)
         ctx.cfg = cfg
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
@@ -473,7 +476,8 @@ class SSDFunction(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
         # The gradient of the state leaving each chunk: the forward's recurrence, backwards.
-        d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True)
+        d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
+                                       state_dtype=states.dtype)  # fmt: skip
         dx = torch.empty_like(x)
         dB = torch.empty(p_blocks, batch, L, H, N, dtype=torch.float32, device=x.device)
         dC = torch.empty_like(dB)
