@@ -19,6 +19,7 @@ from compare import assert_near
 from seqbook import backend
 from seqbook import linear_attention as la
 from seqbook import rwkv
+from seqbook.kernels import rwkv7 as rwkv7_kernel
 
 F64 = torch.float64
 ON_GPU = torch.cuda.is_available()
@@ -36,7 +37,12 @@ def rel_tolerance(shape):
     """1e-5 for float32 (compare.py), plus the chunked kernel's exponents, differences of float32
     cumulative sums of log w over a chunk of 16 steps: off by about u * 16 * strength (u = 6e-8;
     the kernel's docstring), taken twice. 2e-5 at strength 1, 7e-5 at 30; measured 3e-7 and 1.1e-5."""
-    return 1e-5 + 2 * 2**-24 * 16 * shape[5]
+    return 1e-5 + 2 * 2**-24 * 16 * max(strengths(shape))
+
+
+def strengths(shape):
+    """The decay strength of a case: one number, or one per chunk of 16 steps (a list)."""
+    return shape[5] if isinstance(shape[5], list) else [shape[5]]
 
 
 def randn(*shape, seed=0):
@@ -63,6 +69,8 @@ def kernel_and_reference(device, shape, *, state, dtype=torch.float32, seed=0, c
     """The kernel's (o, final state, grads) and the float64 recurrence's on the same rounded inputs:
     the chunked kernel, or with ``checkpoint`` the fused recurrent one."""
     B, L, H, N, d_v, strength = shape
+    if isinstance(strength, list):  # one strength per chunk of 16 steps
+        strength = torch.tensor(strength, dtype=F64).repeat_interleave(16)[:L].view(1, L, 1, 1)
     xs = wkv7_problem(B, L, H, N, d_v, strength, seed)
     xs = [x.to(dtype) for x in xs[:6]] + [xs[6].float() if state else None]
     xs = [None if x is None else x.to(device) for x in xs]
@@ -91,6 +99,19 @@ def test_kernel_matches_float64_recurrence(device, shape, state):
     assert ("dinitial_state" in got) == state
     for name in want:
         assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}, state={state}")
+
+
+def test_kernel_split_and_column_chunks(device):
+    """A chunk whose cumulated log-decays spread less than ``SPLIT_SPREAD`` builds its (T, T) matrices
+    (and their gradients) as matrix products of split exponentials; a chunk with a wider spread, one
+    column at a time. Strengths per chunk 30, 1, 7, 0.1, 3, 60 (spreads about 8 times the strength:
+    both sides of 60, and one chunk near it) in one sequence: both ways, and chunks of either way
+    following each other, against the float64 recurrence."""
+    assert rwkv7_kernel.CHUNK == 16 and rwkv7_kernel.SPLIT_SPREAD.value == 60.0
+    shape = (1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0])
+    got, want = kernel_and_reference(device, shape, state=True, seed=4)
+    for name in want:
+        assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}")
 
 
 @pytest.mark.parametrize("shape,checkpoint", RECURRENT_CASES)

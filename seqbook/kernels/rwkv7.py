@@ -120,39 +120,75 @@ BLOCK_V = 32
 RECURRENT_BLOCK_V = 16
 #: steps between the states the fused recurrent forward saves for its backward, by default
 CHECKPOINT = 16
+#: largest spread of a chunk's cumulated log-decays (max - min over its steps and channels) for which
+#: the chunk's matrices are built as products, e^{x - y} = e^{x - m} e^{m - y} (m: the middle step's g):
+#: every factor stays within e^{+-60} (float32 and bfloat16 reach e^{88})
+SPLIT_SPREAD = tl.constexpr(60.0)
+
+
+@triton.jit
+def _mm(a, b, LOW: tl.constexpr):
+    """``a @ b`` accumulated in float32: bfloat16 operands on tensor cores if ``LOW``, else exact float32."""
+    if LOW:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _chunk_decays(g_ptr, lw_ptr, offs, mid_row, DK: tl.constexpr):
+    """A chunk's g, g^- = g - log w (T, N), whether their spread is small enough for the split
+    e^{x - y} = e^{x - m} e^{m - y} in float32 (module docstring), and m, g at the chunk's middle step."""
+    g = tl.load(g_ptr + offs)
+    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    spread = tl.maximum(tl.max(tl.max(g, axis=1), axis=0), tl.max(tl.max(gp, axis=1), axis=0)) \
+        - tl.minimum(tl.min(tl.min(g, axis=1), axis=0), tl.min(tl.min(gp, axis=1), axis=0))  # fmt: skip
+    m = tl.load(g_ptr + mid_row * DK + tl.arange(0, DK))
+    return g, gp, spread < SPLIT_SPREAD, m
 
 
 @triton.jit
 def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunks,
-                    DK: tl.constexpr, T: tl.constexpr):  # fmt: skip
-    """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T), built one column at a time."""
+                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
+    """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
+    decays' spread allows the split, else one column at a time."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
     r = tl.load(r_ptr + offs).to(tl.float32)
-    g = tl.load(g_ptr + offs)
-    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    g, gp, split, m = _chunk_decays(g_ptr, lw_ptr, offs, (b * Lp + ci * T + T // 2) * H + h, DK)
     k = tl.load(k_ptr + offs).to(tl.float32)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     bb = tl.load(a_ptr + offs).to(tl.float32) * kh
-    A = tl.zeros([T, T], dtype=tl.float32)
-    Bm = tl.zeros([T, T], dtype=tl.float32)
-    Pk = tl.zeros([T, T], dtype=tl.float32)
-    Pa = tl.zeros([T, T], dtype=tl.float32)
-    for j in range(T):
-        one = (rt == j).to(tl.float32)
-        g_j = tl.sum(g * one[:, None], axis=0)
-        k_j = tl.sum(k * one[:, None], axis=0)
-        b_j = tl.sum(bb * one[:, None], axis=0)
-        # decays from after step j to the start (E) and the end (F) of step t; exponents <= 0
-        E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
-        F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
-        A += one[None, :] * tl.sum(kh * E * b_j[None, :], axis=1)[:, None]
-        Bm += one[None, :] * tl.sum(kh * E * k_j[None, :], axis=1)[:, None]
-        Pk += one[None, :] * tl.sum(r * F * k_j[None, :], axis=1)[:, None]
-        Pa += one[None, :] * tl.sum(r * F * b_j[None, :], axis=1)[:, None]
+    if split:  # e^{g_t - g_j} = e^{g_t - m} e^{m - g_j}: products on tensor cores
+        Kgm = kh * tl.exp(gp - m[None, :])
+        Rgm = r * tl.exp(g - m[None, :])
+        up = tl.exp(m[None, :] - g)
+        Kj, Bj = tl.trans(k * up), tl.trans(bb * up)
+        strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
+        A = tl.where(strict, _mm(Kgm, Bj, LOW), 0.0)
+        Bm = tl.where(strict, _mm(Kgm, Kj, LOW), 0.0)
+        Pk = tl.where(causal, _mm(Rgm, Kj, LOW), 0.0)
+        Pa = tl.where(causal, _mm(Rgm, Bj, LOW), 0.0)
+    else:
+        A = tl.zeros([T, T], dtype=tl.float32)
+        Bm = tl.zeros([T, T], dtype=tl.float32)
+        Pk = tl.zeros([T, T], dtype=tl.float32)
+        Pa = tl.zeros([T, T], dtype=tl.float32)
+        for j in range(T):
+            one = (rt == j).to(tl.float32)
+            g_j = tl.sum(g * one[:, None], axis=0)
+            k_j = tl.sum(k * one[:, None], axis=0)
+            b_j = tl.sum(bb * one[:, None], axis=0)
+            # decays from after step j to the start (E) and the end (F) of step t; exponents <= 0
+            E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
+            F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
+            A += one[None, :] * tl.sum(kh * E * b_j[None, :], axis=1)[:, None]
+            Bm += one[None, :] * tl.sum(kh * E * k_j[None, :], axis=1)[:, None]
+            Pk += one[None, :] * tl.sum(r * F * k_j[None, :], axis=1)[:, None]
+            Pa += one[None, :] * tl.sum(r * F * b_j[None, :], axis=1)[:, None]
     # (I + A)^{-1} by forward substitution, one row at a time
     Tinv = tl.zeros([T, T], dtype=tl.float32)
     for i in range(T):
@@ -194,7 +230,7 @@ def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b,
 @triton.jit
 def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
               Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
-              HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr):  # fmt: skip
+              HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     for ci in range(n_chunks):
         if SAVE_STATES:  # for the backward; a forward without gradients skips the writes
@@ -202,20 +238,20 @@ def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr
         rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
             r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
             vmask, DK, DV, T)  # fmt: skip
-        rhs = tl.dot(Kg, S, input_precision="ieee") + tl.dot(Bm, v, input_precision="ieee")
-        X = tl.dot(Tinv, rhs, input_precision="ieee")  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
-        o = tl.dot(Rg, S, input_precision="ieee") + tl.dot(Pk, v, input_precision="ieee") \
-            - tl.dot(Pa, X, input_precision="ieee")  # fmt: skip
+        rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
+        X = tl.dot(Tinv, rhs, input_precision=PREC)  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
+        o = tl.dot(Rg, S, input_precision=PREC) + tl.dot(Pk, v, input_precision=PREC) \
+            - tl.dot(Pa, X, input_precision=PREC)  # fmt: skip
         tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
-        S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision="ieee") \
-            - tl.dot(tl.trans(Bd), X, input_precision="ieee")  # fmt: skip
+        S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
+            - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
     tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
 
 
 @triton.jit
 def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
               dr_ptr, dk_ptr, db_ptr, dkh_ptr, dv_ptr, dmat_ptr, ds0_ptr, B, Lp, H, n_chunks,
-              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
     pid_v = tl.program_id(1)
     share = pid_v * B * Lp * H * DK
@@ -227,33 +263,33 @@ def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr
             r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
             vmask, DK, DV, T)  # fmt: skip
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
-        rhs = tl.dot(Kg, S, input_precision="ieee") + tl.dot(Bm, v, input_precision="ieee")
-        X = tl.dot(Tinv, rhs, input_precision="ieee")
+        rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
+        X = tl.dot(Tinv, rhs, input_precision=PREC)
         # o = Rg S + Pk V - Pa X;  S_out = e^{g_last} S + Kd^T V - Bd^T X;  X = Tinv (Kg S + Bm V)
-        dX = -tl.dot(tl.trans(Pa), do, input_precision="ieee") - tl.dot(Bd, dS, input_precision="ieee")
-        dR = tl.dot(tl.trans(Tinv), dX, input_precision="ieee")
-        dv = tl.dot(tl.trans(Pk), do, input_precision="ieee") + tl.dot(Kd, dS, input_precision="ieee") \
-            + tl.dot(tl.trans(Bm), dR, input_precision="ieee")  # fmt: skip
+        dX = -tl.dot(tl.trans(Pa), do, input_precision=PREC) - tl.dot(Bd, dS, input_precision=PREC)
+        dR = tl.dot(tl.trans(Tinv), dX, input_precision=PREC)
+        dv = tl.dot(tl.trans(Pk), do, input_precision=PREC) + tl.dot(Kd, dS, input_precision=PREC) \
+            + tl.dot(tl.trans(Bm), dR, input_precision=PREC)  # fmt: skip
         to_end = tl.exp(g_last[None, :] - g)
         offs = share + rows[:, None] * DK + rk[None, :]
-        tl.store(dr_ptr + offs, tl.dot(do, tl.trans(S), input_precision="ieee") * tl.exp(g))
-        tl.store(dk_ptr + offs, tl.dot(v, tl.trans(dS), input_precision="ieee") * to_end)
-        tl.store(db_ptr + offs, -tl.dot(X, tl.trans(dS), input_precision="ieee") * to_end)
-        tl.store(dkh_ptr + offs, tl.dot(dR, tl.trans(S), input_precision="ieee") * tl.exp(gp))
+        tl.store(dr_ptr + offs, tl.dot(do, tl.trans(S), input_precision=PREC) * tl.exp(g))
+        tl.store(dk_ptr + offs, tl.dot(v, tl.trans(dS), input_precision=PREC) * to_end)
+        tl.store(db_ptr + offs, -tl.dot(X, tl.trans(dS), input_precision=PREC) * to_end)
+        tl.store(dkh_ptr + offs, tl.dot(dR, tl.trans(S), input_precision=PREC) * tl.exp(gp))
         tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv, mask=vmask[None, :])
         m_off = mshare + (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
-        tl.store(dmat_ptr + m_off, -tl.dot(dR, tl.trans(X), input_precision="ieee"))  # dA
-        tl.store(dmat_ptr + m_off + T * T, tl.dot(dR, tl.trans(v), input_precision="ieee"))  # dBm
-        tl.store(dmat_ptr + m_off + 2 * T * T, tl.dot(do, tl.trans(v), input_precision="ieee"))  # dPk
-        tl.store(dmat_ptr + m_off + 3 * T * T, -tl.dot(do, tl.trans(X), input_precision="ieee"))  # dPa
-        dS = tl.exp(g_last)[:, None] * dS + tl.dot(tl.trans(Rg), do, input_precision="ieee") \
-            + tl.dot(tl.trans(Kg), dR, input_precision="ieee")  # fmt: skip
+        tl.store(dmat_ptr + m_off, -tl.dot(dR, tl.trans(X), input_precision=PREC))  # dA
+        tl.store(dmat_ptr + m_off + T * T, tl.dot(dR, tl.trans(v), input_precision=PREC))  # dBm
+        tl.store(dmat_ptr + m_off + 2 * T * T, tl.dot(do, tl.trans(v), input_precision=PREC))  # dPk
+        tl.store(dmat_ptr + m_off + 3 * T * T, -tl.dot(do, tl.trans(X), input_precision=PREC))  # dPa
+        dS = tl.exp(g_last)[:, None] * dS + tl.dot(tl.trans(Rg), do, input_precision=PREC) \
+            + tl.dot(tl.trans(Kg), dR, input_precision=PREC)  # fmt: skip
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS, mask=vmask[None, :])
 
 
 @triton.jit
 def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr_ptr, dk_ptr, db_ptr, dkh_ptr,
-                        Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr):  # fmt: skip
+                        Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): the (T, T) matrices' gradients back to r, k~, b = a kappa_hat, kappa_hat."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -261,42 +297,56 @@ def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
     r = tl.load(r_ptr + offs).to(tl.float32)
-    g = tl.load(g_ptr + offs)
-    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    g, gp, split, m = _chunk_decays(g_ptr, lw_ptr, offs, (b * Lp + ci * T + T // 2) * H + h, DK)
     k = tl.load(k_ptr + offs).to(tl.float32)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     bb = tl.load(a_ptr + offs).to(tl.float32) * kh
+    strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
     m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
-    dA = tl.load(dmat_ptr + m_off)
-    dBm = tl.load(dmat_ptr + m_off + T * T)
-    dPk = tl.load(dmat_ptr + m_off + 2 * T * T)
-    dPa = tl.load(dmat_ptr + m_off + 3 * T * T)
-    dr = tl.zeros([T, DK], dtype=tl.float32)
-    dk = tl.zeros([T, DK], dtype=tl.float32)
-    db = tl.zeros([T, DK], dtype=tl.float32)
-    dkh = tl.zeros([T, DK], dtype=tl.float32)
-    for j in range(T):
-        one = (rt == j).to(tl.float32)
-        g_j = tl.sum(g * one[:, None], axis=0)
-        k_j = tl.sum(k * one[:, None], axis=0)
-        b_j = tl.sum(bb * one[:, None], axis=0)
-        E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
-        F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
-        dA_j = tl.sum(dA * one[None, :], axis=1)[:, None]  # column j, over t
-        dBm_j = tl.sum(dBm * one[None, :], axis=1)[:, None]
-        dPk_j = tl.sum(dPk * one[None, :], axis=1)[:, None]
-        dPa_j = tl.sum(dPa * one[None, :], axis=1)[:, None]
-        # A_tj = sum_c kh_tc E_tjc b_jc, Bm with k_j; Pk_tj = sum_c r_tc F_tjc k_jc, Pa with b_j
-        dkh += (dA_j * b_j[None, :] + dBm_j * k_j[None, :]) * E
-        dr += (dPk_j * k_j[None, :] + dPa_j * b_j[None, :]) * F
-        db_j = tl.sum(dA_j * E * kh, axis=0) + tl.sum(dPa_j * F * r, axis=0)
-        dk_j = tl.sum(dBm_j * E * kh, axis=0) + tl.sum(dPk_j * F * r, axis=0)
-        db += one[:, None] * db_j[None, :]
-        dk += one[:, None] * dk_j[None, :]
+    dA = tl.where(strict, tl.load(dmat_ptr + m_off), 0.0)
+    dBm = tl.where(strict, tl.load(dmat_ptr + m_off + T * T), 0.0)
+    dPk = tl.where(causal, tl.load(dmat_ptr + m_off + 2 * T * T), 0.0)
+    dPa = tl.where(causal, tl.load(dmat_ptr + m_off + 3 * T * T), 0.0)
+    if split:  # the four products of _chunk_matrices, differentiated
+        gp_m, g_m = tl.exp(gp - m[None, :]), tl.exp(g - m[None, :])
+        up = tl.exp(m[None, :] - g)
+        Kgm, Rgm, Kj, Bj = kh * gp_m, r * g_m, k * up, bb * up
+        dkh = (_mm(dA, Bj, LOW) + _mm(dBm, Kj, LOW)) * gp_m
+        dr = (_mm(dPk, Kj, LOW) + _mm(dPa, Bj, LOW)) * g_m
+        db = (_mm(tl.trans(dA), Kgm, LOW) + _mm(tl.trans(dPa), Rgm, LOW)) * up
+        dk = (_mm(tl.trans(dBm), Kgm, LOW) + _mm(tl.trans(dPk), Rgm, LOW)) * up
+    else:
+        dr = tl.zeros([T, DK], dtype=tl.float32)
+        dk = tl.zeros([T, DK], dtype=tl.float32)
+        db = tl.zeros([T, DK], dtype=tl.float32)
+        dkh = tl.zeros([T, DK], dtype=tl.float32)
+        for j in range(T):
+            one = (rt == j).to(tl.float32)
+            g_j = tl.sum(g * one[:, None], axis=0)
+            k_j = tl.sum(k * one[:, None], axis=0)
+            b_j = tl.sum(bb * one[:, None], axis=0)
+            E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
+            F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
+            dA_j = tl.sum(dA * one[None, :], axis=1)[:, None]  # column j, over t
+            dBm_j = tl.sum(dBm * one[None, :], axis=1)[:, None]
+            dPk_j = tl.sum(dPk * one[None, :], axis=1)[:, None]
+            dPa_j = tl.sum(dPa * one[None, :], axis=1)[:, None]
+            # A_tj = sum_c kh_tc E_tjc b_jc, Bm with k_j; Pk_tj = sum_c r_tc F_tjc k_jc, Pa with b_j
+            dkh += (dA_j * b_j[None, :] + dBm_j * k_j[None, :]) * E
+            dr += (dPk_j * k_j[None, :] + dPa_j * b_j[None, :]) * F
+            db_j = tl.sum(dA_j * E * kh, axis=0) + tl.sum(dPa_j * F * r, axis=0)
+            dk_j = tl.sum(dBm_j * E * kh, axis=0) + tl.sum(dPk_j * F * r, axis=0)
+            db += one[:, None] * db_j[None, :]
+            dk += one[:, None] * dk_j[None, :]
     tl.store(dr_ptr + offs, dr)
     tl.store(dk_ptr + offs, dk)
     tl.store(db_ptr + offs, db)
     tl.store(dkh_ptr + offs, dkh)
+
+
+def _precision(dtype):
+    """The passes' products: TF32 for bfloat16 inputs (their outputs round to 8 bits anyway), else exact float32."""
+    return "tf32" if dtype == torch.bfloat16 else "ieee"
 
 
 def _warps(DK):
@@ -326,7 +376,7 @@ class WKV7Chunked(torch.autograd.Function):
         g = _chunk_cumsum(wp, T)  # g_t, from each chunk's start
         dev = r.device
         mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
-        _chunk_matrices[(B * H, n)](rp, g, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T)
+        _chunk_matrices[(B * H, n)](rp, g, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16)
         save = any(ctx.needs_input_grad)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
@@ -334,7 +384,8 @@ class WKV7Chunked(torch.autograd.Function):
         s0 = S0.float().contiguous() if S0 is not None else final
         _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, g, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
                                                       DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None,
-                                                      SAVE_STATES=save, num_warps=_warps(DK))  # fmt: skip
+                                                      SAVE_STATES=save, PREC=_precision(r.dtype),
+                                                      num_warps=_warps(DK))  # fmt: skip
         ctx.save_for_backward(rp, wp, kp, vp, khp, ap, g, mats, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
@@ -354,11 +405,12 @@ class WKV7Chunked(torch.autograd.Function):
         dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
         dS0 = torch.empty_like(dsl)
         _bwd_pass[(B * H, nv)](rp, g, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
-                               DK=DK, DV=DV, T=T, BV=BLOCK_V, num_warps=_warps(DK))  # fmt: skip
+                               DK=DK, DV=DV, T=T, BV=BLOCK_V, PREC=_precision(rp.dtype), num_warps=_warps(DK))  # fmt: skip
         dr, dk, db, dkh = (x.sum(0) for x in shares)
         dmats = dmats.sum(0).contiguous()
         more = [torch.empty(B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]
-        _chunk_matrix_grads[(B * H, n)](rp, g, wp, kp, khp, ap, dmats, *more, Lp, H, n, DK=DK, T=T)
+        _chunk_matrix_grads[(B * H, n)](rp, g, wp, kp, khp, ap, dmats, *more, Lp, H, n, DK=DK, T=T,
+                                        LOW=rp.dtype == torch.bfloat16)  # fmt: skip
         dr, dk, db, dkh = dr + more[0], dk + more[1], db + more[2], dkh + more[3]
         r32, k32, kh32, a32 = rp.float(), kp.float(), khp.float(), ap.float()
         da = kh32 * db
