@@ -91,14 +91,23 @@ FAMILIES: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] =
     "DeltaNet": (lambda: lambda d: linear_attention.DeltaNet(d, 2), 2, "6"),
 }
 
-#: The short-convolution control (same entries as :data:`FAMILIES`): DeltaNet has a short causal
-#: convolution on ``q, k, v`` and GLA has none, so a gap between them on recall mixes the update rule
-#: with the convolution. These two variants swap it, for ``--families``, not part of the default run:
+#: The short-convolution controls (same entries as :data:`FAMILIES`), for ``--families``, not part of the
+#: default run. DeltaNet has a short causal convolution on ``q, k, v`` and GLA has none, so a gap between
+#: them on recall mixes the update rule with the convolution; "GLA + conv" and "DeltaNet, no conv" swap it:
 #: ``python -m seqbook.experiments mqar_head_to_head --families GLA "GLA + conv" DeltaNet "DeltaNet, no conv"``.
+#: The book's Based has no short gated convolutions, the paper's has; "Based + conv" adds them.
 CONV_VARIANTS: dict[str, tuple[Callable[[], Callable[[int], nn.Module]], int, str]] = {
     "GLA + conv": (lambda: lambda d: linear_attention.GatedLinearAttention(d, 2, conv_size=4), 2, "6"),
     "DeltaNet, no conv": (lambda: lambda d: linear_attention.DeltaNet(d, 2, conv_size=None), 2, "6"),
+    # Based as Arora et al. (2024) build it, with a short gated convolution (3 taps) before each attention
+    # layer: conv, window, conv, linear; and its depth control, four layers without the convolutions.
+    "Based + conv": (lambda: based_factory(2, window=8, feature_dim=8, conv_size=3), 2, "6+5"),
+    "Based, 4 layers": (lambda: based_factory(2, window=8, feature_dim=8), 2, "6+5"),
 }
+
+#: Variants whose depth is part of what they are: built with this many layers whatever ``n_layers`` says
+#: (their width is still matched to the parameter target; the record notes each family's layers).
+VARIANT_LAYERS = {"Based + conv": 4, "Based, 4 layers": 4}
 
 
 def _entry(family: str):
@@ -112,8 +121,9 @@ def _entry(family: str):
 
 def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: int = 0) -> LanguageModel:
     """The :class:`LanguageModel` of ``family`` (a key of :data:`FAMILIES` or :data:`CONV_VARIANTS`), initialized
-    from ``torch.manual_seed(seed)``."""
+    from ``torch.manual_seed(seed)``; ``n_layers`` blocks, or :data:`VARIANT_LAYERS`'s count for those variants."""
     maker, ffn_mult, _ = _entry(family)
+    n_layers = VARIANT_LAYERS.get(family, n_layers)
     torch.manual_seed(seed)
     return LanguageModel(maker(), vocab_size, d_model, n_layers, ffn_mult=ffn_mult)
 
@@ -365,6 +375,7 @@ def mqar_head_to_head(
         d = matched_width(fam, target_params, vocab, n_layers)
         probe = build(fam, d, vocab, n_layers)
         fam_info[fam] = {"d_model": d, "parameters": n_parameters(probe), "chapter": _entry(fam)[2],
+                         "n_layers": len(probe.blocks),
                          "state_bytes": state_bytes(probe, 3 * max(pair_counts)),
                          "state_bytes_per_length": {str(3 * P): state_bytes(probe, 3 * P) for P in pair_counts}}  # fmt: skip
         for seed in seeds:

@@ -104,9 +104,17 @@ def test_conv_size_bad_input():
 @pytest.mark.parametrize("family", list(h2h.CONV_VARIANTS))
 def test_conv_variants_build_and_decode_like_forward(family):
     """The experiment's variants: built seeded, and their language models decode like their forward."""
+    from seqbook.attention import SlidingWindowAttention
+    from seqbook.based import GatedShortConv, TaylorLinearAttention
+
     model = h2h.build(family, 16, 11, n_layers=2, seed=3).double()
-    conv = [b.mixer.conv_size for b in model.blocks]
-    assert conv == ([4, 4] if family == "GLA + conv" else [None, None])
+    expected = {"GLA + conv": [4, 4], "DeltaNet, no conv": [None, None],
+                "Based + conv": [GatedShortConv, SlidingWindowAttention, GatedShortConv, TaylorLinearAttention],
+                "Based, 4 layers": [SlidingWindowAttention, TaylorLinearAttention] * 2}[family]  # fmt: skip
+    if family.startswith("Based"):  # deeper by design: VARIANT_LAYERS overrides n_layers
+        assert [type(b.mixer) for b in model.blocks] == expected
+    else:
+        assert [b.mixer.conv_size for b in model.blocks] == expected
     tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(4))
     logits = model(tokens)
     state = model.init_state(2)
@@ -125,7 +133,10 @@ def test_conv_variants_run_through_the_experiment():
     assert r["families"]["GLA + conv"]["parameters"] > r["families"]["GLA"]["parameters"] - 500
     with pytest.raises(ValueError, match="families must be among"):
         h2h.mqar_head_to_head(seeds=(0,), steps=1, families=("GLA + conv 2",))
-    assert "GLA + conv" not in h2h.FAMILIES  # the default run and the summary table keep their twelve families
+    assert not set(h2h.CONV_VARIANTS) & set(h2h.FAMILIES)  # the default run and the summary table keep their twelve
+    r = h2h.mqar_head_to_head(seeds=(0,), steps=2, families=("Based", "Based + conv"), pair_counts=(2,), n_keys=4,
+                              n_values=4, target_params=4000, n_test=8)  # fmt: skip
+    assert r["families"]["Based"]["n_layers"] == 2 and r["families"]["Based + conv"]["n_layers"] == 4
 
 
 # --------------------------------------------------------------------------------------
