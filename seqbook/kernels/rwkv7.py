@@ -136,19 +136,26 @@ def _mm(a, b, LOW: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decays(g_ptr, lw_ptr, offs, mid_row, DK: tl.constexpr):
-    """A chunk's g, g^- = g - log w (T, N), whether their spread is small enough for the split
+def _chunk_g(lw_ptr, offs):
+    """A chunk's log-decays cumulated from its start, g (T, N) in float32, and g^- = g - log w."""
+    lw = tl.load(lw_ptr + offs).to(tl.float32)
+    g = tl.cumsum(lw, axis=0)
+    return g, g - lw
+
+
+@triton.jit
+def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
+    """A chunk's g, g^- (T, N), whether their spread is small enough for the split
     e^{x - y} = e^{x - m} e^{m - y} in float32 (module docstring), and m, g at the chunk's middle step."""
-    g = tl.load(g_ptr + offs)
-    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
+    g, gp = _chunk_g(lw_ptr, offs)
     spread = tl.maximum(tl.max(tl.max(g, axis=1), axis=0), tl.max(tl.max(gp, axis=1), axis=0)) \
         - tl.minimum(tl.min(tl.min(g, axis=1), axis=0), tl.min(tl.min(gp, axis=1), axis=0))  # fmt: skip
-    m = tl.load(g_ptr + mid_row * DK + tl.arange(0, DK))
+    m = tl.sum(tl.where(rt[:, None] == T // 2, g, 0.0), axis=0)
     return g, gp, spread < SPLIT_SPREAD, m
 
 
 @triton.jit
-def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunks,
+def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunks,
                     DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
     decays' spread allows the split, else one column at a time."""
@@ -158,7 +165,7 @@ def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, 
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
     r = tl.load(r_ptr + offs).to(tl.float32)
-    g, gp, split, m = _chunk_decays(g_ptr, lw_ptr, offs, (b * Lp + ci * T + T // 2) * H + h, DK)
+    g, gp, split, m = _chunk_decays(lw_ptr, offs, rt, T)
     k = tl.load(k_ptr + offs).to(tl.float32)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     bb = tl.load(a_ptr + offs).to(tl.float32) * kh
@@ -204,14 +211,13 @@ def _chunk_matrices(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, 
 
 
 @triton.jit
-def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
+def _chunk_inputs(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
                   rk, rv, rt, vmask, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
     """Chunk ``ci``'s rows, its decayed inputs K_g, R_g, K_d, B_d (module docstring), values and matrices."""
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
-    g = tl.load(g_ptr + offs)
-    gp = g - tl.load(lw_ptr + offs).to(tl.float32)
-    g_last = tl.load(g_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
+    g, gp = _chunk_g(lw_ptr, offs)
+    g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     to_end = tl.exp(g_last[None, :] - g)
     Kg = kh * tl.exp(gp)
@@ -228,7 +234,7 @@ def _chunk_inputs(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b,
 
 
 @triton.jit
-def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
+def _fwd_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
               Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
               HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
@@ -236,7 +242,7 @@ def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr
         if SAVE_STATES:  # for the backward; a forward without gradients skips the writes
             tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
         rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
-            r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
+            r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
             vmask, DK, DV, T)  # fmt: skip
         rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
         X = tl.dot(Tinv, rhs, input_precision=PREC)  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
@@ -249,7 +255,7 @@ def _fwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr
 
 
 @triton.jit
-def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
+def _bwd_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
               dr_ptr, dk_ptr, db_ptr, dkh_ptr, dv_ptr, dmat_ptr, ds0_ptr, B, Lp, H, n_chunks,
               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
@@ -260,7 +266,7 @@ def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr
         ci = n_chunks - 1 - cr
         S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, mask=vmask[None, :], other=0.0)
         rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
-            r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
+            r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
             vmask, DK, DV, T)  # fmt: skip
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
         rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
@@ -288,25 +294,40 @@ def _bwd_pass(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr
 
 
 @triton.jit
-def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr_ptr, dk_ptr, db_ptr, dkh_ptr,
-                        Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
-    """Per chunk (all in parallel): the (T, T) matrices' gradients back to r, k~, b = a kappa_hat, kappa_hat."""
+def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr, dr_ptr, dk_ptr, dkh_ptr, da_ptr,
+                        dlw_ptr, tot_ptr, B, Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr, NV: tl.constexpr,
+                        LOW: tl.constexpr):  # fmt: skip
+    """Per chunk (all in parallel): the (T, T) matrices' gradients (the ``NV`` value blocks' shares, summed
+    here) back to r, k~, b = a kappa_hat, kappa_hat; then the sums of the value blocks' direct shares, the
+    final gradients of r, k~, kappa_hat, a, and log w's up to the chunks after this one (module docstring):
+    ``dlw_ptr`` gets the sums over this chunk's later steps, ``tot_ptr`` (batch, chunk, head, N) the chunk's
+    whole sum, for the sum over later chunks that the caller adds."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
     r = tl.load(r_ptr + offs).to(tl.float32)
-    g, gp, split, m = _chunk_decays(g_ptr, lw_ptr, offs, (b * Lp + ci * T + T // 2) * H + h, DK)
+    g, gp, split, m = _chunk_decays(lw_ptr, offs, rt, T)
     k = tl.load(k_ptr + offs).to(tl.float32)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     bb = tl.load(a_ptr + offs).to(tl.float32) * kh
     strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
     m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
-    dA = tl.where(strict, tl.load(dmat_ptr + m_off), 0.0)
-    dBm = tl.where(strict, tl.load(dmat_ptr + m_off + T * T), 0.0)
-    dPk = tl.where(causal, tl.load(dmat_ptr + m_off + 2 * T * T), 0.0)
-    dPa = tl.where(causal, tl.load(dmat_ptr + m_off + 3 * T * T), 0.0)
+    dA = tl.zeros([T, T], dtype=tl.float32)
+    dBm = tl.zeros([T, T], dtype=tl.float32)
+    dPk = tl.zeros([T, T], dtype=tl.float32)
+    dPa = tl.zeros([T, T], dtype=tl.float32)
+    for s in range(NV):  # the value blocks' shares
+        s_off = m_off + s * B * H * n_chunks * 4 * T * T
+        dA += tl.load(dmat_ptr + s_off)
+        dBm += tl.load(dmat_ptr + s_off + T * T)
+        dPk += tl.load(dmat_ptr + s_off + 2 * T * T)
+        dPa += tl.load(dmat_ptr + s_off + 3 * T * T)
+    dA = tl.where(strict, dA, 0.0)
+    dBm = tl.where(strict, dBm, 0.0)
+    dPk = tl.where(causal, dPk, 0.0)
+    dPa = tl.where(causal, dPa, 0.0)
     if split:  # the four products of _chunk_matrices, differentiated
         gp_m, g_m = tl.exp(gp - m[None, :]), tl.exp(g - m[None, :])
         up = tl.exp(m[None, :] - g)
@@ -338,10 +359,25 @@ def _chunk_matrix_grads(r_ptr, g_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, dr
             dk_j = tl.sum(dBm_j * E * kh, axis=0) + tl.sum(dPk_j * F * r, axis=0)
             db += one[:, None] * db_j[None, :]
             dk += one[:, None] * dk_j[None, :]
-    tl.store(dr_ptr + offs, dr)
-    tl.store(dk_ptr + offs, dk)
-    tl.store(db_ptr + offs, db)
-    tl.store(dkh_ptr + offs, dkh)
+    # plus the direct shares of the value blocks (_bwd_pass): r, k~, b, kappa_hat
+    one_share = B * Lp * H * DK
+    for s in range(NV):
+        dr += tl.load(share_ptr + s * one_share + offs)
+        dk += tl.load(share_ptr + (NV + s) * one_share + offs)
+        db += tl.load(share_ptr + (2 * NV + s) * one_share + offs)
+        dkh += tl.load(share_ptr + (3 * NV + s) * one_share + offs)
+    a = tl.load(a_ptr + offs).to(tl.float32)
+    da = kh * db  # b = a kappa_hat
+    dkh += a * db
+    # log w (module docstring): sum_{tau >= t} r dr + sum_{tau > t} e, inside the chunk
+    e = kh * dkh - 2 * a * da - k * dk
+    z = r * dr + e
+    tl.store(dlw_ptr + offs, tl.cumsum(z, axis=0, reverse=True) - e - a * da - k * dk)
+    tl.store(tot_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(z, axis=0))
+    tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty))
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
+    tl.store(dkh_ptr + offs, dkh.to(dkh_ptr.dtype.element_ty))
+    tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty))
 
 
 def _precision(dtype):
@@ -357,12 +393,6 @@ def _warps(DK):
     return 4 if DK <= 64 else 8
 
 
-def _chunk_cumsum(log_w, T):
-    """g_t = sum of log w over the chunk's steps up to t, in float32, (batch, Lp, H, N)."""
-    B, Lp, H, DK = log_w.shape
-    return log_w.float().view(B, Lp // T, T, H, DK).cumsum(2).view(B, Lp, H, DK).contiguous()
-
-
 class WKV7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, kappa_hat, a, S0):
@@ -373,57 +403,51 @@ class WKV7Chunked(torch.autograd.Function):
         Lp = n * T
         # padded steps are the identity: log w = 0, every other input 0
         rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
-        g = _chunk_cumsum(wp, T)  # g_t, from each chunk's start
         dev = r.device
         mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
-        _chunk_matrices[(B * H, n)](rp, g, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16)
+        _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
+                                    num_warps=_warps(DK))  # fmt: skip
         save = any(ctx.needs_input_grad)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
         s0 = S0.float().contiguous() if S0 is not None else final
-        _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, g, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
+        _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
                                                       DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None,
                                                       SAVE_STATES=save, PREC=_precision(r.dtype),
                                                       num_warps=_warps(DK))  # fmt: skip
-        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, g, mats, states, final)
+        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        rp, wp, kp, vp, khp, ap, g, mats, states, final = ctx.saved_tensors
+        rp, wp, kp, vp, khp, ap, mats, states, final = ctx.saved_tensors
         B, Lp, H, DK = rp.shape
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
         n, nv = Lp // T, triton.cdiv(DV, BLOCK_V)
         dev = rp.device
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
-        shares = [torch.empty(nv, B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]  # r, k, b, kh
-        dmats = torch.empty(nv, B * H, n, 4, T, T, dtype=torch.float32, device=dev)
-        dv = torch.empty(B, Lp, H, DV, dtype=torch.float32, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        shares = torch.empty(4, nv, B, Lp, H, DK, **f32)  # r, k, b, kh: each value block's share
+        dmats = torch.empty(nv, B * H, n, 4, T, T, **f32)
+        dv = torch.empty(B, Lp, H, DV, **f32)
         dS0 = torch.empty_like(dsl)
-        _bwd_pass[(B * H, nv)](rp, g, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
+        _bwd_pass[(B * H, nv)](rp, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
                                DK=DK, DV=DV, T=T, BV=BLOCK_V, PREC=_precision(rp.dtype), num_warps=_warps(DK))  # fmt: skip
-        dr, dk, db, dkh = (x.sum(0) for x in shares)
-        dmats = dmats.sum(0).contiguous()
-        more = [torch.empty(B, Lp, H, DK, dtype=torch.float32, device=dev) for _ in range(4)]
-        _chunk_matrix_grads[(B * H, n)](rp, g, wp, kp, khp, ap, dmats, *more, Lp, H, n, DK=DK, T=T,
-                                        LOW=rp.dtype == torch.bfloat16)  # fmt: skip
-        dr, dk, db, dkh = dr + more[0], dk + more[1], db + more[2], dkh + more[3]
-        r32, k32, kh32, a32 = rp.float(), kp.float(), khp.float(), ap.float()
-        da = kh32 * db
-        dkh = dkh + a32 * db
-        # log w's gradient from the others (module docstring): no kernel needed
-        e = kh32 * dkh - 2 * a32 * da - k32 * dk
-        z = r32 * dr
-        z[:, :-1] += e[:, 1:]  # e_tau enters the sums of the steps before tau only
-        Q = z.flip(1).cumsum(1).flip(1) + (final * dsl).sum(-1)[:, None]
-        dlw = Q - a32 * da - k32 * dk
         d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
-        return (dr[:, :L].to(d_r), dlw[:, :L].to(d_w), dk[:, :L].to(d_k), dv[:, :L].to(d_v), dkh[:, :L].to(d_kh),
-                da[:, :L].to(d_a), None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
+        dr, dk, dkh, da = (torch.empty(B, Lp, H, DK, dtype=d, device=dev) for d in (d_r, d_k, d_kh, d_a))
+        dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, n, H, DK, **f32)
+        _chunk_matrix_grads[(B * H, n)](rp, wp, kp, khp, ap, dmats, shares, dr, dk, dkh, da, dlw, tot, B, Lp, H, n,
+                                        DK=DK, T=T, NV=nv, LOW=rp.dtype == torch.bfloat16,
+                                        num_warps=_warps(DK))  # fmt: skip
+        # log w's gradient: add the sums over the later chunks and the final state's term (module docstring)
+        later = tot.flip(1).cumsum(1).flip(1) - tot + (final * dsl).sum(-1)[:, None]
+        dlw = (dlw.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
+        return (dr[:, :L], dlw[:, :L].to(d_w), dk[:, :L], dv[:, :L].to(d_v), dkh[:, :L], da[:, :L],
+                None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
 
 
 def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
