@@ -19,8 +19,10 @@ DESIGNS = ["fused", "split"]
 
 # (batch, length, heads, P, groups, N, chunk): a single step; a length that is not a multiple
 # of the chunk with two groups and odd P, N; several chunks with P > BLOCK_P (two P blocks in
-# float32, BLOCK_P = 16) and N not a power of two; a length that fills its chunks exactly.
-CASES = [(1, 1, 2, 3, 1, 4, 16), (2, 37, 4, 5, 2, 7, 16), (1, 70, 2, 20, 1, 12, 16), (1, 64, 3, 16, 3, 16, 32)]
+# float32, BLOCK_P = 16) and N not a power of two; a length that fills its chunks exactly;
+# float32 also walks N in blocks of 16 in the backward: N = 40 takes three, the last partial.
+CASES = [(1, 1, 2, 3, 1, 4, 16), (2, 37, 4, 5, 2, 7, 16), (1, 70, 2, 20, 1, 12, 16), (1, 64, 3, 16, 3, 16, 32),
+         (1, 40, 2, 8, 1, 40, 16)]
 
 
 def make(batch, length, heads, P, groups, N, seed):
@@ -135,3 +137,15 @@ def test_only_y_or_only_the_final_state_needs_a_gradient(device):
         for name, a, b in zip(NAMES[2:], leaves, ref):
             want = torch.zeros_like(b) if b.grad is None else b.grad  # C does not reach the final state
             assert_near(a.grad.cpu(), want, 1e-5, f"{name} (loss on {use})")
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_bfloat16_backward_walks_the_state_in_blocks(device, design):
+    # N = 80 > the 16-bit backward's block of 64 state indices: two blocks, the last partial.
+    wide = make(1, 40, 2, 16, 1, 80, seed=21)
+    inputs = [t.to(device=device, dtype=torch.bfloat16 if i in (0, 3, 4) else torch.float32)
+              for i, t in enumerate(wide)]  # fmt: skip
+    wide = [t.to(F64) for t in (t.cpu() for t in inputs)]
+    got, want = run_both(inputs, wide, 16, design)
+    for name, g, w in zip(NAMES, got, want):
+        assert_near(g.cpu(), w, 2e-2, f"{name} (bfloat16, N = 80, {design})")

@@ -258,65 +258,96 @@ def _ssd_bwd(
     WIDEN: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Every gradient of one chunk, per (batch * head, chunk, block of P)."""
+    """Every gradient of one chunk, per (batch * head, chunk, block of P). The state index
+    ``n`` is walked in blocks of ``BLOCK_N`` twice (first the sums over it, then ``dB`` and
+    ``dC``, which are per ``n``), so that only one block of ``B, C, S, dS`` is live at a time."""
     batch = tl.program_id(0) // H
     head = tl.program_id(0) % H
     group = head // (H // G)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     pblock = tl.program_id(2)
+    bt = tl.num_programs(0) // H  # the batch size
     p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, Q)
-    pn_ok = (p < P)[:, None] & (n < N)[None, :]
-    offs = (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
-    S = tl.load(STATES + offs, mask=pn_ok, other=0.0).to(tl.float32)  # entering the chunk
-    dS = tl.load(DSTATES + offs, mask=pn_ok, other=0.0).to(tl.float32)  # d loss / d (state leaving the chunk)
-    t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
-        X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+    t = (chunk * Q + rows).to(tl.int64)
+    live = t < L
+    x_offs = ((batch * L + t[:, None]) * H + head) * P + p[None, :]
+    x_ok = live[:, None] & (p < P)[None, :]
+    x = tl.load(X + x_offs, mask=x_ok, other=0.0)
     dy = tl.load(DY + x_offs, mask=x_ok, other=0.0)
+    dt = tl.load(DT + (batch * L + t) * H + head, mask=live, other=0.0).to(tl.float32)  # 0 past the end
+    A_h = tl.load(A + head).to(tl.float32)
+    c = tl.cumsum(dt * A_h, axis=0)  # log of the decay from the chunk's start to step t
+    c_last = tl.sum(dt * A_h, axis=0)
+    state_base = ((batch * n_chunks + chunk).to(tl.int64) * H + head) * P
+    bc_base = (batch * L + t[:, None]) * G + group
+
+    # Pass 1 over n: the sums over the state index.
+    scores = tl.zeros((Q, Q), dtype=tl.float32)  # C_t . B_s
+    Bg = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # dS B_s, per step s
+    CS = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # S C_t, per step t
+    gS = tl.zeros((BLOCK_P,), dtype=tl.float32)  # <dS, S>, per channel
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        bc_ok = live[:, None] & (n < N)[None, :]
+        Bc = tl.load(B + bc_base * N + n[None, :], mask=bc_ok, other=0.0)
+        Cc = tl.load(C + bc_base * N + n[None, :], mask=bc_ok, other=0.0)
+        pn_offs = (state_base + p[:, None]) * N + n[None, :]
+        pn_ok = (p < P)[:, None] & (n < N)[None, :]
+        S = tl.load(STATES + pn_offs, mask=pn_ok, other=0.0).to(tl.float32)  # entering the chunk
+        dS = tl.load(DSTATES + pn_offs, mask=pn_ok, other=0.0).to(tl.float32)  # d loss / d (leaving state)
+        scores += _mm(Cc, tl.trans(Bc), PRECISION, WIDEN)
+        Bg += _mm(Bc.to(tl.float32), tl.trans(dS), STATE_PRECISION, WIDEN)
+        CS += _mm(Cc.to(tl.float32), tl.trans(S), STATE_PRECISION, WIDEN)
+        gS += tl.sum(dS * S, axis=1)
 
     causal = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))  # e^{c_t - c_s}, s <= t
-    scores = _mm(Cc, tl.trans(Bc), PRECISION, WIDEN)  # C_t . B_s
     dyx = _mm(dy, tl.trans(x), PRECISION, WIDEN)  # dy_t . x_s
     w = tl.exp(c_last - c) * dt  # w_s: step s's input weight in the state leaving the chunk
-    Bg = _mm(Bc.to(tl.float32), tl.trans(dS), STATE_PRECISION, WIDEN)  # (Q, BLOCK_P): B_s dS^T
-    CS = _mm(Cc.to(tl.float32), tl.trans(S), STATE_PRECISION, WIDEN)  # (Q, BLOCK_P): S C_t
 
     # dx_s = sum_t M_ts dy_t + w_s dS B_s, with M_ts = (C_t . B_s) e^{c_t - c_s} dt_s
     M = scores * decay * dt[None, :]
     dx = _mm(tl.trans(M).to(dy.dtype), dy, PRECISION, WIDEN) + w[:, None] * Bg
     tl.store(DX + x_offs, dx.to(DX.dtype.element_ty), mask=x_ok)
 
-    # dC_t = sum_s D_ts B_s + e^{c_t} dy_t S and dB_s = sum_t D_ts C_t + w_s x_s dS,
-    # with D_ts = (dy_t . x_s) e^{c_t - c_s} dt_s
-    D = dyx * decay * dt[None, :]
-    dC = _mm(D.to(Bc.dtype), Bc, PRECISION, WIDEN)
-    dC += tl.exp(c)[:, None] * _mm(dy.to(tl.float32), S, STATE_PRECISION, WIDEN)
-    dB = _mm(tl.trans(D).to(Cc.dtype), Cc, PRECISION, WIDEN)
-    dB += w[:, None] * _mm(x.to(tl.float32), dS, STATE_PRECISION, WIDEN)
-    bt = tl.num_programs(0) // H  # the batch size
-    dbc_offs = (((pblock * bt + batch).to(tl.int64) * L + t[:, None]) * H + head) * N + n[None, :]
-    tl.store(DB + dbc_offs, dB, mask=bc_ok)
-    tl.store(DC + dbc_offs, dC, mask=bc_ok)
-
     # dt enters directly (the dt_s in M and w) and through the log-decays a_r = dt_r A, which
     # every c_t with t >= r sums. First the gradient of each c_t (as if independent) ...
     xf = x.to(tl.float32)
-    state_in = w * tl.sum(xf * Bg, axis=1)  # K_s = w_s x_s . (dS B_s): input s's part of the leaving state
+    xBg = tl.sum(xf * Bg, axis=1)  # x_s . (dS B_s)
+    state_in = w * xBg  # K_s: input s's part of the leaving state, as it enters the loss
     P_ts = M * dyx  # the terms of y's own-chunk part, as they enter the loss
     dc = tl.sum(P_ts, axis=1) - tl.sum(P_ts, axis=0) - state_in
     dc += tl.exp(c) * tl.sum(dy.to(tl.float32) * CS, axis=1)  # the state's part of y_t: e^{c_t} S C_t
-    dc_last = tl.sum(state_in, axis=0) + tl.exp(c_last) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+    dc_last = tl.sum(state_in, axis=0) + tl.exp(c_last) * tl.sum(gS, axis=0)
     # ... then da_r = sum_{t >= r} dc_t + dc_last (c_last sums every a_r of the chunk).
     da = tl.sum(dc, axis=0) - tl.cumsum(dc, axis=0) + dc + dc_last
-    ddt_direct = tl.sum(scores * decay * dyx, axis=0) + tl.exp(c_last - c) * tl.sum(xf * Bg, axis=1)
-    A_h = tl.load(A + head).to(tl.float32)
-    ddt = ddt_direct + da * A_h
+    ddt = tl.sum(scores * decay * dyx, axis=0) + tl.exp(c_last - c) * xBg + da * A_h
     tl.store(DDT + ((pblock * bt + batch).to(tl.int64) * L + t) * H + head, ddt, mask=live)
-    dA = tl.sum(tl.where(live, da * dt, 0.0), axis=0)
-    tl.store(DA + ((pblock * bt + batch).to(tl.int64) * n_chunks + chunk) * H + head, dA)
+    tl.store(DA + ((pblock * bt + batch).to(tl.int64) * n_chunks + chunk) * H + head,
+             tl.sum(tl.where(live, da * dt, 0.0), axis=0))  # fmt: skip
+
+    # Pass 2 over n: dC_t = sum_s D_ts B_s + e^{c_t} dy_t S and dB_s = sum_t D_ts C_t + w_s x_s dS,
+    # with D_ts = (dy_t . x_s) e^{c_t - c_s} dt_s.
+    D = dyx * decay * dt[None, :]
+    dyf = dy.to(tl.float32)
+    part_base = (((pblock * bt + batch).to(tl.int64) * L + t[:, None]) * H + head) * N
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        bc_ok = live[:, None] & (n < N)[None, :]
+        Bc = tl.load(B + bc_base * N + n[None, :], mask=bc_ok, other=0.0)
+        Cc = tl.load(C + bc_base * N + n[None, :], mask=bc_ok, other=0.0)
+        pn_offs = (state_base + p[:, None]) * N + n[None, :]
+        pn_ok = (p < P)[:, None] & (n < N)[None, :]
+        S = tl.load(STATES + pn_offs, mask=pn_ok, other=0.0).to(tl.float32)
+        dS = tl.load(DSTATES + pn_offs, mask=pn_ok, other=0.0).to(tl.float32)
+        dC = _mm(D.to(Bc.dtype), Bc, PRECISION, WIDEN)
+        dC += tl.exp(c)[:, None] * _mm(dyf, S, STATE_PRECISION, WIDEN)
+        dB = _mm(tl.trans(D).to(Cc.dtype), Cc, PRECISION, WIDEN)
+        dB += w[:, None] * _mm(xf, dS, STATE_PRECISION, WIDEN)
+        tl.store(DB + part_base + n[None, :], dB, mask=bc_ok)
+        tl.store(DC + part_base + n[None, :], dC, mask=bc_ok)
 
 
 #: Launch parameters by input element size (bytes): chunk Q, channels per program, warps.
@@ -326,16 +357,21 @@ def _ssd_bwd(
 #: float32 products, do not fit); float32 inputs multiply with FMAs (exact, no tensor
 #: cores) and spill at every size tried: they are for checking, not for speed.
 CONFIGS = {
-    4: dict(Q=16, BLOCK_P=16, NUM_STAGES=2, num_warps=4),
-    2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8),
+    4: dict(Q=16, BLOCK_P=16, NUM_STAGES=2, num_warps=4, BWD_BLOCK_N=16),
+    2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8, BWD_BLOCK_N=64),
 }
 
+#: ``BWD_BLOCK_N``: the block of state indices the backward's per-chunk kernel walks N in.
 #: The split design's (and so the backward's, after a split forward) chunk, channels per
 #: program and warps. A longer chunk than the fused one: the states go through memory once
-#: per chunk, and the pass over them takes one sequential step per chunk.
+#: per chunk, and the pass over them takes one sequential step per chunk. Register counts
+#: from the sm_90 compile (Triton 3.9 here, cuobjdump): the backward at (Q, BLOCK_P,
+#: BWD_BLOCK_N) = (32, 64, 64) takes 182 registers, (64, 64, 32) 254, neither spills; at
+#: (64, 64, 64) it spills 24 bytes, at Q = 128 more than 1 KB. Optional ``state_dtype``:
+#: the dtype the per-chunk states and their gradients are stored in (float32 by default).
 SPLIT_CONFIGS = {
-    4: dict(Q=16, BLOCK_P=16, num_warps=4),
-    2: dict(Q=64, BLOCK_P=64, num_warps=8),
+    4: dict(Q=16, BLOCK_P=16, num_warps=4, BWD_BLOCK_N=16),
+    2: dict(Q=64, BLOCK_P=64, num_warps=8, BWD_BLOCK_N=32),
 }
 
 #: Streaming multiprocessors assumed under the interpreter (no device to ask).
@@ -418,7 +454,7 @@ def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     Q = cfg["Q"]
-    state_dtype = cfg.pop("state_dtype", torch.float32)
+    state_dtype = cfg.get("state_dtype", torch.float32)
     y = torch.empty_like(x)
     s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     prec = _precisions(x)
@@ -428,7 +464,8 @@ def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
                   if store_states else s_end)  # fmt: skip
         _ssd_fwd[(batch * H, triton.cdiv(P, cfg["BLOCK_P"]))](
             x, dt, A, B, C, s_end if s0 is None else s0, y, s_end, states, L, H, G, P, N,
-            HAS_S0=s0 is not None, STORE_STATES=store_states, **prec, **cfg,
+            HAS_S0=s0 is not None, STORE_STATES=store_states, **prec,
+            **{k: cfg[k] for k in ("Q", "BLOCK_P", "BLOCK_N", "NUM_STAGES", "num_warps")},
         )  # fmt: skip
         return y, s_end, states if store_states else None
     states, s_end = _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False, state_dtype=state_dtype)
@@ -446,7 +483,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None
     ``"fused"``, ``"split"`` or ``"auto"`` (:func:`choose_design`)."""
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     design, cfg = _configure(x, B, config, chunk_size, design)
-    y, s_end, _ = _forward(x, dt, A, B, C, initial_state, dict(cfg), design, store_states=False)
+    y, s_end, _ = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=False)
     return y, s_end
 
 
@@ -458,7 +495,7 @@ class SSDFunction(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
         design, cfg = _configure(x, B, config, chunk_size, design)
-        y, s_end, states = _forward(x, dt, A, B, C, initial_state, dict(cfg), design, store_states=True)
+        y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
         ctx.save_for_backward(x, dt, A, B, C, states)
         ctx.cfg = cfg
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
@@ -469,7 +506,8 @@ class SSDFunction(torch.autograd.Function):
     def backward(ctx, dy, d_final):
         x, dt, A, B, C, states = ctx.saved_tensors
         cfg = ctx.cfg
-        Q, BLOCK_P, BLOCK_N = cfg["Q"], cfg["BLOCK_P"], cfg["BLOCK_N"]
+        Q, BLOCK_P = cfg["Q"], cfg["BLOCK_P"]
+        BLOCK_N = max(16, min(cfg.get("BWD_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))  # the backward walks n in blocks
         batch, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         n_chunks, p_blocks = triton.cdiv(L, Q), triton.cdiv(P, BLOCK_P)
