@@ -20,7 +20,8 @@ The chunked kernel (:func:`wkv7`)
 ---------------------------------
 Chunks of ``T = 16`` steps; inputs padded with identity steps (:math:`\log w = 0`,
 :math:`\tilde k = \hat\kappa = a = r = v = 0`). Inside a chunk entered with :math:`S`, with
-:math:`g_t = \sum_{r \le t} \log w_r` (cumulated from the chunk's start, float32, in PyTorch) and
+:math:`g_t = \sum_{r \le t} \log w_r` (cumulated from the chunk's start, float32, by each kernel
+that needs it: ``tl.cumsum`` of the chunk's 16 rows) and
 :math:`g^-_t = g_t - \log w_t`, the recalled rows :math:`X` (one :math:`x_t` per row) solve a unit
 lower-triangular system, and everything else is a product:
 
@@ -34,12 +35,21 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
 :math:`K_d = \tilde k \odot e^{g_T - g}`, :math:`B_d = b \odot e^{g_T - g}` and the ``(T, T)`` matrices
 :math:`A_{tj} = \sum_c \hat\kappa_{tc} e^{g^-_{tc} - g_{jc}} b_{jc}` and :math:`B_{m,tj}` (the same with
 :math:`\tilde k_j`) for :math:`j < t`, :math:`P_{k,tj} = \sum_c r_{tc} e^{g_{tc} - g_{jc}} \tilde k_{jc}` and
-:math:`P_{a,tj}` (with :math:`b_j`) for :math:`j \le t`. Every exponent is :math:`\le 0`: the matrices
-are built one column :math:`j` at a time, exponent first (splitting :math:`e^{g_t - g_j}` into
-:math:`e^{g_t} e^{-g_j}` to make one matrix product overflows once decays are strong).
+:math:`P_{a,tj}` (with :math:`b_j`) for :math:`j \le t`. Two ways to build them:
+
+- as four matrix products (tensor cores), splitting :math:`e^{x - y} = e^{x - m}\, e^{m - y}` around
+  :math:`m`, the chunk's middle step's :math:`g`: e.g. :math:`A = (\hat\kappa \odot e^{g^- - m})
+  (b \odot e^{m - g})^\top`. Every factor lies within :math:`e^{\pm s}`, :math:`s` the chunk's spread
+  (the largest minus the smallest of its :math:`g, g^-`), so this is taken where
+  :math:`s <` ``SPLIT_SPREAD`` = 60 (float32 and bfloat16 reach :math:`e^{88}`). RWKV-7's own decays,
+  :math:`\log w \ge -e^{-1/2}`, spread at most 9.7 over 16 steps: always this way. Operands are
+  bfloat16 for bfloat16 inputs (as flash-linear-attention's ``chunk_rwkv7``, which also splits at the
+  chunk's middle), exact float32 otherwise;
+- one column :math:`j` at a time, exponent first (every exponent :math:`\le 0`), for chunks whose
+  decays are stronger (the split would overflow).
 
 1. ``_chunk_matrices``, one program per (batch, head, chunk), all chunks at once: :math:`(I+A)^{-1}`
-   (forward substitution on the identity), :math:`B_m, P_k, P_a`.
+   (forward substitution on the identity), :math:`B_m, P_k, P_a`, each chunk whichever way it allows.
 2. ``_fwd_pass``, one program per (batch, head, ``BLOCK_V`` value columns: the transition acts on
    rows, value columns never mix) walks the chunks in order with its state block in float32, saves
    the state entering each chunk and applies the three lines above (eight small matrix products).
@@ -50,9 +60,11 @@ are built one column :math:`j` at a time, exponent first (splitting :math:`e^{g_
    writes :math:`\partial v` and each value block's share of the gradients that sum over values:
    the direct terms of :math:`\partial r, \partial\tilde k, \partial b, \partial\hat\kappa` and
    :math:`\partial A = -\partial\mathrm{rhs}\, X^\top` (strictly lower), :math:`\partial B_m, \partial P_k, \partial P_a`.
-4. ``_chunk_matrix_grads``, all chunks at once: the ``(T, T)`` gradients back to
-   :math:`r, \tilde k, b, \hat\kappa`, one column at a time as in 1. Then, in PyTorch,
-   :math:`\partial a = \hat\kappa \odot \partial b` and :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`.
+4. ``_chunk_matrix_grads``, all chunks at once: sums the value blocks' shares, takes the ``(T, T)``
+   gradients back to :math:`r, \tilde k, b, \hat\kappa` (products or columns, as in 1), then
+   :math:`\partial a = \hat\kappa \odot \partial b`, :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`
+   and the decays' gradient below within the chunk; PyTorch adds the sum over later chunks (a
+   cumulative sum over ``(batch, chunks, H, N)``).
 
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
@@ -64,9 +76,11 @@ the float64 recurrence, and by the tests)
     + \textstyle\sum_v S_L \odot \bar S_L - a_t \odot \partial a_t - \tilde k_t \odot \partial\tilde k_t,
     \qquad e_\tau = \hat\kappa_\tau \odot \partial\hat\kappa_\tau - 2\, a_\tau \odot \partial a_\tau - \tilde k_\tau \odot \partial\tilde k_\tau ,
 
-a reverse cumulative sum over the sequence, formed in PyTorch from the other gradients.
+a reverse cumulative sum over the sequence, formed from the other gradients (inside each chunk by
+``_chunk_matrix_grads``, across chunks in PyTorch).
 
-Precision: float32 inside. The exponents are differences of float32 cumulative sums, off by about
+Precision: float32 inside for float32 and float16 inputs; for bfloat16 inputs the (T, T) matrices'
+products take bfloat16 operands and the passes TF32 products (accumulating in float32). The exponents are differences of float32 cumulative sums, off by about
 :math:`u\,|g|` (:math:`u = 6\cdot 10^{-8}`): for RWKV-7's decays (:math:`\log w \ge -e^{-1/2}`,
 :math:`|g| < 10` in a chunk) that is below :math:`10^{-6}`; for :math:`\log w` near :math:`-30`
 it reaches :math:`3\cdot 10^{-5}` relative (the tests fit their tolerance to it). The fused
@@ -96,12 +110,16 @@ Cost and status
 ---------------
 Both do :math:`O(L\,N\,d_v)` work per (batch, head) in the state updates. The fused recurrent
 kernel takes ``L`` dependent steps of a few vector operations (its speed is set by one step's
-latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix products, and its
-``(T, T)`` matrices, the costliest part (:math:`O(T^2 N)` exponentials per chunk), are built for all
-chunks in parallel. The walk over chunks is still sequential per (batch, head, value block), as in
-:mod:`seqbook.kernels.delta`; flash-linear-attention's ``chunk_rwkv7`` splits the work differently.
-Unmeasured: both are checked under the Triton interpreter against the float64 recurrence and
-compiled for sm_90 by ``benchmarks.compile_check``; neither is timed on a GPU yet.
+latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix products (TF32 for
+bfloat16 inputs, exact float32 otherwise), and its ``(T, T)`` matrices are built for all chunks in
+parallel. The walk over chunks is sequential per (batch, head, value block).
+
+Measured (H200, GPU call 1, ``python -m benchmarks.profile rwkv7.fwdbwd``, B=4, L=4096, H=32, d=64
+bf16), before the products of 1 and 4, the TF32 passes and the in-kernel cumulative sums and tail:
+forward 6.2 ms (``_chunk_matrices`` 4.5, ``_fwd_pass`` 1.5), forward+backward 21.7 ms
+(``_chunk_matrix_grads`` 6.6, ``_bwd_pass`` 3.6, torch cumulative sums 1.6 and about 3 ms of torch
+elementwise ops); fla's ``chunk_rwkv7`` 1.92 / 7.04 ms there. The current version is checked
+under the Triton interpreter against the float64 recurrence and compiled for sm_90; not yet timed.
 """
 
 from __future__ import annotations
