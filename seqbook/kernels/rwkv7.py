@@ -398,6 +398,13 @@ def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr
     tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty))
 
 
+def _forward_block_v(BH, DV):
+    """Value columns per program of the forward pass: ``BLOCK_V``, or 16 where that leaves fewer than two
+    programs per SM of the H200's 132 (B=1, H=16, d_v=128: 64 programs of 32 columns, 128 of 16). The
+    backward keeps ``BLOCK_V``: each of its value blocks writes a share of the gradients over N."""
+    return BLOCK_V if BH * triton.cdiv(DV, BLOCK_V) >= 256 else min(16, DV)
+
+
 def _precision(dtype):
     """The passes' products: TF32 for bfloat16 inputs (their outputs round to 8 bits anyway), else exact float32."""
     return "tf32" if dtype == torch.bfloat16 else "ieee"
@@ -430,10 +437,11 @@ class WKV7Chunked(torch.autograd.Function):
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
         s0 = S0.float().contiguous() if S0 is not None else final
-        _fwd_pass[(B * H, triton.cdiv(DV, BLOCK_V))](rp, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
-                                                      DK=DK, DV=DV, T=T, BV=BLOCK_V, HAS_S0=S0 is not None,
-                                                      SAVE_STATES=save, PREC=_precision(r.dtype),
-                                                      num_warps=_warps(DK))  # fmt: skip
+        bv = _forward_block_v(B * H, DV)
+        _fwd_pass[(B * H, triton.cdiv(DV, bv))](rp, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
+                                                DK=DK, DV=DV, T=T, BV=bv, HAS_S0=S0 is not None,
+                                                SAVE_STATES=save, PREC=_precision(r.dtype),
+                                                num_warps=_warps(DK))  # fmt: skip
         ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
