@@ -37,11 +37,13 @@ The backward
 Given :math:`\bar y = \partial \ell / \partial y` and the gradient of the final state,
 the gradient of the state entering each chunk obeys the same recurrence backwards:
 :math:`\bar S_{c} = e^{c_\text{last}} \bar S'_{c} + \sum_t e^{c_t} \bar y_t C_t^\top` (the
-second term from the chunk's own outputs), with :math:`\bar S'_c = \bar S_{c+1}`. So the
-backward reuses pieces (1) and (2): :func:`_chunk_states` with the weights
-:math:`e^{c_t}` on :math:`\bar y` and :math:`C`, then :func:`_state_pass` run in reverse.
-Last, :func:`_ssd_bwd` differentiates one chunk with :math:`S` (saved by the forward) and
-:math:`\bar S'` in hand, in parallel over chunks (formulas in its comments).
+second term from the chunk's own outputs), with :math:`\bar S'_c = \bar S_{c+1}`. The
+backward runs that recurrence in the forward's design: after a split forward, with pieces
+(1) and (2) (:func:`_chunk_states` with the weights :math:`e^{c_t}` on :math:`\bar y` and
+:math:`C`, then :func:`_state_pass` in reverse); after a fused one, with
+:func:`_dstates_fused`, the fused forward's mirror. Last, :func:`_ssd_bwd` differentiates
+one chunk with :math:`S` (saved by the forward) and :math:`\bar S'` in hand, in parallel
+over chunks (formulas in its comments).
 
 Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``, not
 TF32). With bfloat16 or float16 inputs, products of inputs (``C B^T``, masked scores times
@@ -181,6 +183,45 @@ def _chunk_states(
     out = _mm(tl.trans(uw), v.to(tl.float32), STATE_PRECISION, WIDEN)  # (BLOCK_P, BLOCK_N)
     offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
     tl.store(OUT + offs, out, mask=(p < P)[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _dstates_fused(
+    DY,  # (Bt, L, H, P): the output gradient
+    DT, A,
+    C,  # (Bt, L, G, N)
+    DS_END,  # (Bt, H, P, N) float32: the gradient of the final state (if HAS_DS_END)
+    DSTATES,  # (Bt, chunks, H, P, N) output: the gradient of the state leaving each chunk
+    DS0,  # (Bt, H, P, N) float32 output: the gradient of the initial state
+    L, H, G, P, N,
+    HAS_DS_END: tl.constexpr, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    r"""The backward's state pass for large grids, the mirror of :func:`_ssd_fwd`: one program
+    per (batch, head, block of P) walks the chunks from the last, holding
+    :math:`\bar S` in registers: :math:`\bar S \leftarrow e^{c_\text{last}} \bar S + \sum_t
+    e^{c_t} \bar y_t C_t^\top`, storing it before each update."""
+    batch = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    group = head // (H // G)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
+    state = ((batch * H + head).to(tl.int64) * P + p[:, None]) * N + n[None, :]
+    if HAS_DS_END:
+        dS = tl.load(DS_END + state, mask=pn_ok, other=0.0)
+    else:
+        dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(L, Q)
+    for i in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        chunk = n_chunks - 1 - i
+        tl.store(DSTATES + (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :],
+                 dS.to(DSTATES.dtype.element_ty), mask=pn_ok)  # fmt: skip
+        t, live, x_offs, x_ok, dy, dt, bc_offs, bc_ok, Cc, _, c, c_last = _load_chunk(
+            DY, DT, A, C, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+        dyw = dy.to(tl.float32) * tl.where(live, tl.exp(c), 0.0)[:, None]
+        dS = tl.exp(c_last) * dS + _mm(tl.trans(dyw), Cc.to(tl.float32), STATE_PRECISION, WIDEN)
+    tl.store(DS0 + state, dS, mask=pn_ok)
 
 
 @triton.jit
@@ -497,7 +538,7 @@ class SSDFunction(torch.autograd.Function):
         design, cfg = _configure(x, B, config, chunk_size, design)
         y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
         ctx.save_for_backward(x, dt, A, B, C, states)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.design = cfg, design
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
         ctx.dtypes = (dt.dtype, A.dtype)
         return y, s_end
@@ -514,8 +555,16 @@ class SSDFunction(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
         # The gradient of the state leaving each chunk: the forward's recurrence, backwards.
-        d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
-                                       state_dtype=states.dtype)  # fmt: skip
+        if ctx.design == "fused":  # the same grid as the forward's, walking the chunks backwards
+            d_states, d_s0 = torch.empty_like(states), torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+            _dstates_fused[(batch * H, p_blocks)](
+                dy, dt, A, C, d_s0 if d_final is None else d_final, d_states, d_s0, L, H, G, P, N,
+                HAS_DS_END=d_final is not None, WIDEN=interpreting(), STATE_PRECISION=_precisions(x)["STATE_PRECISION"],
+                Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+            )  # fmt: skip
+        else:
+            d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
+                                           state_dtype=states.dtype)  # fmt: skip
         dx = torch.empty_like(x)
         dB = torch.empty(p_blocks, batch, L, H, N, dtype=torch.float32, device=x.device)
         dC = torch.empty_like(dB)
