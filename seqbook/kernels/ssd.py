@@ -575,11 +575,15 @@ class SSDFunction(torch.autograd.Function):
             Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
         )  # fmt: skip
 
-        def per_group(d):  # heads share their group's B and C: sum the P blocks and the group's heads
-            return d.sum(0).view(batch, L, G, H // G, N).sum(3).to(B.dtype)
+        def blocks(d):  # the sum over the blocks of P (no copy when there is one)
+            return d[0] if p_blocks == 1 else d.sum(0)
+
+        def per_group(d):  # heads share their group's B and C: sum the group's heads
+            d = blocks(d)
+            return (d if G == H else d.view(batch, L, G, H // G, N).sum(3)).to(B.dtype)
 
         d_s0 = None if ctx.s0_dtype is None else d_s0.to(ctx.s0_dtype)
-        return (dx, ddt.sum(0).to(ctx.dtypes[0]), dA.sum((0, 1, 2)).to(ctx.dtypes[1]), per_group(dB), per_group(dC),
+        return (dx, blocks(ddt).to(ctx.dtypes[0]), dA.sum((0, 1, 2)).to(ctx.dtypes[1]), per_group(dB), per_group(dC),
                 d_s0, None, None, None)  # fmt: skip
 
 
