@@ -215,4 +215,4 @@ def test_committed_records_hold_every_family_with_three_seeds(name):
     assert set(r["summary"]) == set(h2h.FAMILIES)
     for fam in h2h.FAMILIES:
         assert sorted(run["seed"] for run in r["runs"] if run["family"] == fam) == [0, 1, 2], fam
-    assert all(s["device"] == "cpu" for s in r["sources"])
+    assert [s["file"] for s in r["sources"]] == [f"{name}.json", f"{name}_added.json"]
