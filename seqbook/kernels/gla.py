@@ -10,15 +10,17 @@ Design
 Chunks of ``T = 64`` steps, each cut into four sub-chunks of 16 (fla's layout for ``chunk_gla``, read for the
 facts). The inputs are padded to a multiple of ``T`` with zeros (a zero key and value add nothing; a zero
 log-gate keeps the decay flat). ``c`` is the log-gates' inclusive cumulative sum inside each chunk (float32,
-``_chunk_cumsum``); the query's exponent is :math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the
-query reads the state before its own step). Every matrix product runs on float32 operands: exact
-(``"ieee"``) for float32 inputs, on the tensor cores at tf32 for 16-bit ones (float16's mantissa, float32's
-range: the states and the exponentials need no 16-bit rounding).
+written by the state pass; the state passes form their own with ``tl.cumsum``); the query's exponent is
+:math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the query reads the state before its own step).
+Every matrix product runs on float32 operands: exact (``"ieee"``) for float32 inputs, on the tensor cores at
+tf32 for 16-bit ones (float16's mantissa, float32's range: the states and the exponentials need no 16-bit
+rounding).
 
 Forward:
 
 1. ``_state_pass``: one program per (batch, head, key block, value block) walks the chunks in order with
-   its tile of the state in float32, saves the state entering each chunk and folds the chunk in,
+   its tile of the state in float32, saves the state entering each chunk (and at the end the final state)
+   and folds the chunk in,
    :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ e^{c_\text{last} - c})^\top v`. Key
    rows decay separately and never mix, so the state splits into independent tiles both ways.
 2. ``_intra_weights``: the chunk's weights :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}`
@@ -43,11 +45,15 @@ Backward:
 
 The log-gates' gradient: every exponent in the model is a difference :math:`b_x - b_y` of global cumulative
 gates (the chunk boundaries cancel), so :math:`\partial\mathcal L/\partial b_x = q_x \odot \partial q_x -
-k_x\odot\partial k_x` (the gated parts of dq, dk), plus the final state's :math:`\sum_v S_L \odot \bar S_L`
-at the last step; the log-gate's gradient at step ``t`` is the sum over steps ``>= t``. With the bonus the
-query's exponent is :math:`b_{t-1}`, so its own step's :math:`q_t \odot\partial q_t` leaves the sum. Step 6
-forms the sum inside the chunk and each chunk's total; the totals of the later chunks are added in PyTorch
-(tensors 64 times smaller than the inputs, and one addition).
+k_x\odot\partial k_x` (the gated parts of dq, dk), and the log-gate's gradient at step ``t`` is the sum of
+these over steps ``>= t`` (with the bonus the query's exponent is :math:`b_{t-1}`, so its own step's
+:math:`q_t \odot\partial q_t` leaves the sum). The sum over the later chunks needs no pass of its own: at the
+chunk's last step the recurrence :math:`S_t = \mathrm{Diag}(e^{g_t}) S_{t-1} + k_t v_t^\top` gives the
+gradient directly, :math:`\sum_v (S_\text{out} - k_t v_t^\top) \odot \bar S_t`, where :math:`\bar S_t` is the
+state's whole gradient after that step (:math:`\bar S_\text{out}`, plus :math:`s\, q_t\, do_t^\top` without
+the bonus, where the query reads that state); step 6 adds the in-chunk sums to it and writes the log-gates'
+gradient in their dtype. The final state is stored after the chunks' entering states, so
+:math:`S_\text{out}` is always "the next entering state".
 
 Unmeasured: checked under the Triton interpreter against the float64 reference, compiled for sm_90 by
 ``benchmarks.compile_check``; not yet timed on a GPU.
@@ -75,19 +81,18 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_cumsum(g_ptr, c_ptr, Lp, H, DK: tl.constexpr, T: tl.constexpr):
-    """``c``: the log-gates' inclusive cumulative sum inside each chunk, float32."""
-    ci, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rt, rk = tl.arange(0, T), tl.arange(0, DK)
-    offs = ((b * Lp + ci * T + rt) * H + h)[:, None] * DK + rk[None, :]
-    tl.store(c_ptr + offs, tl.cumsum(tl.load(g_ptr + offs).to(tl.float32), axis=0))
+def _last_row(x, rt, T: tl.constexpr):
+    """Row ``T - 1`` of a ``(T, n)`` tile."""
+    return tl.sum(tl.where(rt[:, None] == T - 1, x, 0.0), axis=0)
 
 
 @triton.jit
-def _state_pass(k_ptr, v_ptr, c_ptr, s0_ptr, states_ptr, final_ptr, Lp, H, n_chunks,
+def _state_pass(k_ptr, v_ptr, g_ptr, c_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_S0: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The states entering each chunk and, after them, the final state (``n_chunks + 1`` per (batch, head));
+    and (the programs of the first value block) ``c``, the log-gates' inclusive cumulative sum inside each
+    chunk, float32, for the passes after this one."""
     # one (batch, head) and one (BK, BV) tile of the state: key rows decay separately and never mix
     bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -98,19 +103,22 @@ def _state_pass(k_ptr, v_ptr, c_ptr, s0_ptr, states_ptr, final_ptr, Lp, H, n_chu
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S)
+        tl.store(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + s_off, S)
         rows = (b * Lp + ci * T + rt) * H + h  # (T,)
         k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
         v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        c = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
-        c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)  # (BK,)
+        c = tl.cumsum(tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32), axis=0)
+        if pv == 0:
+            tl.store(c_ptr + rows[:, None] * DK + rk[None, :], c)
+        c_last = _last_row(c, rt, T)  # (BK,)
         S = tl.exp(c_last)[:, None] * S + _dot(tl.trans(k * tl.exp(c_last[None, :] - c)), v, PREC)
-    tl.store(final_ptr + bh * DK * DV + s_off, S)
+    tl.store(states_ptr + (bh * (n_chunks + 1) + n_chunks) * DK * DV + s_off, S)
 
 
 @triton.jit
 def _intra_weights(q_ptr, k_ptr, c_ptr, g_ptr, u_ptr, a_ptr, Lp, H,
-                   DK: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                   DK: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BONUS: tl.constexpr,
+                   PREC: tl.constexpr):  # fmt: skip
     r"""The chunk's weights ``A[t, j]`` (T, T), float32, zeros above the diagonal:
     :math:`\sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` for ``j < t`` (and ``j = t`` without the bonus), the bonus's
     :math:`q_t \cdot (u \circ k_t)` on the diagonal with it."""
@@ -173,7 +181,7 @@ def _chunk_out(q_ptr, v_ptr, c_ptr, g_ptr, a_ptr, states_ptr, o_ptr, scale, Lp, 
     cq = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
     if BONUS:
         cq -= tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+    S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
     A = tl.load(a_ptr + (bh * n_chunks + ci) * T * T + rt[:, None] * T + rt[None, :])
     v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
     o = _dot(q * tl.exp(cq), S, PREC) + _dot(A, v, PREC)
@@ -181,7 +189,7 @@ def _chunk_out(q_ptr, v_ptr, c_ptr, g_ptr, a_ptr, states_ptr, o_ptr, scale, Lp, 
 
 
 @triton.jit
-def _dstate_pass(q_ptr, do_ptr, c_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
+def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
                  DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     r"""The state's gradient, chunks in reverse: saves :math:`\bar S_\text{out}` of each chunk, then
@@ -197,10 +205,13 @@ def _dstate_pass(q_ptr, do_ptr, c_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, sca
         rows = (b * Lp + ci * T + rt) * H + h
         q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        cq = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
+        g = tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
+        c = tl.cumsum(g, axis=0)
+        c_last = _last_row(c, rt, T)
         if BONUS:
-            cq -= tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
+            cq = c - g
+        else:
+            cq = c
         dS = tl.exp(c_last)[:, None] * dS + scale * _dot(tl.trans(q * tl.exp(cq)), do, PREC)
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS)
 
@@ -234,20 +245,44 @@ def _chunk_dv(k_ptr, v_ptr, do_ptr, c_ptr, a_ptr, dstates_ptr, dv_ptr, da_ptr, s
 
 @triton.jit
 def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr, da_ptr,
-               dq_ptr, dk_ptr, r_ptr, tot_ptr, du_ptr, scale, Lp, H, n_chunks,
+               dq_ptr, dk_ptr, dg_ptr, du_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """dq, dk of one chunk and one block of key channels, sub-chunk by sub-chunk from the last; with them the
-    log-gates' gradient inside the chunk (``r``, a reverse cumulative sum) and its chunk total (``tot``)."""
+    """dq, dk and the log-gates' gradient of one chunk and one block of key channels, sub-chunk by sub-chunk
+    from the last."""
     ci, bh, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     NC: tl.constexpr = T // BC
     rc, rk = tl.arange(0, BC), pk * BK + tl.arange(0, BK)
     t0 = b * Lp + ci * T
-    st_base = (bh * n_chunks + ci) * DK * DV
+    st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
+    ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
     da_base = da_ptr + (bh * n_chunks + ci) * T * T
     c_last = tl.load(c_ptr + ((t0 + T - 1) * H + h) * DK + rk)
-    carry = tl.zeros([BK], dtype=tl.float32)  # the log-gates' gradient summed over the later sub-chunks
+    # The log-gate's gradient at the chunk's last step, from the recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T:
+    # d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient
+    # of the state after step t: dS_out, plus s q_t do_t^T where the query reads that state (no bonus).
+    row_l = (t0 + T - 1) * H + h
+    q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
+    k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
+    d_last = tl.zeros([BK], dtype=tl.float32)
+    v_do = 0.0
+    for pv in tl.static_range(DV // BV):
+        rv = pv * BV + tl.arange(0, BV)
+        s_tile = rk[:, None] * DV + rv[None, :]
+        s_out = tl.load(states_ptr + st_base + DK * DV + s_tile)  # the next chunk's entering state, or the final
+        ds_out = tl.load(dstates_ptr + ds_base + s_tile)
+        v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
+        d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
+        if not BONUS:
+            do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
+            d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
+            v_do += tl.sum(v_l * do_l)
+    if not BONUS:
+        d_last -= scale * q_l * k_l * v_do
+    # the gradient at step t is d_last plus the sum of b_x's shares over t <= x < T - 1 (see the module docstring)
+    shift = d_last  # becomes d_last minus the last step's share, in the first sub-chunk done
+    carry = tl.zeros([BK], dtype=tl.float32)  # the shares summed over the later sub-chunks
     du = tl.zeros([BK], dtype=tl.float32)
     for X in tl.static_range(NC - 1, -1, -1):  # sub-chunks from the last
         rows = (t0 + X * BC + rc) * H + h
@@ -266,9 +301,9 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
             rv = pv * BV + tl.arange(0, BV)
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
             v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-            s_off = st_base + rk[:, None] * DV + rv[None, :]
-            dq += _dot(do, tl.trans(tl.load(states_ptr + s_off)), PREC)
-            dk += _dot(v, tl.trans(tl.load(dstates_ptr + s_off)), PREC)
+            s_tile = rk[:, None] * DV + rv[None, :]
+            dq += _dot(do, tl.trans(tl.load(states_ptr + st_base + s_tile)), PREC)
+            dk += _dot(v, tl.trans(tl.load(dstates_ptr + ds_base + s_tile)), PREC)
         dq *= scale * tl.exp(cq)
         dk *= tl.exp(c_last[None, :] - c)
         # 2. earlier sub-chunks' keys (for dq) and later sub-chunks' queries (for dk): matrix products with the
@@ -310,10 +345,15 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
             dk += tl.where(rc[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
         # 4. the log-gates: b_x appears with + in the queries' exponents, with - in the keys'
         db = q * dq - k * dk
-        r = carry[None, :] + tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # sum over steps >= t
-        carry += tl.sum(db, axis=0)
         if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
-            r -= q * dq
+            own = q * dq
+        else:
+            own = tl.zeros([BC, BK], dtype=tl.float32)
+        suffix = carry[None, :] + tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # over steps >= t
+        carry += tl.sum(db, axis=0)
+        shift += tl.sum(tl.where((X * BC + rc == T - 1)[:, None], own - db, 0.0), axis=0)
+        dg = shift[None, :] + suffix - own
+        if BONUS:
             # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
             da_tt = tl.load(da_base + (X * BC + rc) * (T + 1))
             u = tl.load(u_ptr + h * DK + rk)
@@ -322,8 +362,7 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
             du += tl.sum(da_tt[:, None] * q * k, axis=0)
         tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
         tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
-        tl.store(r_ptr + kd_off, r)
-    tl.store(tot_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, carry)
+        tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
     if BONUS:
         tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, du)
 
@@ -345,12 +384,10 @@ class GLA(torch.autograd.Function):
         tiles = _tiles(DK, DV)
         qp, kp, vp, g = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(log_alpha, Lp)
         c = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=q.device)
-        _chunk_cumsum[(n, B * H)](g, c, Lp, H, DK=DK, T=T)
-        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=q.device)
-        final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
-        s0 = S0.float().contiguous() if S0 is not None else final
+        states = torch.empty(B * H, n + 1, DK, DV, dtype=torch.float32, device=q.device)  # + the final state
+        s0 = S0.float().contiguous() if S0 is not None else states
         BK, BV, warps = tiles["state"]
-        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, c, s0, states, final, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, c, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
                                                  BV=BV, HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
         u = bonus.float().contiguous() if bonus is not None else c
         A = torch.empty(B * H, n, T, T, dtype=torch.float32, device=q.device)
@@ -360,24 +397,24 @@ class GLA(torch.autograd.Function):
         BV, warps = tiles["out"]
         _chunk_out[(n, B * H, DV // BV)](qp, vp, c, g, A, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV,
                                          BONUS=bonus is not None, PREC=prec, num_warps=warps)  # fmt: skip
-        ctx.save_for_backward(qp, kp, vp, g, c, u, A, states, final)
+        ctx.save_for_backward(qp, kp, vp, g, c, u, A, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
-        return o[:, :L], final
+        return o[:, :L], states[:, n].view(B, H, DK, DV).clone()
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qp, kp, vp, g, c, u, A, states, final = ctx.saved_tensors
+        qp, kp, vp, g, c, u, A, states = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
         DV, T, L, scale, bonus = vp.shape[-1], CHUNK, ctx.L, ctx.scale, ctx.has_bonus
         n = Lp // T
         prec = "ieee" if qp.dtype == torch.float32 else "tf32"
         tiles = _tiles(DK, DV)
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
-        dsl = (dS_final if dS_final is not None else torch.zeros_like(final)).float().contiguous()
-        dstates, dS0 = torch.empty_like(states), torch.empty_like(final)
+        dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=qp.device)).float().contiguous()
+        dstates, dS0 = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=qp.device), torch.empty_like(dsl)
         BK, BV, warps = tiles["state"]
-        _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, c, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV, T=T,
+        _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV, T=T,
                                                   BK=BK, BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
         dv = torch.empty_like(vp)
         dA = torch.empty_like(A)
@@ -385,19 +422,14 @@ class GLA(torch.autograd.Function):
         _chunk_dv[(n, B * H)](kp, vp, dop, c, A, dstates, dv, dA, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV, PREC=prec,
                               num_warps=warps)  # fmt: skip
         dq, dk = torch.empty_like(qp), torch.empty_like(kp)
-        r = torch.empty_like(c)
-        tot = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device)
-        du = torch.empty_like(tot) if bonus else tot
+        dg = torch.empty_like(g)
+        du = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device) if bonus else dg
         BK, BV, warps = tiles["dqk"]
-        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, c, g, u, states, dstates, dA, dq, dk, r, tot, du, scale, Lp,
-                                         H, n, DK=DK, DV=DV, T=T, BC=SUB_CHUNK, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
-                                         num_warps=warps)  # fmt: skip
-        # the log-gates' gradient at step t is the sum over steps >= t: r holds the part inside t's chunk; the later
-        # chunks' totals, and the final state's Diag(e^{b_{L-1}}) (every step up to L-1), are added per chunk
-        later = tot.sum(1, keepdim=True) - tot.cumsum(1) + (final * dsl).sum(-1)[:, None]  # (B, n, H, DK)
-        dg = (r.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
-        la_dt, s0_dt, u_dt = ctx.dtypes
-        return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L].to(la_dt), dS0.to(s0_dt) if ctx.has_s0 else None, None,
+        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, c, g, u, states, dstates, dA, dq, dk, dg, du, scale,
+                                         Lp, H, n, DK=DK, DV=DV, T=T, BC=SUB_CHUNK, BK=BK, BV=BV, BONUS=bonus,
+                                         PREC=prec, num_warps=warps)  # fmt: skip
+        _, s0_dt, u_dt = ctx.dtypes
+        return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L], dS0.to(s0_dt) if ctx.has_s0 else None, None,
                 du.sum((0, 1)).to(u_dt) if bonus else None)  # fmt: skip
 
 
