@@ -672,8 +672,8 @@ SSD_SWEEP_SHAPES = [SSD_TARGET, dict(SSD_TARGET, B=1, L=16384)]
 
 
 def ssd_sweep(device: str = "cuda") -> list[dict]:
-    """The SSD kernel alone at the target shape and at one sequence of 16k steps over
-    :data:`SSD_CONFIGS` (``SSD_SWEEP_N`` of them: the first N)."""
+    """The SSD kernel's fused forward alone at the target shape and at one sequence of 16k
+    steps over :data:`SSD_CONFIGS` (``SSD_SWEEP_N`` of them: the first N)."""
     k = kernels("ssd")
     found = []
     configs = SSD_CONFIGS[: int(os.environ.get("SSD_SWEEP_N", len(SSD_CONFIGS)))]
@@ -684,7 +684,7 @@ def ssd_sweep(device: str = "cuda") -> list[dict]:
         for q, block_p, stages, warps in configs:
             cfg = dict(Q=q, BLOCK_P=block_p, NUM_STAGES=stages, num_warps=warps)
             try:
-                fn = lambda: k.ssd_forward(x, dt, A, B, C, config=cfg)  # noqa: E731
+                fn = lambda: k.ssd_forward(x, dt, A, B, C, config=cfg, design="fused")  # noqa: E731
                 fn()
                 ms = time_ms(fn, warmup=10, rep=40)
             except Exception as e:
