@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from . import tasks, train
-from .experiments_h2h import FAMILIES, IGNORE, build, matched_width, n_parameters, state_bytes
+from .experiments_h2h import CONV_VARIANTS, FAMILIES, IGNORE, _entry, build, matched_width, n_parameters, state_bytes
 
 #: The families run by default: softmax attention, the Mamba + attention hybrid, Mamba, linear attention and
 #: RWKV-6 (chapters 4-7). The others of :data:`seqbook.experiments_h2h.FAMILIES` run when asked for
@@ -136,9 +136,9 @@ def _head_to_head(
     seeds, families, device = config["seeds"], config["families"], config["device"]
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES and f not in CONV_VARIANTS]  # the controls run when asked for
     if unknown:
-        raise ValueError(f"families must be among {list(FAMILIES)}, got {unknown}")
+        raise ValueError(f"families must be among {list(FAMILIES) + list(CONV_VARIANTS)}, got {unknown}")
     train_lengths, test_lengths = list(config["train_lengths"]), list(config["test_lengths"])
     tests = {L: batch_fn(config["n_test"], L, torch.Generator().manual_seed(config["test_seed"] + L))
              for L in test_lengths}  # fmt: skip
@@ -155,7 +155,7 @@ def _head_to_head(
         model = build(fam, d, vocab, n_layers)
         by_length = {str(L): state_bytes(model, state_length(L)) for L in test_lengths}
         fixed = len(set(by_length.values())) == 1
-        info = {"d_model": d, "parameters": n_parameters(model), "chapter": FAMILIES[fam][2],
+        info = {"d_model": d, "parameters": n_parameters(model), "chapter": _entry(fam)[2], "n_layers": len(model.blocks),
                 "state_bytes": by_length, "fixed_state": fixed}  # fmt: skip
         if fixed and config["task"] == "copying":
             info["bound_length"] = copy_bound_length(by_length[str(test_lengths[0])], config["n_symbols"])

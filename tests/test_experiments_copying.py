@@ -199,3 +199,14 @@ def test_bad_arguments():
         ec.selective_copying_head_to_head(length=5, n_tokens=4)
     with pytest.raises(ValueError, match="length"):
         ec.induction_heads_head_to_head(test_lengths=(2,))
+
+
+def test_the_convolution_controls_run_when_asked_for():
+    """experiments_h2h.CONV_VARIANTS run through the copying tasks too (not by default), their depth recorded."""
+    kw = dict(TINY, families=("DeltaNet, no conv", "Based + conv"))
+    rec = ec.copying_head_to_head(**kw, n_symbols=4, train_lengths=(2,), test_lengths=(2,), curve_length=2)
+    assert [r["family"] for r in rec["runs"]] == ["DeltaNet, no conv", "Based + conv"]
+    assert rec["families"]["DeltaNet, no conv"]["n_layers"] == 2 and rec["families"]["Based + conv"]["n_layers"] == 4
+    for fam, info in rec["families"].items():  # the recorded size is the library's model
+        assert info["parameters"] == h2h.n_parameters(h2h.build(fam, info["d_model"], 5))
+    assert not set(h2h.CONV_VARIANTS) & set(ec.DEFAULT_FAMILIES)
