@@ -230,13 +230,13 @@ def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_
     dq = scale * dq + tl.dot(dM, k, input_precision=PREC)
     dk += tl.dot(tl.trans(dM), q, input_precision=PREC)
     offs = rows[:, None] * DK + rk[None, :]
-    tl.store(dq_ptr + offs, dq)
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
     tl.store(dk_ptr + offs, dk)
     tl.store(dw_ptr + offs, dw)
 
 
 @triton.jit
-def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H, n_chunks,
+def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H, n_chunks,
             DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
     rk = tl.arange(0, DK)
@@ -250,14 +250,14 @@ def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dk_ptr
     dYk = tl.dot(Tt, tl.load(dw_ptr + offs).to(dt), input_precision=PREC)
     dA = tl.dot(dYk.to(dt), tl.trans(tl.load(w_ptr + offs)), input_precision=PREC)
     kf = k.to(tl.float32)
-    dk = tl.load(dk_ptr + offs) + beta[:, None] * dYk
+    dk = tl.load(dkp_ptr + offs) + beta[:, None] * dYk  # dkp: _bwd_qkw's part
     dbeta = tl.sum(dYk * kf, axis=1)
     # (U~, diag(beta) V), by value blocks: dY = T^T dU
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
         v_off = rows[:, None] * DV + rv[None, :]
         dYv = tl.dot(Tt, tl.load(dvn_ptr + v_off).to(dt), input_precision=PREC)
-        tl.store(dv_ptr + v_off, beta[:, None] * dYv)
+        tl.store(dv_ptr + v_off, (beta[:, None] * dYv).to(dv_ptr.dtype.element_ty))
         dbeta += tl.sum(dYv * tl.load(v_ptr + v_off).to(tl.float32), axis=1)
         dA += tl.dot(dYv.to(dt), tl.trans(tl.load(u_ptr + v_off)), input_precision=PREC)
     # A = diag(beta) tril_{-1}(K K^T)
@@ -266,7 +266,7 @@ def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dk_ptr
     dbeta += tl.sum(dA * G, axis=1)
     dG = beta[:, None] * dA
     dk += tl.dot((dG + tl.trans(dG)).to(dt), k, input_precision=PREC)
-    tl.store(dk_ptr + offs, dk)
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
     tl.store(db_ptr + rows, dbeta)
 
 
@@ -303,7 +303,8 @@ class DeltaRule(torch.autograd.Function):
         vn = torch.empty_like(vp)
         s0 = S0.float().contiguous() if S0 is not None else final
         _state_fwd[(B * H, triton.cdiv(DV, BV))](kp, W, U, s0, states, vn, final, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BV,
-                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=4)  # fmt: skip
+                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=4,
+                                                 num_stages=2)  # fmt: skip
         # 3. the outputs
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=dev)
         BVo = min(DV, 64)
@@ -334,18 +335,19 @@ class DeltaRule(torch.autograd.Function):
         dstates = torch.empty(B * H, n, DK, DV, **f32)
         dvn, dS0 = torch.empty(B, Lp, H, DV, **f32), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
-                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4)  # fmt: skip
+                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4, num_stages=2)  # fmt: skip
         # 6. dq, dk (so far), dW
-        dq, dk, dW = (torch.empty(B, Lp, H, DK, **f32) for _ in range(3))
+        dq = torch.empty_like(qp)  # in the inputs' dtype: the kernels write the final gradients
+        dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, Lp, H, DK, **f32)
         BVg = min(DV, 32 if DK > 64 else 64)
-        _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk, dW, scale, Lp, H, n, DK=DK, DV=DV, BT=T,
+        _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV, BT=T,
                              BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
         # 7. through the WY representation
-        dv, db = torch.empty(B, Lp, H, DV, **f32), torch.empty(B, Lp, H, **f32)
-        _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg,
+        dk, dv, db = torch.empty_like(kp), torch.empty_like(vp), torch.empty(B, Lp, H, **f32)
+        _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk_part, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg,
                             PREC=prec, num_warps=_warps(DK))  # fmt: skip
         b_dt, s0_dt = ctx.dtypes
-        return (dq[:, :L].to(qp.dtype), dk[:, :L].to(kp.dtype), dv[:, :L].to(vp.dtype), db[:, :L].to(b_dt),
+        return (dq[:, :L], dk[:, :L], dv[:, :L], db[:, :L].to(b_dt),
                 dS0.to(s0_dt) if ctx.has_s0 else None, None)  # fmt: skip
 
 
