@@ -81,8 +81,8 @@ a reverse cumulative sum over the sequence, formed from the other gradients (ins
 
 Precision: float32 inside for float32 and float16 inputs; for bfloat16 inputs the (T, T) matrices'
 products take bfloat16 operands and the passes TF32 products (accumulating in float32). The
-exponents are differences of float32 cumulative sums, off by about :math:`u\,|g|` (:math:`u = 6\cdot
-10^{-8}`): for RWKV-7's decays (:math:`\log w \ge -e^{-1/2}`, :math:`|g| < 10` in a chunk) that is
+exponents are differences of float32 cumulative sums, off by about :math:`u\,|g|`
+(:math:`u = 6\cdot 10^{-8}`): for RWKV-7's decays (:math:`\log w \ge -e^{-1/2}`, :math:`|g| < 10` in a chunk) that is
 below :math:`10^{-6}`; for :math:`\log w` near :math:`-30` it reaches :math:`3\cdot 10^{-5}`
 relative (the tests fit their tolerance to it). The fused recurrent kernel multiplies step by step
 and has no such term.
