@@ -66,6 +66,8 @@ from .chunked_state import pad_to
 CHUNK = 64
 #: rows per diagonal block of the inverse (forward substitution by blocks)
 SUB = 16
+#: the diagonal blocks' inverses on a (4, 16, 16) stack (True) or with (64, 64) products (False)
+STACKED_DIAGONAL = True
 
 
 def _state_block_v(BH, DV):
@@ -75,17 +77,37 @@ def _state_block_v(BH, DV):
 
 
 @triton.jit
-def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+def _diagonal_block_inverses(A, BT: tl.constexpr, SUB: tl.constexpr):
+    """The inverses of the diagonal (SUB, SUB) blocks of I + A, as a block-diagonal (BT, BT) matrix: the
+    blocks as a (BT / SUB, SUB, SUB) stack, forward substitution on all of them at once, in float32."""
+    NB: tl.constexpr = BT // SUB
+    rb, ri = tl.arange(0, NB), tl.arange(0, SUB)
+    same = rb[:, None, None, None] == rb[None, None, :, None]  # (NB, 1, NB, 1): block b, block b'
+    # A4[b, i, b', l] = A[SUB b + i, SUB b' + l]; keep b' = b
+    A3 = tl.sum(tl.where(same, tl.reshape(A, (NB, SUB, NB, SUB)), 0.0), axis=2)  # (NB, SUB, SUB)
+    D3 = tl.zeros([NB, SUB, SUB], dtype=tl.float32) + tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)[None, :, :]
+    for i in range(1, SUB):  # row i of every block: e_i - sum_{l < i} A[i, l] D[l, :]
+        row = (ri == i)[None, :, None]
+        a_i = tl.sum(tl.where(row, A3, 0.0), axis=1)  # (NB, SUB)
+        D3 -= tl.where(row, tl.sum(a_i[:, :, None] * D3, axis=1)[:, None, :], 0.0)
+    return tl.reshape(tl.where(same, D3[:, :, None, :], 0.0), (BT, BT))
+
+
+@triton.jit
+def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr):
     """(I + A)^{-1} for A (BT, BT) strictly lower triangular, float32: forward substitution by
     blocks of SUB rows (module docstring)."""
     eye = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
     blk = rt // SUB
     A_diag = tl.where(blk[:, None] == blk[None, :], A, 0.0)  # the diagonal blocks
     A_left = A - A_diag  # the blocks left of the diagonal
-    # 1. the diagonal blocks' inverses, all at once: step i finishes row i of every block
-    D = eye
-    for i in range(1, SUB):
-        D = tl.where((rt % SUB == i)[:, None], eye - tl.dot(A_diag, D, input_precision=PREC), D)
+    # 1. the diagonal blocks' inverses, all at once
+    if STACKED:  # as a stack of (SUB, SUB) blocks
+        D = _diagonal_block_inverses(A_diag, BT, SUB)
+    else:  # with (BT, BT) products: step i finishes row i of every block
+        D = eye
+        for i in range(1, SUB):
+            D = tl.where((rt % SUB == i)[:, None], eye - tl.dot(A_diag, D, input_precision=PREC), D)
     # 2. block row b from the block rows above it: T_b = D_b (I - A_left,b T)
     Tinv = D
     for bi in range(1, BT // SUB):
@@ -106,14 +128,15 @@ def _chunk_rows(Lp, H, BT: tl.constexpr):
 
 @triton.jit
 def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
-            BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):  # fmt: skip
+            BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
+            STACKED: tl.constexpr):  # fmt: skip
     ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
     rk = tl.arange(0, DK)
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
     dt = k.dtype
     beta = tl.load(b_ptr + rows)
     A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
-    Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC)
+    Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, STACKED)
     tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv)
     Tc = Tinv.to(dt)
     W = tl.dot(Tc, (beta[:, None] * k.to(tl.float32)).to(dt), input_precision=PREC)
@@ -295,7 +318,7 @@ class DeltaRule(torch.autograd.Function):
         W, U = torch.empty_like(kp), torch.empty_like(vp)
         BVw = min(DV, 64)
         _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
-                            INV_PREC=inv_prec, num_warps=4)  # fmt: skip
+                            INV_PREC=inv_prec, STACKED=STACKED_DIAGONAL, num_warps=4)  # fmt: skip
         # 2. the pass over chunks
         BV = _state_block_v(B * H, DV)
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev)
