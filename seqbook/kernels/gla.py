@@ -71,6 +71,9 @@ from .chunked_state import pad_to
 CHUNK = 64
 #: steps per sub-chunk: the blocks of the chunk's weights formed as one matrix product, or column by column
 SUB_CHUNK = 16
+#: the largest decay (in log space, over one sub-chunk, any channel) for which a diagonal block is one matrix
+#: product: its key factor is at most e^SPAN (float32 overflows past e^88)
+SPAN = tl.constexpr(40.0)
 
 
 @triton.jit
@@ -136,35 +139,50 @@ def _intra_weights(q_ptr, k_ptr, c_ptr, g_ptr, u_ptr, a_ptr, Lp, H,
             cq_i = c_i - tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
         else:
             cq_i = c_i
+        # the exponent split at the step before sub-chunk I (the chunk's start for the first): the query's factor
+        # is <= 1 against every earlier key (c decreases along the chunk)
         if I > 0:
-            # earlier sub-chunks: one matrix product, the exponent split at the step before sub-chunk I,
-            # so that both factors are <= 1 (c decreases along the chunk)
             ref = tl.load(c_ptr + ((t0 + I * BC - 1) * H + h) * DK + rk)
-            qe = q_i * tl.exp(cq_i - ref[None, :])
-            for J in tl.static_range(I):
-                rows_j = (t0 + J * BC + rc) * H + h
-                k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
-                c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
-                a_ij = _dot(qe, tl.trans(k_j * tl.exp(ref[None, :] - c_j)), PREC)
-                tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], a_ij)
+        else:
+            ref = tl.zeros([DK], dtype=tl.float32)
+        qe = q_i * tl.exp(cq_i - ref[None, :])
+        # earlier sub-chunks: one matrix product, the key's factor <= 1 as well, so neither overflows and an
+        # underflow only drops a weight below float32's range
+        for J in tl.static_range(I):
+            rows_j = (t0 + J * BC + rc) * H + h
+            k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
+            c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
+            a_ij = _dot(qe, tl.trans(k_j * tl.exp(ref[None, :] - c_j)), PREC)
+            tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], a_ij)
         for J in tl.static_range(I + 1, NC):  # the future: zeros
             tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], tl.zeros([BC, BC], dtype=tl.float32))
-        # the diagonal block: one key column at a time, each exponent a difference <= 0 formed first
-        a_ii = tl.zeros([BC, BC], dtype=tl.float32)
-        for j in range(BC):
-            row_j = (t0 + I * BC + j) * H + h
-            k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-            c_col = tl.load(c_ptr + row_j * DK + rk)
+        # the diagonal block: the same product where the sub-chunk's decay stays within e^{-SPAN} in every channel
+        # (its key factor e^{c_r - c_j} <= e^{SPAN} cannot overflow), else one key column at a time, each exponent
+        # a difference <= 0 formed before the exponential
+        k_i = tl.load(k_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
+        c_end = tl.load(c_ptr + ((t0 + I * BC + BC - 1) * H + h) * DK + rk)
+        if tl.max(ref - c_end, axis=0) <= SPAN:
+            a_ii = _dot(qe, tl.trans(k_i * tl.exp(ref[None, :] - c_i)), PREC)
             if BONUS:
-                causal = rc > j
+                a_ii = tl.where(rc[:, None] > rc[None, :], a_ii, 0.0)
             else:
-                causal = rc >= j
-            expo = tl.where(causal[:, None], cq_i - c_col[None, :], float("-inf"))
-            col = tl.sum(q_i * k_col[None, :] * tl.exp(expo), axis=1)
-            if BONUS:
-                u = tl.load(u_ptr + h * DK + rk)
-                col += tl.where(rc == j, tl.sum(q_i * (u * k_col)[None, :], axis=1), 0.0)
-            a_ii = tl.where(rc[None, :] == j, col[:, None], a_ii)
+                a_ii = tl.where(rc[:, None] >= rc[None, :], a_ii, 0.0)
+        else:
+            a_ii = tl.zeros([BC, BC], dtype=tl.float32)
+            for j in range(BC):
+                row_j = (t0 + I * BC + j) * H + h
+                k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
+                c_col = tl.load(c_ptr + row_j * DK + rk)
+                if BONUS:
+                    causal = rc > j
+                else:
+                    causal = rc >= j
+                expo = tl.where(causal[:, None], cq_i - c_col[None, :], float("-inf"))
+                col = tl.sum(q_i * k_col[None, :] * tl.exp(expo), axis=1)
+                a_ii = tl.where(rc[None, :] == j, col[:, None], a_ii)
+        if BONUS:  # the bonus's weight on the diagonal: q_t . (u o k_t)
+            u = tl.load(u_ptr + h * DK + rk)
+            a_ii += tl.where(rc[:, None] == rc[None, :], tl.sum(q_i * u[None, :] * k_i, axis=1)[:, None], 0.0)
         tl.store(a_base + (I * BC + rc)[:, None] * T + I * BC + rc[None, :], a_ii)
 
 
@@ -307,19 +325,21 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
         dq *= scale * tl.exp(cq)
         dk *= tl.exp(c_last[None, :] - c)
         # 2. earlier sub-chunks' keys (for dq) and later sub-chunks' queries (for dk): matrix products with the
-        # exponent split at a step between the two sub-chunks, both factors <= 1
+        # exponent split at a step between the two sub-chunks (before this one, or its end), both factors <= 1
         if X > 0:
             ref = tl.load(c_ptr + ((t0 + X * BC - 1) * H + h) * DK + rk)
-            acc = tl.zeros([BC, BK], dtype=tl.float32)
-            for J in tl.static_range(X):
-                rows_j = (t0 + J * BC + rc) * H + h
-                k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
-                c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
-                da = tl.load(da_base + (X * BC + rc)[:, None] * T + J * BC + rc[None, :])
-                acc += _dot(da, k_j * tl.exp(ref[None, :] - c_j), PREC)
-            dq += acc * tl.exp(cq - ref[None, :])
+        else:
+            ref = tl.zeros([BK], dtype=tl.float32)
+        acc = tl.zeros([BC, BK], dtype=tl.float32)
+        for J in tl.static_range(X):
+            rows_j = (t0 + J * BC + rc) * H + h
+            k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
+            c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
+            da = tl.load(da_base + (X * BC + rc)[:, None] * T + J * BC + rc[None, :])
+            acc += _dot(da, k_j * tl.exp(ref[None, :] - c_j), PREC)
+        dq += acc * tl.exp(cq - ref[None, :])
+        c_end = tl.load(c_ptr + ((t0 + X * BC + BC - 1) * H + h) * DK + rk)
         if X < NC - 1:
-            ref = tl.load(c_ptr + ((t0 + X * BC + BC - 1) * H + h) * DK + rk)
             acc = tl.zeros([BC, BK], dtype=tl.float32)
             for I in tl.static_range(X + 1, NC):
                 rows_i = (t0 + I * BC + rc) * H + h
@@ -328,21 +348,29 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
                 if BONUS:
                     cq_i -= tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
                 da = tl.load(da_base + (I * BC + rc)[:, None] * T + X * BC + rc[None, :])
-                acc += _dot(tl.trans(da), q_i * tl.exp(cq_i - ref[None, :]), PREC)
-            dk += acc * tl.exp(ref[None, :] - c)
-        # 3. the diagonal block, one key column j at a time
-        for j in range(BC):
-            row_j = (t0 + X * BC + j) * H + h
-            k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-            c_col = tl.load(c_ptr + row_j * DK + rk)
-            da_j = tl.load(da_base + (X * BC + rc) * T + X * BC + j)  # dA[:, j] in this block
+                acc += _dot(tl.trans(da), q_i * tl.exp(cq_i - c_end[None, :]), PREC)
+            dk += acc * tl.exp(c_end[None, :] - c)
+        # 3. the diagonal block: matrix products with the split at the step before it where the sub-chunk's decay
+        # stays within e^{-SPAN} (as in _intra_weights), else one key column j at a time
+        if tl.max(ref - c_end, axis=0) <= SPAN:
+            da = tl.load(da_base + (X * BC + rc)[:, None] * T + X * BC + rc[None, :])
             if BONUS:
-                causal = rc > j
-            else:
-                causal = rc >= j
-            E = tl.exp(tl.where(causal[:, None], cq - c_col[None, :], float("-inf")))
-            dq += da_j[:, None] * k_col[None, :] * E
-            dk += tl.where(rc[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
+                da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
+            dq += _dot(da, k * tl.exp(ref[None, :] - c), PREC) * tl.exp(cq - ref[None, :])
+            dk += _dot(tl.trans(da), q * tl.exp(cq - ref[None, :]), PREC) * tl.exp(ref[None, :] - c)
+        else:
+            for j in range(BC):
+                row_j = (t0 + X * BC + j) * H + h
+                k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
+                c_col = tl.load(c_ptr + row_j * DK + rk)
+                da_j = tl.load(da_base + (X * BC + rc) * T + X * BC + j)  # dA[:, j] in this block
+                if BONUS:
+                    causal = rc > j
+                else:
+                    causal = rc >= j
+                E = tl.exp(tl.where(causal[:, None], cq - c_col[None, :], float("-inf")))
+                dq += da_j[:, None] * k_col[None, :] * E
+                dk += tl.where(rc[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
         # 4. the log-gates: b_x appears with + in the queries' exponents, with - in the keys'
         db = q * dq - k * dk
         if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
@@ -368,8 +396,8 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dst
 
 
 def _tiles(DK, DV):
-    """Tile sizes (key block, value block) of each pass, and its warps."""
-    return dict(state=(min(DK, 64), min(DV, 32), 4), out=(min(DV, 64), 4), dv=(min(DV, 64), 8),
+    """Tile sizes of each pass (key block, value block) and its warps."""
+    return dict(state=(min(DK, 64), min(DV, 32), 4), intra=4, out=(min(DV, 64), 4), dv=(min(DV, 64), 8),
                 dqk=(min(DK, 64), min(DV, 64), 4))
 
 
@@ -392,7 +420,7 @@ class GLA(torch.autograd.Function):
         u = bonus.float().contiguous() if bonus is not None else c
         A = torch.empty(B * H, n, T, T, dtype=torch.float32, device=q.device)
         _intra_weights[(n, B * H)](qp, kp, c, g, u, A, Lp, H, DK=DK, T=T, BC=SUB_CHUNK, BONUS=bonus is not None,
-                                   PREC=prec)  # fmt: skip
+                                   PREC=prec, num_warps=tiles["intra"])  # fmt: skip
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
         BV, warps = tiles["out"]
         _chunk_out[(n, B * H, DV // BV)](qp, vp, c, g, A, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV,
