@@ -144,7 +144,7 @@ def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl
     beta = tl.load(b_ptr + rows)
     A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
     Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, STACKED)
-    tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv)
+    tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv.to(tinv_ptr.dtype.element_ty))
     Tc = Tinv.to(dt)
     W = tl.dot(Tc, (beta[:, None] * k.to(tl.float32)).to(dt), input_precision=PREC)
     tl.store(w_ptr + rows[:, None] * DK + rk[None, :], W.to(dt))
@@ -167,7 +167,7 @@ def _state_fwd(k_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, vn_ptr, final_ptr, Lp, H
     else:
         S = tl.zeros([DK, BV], dtype=tl.float32)
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S)
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S.to(states_ptr.dtype.element_ty))
         rows = (b * Lp + ci * BT + rt) * H + h
         w = tl.load(w_ptr + rows[:, None] * DK + rk[None, :])
         dt = w.dtype
@@ -205,7 +205,7 @@ def _dv_local(q_ptr, k_ptr, do_ptr, dvl_ptr, scale, Lp, H, DK: tl.constexpr, DV:
     Mt = tl.where(rt[:, None] <= rt[None, :], tl.dot(k, tl.trans(q), input_precision=PREC), 0.0)  # M^T
     do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :])
     dvl = scale * tl.dot(Mt.to(do.dtype), do, input_precision=PREC)
-    tl.store(dvl_ptr + rows[:, None] * DV + rv[None, :], dvl)
+    tl.store(dvl_ptr + rows[:, None] * DV + rv[None, :], dvl.to(dvl_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -218,12 +218,12 @@ def _state_bwd(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, dsl_ptr, dstates_ptr, dvn_p
     dS = tl.load(dsl_ptr + bh * DK * DV + s_off)  # the gradient of the state leaving the chunk
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
-        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS)
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty))
         rows = (b * Lp + ci * BT + rt) * H + h
         k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
         dt = k.dtype
-        dvn = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :]) + tl.dot(k, dS.to(dt), input_precision=PREC)
-        tl.store(dvn_ptr + rows[:, None] * DV + rv[None, :], dvn)
+        dvn = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32) + tl.dot(k, dS.to(dt), input_precision=PREC)
+        tl.store(dvn_ptr + rows[:, None] * DV + rv[None, :], dvn.to(dvn_ptr.dtype.element_ty))
         q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
         w = tl.load(w_ptr + rows[:, None] * DK + rk[None, :])
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :])
@@ -262,7 +262,7 @@ def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_
     offs = rows[:, None] * DK + rk[None, :]
     tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
     tl.store(dk_ptr + offs, dk)
-    tl.store(dw_ptr + offs, dw)
+    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -321,14 +321,15 @@ class DeltaRule(torch.autograd.Function):
         prec, inv_prec = _precisions(q.dtype)
         qp, kp, vp, bp = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(beta.float(), Lp)  # padded steps: beta = 0
         # 1. the WY representation of every chunk
-        Tinv = torch.empty(B * H, n, T, T, dtype=torch.float32, device=dev)
+        # what the kernels use only as operands of products is kept in the inputs' dtype
+        Tinv = torch.empty(B * H, n, T, T, dtype=q.dtype, device=dev)
         W, U = torch.empty_like(kp), torch.empty_like(vp)
         BVw = min(DV, 64)
         _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
                             INV_PREC=inv_prec, STACKED=STACKED_DIAGONAL, num_warps=4)  # fmt: skip
         # 2. the pass over chunks
         BV = _state_block_v(B * H, DV)
-        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev)
+        states = torch.empty(B * H, n, DK, DV, dtype=q.dtype, device=dev)
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
         vn = torch.empty_like(vp)
         s0 = S0.float().contiguous() if S0 is not None else final
@@ -357,18 +358,18 @@ class DeltaRule(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=dev)
         # 4. dU from inside each chunk
         BVo = min(DV, 64)
-        dvl = torch.empty(B, Lp, H, DV, **f32)
+        dvl = torch.empty_like(vp)
         _dv_local[(n, B * H, triton.cdiv(DV, BVo))](qp, kp, dop, dvl, scale, Lp, H, DK=DK, DV=DV, BT=T, BV=BVo,
                                                     PREC=prec, num_warps=4)  # fmt: skip
         # 5. the pass over chunks in reverse
         BV = _state_block_v(B * H, DV)
-        dstates = torch.empty(B * H, n, DK, DV, **f32)
-        dvn, dS0 = torch.empty(B, Lp, H, DV, **f32), torch.empty_like(dsl)
+        dstates = torch.empty(B * H, n, DK, DV, dtype=qp.dtype, device=dev)
+        dvn, dS0 = torch.empty_like(vp), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
                                                  DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4, num_stages=2)  # fmt: skip
         # 6. dq, dk (so far), dW
         dq = torch.empty_like(qp)  # in the inputs' dtype: the kernels write the final gradients
-        dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, Lp, H, DK, **f32)
+        dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty_like(kp)
         BVg = min(DV, 32 if DK > 64 else 64)
         _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV, BT=T,
                              BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
