@@ -44,11 +44,13 @@ The backward, with :math:`\bar S` the gradient of the state leaving a chunk:
    :math:`\partial\beta_i \mathrel{+}= \sum_j \partial A_{ij} (KK^\top)_{ij}`,
    :math:`\partial K \mathrel{+}= (G + G^\top) K` with :math:`G = \mathrm{Diag}(\beta)\,\partial A`.
 
-Precision: states, their gradients and every accumulation in float32. Matrix products take their
-operands in the inputs' dtype (bfloat16/float16 operands on tensor cores, as flash-linear-attention
-does; :math:`W, \tilde U, U` are stored in that dtype); for float32 inputs every product is exact
-float32 (``input_precision="ieee"``), and the inverse is float32 (TF32 products for 16-bit inputs,
-whose products round :math:`T` to 16 bits afterwards anyway).
+Precision: the state and its gradient inside the passes, and every accumulation, in float32. Matrix
+products take their operands in the inputs' dtype (bfloat16/float16 operands on tensor cores, as
+flash-linear-attention does), so what is only ever such an operand is stored in that dtype: the
+chunks' inverses :math:`T`, :math:`W, \tilde U, U`, the states saved at chunk boundaries and their
+gradients, :math:`\partial U, \partial W`. For float32 inputs every product is exact float32
+(``input_precision="ieee"``); the inverse is computed in float32 (its block products in TF32 for
+16-bit inputs, whose products round :math:`T` to 16 bits afterwards anyway).
 
 Measured (H200, GPU call 2, ``triton.testing.do_bench`` medians, B=4, L=4096, H=32, d=64 bf16):
 forward 0.73 ms, forward+backward 1.85 ms (``_wy_fwd`` 483 us, ``_bwd_wy`` 363, ``_bwd_qkw`` 272,
