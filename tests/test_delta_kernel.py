@@ -24,7 +24,7 @@ ON_GPU = torch.cuda.is_available()
 
 # (batch, length, heads, d_k, d_v)
 if ON_GPU:
-    SHAPES = [(2, 300, 3, 64, 64), (1, 200, 2, 128, 128), (1, 4096, 2, 64, 64), (2, 77, 2, 32, 16)]
+    SHAPES = [(2, 300, 3, 64, 64), (1, 200, 2, 128, 128), (1, 1000, 2, 64, 64), (2, 77, 2, 32, 16)]
 else:
     SHAPES = [(1, 150, 1, 16, 16), (2, 70, 1, 16, 32), (1, 129, 2, 32, 16)]
 # relative tolerances (compare.assert_near) for the output and final state / for the gradients
@@ -56,7 +56,7 @@ def compare(shape, dtype, device, seed, beta_max=1.0, state=True):
     inputs, do, dS = problem(shape, seed, dtype, beta_max, state)
     got = run(lambda q, k, v, b, S0: la.delta_rule(q, k, v, b, initial_state=S0, return_final_state=True,
                                                    backend="triton"), inputs, do, dS, device)  # fmt: skip
-    want = run(la.delta_rule_recurrent, [None if x is None else x.double() for x in inputs], do, dS, "cpu")
+    want = run(la.delta_rule_recurrent, [None if x is None else x.double() for x in inputs], do, dS, device)
     assert got["o"].dtype == dtype and got["final_state"].dtype == torch.float32
     fwd_tol, grad_tol = TOLERANCE[dtype]
     for name in want:
@@ -87,3 +87,13 @@ def test_chunk_is_64_steps_in_blocks_of_16():
     assert delta_kernel.CHUNK == 64 and delta_kernel.SUB == 16
     assert max(s[1] for s in SHAPES) > 2 * delta_kernel.CHUNK
     assert any(s[1] % delta_kernel.CHUNK not in (0, 16, 32, 48) for s in SHAPES)
+
+
+@pytest.mark.parametrize("stacked,fused", [(False, False), (False, True), (True, False)])
+def test_kernel_variants(device, monkeypatch, stacked, fused):
+    """The other ways the module can run (the defaults are STACKED_DIAGONAL and FUSED_BACKWARD, the
+    cases above): the diagonal blocks' inverses with (64, 64) products, the backward's steps 6 and 7
+    in two kernels."""
+    monkeypatch.setattr(delta_kernel, "STACKED_DIAGONAL", stacked)
+    monkeypatch.setattr(delta_kernel, "FUSED_BACKWARD", fused)
+    compare(SHAPES[0], torch.float32, device, seed=7)

@@ -77,6 +77,8 @@ CHUNK = 64
 SUB = 16
 #: the diagonal blocks' inverses on a (4, 16, 16) stack (True) or with (64, 64) products (False)
 STACKED_DIAGONAL = True
+#: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
+FUSED_BACKWARD = True
 
 
 def _state_block_v(BH, DV):
@@ -235,9 +237,9 @@ def _state_bwd(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, dsl_ptr, dstates_ptr, dvn_p
 
 
 @triton.jit
-def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_ptr, dk_ptr, dw_ptr, scale, Lp, H,
-             n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+def _qkw_grads(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, scale, ci, bh, rt, rows, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Step 6 for one chunk: dq, dk (so far) and dW, (BT, DK) each, float32."""
     rk = tl.arange(0, DK)
     q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
@@ -261,16 +263,13 @@ def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_
     dM = tl.where(rt[:, None] >= rt[None, :], scale * dM, 0.0).to(dt)
     dq = scale * dq + tl.dot(dM, k, input_precision=PREC)
     dk += tl.dot(tl.trans(dM), q, input_precision=PREC)
-    offs = rows[:, None] * DK + rk[None, :]
-    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
-    tl.store(dk_ptr + offs, dk)
-    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty))
+    return dq, dk, dw
 
 
 @triton.jit
-def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H, n_chunks,
-            DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+def _wy_grads(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dvn_ptr, dv_ptr, db_ptr, dk, dw, ci, bh, rt, rows,
+              n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Step 7 for one chunk, from step 6's dk and dW: writes dv and dbeta, returns the final dk (float32)."""
     rk = tl.arange(0, DK)
     offs = rows[:, None] * DK + rk[None, :]
     k = tl.load(k_ptr + offs)
@@ -279,11 +278,10 @@ def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_pt
     # T^T, (BT, BT), read transposed
     Tt = tl.load(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[None, :] * BT + rt[:, None]).to(dt)
     # (W, diag(beta) K): dY = T^T dW
-    dYk = tl.dot(Tt, tl.load(dw_ptr + offs).to(dt), input_precision=PREC)
+    dYk = tl.dot(Tt, dw.to(dt), input_precision=PREC)
     dA = tl.dot(dYk.to(dt), tl.trans(tl.load(w_ptr + offs)), input_precision=PREC)
-    kf = k.to(tl.float32)
-    dk = tl.load(dkp_ptr + offs) + beta[:, None] * dYk  # dkp: _bwd_qkw's part
-    dbeta = tl.sum(dYk * kf, axis=1)
+    dk += beta[:, None] * dYk
+    dbeta = tl.sum(dYk * k.to(tl.float32), axis=1)
     # (U~, diag(beta) V), by value blocks: dY = T^T dU
     for v0 in range(0, DV, BV):
         rv = v0 + tl.arange(0, BV)
@@ -298,8 +296,47 @@ def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_pt
     dbeta += tl.sum(dA * G, axis=1)
     dG = beta[:, None] * dA
     dk += tl.dot((dG + tl.trans(dG)).to(dt), k, input_precision=PREC)
-    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
     tl.store(db_ptr + rows, dbeta)
+    return dk
+
+
+@triton.jit
+def _bwd_chunk(q_ptr, k_ptr, v_ptr, b_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, tinv_ptr, w_ptr, u_ptr,
+               dq_ptr, dk_ptr, dv_ptr, db_ptr, scale, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
+               BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Steps 6 and 7 in one program per chunk (dk and dW stay in registers)."""
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    offs = rows[:, None] * DK + tl.arange(0, DK)[None, :]
+    dq, dk, dw = _qkw_grads(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, scale, ci, bh, rt, rows,
+                            n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
+    dk = _wy_grads(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dvn_ptr, dv_ptr, db_ptr, dk, dw, ci, bh, rt, rows,
+                   n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_ptr, dk_ptr, dw_ptr, scale, Lp, H,
+             n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Step 6 alone (``FUSED_BACKWARD = False``): dq, and dk so far (float32) and dW for ``_bwd_wy``."""
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    offs = rows[:, None] * DK + tl.arange(0, DK)[None, :]
+    dq, dk, dw = _qkw_grads(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, scale, ci, bh, rt, rows,
+                            n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
+    tl.store(dk_ptr + offs, dk)
+    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H,
+            n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Step 7 alone, from ``_bwd_qkw``'s dk (``dkp``) and dW."""
+    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
+    offs = rows[:, None] * DK + tl.arange(0, DK)[None, :]
+    dk = _wy_grads(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dvn_ptr, dv_ptr, db_ptr, tl.load(dkp_ptr + offs),
+                   tl.load(dw_ptr + offs), ci, bh, rt, rows, n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
 
 
 def _precisions(dtype):
@@ -369,16 +406,20 @@ class DeltaRule(torch.autograd.Function):
         dvn, dS0 = torch.empty_like(vp), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
                                                  DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4, num_stages=2)  # fmt: skip
-        # 6. dq, dk (so far), dW
-        dq = torch.empty_like(qp)  # in the inputs' dtype: the kernels write the final gradients
-        dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty_like(kp)
+        dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)  # the final gradients
+        db = torch.empty(B, Lp, H, **f32)
         BVg = min(DV, 32 if DK > 64 else 64)
-        _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV, BT=T,
-                             BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
-        # 7. through the WY representation
-        dk, dv, db = torch.empty_like(kp), torch.empty_like(vp), torch.empty(B, Lp, H, **f32)
-        _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk_part, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg,
-                            PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        if FUSED_BACKWARD:  # 6 and 7 in one kernel
+            _bwd_chunk[(n, B * H)](qp, kp, vp, bp, vn, dop, states, dstates, dvn, Tinv, W, U, dq, dk, dv, db, scale,
+                                   Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        else:
+            # 6. dq, dk (so far), dW
+            dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty_like(kp)
+            _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV,
+                                 BT=T, BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+            # 7. through the WY representation
+            _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk_part, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T,
+                                BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
         b_dt, s0_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], db[:, :L].to(b_dt),
                 dS0.to(s0_dt) if ctx.has_s0 else None, None)  # fmt: skip
