@@ -34,10 +34,12 @@ The backward, with :math:`\bar S` the gradient of the state leaving a chunk:
 4. ``_dv_local`` (parallel): :math:`\partial U \mathrel{+}= s\, M^\top do`, :math:`M = \mathrm{tril}(QK^\top)`.
 5. ``_state_bwd`` (per value block, chunks in reverse): saves :math:`\bar S`, then
    :math:`\partial U \mathrel{+}= K \bar S` and :math:`\bar S \leftarrow \bar S + s\,Q^\top do - W^\top \partial U`.
-6. ``_bwd_qkw`` (parallel): :math:`\partial M = s\,\mathrm{tril}(do\, U^\top)`,
+6. ``_bwd_chunk`` (parallel; with ``FUSED_BACKWARD = False``, two kernels: ``_bwd_qkw`` for this
+   step and ``_bwd_wy`` for the next, passing :math:`\partial K, \partial W` through memory):
+   :math:`\partial M = s\,\mathrm{tril}(do\, U^\top)`,
    :math:`\partial Q = \partial M K + s\, do\, S^\top`,
    :math:`\partial K = \partial M^\top Q + U \bar S^\top` (so far), :math:`\partial W = -\partial U S^\top`.
-7. ``_bwd_wy`` (parallel): through :math:`X = T Y` for :math:`(W, \mathrm{Diag}(\beta)K)` and
+7. (the same program) through :math:`X = T Y` for :math:`(W, \mathrm{Diag}(\beta)K)` and
    :math:`(\tilde U, \mathrm{Diag}(\beta)V)`: :math:`\partial Y = T^\top \partial X`,
    :math:`\partial A = -\partial Y X^\top` on the strictly lower triangle, and from
    :math:`A = \mathrm{Diag}(\beta)\,\mathrm{tril}_{-1}(KK^\top)`:
