@@ -292,7 +292,7 @@ def _ssd_bwd(
     STATES,  # (Bt, chunks, H, P, N): S, the state entering each chunk
     DSTATES,  # (Bt, chunks, H, P, N): the gradient of the state leaving each chunk
     DX,  # (Bt, L, H, P), x's dtype
-    DB, DC,  # (P blocks, Bt, L, H, N) float32: per head and block of P (summed by the caller)
+    DB, DC,  # (P blocks, Bt, L, H, N): per head and block of P (summed by the caller)
     DDT,  # (P blocks, Bt, L, H) float32
     DA,  # (P blocks, Bt, chunks, H) float32
     L, H, G, P, N,
@@ -387,8 +387,8 @@ def _ssd_bwd(
         dC += tl.exp(c)[:, None] * _mm(dyf, S, STATE_PRECISION, WIDEN)
         dB = _mm(tl.trans(D).to(Cc.dtype), Cc, PRECISION, WIDEN)
         dB += w[:, None] * _mm(xf, dS, STATE_PRECISION, WIDEN)
-        tl.store(DB + part_base + n[None, :], dB, mask=bc_ok)
-        tl.store(DC + part_base + n[None, :], dC, mask=bc_ok)
+        tl.store(DB + part_base + n[None, :], dB.to(DB.dtype.element_ty), mask=bc_ok)
+        tl.store(DC + part_base + n[None, :], dC.to(DC.dtype.element_ty), mask=bc_ok)
 
 
 #: Launch parameters by input element size (bytes): chunk Q, channels per program, warps.
@@ -409,7 +409,9 @@ CONFIGS = {
 #: from the sm_90 compile (Triton 3.9 here, cuobjdump): the backward at (Q, BLOCK_P,
 #: BWD_BLOCK_N) = (32, 64, 64) takes 182 registers, (64, 64, 32) 254, neither spills; at
 #: (64, 64, 64) it spills 24 bytes, at Q = 128 more than 1 KB. Optional ``state_dtype``:
-#: the dtype the per-chunk states and their gradients are stored in (float32 by default).
+#: the dtype the per-chunk states and their gradients are stored in, and ``partial_dtype``:
+#: that of the per-head parts of dB and dC before their sum over a group's heads (both
+#: float32 by default).
 SPLIT_CONFIGS = {
     4: dict(Q=16, BLOCK_P=16, num_warps=4, BWD_BLOCK_N=16),
     2: dict(Q=64, BLOCK_P=64, num_warps=8, BWD_BLOCK_N=32),
@@ -566,7 +568,9 @@ class SSDFunction(torch.autograd.Function):
             d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
                                            state_dtype=states.dtype)  # fmt: skip
         dx = torch.empty_like(x)
-        dB = torch.empty(p_blocks, batch, L, H, N, dtype=torch.float32, device=x.device)
+        # per-head parts of dB and dC: float32, or (option "partial_dtype") 16 bits, summed in float32
+        part = torch.float32 if G == H and p_blocks == 1 else cfg.get("partial_dtype", torch.float32)
+        dB = torch.empty(p_blocks, batch, L, H, N, dtype=part, device=x.device)
         dC = torch.empty_like(dB)
         ddt = torch.empty(p_blocks, batch, L, H, dtype=torch.float32, device=x.device)
         dA = torch.empty(p_blocks, batch, n_chunks, H, dtype=torch.float32, device=x.device)
@@ -576,11 +580,11 @@ class SSDFunction(torch.autograd.Function):
         )  # fmt: skip
 
         def blocks(d):  # the sum over the blocks of P (no copy when there is one)
-            return d[0] if p_blocks == 1 else d.sum(0)
+            return d[0] if p_blocks == 1 else d.sum(0, dtype=torch.float32)
 
         def per_group(d):  # heads share their group's B and C: sum the group's heads
             d = blocks(d)
-            return (d if G == H else d.view(batch, L, G, H // G, N).sum(3)).to(B.dtype)
+            return (d if G == H else d.view(batch, L, G, H // G, N).sum(3, dtype=torch.float32)).to(B.dtype)
 
         d_s0 = None if ctx.s0_dtype is None else d_s0.to(ctx.s0_dtype)
         return (dx, blocks(ddt).to(ctx.dtypes[0]), dA.sum((0, 1, 2)).to(ctx.dtypes[1]), per_group(dB), per_group(dC),
