@@ -81,11 +81,15 @@ SUB = 16
 STACKED_DIAGONAL = True
 #: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
 FUSED_BACKWARD = True
+#: value columns per program of the passes over chunks (16 or 32); None: chosen from the shape
+STATE_BLOCK_V = None
 
 
 def _state_block_v(BH, DV):
-    """Value columns per program of the passes over chunks: 32, or 16 when that leaves too few
-    programs to fill the GPU's 132 SMs (B=1, H=16, d_v=128: 64 programs of 32 columns)."""
+    """Value columns per program of the passes over chunks: ``STATE_BLOCK_V`` if set, else 32, or 16 when
+    32 leaves too few programs to fill the GPU's 132 SMs (B=1, H=16, d_v=128: 64 programs of 32 columns)."""
+    if STATE_BLOCK_V is not None:
+        return min(DV, STATE_BLOCK_V)
     return min(DV, 32 if BH * triton.cdiv(DV, 32) >= 256 else 16)
 
 
