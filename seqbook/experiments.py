@@ -23,7 +23,10 @@ Experiments:
 - Chapter 8: ``mqar_head_to_head``, ``mqar_state_sweep`` (:mod:`seqbook.experiments_h2h`);
   ``copying_head_to_head``, ``selective_copying_head_to_head``, ``induction_heads_head_to_head``
   (:mod:`seqbook.experiments_copying`); ``lm_matched_compute``, ``images_as_sequences``,
-  ``image_orders`` (:mod:`seqbook.experiments_beyond`).
+  ``image_orders`` (:mod:`seqbook.experiments_beyond`). Their controls are the same entries with
+  ``--families`` (``"GLA + conv"``, ``"DeltaNet, no conv"``, ``"Based + conv"``, ...: the
+  variants of :data:`seqbook.experiments_h2h.CONV_VARIANTS`) and ``--out``; each record holds the
+  command that made it.
 """
 
 from __future__ import annotations
