@@ -417,6 +417,10 @@ SPLIT_CONFIGS = {
     2: dict(Q=64, BLOCK_P=64, num_warps=8, BWD_BLOCK_N=32),
 }
 
+#: The design that training (:class:`SSDFunction`) takes under ``design="auto"``: "auto"
+#: (the forward's rule, :func:`choose_design`), or one of them always.
+TRAINING_DESIGN = "auto"
+
 #: Streaming multiprocessors assumed under the interpreter (no device to ask).
 INTERPRETER_SMS = 8
 
@@ -537,6 +541,7 @@ class SSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+        design = TRAINING_DESIGN if design == "auto" else design
         design, cfg = _configure(x, B, config, chunk_size, design)
         y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
         ctx.save_for_backward(x, dt, A, B, C, states)
