@@ -83,9 +83,8 @@ def check_kernel(device, shape, *, dtype=torch.float32, rel=1e-5, seed=0, use_la
             continue
         assert grads[name].dtype == inputs[name].dtype, f"grad {name}: dtype {grads[name].dtype}"
         if length == 1 and name == "A":
-            # h_{-1} = 0, so dA = 0 exactly in float64; the kernel's x = h_0 - b_0 is b_0's
-            # rounding error where the compiler fuses the subtraction into an FMA (on the GPU),
-            # so dA is zero to within that rounding, on the scale of lambda * Delta * b.
+            # h_{-1} = 0, so dA = 0 exactly in float64, and in the kernel (x_0 = a_0 h_{-1}):
+            # checked against the scale of lambda * Delta * b, as an exact zero has no relative error.
             scale = grads_ref["B"].abs().max() * inputs["B"].abs().max().to(F64)
             assert grads[name].abs().max() <= rel * scale, f"grad A at length 1: {grads[name].abs().max():.2e}"
             continue
@@ -270,11 +269,24 @@ def test_kernel_softplus_without_bias(device):
     check_kernel(device, (1, 19, 5, 4), seed=2, bias=False)
 
 
-def test_kernel_many_chunks_and_blocks(device):
-    # Chunks of 4 steps and blocks of 2 channels: the states saved every 4 steps, lambda
-    # carried across 6 chunks, dB and dC summed over 3 channel blocks.
-    check_kernel(device, (2, 23, 5, 4), seed=3, fwd_config=dict(METHOD="steps", CHUNK=4, BLOCK_D=2, NUM_STAGES=1,
-                 num_warps=4), bwd_config=dict(CHUNK=4, BLOCK_D=2, NUM_STAGES=1, num_warps=4))  # fmt: skip
+@pytest.mark.parametrize("fwd_chunk", [4, 8])
+def test_kernel_many_chunks_and_blocks(device, fwd_chunk):
+    # Backward chunks of 4 steps and blocks of 2 channels: the states saved every 4 steps (by a
+    # forward stepping in chunks of 4, or of 8 with a save in the middle of each), lambda and
+    # the decay a_{t+1} carried across 6 chunks, dB and dC summed over 3 channel blocks.
+    check_kernel(device, (2, 23, 5, 4), seed=3, fwd_config=dict(METHOD="steps", CHUNK=fwd_chunk, BLOCK_D=2,
+                 NUM_STAGES=1, num_warps=4), bwd_config=dict(CHUNK=4, BLOCK_D=2, NUM_STAGES=1, num_warps=4))  # fmt: skip
+
+
+@pytest.mark.parametrize("block_d,lanes", [(4, 2), (8, 2), (4, 1)], ids=lambda v: str(v))
+def test_kernel_channel_groups(device, block_d, lanes):
+    # Backward tiles (CHUNK, DH, N, DL) with DH = block_d / lanes > 1 channel groups per
+    # thread: the channel index d = dh DL + dl, the sums over channels split between the
+    # two axes; d = 11 leaves padded channels in the last block.
+    check_kernel(device, (2, 13, 11, 4), seed=10, bwd_config=dict(CHUNK=4, BLOCK_D=block_d, DL=lanes, NUM_STAGES=1,
+                 num_warps=1))  # fmt: skip
+    check_kernel(device, (1, 9, 11, 3), seed=11, use_last=False, bwd_config=dict(CHUNK=2, BLOCK_D=block_d, DL=lanes,
+                 NUM_STAGES=1, num_warps=1), **FLAG_SETS["bare"])  # fmt: skip
 
 
 @pytest.mark.parametrize("block_d", [2, 4])

@@ -90,28 +90,43 @@ through the softplus (summed over batch and time for ``delta_bias``).
 The backward needs :math:`h_t` in reverse time order, and the forward kept none of them.
 Storing them would cost ``N`` times the input; recomputing them from the start for each
 step would cost :math:`O(L^2)`. So the forward, when gradients are needed, saves the state
-entering every chunk of ``CHUNK`` steps (``N / CHUNK`` times the input, in float32), and
-the backward walks the chunks from last to first. In each chunk it
+entering every ``CHUNK``-th step (``N / CHUNK`` times the input, in float32; the forward
+keeps its own, longer tiles and stores a state every ``SAVE_EVERY = CHUNK`` steps inside
+them), and the backward walks the chunks from last to first. In each chunk it
 
-1. recomputes the chunk's states from the saved one, with the forward scan of the tile
-   (``tl.associative_scan``: registers cannot be indexed by a dynamic step, so a
-   step-by-step replay could not be read back in reverse);
-2. runs the reverse recurrence for :math:`\lambda` over the tile, with
-   ``associative_scan(reverse=True)``, entering with :math:`\lambda` carried from the
-   chunk after it;
+1. recomputes the chunk's states from the saved one, one step at a time, keeping each
+   step's :math:`x_t = a_t h_{t-1}` and :math:`h_t` as a row of a ``(CHUNK, ...)`` tile;
+2. runs the reverse recurrence for :math:`\lambda` one step at a time from the last row to
+   the first, entering with :math:`\lambda` carried from the chunk after it;
 3. forms the local gradients above, writes those of ``u, delta, z``, adds those of
    ``B, C`` (sums over channels: the other channel blocks add theirs, with atomic adds),
    and accumulates those of ``A, D, delta_bias`` in registers.
 
-Two numerical choices. :math:`x_t = a_t h_{t-1}` is recovered as :math:`h_t - b_t`, never as
-:math:`h_t` divided by anything: dividing by :math:`a_t` (which underflows to 0 for large
-:math:`\Delta|A|`) would be unstable, and the subtraction loses digits only where
-:math:`x_t \ll b_t`, where its error, about :math:`\epsilon |\lambda_t b_t A|`, is
-:math:`\epsilon\,\Delta_t|A|` relative to the term :math:`\lambda_t u_t B_t` beside it.
-And the reverse recurrence needs :math:`a_{t+1}` beside step ``t``'s quantities: a tile
-in registers cannot be shifted by one row, so the kernel loads :math:`\delta` one row
-later and exponentiates again: the backward evaluates two exponentials per
-``(t, d, n)``, the forward one.
+Why steps, when tiles are the GPU's way: the time axis of every tile lies within one
+thread (below), so "row ``i`` of a tile" is a set of registers known when the kernel is
+compiled; the loops are unrolled (``tl.static_range``), the row selections (:func:`_row`:
+a masked sum whose other terms add ``-0.0``) fold away, and a step costs what the loop's
+line says: one multiply-add for the state, one for :math:`\lambda`. A
+``tl.associative_scan`` over the same tile costs three operations per element, and
+Triton lowered its ``reverse=True`` form with warp shuffles (128 per thread per chunk
+at the default tile, sm_90).
+
+Two numerical consequences. :math:`x_t = a_t h_{t-1}` is computed as that product, not
+recovered from :math:`h_t` (dividing by :math:`a_t`, which underflows for large
+:math:`\Delta|A|`, would be unstable; subtracting :math:`b_t` loses digits where
+:math:`x_t \ll b_t`). And the reverse recurrence's :math:`a_{t+1}` is the decay of the
+row after (of the next chunk's first row at a chunk's end, carried in registers from the
+chunk processed before; :math:`a_L := 1`): one exponential per ``(t, d, n)`` in the
+backward, as in the forward.
+
+Layout. Every backward tile is ``(CHUNK, DH, N, DL)``: time, then the channels split as
+``d = dh DL + dl``, the state index ``n`` between them. Triton gives the last axis the
+lanes of a warp first and the others what is left, so ``DL`` channels (and ``32 / DL``
+groups of ``n``) share a warp's lanes, and time, the ``DH`` channel groups and the rest of
+``n`` sit in each thread's registers. The two sums over ``n`` (:math:`\sum_n \lambda B`
+and :math:`\sum_n \lambda A x`) and the two over channels (``dB``, ``dC``) are then part
+in-thread, part warp shuffles; ``DL`` trades one against the other, and ``DH > 1`` puts
+more of the channel sums in-thread.
 
 Precision: inputs are float32, bfloat16 or float16; every load is widened to float32 and
 all arithmetic is float32; ``y``, ``du``, ``ddelta``, ``dz`` are stored in the inputs'
@@ -120,17 +135,14 @@ dtype, ``dB``, ``dC`` are accumulated in float32 and rounded once, ``dA``, ``dD`
 atomic additions make ``dB`` and ``dC`` vary in their last bits from run to run.
 
 Portability: only Triton features present in 3.6 (the H100's) and 3.9 (the CPU
-interpreter's); the interpreter runs ``tl.associative_scan`` element by element in
-Python, so tests there keep tiles small. Both versions compile every kernel here for
-sm_90 (checked offline, without a GPU, with the ptxas that ships with Triton).
+interpreter's); the interpreter runs the unrolled steps element by element in Python, so
+tests there keep tiles small. Both versions compile every kernel here for sm_90 (checked
+offline, without a GPU, with the ptxas that ships with Triton).
 
-Known limits, before the first timing: the backward's ``(CHUNK, BLOCK_D, N)`` tiles get
-Triton's default layout, with ``N`` spread over 16 lanes, so each of its three sums over
-``N`` costs four rounds of warp shuffles: about 30 shuffles per element, against two
-exponentials. A layout with a few ``n`` per thread would remove most of them, but
-Triton 3.6 offers no way to ask for one; restructuring the tiles is the next step if the
-backward measures slow. ``dB`` and ``dC`` are summed over channel blocks with atomic
-adds, ``B L N d / BLOCK_D`` of them.
+Known limits: the sums over channels for ``dB`` and ``dC`` cross warp lanes (``log2 DL``
+rounds of shuffles per partial sum) and are then added over channel blocks with atomic
+adds, ``B L N d / BLOCK_D`` of them; Triton 3.6 offers no reduce-scatter, so each round
+moves every partial sum.
 """
 
 from __future__ import annotations
@@ -233,9 +245,11 @@ def _row_n(P, base_n, t, n, L, N: tl.constexpr):
 
 @triton.jit
 def _row(x, i, CHUNK: tl.constexpr):
-    """Row ``i`` of a ``(CHUNK, ...)`` tile: select it and sum over rows (adding zeros is exact)."""
+    """Row ``i`` of a ``(CHUNK, ...)`` tile: select it and sum over rows. The other rows add
+    -0.0, which is exact (x + -0.0 = x even for x = -0.0), so the compiler, which knows each
+    register's row when rows are in-thread, drops the additions altogether."""
     rows = tl.arange(0, CHUNK)
-    return tl.sum(tl.where((rows == i)[:, None, None], x, 0.0), axis=0)
+    return tl.sum(tl.where((rows == i)[:, None, None], x, -0.0), axis=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -248,11 +262,13 @@ def _selective_scan_fwd(
     U, DELTA, A, B, C, D_SKIP, Z, DELTA_BIAS,  # (Bt, L, d) x2, (d, N), (Bt, L, N) x2, (d,), (Bt, L, d), (d,)
     Y,  # (Bt, L, d) output
     H_LAST,  # (Bt, d, N) float32 output: the state after the last step
-    H_SAVED,  # (Bt, n_chunks, d, N) float32 output: the state entering each chunk (if SAVE_STATES)
+    H_SAVED,  # (Bt, cdiv(L, SAVE_EVERY), d, N) float32 output: the state entering every
+    # SAVE_EVERY-th step (if SAVE_STATES), for the backward
     L, D, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SAVE_EVERY: tl.constexpr = 1,  # a power of two; CHUNK is a multiple of it
 ):  # fmt: skip
     """The "steps" forward: rung 4 of the ladder. One program per (batch element, channel block)."""
     n_dblocks = tl.cdiv(D, BLOCK_D)
@@ -269,16 +285,13 @@ def _selective_scan_fwd(
     skip = tl.load(D_SKIP + d, mask=d_ok, other=0.0).to(tl.float32) if HAS_D else zero
     base_d = batch.to(tl.int64) * L * D
     base_n = batch.to(tl.int64) * L * N
-    saved = batch.to(tl.int64) * tl.cdiv(L, CHUNK) * D * N + d[:, None] * N + n[None, :]
+    saved = batch.to(tl.int64) * tl.cdiv(L, SAVE_EVERY) * D * N + d[:, None] * N + n[None, :]
     # B_t and C_t are read two steps ahead of their use (see the loop).
     B_1, C_1 = _row_n(B, base_n, 0, n, L, N), _row_n(C, base_n, 0, n, L, N)
     B_2, C_2 = _row_n(B, base_n, 1, n, L, N), _row_n(C, base_n, 1, n, L, N)
 
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state: registers only
     for t0 in tl.range(0, L, CHUNK, num_stages=NUM_STAGES):
-        if SAVE_STATES:  # the state entering this chunk, for the backward
-            tl.store(H_SAVED + saved, h, mask=dn_ok)
-            saved += D * N
         # The chunk's u and Delta as (BLOCK_D, CHUNK) tiles, time along dim 1: whole tiles
         # can be fetched ahead (NUM_STAGES > 1 prefetches the next chunks' tiles while this
         # one runs); a row per step could not (2 bytes per thread in bfloat16 is too narrow
@@ -293,6 +306,10 @@ def _selective_scan_fwd(
         dtu_c = dt_c * u_c
         y_c = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # the chunk's outputs, stored at its end
         for i in tl.static_range(CHUNK):  # unrolled: the steps' exponentials overlap
+            if SAVE_STATES and i % SAVE_EVERY == 0:  # the state entering step t0 + i, for the backward
+                live = (t0 + i + tl.zeros((BLOCK_D,), tl.int32)) < L
+                tl.store(H_SAVED + saved, h, mask=dn_ok & live[:, None])
+                saved += D * N
             dt, dtu = _col(dt_c, i, CHUNK), _col(dtu_c, i, CHUNK)  # Delta_t and Delta_t u_t
             # B_t, C_t come from L2 (every channel block of this batch element reads them):
             # reading them two steps ahead covers its latency.
@@ -373,6 +390,13 @@ def _selective_scan_fwd_chunked(
 
 
 @triton.jit
+def _row4(x, i, CHUNK: tl.constexpr):
+    """Row ``i`` of a ``(CHUNK, ...)`` 4-d tile, as :func:`_row` (the other rows add -0.0)."""
+    rows = tl.arange(0, CHUNK)
+    return tl.sum(tl.where((rows == i)[:, None, None, None], x, -0.0), axis=0)
+
+
+@triton.jit
 def _selective_scan_bwd(
     U, DELTA, A, B, C, D_SKIP, Z, DELTA_BIAS,  # the forward's inputs
     H_SAVED,  # (Bt, n_chunks, d, N) float32: the state entering each chunk
@@ -387,99 +411,112 @@ def _selective_scan_bwd(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_G_LAST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    BC_GRADS: tl.constexpr = True,  # False only to time what dB, dC's atomic adds cost (the sweep)
+    DL: tl.constexpr,  # channels along a warp's lanes; BLOCK_D = DH * DL (module docstring, "Layout")
+    BC_GRADS: tl.constexpr = True,  # False only to time what dB, dC's sums and atomic adds cost (the sweep)
     BC_PARTIAL: tl.constexpr = False,
 ):  # fmt: skip
+    """One program per (batch element, block of BLOCK_D channels), chunks from last to first.
+    Tiles are (CHUNK, DH, N, DL), (channel) vectors (DH, DL), per-step rows (CHUNK, DH, DL)."""
+    DH: tl.constexpr = BLOCK_D // DL
     n_dblocks = tl.cdiv(D, BLOCK_D)
     batch = tl.program_id(0) // n_dblocks
-    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, DH)[:, None] * DL + tl.arange(0, DL)[None, :]
     n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, CHUNK)
     d_ok, n_ok = d < D, n < N
-    dn_ok = d_ok[:, None] & n_ok[None, :]
-    A_ = tl.load(A + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
+    dn_ok = d_ok[:, None, :] & n_ok[None, :, None]  # (DH, N, DL)
+    dn = d[:, None, :] * N + n[None, :, None]  # offsets of (d, n) in (d, N) tensors
+    A_ = tl.load(A + dn, mask=dn_ok, other=0.0).to(tl.float32)
     A2 = A_ * LOG2E
-    zero = tl.zeros((BLOCK_D,), tl.float32)
+    zero = tl.zeros((DH, DL), tl.float32)
     bias = tl.load(DELTA_BIAS + d, mask=d_ok, other=0.0).to(tl.float32) if HAS_BIAS else zero
     skip = tl.load(D_SKIP + d, mask=d_ok, other=0.0).to(tl.float32) if HAS_D else zero
     base_d = batch.to(tl.int64) * L * D
     base_n = batch.to(tl.int64) * L * N
-    dn = d[:, None] * N + n[None, :]
     n_chunks = tl.cdiv(L, CHUNK)
 
     # lambda entering from the right of the last chunk: the gradient of the last state.
     if HAS_G_LAST:
         lam = tl.load(G_LAST + batch.to(tl.int64) * D * N + dn, mask=dn_ok, other=0.0).to(tl.float32)
     else:
-        lam = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        lam = tl.zeros((DH, BLOCK_N, DL), dtype=tl.float32)
+    a_after = tl.full((DH, BLOCK_N, DL), 1.0, dtype=tl.float32)  # a_{t+1} of a chunk's last step; a_L := 1
+    dA = tl.zeros((DH, BLOCK_N, DL), dtype=tl.float32)
+    dD = tl.zeros((DH, DL), dtype=tl.float32)
+    dbias = tl.zeros((DH, DL), dtype=tl.float32)
 
     for k in tl.range(0, n_chunks, num_stages=NUM_STAGES):
         c = n_chunks - 1 - k  # chunks from last to first
         t = c * CHUNK + rows
         live = t < L
-        m_d = live[:, None] & d_ok[None, :]
+        m_d = live[:, None, None] & d_ok[None, :, :]
         m_n = live[:, None] & n_ok[None, :]
-        td = base_d + t.to(tl.int64)[:, None] * D + d[None, :]
-        tn = base_n + t.to(tl.int64)[:, None] * N + n[None, :]
+        td = base_d + t.to(tl.int64)[:, None, None] * D + d[None, :, :]  # (CHUNK, DH, DL)
+        tn = base_n + t.to(tl.int64)[:, None] * N + n[None, :]  # (CHUNK, N)
         u = tl.load(U + td, mask=m_d, other=0.0).to(tl.float32)
-        v = tl.load(DELTA + td, mask=m_d, other=0.0).to(tl.float32) + bias[None, :]  # softplus' argument
-        dt = tl.where(m_d, _step_size(v, 0.0, SOFTPLUS), 0.0)
-        # Delta one step later, for a_{t+1}; past the end a_L := 1 (Delta = 0).
-        m_next = (t + 1 < L)[:, None] & d_ok[None, :]
-        v_next = tl.load(DELTA + td + D, mask=m_next, other=0.0).to(tl.float32) + bias[None, :]
-        dt_next = tl.where(m_next, _step_size(v_next, 0.0, SOFTPLUS), 0.0)
-        B_t = tl.load(B + tn, mask=m_n, other=0.0).to(tl.float32)
-        C_t = tl.load(C + tn, mask=m_n, other=0.0).to(tl.float32)
+        v = tl.load(DELTA + td, mask=m_d, other=0.0).to(tl.float32) + bias[None, :, :]  # softplus' argument
+        dt = tl.where(m_d, _step_size(v, 0.0, SOFTPLUS), 0.0)  # padded steps: Delta = 0, a = 1
+        dtu = dt * u
+        B_t = tl.load(B + tn, mask=m_n, other=0.0).to(tl.float32)[:, None, :, None]
+        C_t = tl.load(C + tn, mask=m_n, other=0.0).to(tl.float32)[:, None, :, None]
         g = tl.load(G + td, mask=m_d, other=0.0).to(tl.float32)
 
-        # 1. The chunk's states, recomputed from the one the forward saved.
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        b = (dt * u)[:, :, None] * B_t[:, None, :]
-        a_cum, b_cum = tl.associative_scan((a, b), axis=0, combine_fn=_combine)
-        h_in = tl.load(H_SAVED + (batch.to(tl.int64) * n_chunks + c) * D * N + dn, mask=dn_ok, other=0.0)
-        h = a_cum * h_in[None, :, :] + b_cum
+        # 1. The chunk's states, recomputed step by step from the one the forward saved:
+        #    x_t = a_t h_{t-1}, h_t = x_t + b_t, each kept as row i of its tile.
+        a = tl.exp2(dt[:, :, None, :] * A2[None, :, :, :])  # the chunk's decays, used twice
+        b = dtu[:, :, None, :] * B_t
+        h_step = tl.load(H_SAVED + (batch.to(tl.int64) * n_chunks + c) * D * N + dn, mask=dn_ok, other=0.0)
+        h, x = b, b  # (every row is overwritten)
+        for i in tl.static_range(CHUNK):
+            x_step = _row4(a, i, CHUNK) * h_step
+            h_step = x_step + _row4(b, i, CHUNK)
+            x = tl.where((rows == i)[:, None, None, None], x_step[None, :, :, :], x)
+            h = tl.where((rows == i)[:, None, None, None], h_step[None, :, :, :], h)
 
         # 2. Through the gate and the skip: g_bar = g silu(z), the gradient reaching C^T h.
         if HAS_Z:
             z = tl.load(Z + td, mask=m_d, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
-            y = tl.sum(h * C_t[:, None, :], axis=2) + skip[None, :] * u  # y before the gate, recomputed
+            y = tl.sum(h * C_t, axis=2) + skip[None, :, :] * u  # y before the gate, recomputed
             tl.store(DZ + td, (g * y * sig * (1.0 + z * (1.0 - sig))).to(DZ.dtype.element_ty), mask=m_d)
             g_bar = g * z * sig
         else:
             g_bar = g
+        if BC_GRADS:  # dC = sum_d g_bar h: the in-thread channel groups first, then the lanes
+            dC_t = tl.sum(tl.sum(h * g_bar[:, :, None, :], axis=1), axis=2)
 
-        # 3. The reverse recurrence lambda_t = g_bar_t C_t + a_{t+1} lambda_{t+1}, entering with
-        #    lambda of the chunk after this one.
-        a_next = tl.exp2(dt_next[:, :, None] * A2[None, :, :])
-        q = g_bar[:, :, None] * C_t[:, None, :]
-        p_cum, q_cum = tl.associative_scan((a_next, q), axis=0, combine_fn=_combine, reverse=True)
-        lam_t = p_cum * lam[None, :, :] + q_cum
-        lam = _row(lam_t, 0, CHUNK)  # lambda at the chunk's first step, for the chunk before
+        # 3. The reverse recurrence lambda_t = g_bar_t C_t + a_{t+1} lambda_{t+1}, last step
+        #    first, entering with lambda of the chunk after this one; lambda and the decay of
+        #    the chunk's first step are carried to the chunk before.
+        q = g_bar[:, :, None, :] * C_t
+        lam_t = q
+        for i in tl.static_range(CHUNK - 1, -1, -1):
+            lam = _row4(q, i, CHUNK) + a_after * lam
+            a_after = _row4(a, i, CHUNK)
+            lam_t = tl.where((rows == i)[:, None, None, None], lam[None, :, :, :], lam_t)
 
-        # 4. Local gradients. x = a_t h_{t-1} = h_t - b_t (see the module docstring).
-        x = h - b
-        lam_B = tl.sum(lam_t * B_t[:, None, :], axis=2)  # sum_n lambda B
-        ddt = tl.sum(lam_t * x * A_[None, :, :], axis=2) + u * lam_B  # dLoss/dDelta
-        du = dt * lam_B + g_bar * skip[None, :]
+        # 4. Local gradients (module docstring), sums over n on axis 2.
+        lam_B = tl.sum(lam_t * B_t, axis=2)  # sum_n lambda B
+        lam_x = lam_t * x
+        ddt = tl.sum(lam_x * A_[None, :, :, :], axis=2) + u * lam_B  # dLoss/dDelta
+        du = dt * lam_B + g_bar * skip[None, :, :]
         dv = ddt * tl.sigmoid(v) if SOFTPLUS else ddt  # through the softplus
         dv = tl.where(m_d, dv, 0.0)  # padded rows carry lambda but are not steps
         tl.store(DU + td, du.to(DU.dtype.element_ty), mask=m_d)
         tl.store(DDELTA + td, dv.to(DDELTA.dtype.element_ty), mask=m_d)
-        dA += tl.sum(lam_t * x * dt[:, :, None], axis=0)
+        dA += tl.sum(lam_x * dt[:, :, None, :], axis=0)
         dD += tl.sum(g_bar * u, axis=0)
         dbias += tl.sum(dv, axis=0)
         # Sums over channels: this block's share; the other channel blocks add theirs.
-        if BC_GRADS and BC_PARTIAL:  # plain stores into this block's own slice: no contention
-            part = (tl.program_id(0) % n_dblocks).to(tl.int64) * (L * N) * (tl.num_programs(0) // n_dblocks)
-            tl.store(DB + part + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n)
-            tl.store(DC + part + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n)
-        elif BC_GRADS:
-            tl.atomic_add(DB + tn, tl.sum(lam_t * (dt * u)[:, :, None], axis=1), mask=m_n, sem="relaxed")
-            tl.atomic_add(DC + tn, tl.sum(h * g_bar[:, :, None], axis=1), mask=m_n, sem="relaxed")
+        if BC_GRADS:
+            dB_t = tl.sum(tl.sum(lam_t * dtu[:, :, None, :], axis=1), axis=2)
+            if BC_PARTIAL:  # plain stores into this block's own slice: no contention
+                part = (tl.program_id(0) % n_dblocks).to(tl.int64) * (L * N) * (tl.num_programs(0) // n_dblocks)
+                tl.store(DB + part + tn, dB_t, mask=m_n)
+                tl.store(DC + part + tn, dC_t, mask=m_n)
+            else:
+                tl.atomic_add(DB + tn, dB_t, mask=m_n, sem="relaxed")
+                tl.atomic_add(DC + tn, dC_t, mask=m_n, sem="relaxed")
 
     tl.store(DA_PART + batch.to(tl.int64) * D * N + dn, dA, mask=dn_ok)
     tl.store(DD_PART + batch.to(tl.int64) * D + d, dD, mask=d_ok)
@@ -500,28 +537,22 @@ def _selective_scan_bwd(
 #:   needs NUM_STAGES >= 2: with the loads pipelined the chunk's tiles reach the step loop
 #:   from shared memory in the state's layout; with NUM_STAGES = 1 the compiler converts
 #:   layouts at every step (about 100 barriers per chunk instead of 3).
-#: - backward: (CHUNK, BLOCK_D, N) = (16, 16, 16) tiles; its CHUNK is also the interval at
-#:   which the forward saves states for it. Timed on an H200 (bf16, B=4, L=4096, d=2048,
-#:   N=16, the backward kernel alone; benchmarks/results/sweeps/2026-12-02-h200-selective_scan-
-#:   selective_scan.json): 9.35 ms at 8 warps, 5.49 ms at 4 warps (255 registers, no spill
-#:   reported). Without the two sums over channels that form dB and dC (the BC_GRADS=False
-#:   probe, wrong values) 2.91 ms: those cross-thread reductions are most of the time, not the
-#:   atomic adds that follow them (BC_PARTIAL, plain stores into per-block slices: 9.64 ms).
-#:   Triton lays the tile out with the warps along the channel axis, so those sums cross warps
-#:   through shared memory (sm_90 TTGIR: 63 barriers in the kernel, 27 without the sums). With
-#:   one warp there is nothing to cross: (CHUNK, BLOCK_D) = (8, 8) at 1 warp took 2.95 ms
-#:   (255 registers, no spill; sweeps/2026-12-02-h200-selective_scan-bwd_warps.json), (8, 16) at
-#:   2 warps 3.76, (16, 8) at 2 warps 5.39. 16-bit inputs now use (8, 8, 1 warp); float32 keeps
-#:   the 4-warp tile it was timed with (not timed at 1 warp). The compiled tests of the GPU
-#:   session ran before this change: the 1-warp backward is timed there, not yet tested there.
+#: - backward (the step-loop kernel of this version): (CHUNK, DH, N, DL) tiles at one warp,
+#:   CHUNK also the interval at which the forward saves states. The kernel it replaced, with
+#:   (CHUNK, BLOCK_D, N) tiles and two associative scans, took 2.88-2.95 ms on the H200 at
+#:   (CHUNK, BLOCK_D) = (8, 8), 1 warp (bf16, B=4, L=4096, d=2048, N=16, the backward
+#:   alone; its 4-warp tiles 5.5-9.4 ms, the sums over channels crossing warps). Offline,
+#:   sm_90 with Triton 3.9: the new kernel at (8, 8, DL=8) takes 1416 instructions per thread
+#:   per chunk against 1920 (240 shuffles against 416, 39 exponentials against 73). Not yet
+#:   timed on a GPU: both dtypes start at that tile.
 CONFIGS = {
     ("fwd", 4): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("fwd", 2): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
-    ("bwd", 4): dict(CHUNK=16, BLOCK_D=16, NUM_STAGES=1, num_warps=4),
-    ("bwd", 2): dict(CHUNK=8, BLOCK_D=8, NUM_STAGES=1, num_warps=1),
+    ("bwd", 4): dict(CHUNK=8, BLOCK_D=8, DL=8, NUM_STAGES=1, num_warps=1),
+    ("bwd", 2): dict(CHUNK=8, BLOCK_D=8, DL=8, NUM_STAGES=1, num_warps=1),
 }
 #: Register budget: at most this many float32 per (BLOCK_D, N) state forward, and per
-#: (CHUNK, BLOCK_D, N) tile backward; BLOCK_D shrinks for larger N.
+#: (CHUNK, DH, N, DL) tile backward; BLOCK_D shrinks for larger N.
 MAX_STATE = {"fwd": 2048, "bwd": 4096}
 
 
@@ -545,6 +576,8 @@ def _fit(config: dict, kind: str, L: int, D: int, N: int) -> dict:
     per_channel = cfg["BLOCK_N"] * (cfg["CHUNK"] if kind == "bwd" else 1)
     cap = max(1, MAX_STATE[kind] // per_channel)
     cfg["BLOCK_D"] = max(1, min(cfg["BLOCK_D"], cap, triton.next_power_of_2(max(D, 1))))
+    if kind == "bwd":  # channels along lanes: all of the block unless the configuration says fewer
+        cfg["DL"] = min(cfg.get("DL", cfg["BLOCK_D"]), cfg["BLOCK_D"])
     return cfg
 
 
@@ -572,13 +605,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, config=
     batch, L, d = u.shape
     N = A.shape[1]
     cfg = _fit(config or config_for(u.dtype, "fwd"), "fwd", L, d, N)
-    if save_states:  # the forward must step in chunks of the backward's length
-        cfg["CHUNK"] = checkpoint
     method = cfg.pop("METHOD")
+    if save_states and method == "steps":  # states every `checkpoint` steps, inside chunks at least as long
+        cfg["CHUNK"], cfg["SAVE_EVERY"] = max(cfg["CHUNK"], checkpoint), checkpoint
+    elif save_states:  # the chunked forward saves the state entering each of its chunks
+        cfg["CHUNK"] = checkpoint
     B, C = _wide_rows(B), _wide_rows(C)
     y = torch.empty_like(u)
     h_last = torch.empty(batch, d, N, dtype=torch.float32, device=u.device)
-    n_chunks = triton.cdiv(L, cfg["CHUNK"])
+    n_chunks = triton.cdiv(L, checkpoint) if save_states else 0
     states = torch.empty(batch, n_chunks, d, N, dtype=torch.float32, device=u.device) if save_states else None
     kernel = _selective_scan_fwd if method == "steps" else _selective_scan_fwd_chunked
     LAST_LAUNCH["fwd"] = kernel[(batch * triton.cdiv(d, cfg["BLOCK_D"]),)](
