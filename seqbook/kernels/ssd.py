@@ -48,8 +48,12 @@ over chunks (formulas in its comments).
 Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``, not
 TF32). With bfloat16 or float16 inputs, products of inputs (``C B^T``, masked scores times
 ``x``) feed the tensor cores in that format; states and their gradients stay float32 (in
-memory too), and their products take float32 operands at TF32 precision. Everything
-accumulates in float32.
+memory too, unless a configuration's ``state_dtype`` says otherwise), and their products
+take float32 operands at TF32 precision. Everything accumulates in float32.
+
+Memory: training saves the state entering every chunk for the backward, ``batch * (L / Q)
+* heads * P * N`` floats (537 MB at the benchmark shape, ``Q = 32``), where mamba_ssm
+recomputes them in its backward; the backward allocates as much again for their gradients.
 """
 
 from __future__ import annotations
