@@ -541,15 +541,22 @@ def _selective_scan_bwd(
 #:   CHUNK also the interval at which the forward saves states. The kernel it replaced, with
 #:   (CHUNK, BLOCK_D, N) tiles and two associative scans, took 2.88-2.95 ms on the H200 at
 #:   (CHUNK, BLOCK_D) = (8, 8), 1 warp (bf16, B=4, L=4096, d=2048, N=16, the backward
-#:   alone; its 4-warp tiles 5.5-9.4 ms, the sums over channels crossing warps). Offline,
-#:   sm_90 with Triton 3.9: the new kernel at (8, 8, DL=8) takes 1416 instructions per thread
-#:   per chunk against 1920 (240 shuffles against 416, 39 exponentials against 73). Not yet
-#:   timed on a GPU: both dtypes start at that tile.
+#:   alone; its 4-warp tiles 5.5-9.4 ms, the sums over channels crossing warps). That is about
+#:   three times what its instruction count needs at the H200's issue rate: with 255 registers
+#:   a thread and B d / BLOCK_D = 1024 one-warp programs, an SM holds 8 warps, 2 per
+#:   scheduler, too few to cover the latencies of its shuffles, exponentials and loads.
+#:   Offline (sm_90, Triton 3.9 ptxas, bf16), per thread and chunk: (8, 8, DL=8) 1416
+#:   instructions (240 shuffles, 39 exponentials; the old kernel 1920, 416, 73) at 251
+#:   registers; (8, 4, DL=4) 904 instructions for half the elements, capped at 128 registers
+#:   (``maxnreg``, 8 bytes of stack), so that 2048 programs of one warp fit 16 to an SM, and
+#:   NUM_STAGES=2 (the next chunk's tiles fetched into shared memory while this one runs).
+#:   The default below is that second tile, chosen on this reasoning before any timing of
+#:   this kernel; the GPU request of this session times both (helper report).
 CONFIGS = {
     ("fwd", 4): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("fwd", 2): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
-    ("bwd", 4): dict(CHUNK=8, BLOCK_D=8, DL=8, NUM_STAGES=1, num_warps=1),
-    ("bwd", 2): dict(CHUNK=8, BLOCK_D=8, DL=8, NUM_STAGES=1, num_warps=1),
+    ("bwd", 4): dict(CHUNK=8, BLOCK_D=4, DL=4, NUM_STAGES=2, num_warps=1, maxnreg=128),
+    ("bwd", 2): dict(CHUNK=8, BLOCK_D=4, DL=4, NUM_STAGES=2, num_warps=1, maxnreg=128),
 }
 #: Register budget: at most this many float32 per (BLOCK_D, N) state forward, and per
 #: (CHUNK, DH, N, DL) tile backward; BLOCK_D shrinks for larger N.
