@@ -162,3 +162,18 @@ def test_the_split_design_is_chosen_when_the_fused_grid_is_small():
         assert k.choose_design(x, B) == ("fused" if 2 * programs >= sms else "split")
     with pytest.raises(ValueError, match="design must be"):
         k.ssd_forward(x, x[..., 0], torch.zeros(1), B, B, design="fast")
+
+
+def test_bfloat16_forward_only_split_takes_its_longer_chunk(device):
+    # Without gradients the split design runs 16-bit inputs in chunks of 128 (SPLIT_FORWARD_CONFIGS):
+    # 300 steps are two full chunks and a partial one.
+    k = kernels("ssd")
+    assert k.SPLIT_FORWARD_CONFIGS[2]["Q"] == 128
+    wide = make(1, 300, 2, 16, 1, 16, seed=23)
+    inputs = [t.to(device=device, dtype=torch.bfloat16 if i in (0, 3, 4) else torch.float32)
+              for i, t in enumerate(wide)]  # fmt: skip
+    wide = [t.to(F64) for t in (t.cpu() for t in inputs)]
+    y, final = k.ssd_forward(*inputs[:5], None, inputs[5], design="split")
+    y_ref, final_ref = mamba.ssd_chunked(*wide[:5], 8, wide[5], True)
+    assert_near(y.cpu(), y_ref, 2e-2, "y (bfloat16, split, chunk 128)")
+    assert_near(final.cpu(), final_ref, 2e-2, "final state (bfloat16, split, chunk 128)")
