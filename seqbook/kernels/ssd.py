@@ -468,8 +468,10 @@ def choose_design(x, B, config=None, chunk_size=None) -> str:
     """``"fused"`` when its ``batch * heads * P / BLOCK_P`` programs keep at least half the SMs
     busy, else ``"split"``. Half, not all: at the benchmark shape the fused grid is 128
     programs on the H200's 132 SMs, and the split design pays for its parallelism with four
-    passes over ``L / Q`` states of ``P N`` floats per head (a reasoned choice: the two
-    designs have not yet been timed against each other on a GPU)."""
+    passes over ``L / Q`` states of ``P N`` floats per head. Measured on the H200 (GPU call
+    3, B=4, L=4096, H=32, P=64, N=128 bf16): forward 0.580 ms fused vs 0.766 ms split;
+    forward + backward 2.71 ms fused vs 2.91 ms split. At B=1, L=32768 the split forward
+    takes 1.09 ms, the fused one 4.52 ms (call 1)."""
     batch, _, H, P = x.shape
     cfg = _setup(x, B, config, chunk_size, "fused")
     return "fused" if 2 * batch * H * triton.cdiv(P, cfg["BLOCK_P"]) >= _sms(x.device) else "split"
