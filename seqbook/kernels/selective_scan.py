@@ -139,10 +139,17 @@ interpreter's); the interpreter runs the unrolled steps element by element in Py
 tests there keep tiles small. Both versions compile every kernel here for sm_90 (checked
 offline, without a GPU, with the ptxas that ships with Triton).
 
+Measured (H200, bf16, ``B=4, L=4096, d=2048, N=16``, the backward kernel alone): 1.17 ms at
+the default tile, against 2.88 ms for the kernel with ``(CHUNK, BLOCK_D, N)`` tiles and
+associative scans that this one replaced (per-tile timings at :data:`CONFIGS`).
+
 Known limits: the sums over channels for ``dB`` and ``dC`` cross warp lanes (``log2 DL``
 rounds of shuffles per partial sum) and are then added over channel blocks with atomic
 adds, ``B L N d / BLOCK_D`` of them; Triton 3.6 offers no reduce-scatter, so each round
-moves every partial sum.
+moves every partial sum. Without them one tile ran a quarter faster (wrong ``dB``, ``dC``:
+a probe). A thread walks its chunk's steps in order, so a program's latency is covered
+only by the other programs on its SM: the tile is a trade between registers (programs an
+SM) and the in-thread share of the sums.
 """
 
 from __future__ import annotations
@@ -540,23 +547,34 @@ def _selective_scan_bwd(
 #: - backward (the step-loop kernel of this version): (CHUNK, DH, N, DL) tiles at one warp,
 #:   CHUNK also the interval at which the forward saves states. The kernel it replaced, with
 #:   (CHUNK, BLOCK_D, N) tiles and two associative scans, took 2.88-2.95 ms on the H200 at
-#:   (CHUNK, BLOCK_D) = (8, 8), 1 warp (bf16, B=4, L=4096, d=2048, N=16, the backward
-#:   alone; its 4-warp tiles 5.5-9.4 ms, the sums over channels crossing warps). That is about
-#:   three times what its instruction count needs at the H200's issue rate: with 255 registers
-#:   a thread and B d / BLOCK_D = 1024 one-warp programs, an SM holds 8 warps, 2 per
-#:   scheduler, too few to cover the latencies of its shuffles, exponentials and loads.
-#:   Offline (sm_90, Triton 3.9 ptxas, bf16), per thread and chunk: (8, 8, DL=8) 1416
-#:   instructions (240 shuffles, 39 exponentials; the old kernel 1920, 416, 73) at 251
-#:   registers; (8, 4, DL=4) 904 instructions for half the elements, capped at 128 registers
-#:   (``maxnreg``, 8 bytes of stack), so that 2048 programs of one warp fit 16 to an SM, and
-#:   NUM_STAGES=2 (the next chunk's tiles fetched into shared memory while this one runs).
-#:   The default below is that second tile, chosen on this reasoning before any timing of
-#:   this kernel; the GPU request of this session times both (helper report).
+#:   (CHUNK, BLOCK_D) = (8, 8), 1 warp (bf16, B=4, L=4096, d=2048, N=16, the backward alone).
+#:   This kernel, same shape, timed on the H200 (GPU call 3 of 2026-12-02, triton.testing.
+#:   do_bench, D skip, states from the forward; every row's gradients compared with those of
+#:   the first row, which was checked against the float64 loop on the GPU in fp32 and bf16):
+#:
+#:   ========================================  ========  =========  ==========
+#:   (CHUNK, BLOCK_D, DL, NUM_STAGES), 1 warp  bf16 ms   fp32 ms    registers
+#:   ========================================  ========  =========  ==========
+#:   (8, 4, 4, 2), maxnreg 128                 1.593     1.532      128
+#:   (8, 4, 4, 1), maxnreg 128                 1.875                128
+#:   (8, 4, 4, 1)                              3.178                163
+#:   (8, 8, 8, 1)                              1.826     1.477      232 / 245
+#:   (8, 8, 8, 2)                              1.283                218
+#:   **(8, 8, 4, 2)**                          **1.166**            199
+#:   (4, 8, 4, 2)                              2.128                160
+#:   ========================================  ========  =========  ==========
+#:
+#:   Fetching the next chunk's tiles during this one (NUM_STAGES=2) is worth 30-40%; two
+#:   channel groups per thread (DL=4 of BLOCK_D=8) put half of the sums over channels
+#:   in-thread. Without the sums over channels for dB and dC (BC_GRADS=False, wrong dB, dC)
+#:   the first row takes 1.190 ms: they are a quarter of it. Both dtypes use the bf16 winner;
+#:   float32 was not timed at that tile (its two rows above: 1.48-1.53 ms). The forward that
+#:   saves the states every 8 steps took 0.615 ms (bf16) and 0.563 ms (fp32) in the same call.
 CONFIGS = {
     ("fwd", 4): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
     ("fwd", 2): dict(METHOD="steps", CHUNK=16, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
-    ("bwd", 4): dict(CHUNK=8, BLOCK_D=4, DL=4, NUM_STAGES=2, num_warps=1, maxnreg=128),
-    ("bwd", 2): dict(CHUNK=8, BLOCK_D=4, DL=4, NUM_STAGES=2, num_warps=1, maxnreg=128),
+    ("bwd", 4): dict(CHUNK=8, BLOCK_D=8, DL=4, NUM_STAGES=2, num_warps=1),
+    ("bwd", 2): dict(CHUNK=8, BLOCK_D=8, DL=4, NUM_STAGES=2, num_warps=1),
 }
 #: Register budget: at most this many float32 per (BLOCK_D, N) state forward, and per
 #: (CHUNK, DH, N, DL) tile backward; BLOCK_D shrinks for larger N.
