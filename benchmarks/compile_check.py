@@ -125,6 +125,12 @@ def cases():
         s0 = r(2, 4, 64, 128) if with_state else None
         k["ssd"].ssd_forward(x, dt, -torch.rand(4), B, C, initial_state=s0)
 
+    def ssd_backward(dtype, design):
+        x, B, C = _grads(r(2, 300, 4, 64).to(dtype), r(2, 300, 1, 128).to(dtype), r(2, 300, 1, 128).to(dtype))
+        dt, A, s0 = _grads(torch.rand(2, 300, 4), -torch.rand(4), r(2, 4, 64, 128))
+        y, last = k["ssd"].ssd_autograd(x, dt, A, B, C, initial_state=s0, design=design)
+        (y.float().sum() + last.sum()).backward()
+
     def attention(dtype, d, causal):
         q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
         k["attention"].attention(q, kk, v, causal).float().sum().backward()
@@ -144,6 +150,8 @@ def cases():
     out += [(f"selective_scan ladder, rung {n}", lambda n=n: ladder(n)) for n in (1, 2, 3)]
     out += [(f"ssd {dt}{', initial state' if s else ''}", lambda dt=dt, s=s: ssd(dt, s))
             for dt in (torch.float32, torch.bfloat16) for s in (False, True)]
+    out += [(f"ssd {dt} forward + backward, {d} design", lambda dt=dt, d=d: ssd_backward(dt, d))
+            for dt in (torch.float32, torch.bfloat16) for d in ("fused", "split")]
     out += [(f"attention {dt}, d={d}, {'causal' if c else 'full'}", lambda dt=dt, d=d, c=c: attention(dt, d, c))
             for dt in (torch.bfloat16, torch.float16) for d in (64, 128) for c in (True, False)]
     out += [(f"attention float32, d={d}", lambda d=d: attention(torch.float32, d, True)) for d in (32, 64)]
