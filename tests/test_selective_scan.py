@@ -417,14 +417,16 @@ def test_ssd_public_entry(device):
     x, dt, A, B, C = (t.float().to(device) for t in make_ssd(1, 20, 2, 16, 1, 16, seed=4))
     want = mamba.ssd_quadratic(*(t.to(F64) for t in (x, dt, A, B, C)))
     assert_near(mamba.ssd(x, dt, A, B, C), want, 1e-5, "y (auto)")
-    # forward only: an input that needs a gradient takes the reference under auto ...
+    # an input that needs a gradient trains through the kernel's backward ("auto" takes it on CUDA,
+    # the reference on a CPU; "triton" takes it everywhere): the float64 gradient either way ...
+    x64 = x.to(F64).requires_grad_()
+    mamba.ssd_quadratic(x64, *(t.to(F64) for t in (dt, A, B, C))).sum().backward()
     xg = x.clone().requires_grad_()
-    y = mamba.ssd(xg, dt, A, B, C)
-    y.sum().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    # ... and is refused by an explicit "triton", as is a chunk the kernel cannot use
-    with pytest.raises(ValueError, match="no backward"):
-        mamba.ssd(xg, dt, A, B, C, backend="triton")
+    for backend in ("auto", "triton"):
+        xg.grad = None
+        mamba.ssd(xg, dt, A, B, C, backend=backend).sum().backward()
+        assert_near(xg.grad, x64.grad, 1e-5, f"dx ({backend})")
+    # ... and a chunk the kernel cannot use is refused by an explicit "triton"
     with pytest.raises(ValueError, match="power of two >= 16"):
         mamba.ssd(x, dt, A, B, C, chunk_size=24, backend="triton")
     assert_near(mamba.ssd(x, dt, A, B, C, chunk_size=24), want, 1e-5, "y (chunk 24, reference)")
