@@ -1,6 +1,7 @@
 """Pieces shared by the chunked kernels that pass a ``(d_k, d_v)`` state from chunk to chunk
-(:mod:`seqbook.kernels.gla`, :mod:`seqbook.kernels.delta`): padding the length to whole chunks, and the
-prologue of a program that owns one (batch, head) and one block of value columns of the state."""
+(:mod:`seqbook.kernels.gla`, :mod:`seqbook.kernels.delta`, :mod:`seqbook.kernels.rwkv7`): padding the length to
+whole chunks (all three), and the prologue of a program that owns one (batch, head) and one block of value
+columns of the state (RWKV-7's passes; GLA's state passes also split the key rows and have their own)."""
 
 from __future__ import annotations
 
