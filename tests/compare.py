@@ -70,3 +70,37 @@ def assert_near(got, want: torch.Tensor, rel: float, what: str, *, floor: float 
     assert torch.isfinite(got).all(), f"{what}: not finite"
     err = relative_error(got, want, floor)
     assert err <= rel, f"{what}: error {err:.2e} > {rel:.1e} (relative to max(max|want|, {floor:g}))"
+
+
+def run_steps(module, u: torch.Tensor):
+    """``module.step`` over ``u (batch, length, d)`` from its empty state (``module.init_state``): the
+    outputs stacked ``(batch, length, d)`` and the last state."""
+    state = module.init_state(u.shape[0], device=u.device, dtype=u.dtype)
+    outs = []
+    for t in range(u.shape[1]):
+        y_t, state = module.step(u[:, t], state)
+        outs.append(y_t)
+    return torch.stack(outs, dim=1), state
+
+
+def assert_steps_equal_forward(module, x: torch.Tensor, dy: torch.Tensor, what: str, *, rel: float = 1e-11,
+                               every_parameter: bool = True) -> None:
+    """Decoding one token at a time (:func:`run_steps`) is the same function as ``module(x)``: the
+    outputs, the input's gradient and every parameter's gradient of ``(y * dy).sum()`` agree within
+    ``rel`` (float64 modules: 1e-11; the parameters' gradients with a floor of 1e-3, the size below
+    which a gradient is a sum of cancelling terms). ``every_parameter``: also assert that a gradient
+    reaches every parameter (it is not zero), so that the comparison is not of two zeros."""
+    results = []
+    for run in (lambda u: module(u), lambda u: run_steps(module, u)[0]):
+        module.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = run(xx)
+        (y * dy).sum().backward()
+        results.append((y.detach(), xx.grad, {n: p.grad.clone() for n, p in module.named_parameters()}))
+    (y_f, dx_f, g_f), (y_s, dx_s, g_s) = results
+    assert_near(y_s, y_f, rel, f"{what}: step vs forward")
+    assert_near(dx_s, dx_f, rel, f"{what}: dx")
+    for n in g_f:
+        assert_near(g_s[n], g_f[n], rel, f"{what}: d{n}", floor=1e-3)
+        if every_parameter:
+            assert g_f[n].abs().max() > 0, f"{what}: no gradient reaches {n}"

@@ -6,7 +6,7 @@ import seqbook  # noqa: F401  (first: the Triton interpreter switch)
 import pytest
 import torch
 
-from compare import assert_near
+from compare import assert_near, assert_steps_equal_forward, run_steps
 from seqbook import experiments_h2h as h2h
 from seqbook import linear_attention as la
 from seqbook.nn import LanguageModel
@@ -28,31 +28,6 @@ def perturbed(m, seed=0):
     return m
 
 
-def stepped(m, x):
-    state = m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y_t, state = m.step(x[:, t], state)
-        ys.append(y_t)
-    return torch.stack(ys, dim=1), state
-
-
-def check_step_equals_forward(m, x, dy, what):
-    results = []
-    for run in (lambda x: m(x), lambda x: stepped(m, x)[0]):
-        m.zero_grad()
-        xx = x.clone().requires_grad_()
-        y = run(xx)
-        (y * dy).sum().backward()
-        results.append((y.detach(), xx.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (y_f, dx_f, g_f), (y_s, dx_s, g_s) = results
-    assert_near(y_s, y_f, 1e-11, f"{what}: step vs forward")
-    assert_near(dx_s, dx_f, 1e-11, f"{what}: dx")
-    for n in g_f:
-        assert_near(g_s[n], g_f[n], 1e-11, f"{what}: d{n}", floor=1e-3)
-        assert g_f[n].abs().max() > 0, f"{what}: no gradient reaches {n}"
-
-
 @pytest.mark.parametrize("conv_size", [2, 4])
 @pytest.mark.parametrize("L", [1, 3, 70])  # shorter than the window, and across a chunk boundary
 def test_gla_with_conv_step_equals_forward(conv_size, L):
@@ -60,10 +35,10 @@ def test_gla_with_conv_step_equals_forward(conv_size, L):
     m = perturbed(la.GatedLinearAttention(12, 2, conv_size=conv_size, backend="reference"), seed=L)
     x, dy = randn(2, L, 12, seed=L), randn(2, L, 12, seed=L + 1)
     if L == 1:  # one token: the taps for older inputs see only zeros and get no gradient; compare outputs
-        y, _ = stepped(m, x)
+        y, _ = run_steps(m, x)
         assert_near(y, m(x), 1e-11, "GLA + conv, one token")
         return
-    check_step_equals_forward(m, x, dy, f"GLA + conv {conv_size}")
+    assert_steps_equal_forward(m, x, dy, f"GLA + conv {conv_size}")
 
 
 def test_gla_conv_is_causal_and_short():
@@ -151,7 +126,7 @@ def test_gated_short_conv_step_equals_forward(conv_size):
     torch.manual_seed(0)
     m = perturbed(GatedShortConv(10, conv_size), seed=conv_size)
     x, dy = randn(3, 13, 10, seed=1), randn(3, 13, 10, seed=2)
-    check_step_equals_forward(m, x, dy, f"GatedShortConv({conv_size})")
+    assert_steps_equal_forward(m, x, dy, f"GatedShortConv({conv_size})")
 
 
 def test_gated_short_conv_is_the_formula():

@@ -17,19 +17,9 @@ import torch.nn.functional as F
 
 from seqbook import mamba, nn as snn, tasks
 from seqbook.nn import LanguageModel, Mamba
-from compare import assert_near
+from compare import assert_near, run_steps
 
 F64 = torch.float64
-
-
-def run_steps(module, u):
-    """``module.step`` over ``u (batch, length, d)`` from a fresh state; the outputs stacked and the last state."""
-    state = module.init_state(u.shape[0], device=u.device, dtype=u.dtype)
-    outs = []
-    for t in range(u.shape[1]):
-        y_t, state = module.step(u[:, t], state)
-        outs.append(y_t)
-    return torch.stack(outs, dim=1), state
 
 
 def perturbed(module, seed):
