@@ -177,3 +177,46 @@ def test_bfloat16_forward_only_split_takes_its_longer_chunk(device):
     y_ref, final_ref = mamba.ssd_chunked(*wide[:5], 8, wide[5], True)
     assert_near(y.cpu(), y_ref, 2e-2, "y (bfloat16, split, chunk 128)")
     assert_near(final.cpu(), final_ref, 2e-2, "final state (bfloat16, split, chunk 128)")
+
+
+def saved_bytes(fn):
+    """``fn()``'s result and the bytes autograd saved for the backward while it ran (each
+    tensor counted once)."""
+    saved = {}
+
+    def pack(t):
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_states"])
+def test_training_keeps_no_state_per_chunk(device, design, keep):
+    # B = 1 and a long sequence (19 chunks, the last partial): by default the forward saves its
+    # inputs and the initial state and nothing per chunk, and the backward recomputes the
+    # states entering the chunks; the option keep_states saves those (more than the bound),
+    # as the design before did. Both give the float64 gradients.
+    k = kernels("ssd")
+    batch, L, H, P, G, N, Q = 1, 300, 2, 16, 1, 16, 16
+    wide = make(batch, L, H, P, G, N, seed=31)
+    leaves = [t.float().to(device).requires_grad_() for t in wide]
+    cfg = dict((k.CONFIGS if design == "fused" else k.SPLIT_CONFIGS)[4], keep_states=keep)
+    (y, final), nbytes = saved_bytes(lambda: k.ssd_autograd(*leaves[:5], Q, leaves[5], cfg, design))
+    inputs = sum(t.numel() * t.element_size() for t in leaves)  # x, dt, A, B, C and the initial state
+    per_chunk = batch * -(-L // Q) * H * P * N * 4  # the float32 state entering every chunk
+    if keep:  # the inputs but the initial state, and every chunk's state: above the bound
+        assert nbytes >= inputs - leaves[5].numel() * 4 + per_chunk > inputs, (nbytes, inputs, per_chunk)
+    else:
+        assert nbytes <= inputs, (nbytes, inputs, per_chunk)
+    gen = torch.Generator().manual_seed(7)
+    gy, gf = torch.randn(y.shape, generator=gen, dtype=F64), torch.randn(final.shape, generator=gen, dtype=F64)
+    got = torch.autograd.grad((y.double() * gy.to(device)).sum() + (final.double() * gf.to(device)).sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in wide]
+    y_ref, f_ref = mamba.ssd_chunked(*ref[:5], 8, ref[5], True)
+    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
+    for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
+        assert_near(g.cpu(), w, 1e-5, f"{name} ({design}, keep_states={keep})")

@@ -38,12 +38,15 @@ Given :math:`\bar y = \partial \ell / \partial y` and the gradient of the final 
 the gradient of the state entering each chunk obeys the same recurrence backwards:
 :math:`\bar S_{c} = e^{c_\text{last}} \bar S'_{c} + \sum_t e^{c_t} \bar y_t C_t^\top` (the
 second term from the chunk's own outputs), with :math:`\bar S'_c = \bar S_{c+1}`. The
-backward runs that recurrence in the forward's design: after a split forward, with pieces
-(1) and (2) (:func:`_chunk_states` with the weights :math:`e^{c_t}` on :math:`\bar y` and
-:math:`C`, then :func:`_state_pass` in reverse); after a fused one, with
-:func:`_dstates_fused`, the fused forward's mirror. Last, :func:`_ssd_bwd` differentiates
-one chunk with :math:`S` (saved by the forward) and :math:`\bar S'` in hand, in parallel
-over chunks (formulas in its comments).
+backward needs, per chunk, :math:`S` (the state entering it, which the forward does not keep:
+it is recomputed) and :math:`\bar S'`. It runs both recurrences in the forward's design:
+after a split forward, with pieces (1) and (2) twice (:func:`_chunk_states` and
+:func:`_state_pass` in order on ``x`` and ``B`` for :math:`S`; with the weights
+:math:`e^{c_t}` on :math:`\bar y` and :math:`C`, in reverse, for :math:`\bar S`); after a
+fused one, with :func:`_state_walks`: the fused forward's grid, twice, one program walking
+the chunks forwards for :math:`S`, its twin backwards for :math:`\bar S`. Last,
+:func:`_ssd_bwd` differentiates one chunk with :math:`S` and :math:`\bar S'` in hand, in
+parallel over chunks (formulas in its comments).
 
 Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``, not
 TF32). With bfloat16 or float16 inputs, products of inputs (``C B^T``, masked scores times
@@ -51,9 +54,12 @@ TF32). With bfloat16 or float16 inputs, products of inputs (``C B^T``, masked sc
 memory too, unless a configuration's ``state_dtype`` says otherwise), and their products
 take float32 operands at TF32 precision. Everything accumulates in float32.
 
-Memory: training saves the state entering every chunk for the backward, ``batch * (L / Q)
-* heads * P * N`` floats (537 MB at the benchmark shape, ``Q = 32``), where mamba_ssm
-recomputes them in its backward; the backward allocates as much again for their gradients.
+Memory: training keeps the inputs and the initial state for the backward, nothing per chunk
+(as mamba_ssm's ``mamba_chunk_scan_combined``). The states entering the chunks, ``batch *
+(L / Q) * heads * P * N`` floats (537 MB at the benchmark shape, ``Q = 32``), exist only
+inside the backward, beside their gradients (as many again). The configuration option
+``keep_states=True`` is the design before: the forward stores them and the backward reads
+them (no recomputation, the memory held from the forward to the backward).
 """
 
 from __future__ import annotations
@@ -72,6 +78,50 @@ def _mm(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     if WIDEN:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _heads(H, G):
+    """This program's batch element, head and group (axis 0 runs over ``batch * heads``;
+    the ``H / G`` heads of a group share its ``B`` and ``C``)."""
+    batch = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    return batch, head, head // (H // G)
+
+
+@triton.jit
+def _state_tile(batch, chunk, n_chunks, head, H, P, N, p, n):
+    """Offsets and mask of the ``(BLOCK_P, BLOCK_N)`` tile at channels ``p``, state indices
+    ``n`` of a ``(Bt, chunks, H, P, N)`` tensor of states (``chunk = 0, n_chunks = 1``: of a
+    ``(Bt, H, P, N)`` one)."""
+    offs = (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
+    return offs, (p < P)[:, None] & (n < N)[None, :]
+
+
+@triton.jit
+def _input_weights(c, c_last, dt, live, FROM_START: tl.constexpr):
+    """Per step of a chunk: ``w_s = e^{c_last - c_s} dt_s``, the weight of input ``s`` in the
+    state leaving the chunk (forward), or ``e^{c_t}``, the decay from the state entering the
+    chunk to step ``t`` (``FROM_START``: the weight of ``dy_t C_t^T`` in that state's gradient)."""
+    if FROM_START:
+        w = tl.where(live, tl.exp(c), 0.0)
+    else:
+        w = tl.exp(c_last - c) * dt  # (dt = 0 past the end)
+    return w
+
+
+@triton.jit
+def _weighted_outer(u, v, w, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """``sum_s w_s u_s v_s^T`` ``(BLOCK_P, BLOCK_N)``, float32, for ``u`` ``(Q, BLOCK_P)`` (x or
+    dy) and ``v`` ``(Q, BLOCK_N)`` (B or C): a chunk's own part of a state (or its gradient)."""
+    uw = u.to(tl.float32) * w[:, None]
+    return _mm(tl.trans(uw), v.to(tl.float32), STATE_PRECISION, WIDEN)
+
+
+@triton.jit
+def _state_step(S, u, v, w, c_last, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """One chunk of the state recurrence: ``e^{c_last} S + sum_s w_s u_s v_s^T``."""
+    return tl.exp(c_last) * S + _weighted_outer(u, v, w, WIDEN, STATE_PRECISION)
 
 
 @triton.jit
@@ -129,31 +179,25 @@ def _ssd_fwd(
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """The fused forward: one program per (batch, head, block of P) walks all chunks."""
-    batch = tl.program_id(0) // H
-    head = tl.program_id(0) % H
-    group = head // (H // G)
+    batch, head, group = _heads(H, G)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    pn_ok = (p < P)[:, None] & (n < N)[None, :]
-    state = ((batch * H + head).to(tl.int64) * P + p[:, None]) * N + n[None, :]
+    state, pn_ok = _state_tile(batch, 0, 1, head, H, P, N, p, n)
     if HAS_S0:
         S = tl.load(S0 + state, mask=pn_ok, other=0.0)
     else:
         S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     for t0 in tl.range(0, L, Q, num_stages=NUM_STAGES):
-        if STORE_STATES:  # for the backward: [batch, chunk, head, p, n]
-            chunk = t0 // Q
-            tl.store(STATES + (((batch * tl.cdiv(L, Q) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N
-                     + n[None, :], S.to(STATES.dtype.element_ty), mask=pn_ok)  # fmt: skip
+        if STORE_STATES:  # for the backward (the option "keep_states")
+            offs, _ = _state_tile(batch, t0 // Q, tl.cdiv(L, Q), head, H, P, N, p, n)
+            tl.store(STATES + offs, S.to(STATES.dtype.element_ty), mask=pn_ok)
         t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
             X, DT, A, B, C, batch, head, group, t0, p, n, L, H, G, P, N, Q)
         y = _chunk_y(x, dt, Bc, Cc, c, S, PRECISION, STATE_PRECISION, WIDEN, Q)
         tl.store(Y + x_offs, y.to(Y.dtype.element_ty), mask=x_ok)
         # 3. The state leaving the chunk: decayed old state plus the chunk's inputs.
-        w = tl.exp(c_last - c) * dt  # (Q,): step s's input, decayed to the chunk's end
-        xw = x.to(tl.float32) * w[:, None]
-        S = tl.exp(c_last) * S + _mm(tl.trans(xw), Bc.to(tl.float32), STATE_PRECISION, WIDEN)
+        S = _state_step(S, x, Bc, _input_weights(c, c_last, dt, live, False), c_last, WIDEN, STATE_PRECISION)
 
     tl.store(S_END + state, S, mask=pn_ok)
 
@@ -171,61 +215,79 @@ def _chunk_states(
 ):  # fmt: skip
     """Per (batch * head, chunk, block of P): the chunk's own contribution to the state
     leaving it (forward), or to the gradient of the state entering it (backward)."""
-    batch = tl.program_id(0) // H
-    head = tl.program_id(0) % H
-    group = head // (H // G)
+    batch, head, group = _heads(H, G)
     chunk = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     t, live, x_offs, x_ok, u, dt, bc_offs, bc_ok, v, _, c, c_last = _load_chunk(
         U, DT, A, V, V, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
-    if FROM_START:
-        w = tl.where(live, tl.exp(c), 0.0)
-    else:
-        w = tl.exp(c_last - c) * dt
-    uw = u.to(tl.float32) * w[:, None]
-    out = _mm(tl.trans(uw), v.to(tl.float32), STATE_PRECISION, WIDEN)  # (BLOCK_P, BLOCK_N)
-    offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
-    tl.store(OUT + offs, out, mask=(p < P)[:, None] & (n < N)[None, :])
+    out = _weighted_outer(u, v, _input_weights(c, c_last, dt, live, FROM_START), WIDEN, STATE_PRECISION)
+    offs, pn_ok = _state_tile(batch, chunk, tl.num_programs(1), head, H, P, N, p, n)
+    tl.store(OUT + offs, out, mask=pn_ok)
 
 
 @triton.jit
-def _dstates_fused(
-    DY,  # (Bt, L, H, P): the output gradient
-    DT, A,
-    C,  # (Bt, L, G, N)
+def _walk(
+    U, V, DT, A, INIT, OUT, END, batch, head, group, L, H, G, P, N,
+    FROM_START: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_END: tl.constexpr,
+    WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """One state recurrence walked over all chunks by one program, its ``(BLOCK_P, BLOCK_N)``
+    block of the state in registers: ``S <- e^{c_last} S + sum_s w_s u_s v_s^T``, storing
+    ``S`` in ``OUT`` before each chunk's update (and the last one in ``END`` if ``STORE_END``).
+    Forward (x, B, from the first chunk): the state entering each chunk. Backward (dy, C,
+    ``FROM_START`` weights, from the last chunk): the gradient of the state leaving it."""
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    state, pn_ok = _state_tile(batch, 0, 1, head, H, P, N, p, n)
+    if HAS_INIT:
+        S = tl.load(INIT + state, mask=pn_ok, other=0.0)
+    else:
+        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(L, Q)
+    for i in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        if REVERSE:
+            chunk = n_chunks - 1 - i
+        else:
+            chunk = i
+        offs, _ = _state_tile(batch, chunk, n_chunks, head, H, P, N, p, n)
+        tl.store(OUT + offs, S.to(OUT.dtype.element_ty), mask=pn_ok)
+        t, live, x_offs, x_ok, u, dt, bc_offs, bc_ok, v, _, c, c_last = _load_chunk(
+            U, DT, A, V, V, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
+        S = _state_step(S, u, v, _input_weights(c, c_last, dt, live, FROM_START), c_last, WIDEN, STATE_PRECISION)
+    if STORE_END:
+        tl.store(END + state, S, mask=pn_ok)
+
+
+@triton.jit
+def _state_walks(
+    X, B,  # the forward's inputs (Bt, L, H, P), (Bt, L, G, N)
+    S0,  # (Bt, H, P, N) float32: the initial state (if HAS_S0)
+    STATES,  # (Bt, chunks, H, P, N) output: the state entering each chunk
+    DY, C,  # the output gradient (Bt, L, H, P), and C (Bt, L, G, N)
     DS_END,  # (Bt, H, P, N) float32: the gradient of the final state (if HAS_DS_END)
     DSTATES,  # (Bt, chunks, H, P, N) output: the gradient of the state leaving each chunk
     DS0,  # (Bt, H, P, N) float32 output: the gradient of the initial state
-    L, H, G, P, N,
-    HAS_DS_END: tl.constexpr, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DT, A, L, H, G, P, N,
+    HAS_S0: tl.constexpr, HAS_DS_END: tl.constexpr, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    r"""The backward's state pass for large grids, the mirror of :func:`_ssd_fwd`: one program
-    per (batch, head, block of P) walks the chunks from the last, holding
-    :math:`\bar S` in registers: :math:`\bar S \leftarrow e^{c_\text{last}} \bar S + \sum_t
-    e^{c_t} \bar y_t C_t^\top`, storing it before each update."""
-    batch = tl.program_id(0) // H
-    head = tl.program_id(0) % H
-    group = head // (H // G)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    pn_ok = (p < P)[:, None] & (n < N)[None, :]
-    state = ((batch * H + head).to(tl.int64) * P + p[:, None]) * N + n[None, :]
-    if HAS_DS_END:
-        dS = tl.load(DS_END + state, mask=pn_ok, other=0.0)
+    r"""The backward's state walks after a fused forward, on the forward's grid (one program per
+    (batch, head, block of P)) times ``tl.num_programs(2)``. The last program along axis 2
+    walks the chunks from the last, holding :math:`\bar S` in registers: :math:`\bar S
+    \leftarrow e^{c_\text{last}} \bar S + \sum_t e^{c_t} \bar y_t C_t^\top`. With two along
+    axis 2, the first recomputes the states entering the chunks (the forward's recurrence,
+    not stored by the forward): the two walks are independent and run side by side."""
+    batch, head, group = _heads(H, G)
+    if tl.program_id(2) == tl.num_programs(2) - 1:
+        _walk(DY, C, DT, A, DS_END, DSTATES, DS0, batch, head, group, L, H, G, P, N,
+              FROM_START=True, REVERSE=True, HAS_INIT=HAS_DS_END, STORE_END=True, WIDEN=WIDEN,
+              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES)  # fmt: skip
     else:
-        dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    n_chunks = tl.cdiv(L, Q)
-    for i in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-        chunk = n_chunks - 1 - i
-        tl.store(DSTATES + (((batch * n_chunks + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :],
-                 dS.to(DSTATES.dtype.element_ty), mask=pn_ok)  # fmt: skip
-        t, live, x_offs, x_ok, dy, dt, bc_offs, bc_ok, Cc, _, c, c_last = _load_chunk(
-            DY, DT, A, C, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
-        dyw = dy.to(tl.float32) * tl.where(live, tl.exp(c), 0.0)[:, None]
-        dS = tl.exp(c_last) * dS + _mm(tl.trans(dyw), Cc.to(tl.float32), STATE_PRECISION, WIDEN)
-    tl.store(DS0 + state, dS, mask=pn_ok)
+        _walk(X, B, DT, A, S0, STATES, DS0, batch, head, group, L, H, G, P, N,
+              FROM_START=False, REVERSE=False, HAS_INIT=HAS_S0, STORE_END=False, WIDEN=WIDEN,
+              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES)  # fmt: skip
 
 
 @triton.jit
@@ -274,14 +336,11 @@ def _chunk_outputs(
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The split forward's last step: per (batch * head, chunk, block of P), the chunk's outputs."""
-    batch = tl.program_id(0) // H
-    head = tl.program_id(0) % H
-    group = head // (H // G)
+    batch, head, group = _heads(H, G)
     chunk = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    pn_ok = (p < P)[:, None] & (n < N)[None, :]
-    offs = (((batch * tl.num_programs(1) + chunk).to(tl.int64) * H + head) * P + p[:, None]) * N + n[None, :]
+    offs, pn_ok = _state_tile(batch, chunk, tl.num_programs(1), head, H, P, N, p, n)
     S = tl.load(STATES + offs, mask=pn_ok, other=0.0).to(tl.float32)
     t, live, x_offs, x_ok, x, dt, bc_offs, bc_ok, Bc, Cc, c, c_last = _load_chunk(
         X, DT, A, B, C, batch, head, group, chunk * Q, p, n, L, H, G, P, N, Q)
@@ -306,9 +365,7 @@ def _ssd_bwd(
     """Every gradient of one chunk, per (batch * head, chunk, block of P). The state index
     ``n`` is walked in blocks of ``BLOCK_N`` twice (first the sums over it, then ``dB`` and
     ``dC``, which are per ``n``), so that only one block of ``B, C, S, dS`` is live at a time."""
-    batch = tl.program_id(0) // H
-    head = tl.program_id(0) % H
-    group = head // (H // G)
+    batch, head, group = _heads(H, G)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     pblock = tl.program_id(2)
@@ -401,9 +458,14 @@ def _ssd_bwd(
 #: registers and no spills (Q = 64 spills: the (Q, N) tiles of B and C, and the state's
 #: float32 products, do not fit); float32 inputs multiply with FMAs (exact, no tensor
 #: cores) and spill at every size tried: they are for checking, not for speed.
+#: ``WALK_BLOCK_P``, ``WALK_WARPS``, ``WALK_MAXNREG`` (optional; the forward's ``BLOCK_P`` and
+#: warps otherwise): the backward's two state walks (:func:`_state_walks`). At (64, 8 warps) a
+#: walk takes 150 registers (sm_90, Triton 3.9, cuobjdump), one program per SM, so the two
+#: walks' 256 programs at the benchmark shape take two rounds of 132 SMs; capped at 128
+#: registers it takes 126 without spilling, and two programs fit on an SM: one round.
 CONFIGS = {
     4: dict(Q=16, BLOCK_P=16, NUM_STAGES=2, num_warps=4, BWD_BLOCK_N=16),
-    2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8, BWD_BLOCK_N=64),
+    2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8, BWD_BLOCK_N=64, WALK_MAXNREG=128),
 }
 
 #: ``BWD_BLOCK_N``: the block of state indices the backward's per-chunk kernel walks N in.
@@ -561,42 +623,59 @@ def ssd_forward(x, dt, A, B, C, chunk_size=None, initial_state=None, config=None
 
 class SSDFunction(torch.autograd.Function):
     """SSD with its backward: ``apply(x, dt, A, B, C, initial_state or None, chunk_size or
-    None, config or None, design)`` -> ``(y, final_state)``."""
+    None, config or None, design)`` -> ``(y, final_state)``.
+
+    What it keeps for the backward: the inputs and the initial state, nothing per chunk. The
+    backward recomputes the state entering each chunk (the forward's recurrence once more,
+    without its outputs), as mamba_ssm's does. The configuration option ``keep_states=True``
+    keeps them instead (the forward stores them, ``batch * (L / Q) * heads * P * N`` floats)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size, config, design):
         x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
         design = TRAINING_DESIGN if design == "auto" else design
         design, cfg = _configure(x, B, config, chunk_size, design)
-        y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=True)
-        ctx.save_for_backward(x, dt, A, B, C, states)
-        ctx.cfg, ctx.design = cfg, design
+        keep = cfg.get("keep_states", False)
+        y, s_end, states = _forward(x, dt, A, B, C, initial_state, cfg, design, store_states=keep)
+        s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+        ctx.save_for_backward(x, dt, A, B, C, states if keep else s0)
+        ctx.cfg, ctx.design, ctx.keep = cfg, design, keep
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
         ctx.dtypes = (dt.dtype, A.dtype)
         return y, s_end
 
     @staticmethod
     def backward(ctx, dy, d_final):
-        x, dt, A, B, C, states = ctx.saved_tensors
+        x, dt, A, B, C, kept = ctx.saved_tensors
         cfg = ctx.cfg
         Q, BLOCK_P = cfg["Q"], cfg["BLOCK_P"]
         BLOCK_N = max(16, min(cfg.get("BWD_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))  # the backward walks n in blocks
         batch, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         n_chunks, p_blocks = triton.cdiv(L, Q), triton.cdiv(P, BLOCK_P)
+        state_dtype = cfg.get("state_dtype", torch.float32)
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
-        # The gradient of the state leaving each chunk: the forward's recurrence, backwards.
-        if ctx.design == "fused":  # the same grid as the forward's, walking the chunks backwards
-            d_states, d_s0 = torch.empty_like(states), torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-            _dstates_fused[(batch * H, p_blocks)](
-                dy, dt, A, C, d_s0 if d_final is None else d_final, d_states, d_s0, L, H, G, P, N,
-                HAS_DS_END=d_final is not None, WIDEN=interpreting(), STATE_PRECISION=_precisions(x)["STATE_PRECISION"],
-                Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+        s0 = None if ctx.keep else kept
+        # The states entering the chunks (kept, or recomputed), and the gradient of the state
+        # leaving each chunk: the forward's recurrence, backwards.
+        if ctx.design == "fused":  # the forward's grid (twice when it recomputes the states: both walks at once)
+            d_states = torch.empty(batch, n_chunks, H, P, N, dtype=state_dtype, device=x.device)
+            states = kept if ctx.keep else torch.empty_like(d_states)
+            d_s0 = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+            walk_p = max(16, min(cfg.get("WALK_BLOCK_P", BLOCK_P), triton.next_power_of_2(P)))
+            _state_walks[(batch * H, triton.cdiv(P, walk_p), 1 if ctx.keep else 2)](
+                x, B, d_s0 if s0 is None else s0, states, dy, C, d_s0 if d_final is None else d_final, d_states,
+                d_s0, dt, A, L, H, G, P, N, HAS_S0=s0 is not None, HAS_DS_END=d_final is not None,
+                WIDEN=interpreting(), STATE_PRECISION=_precisions(x)["STATE_PRECISION"], Q=Q, BLOCK_P=walk_p,
+                BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg.get("WALK_WARPS", cfg["num_warps"]),
+                **({"maxnreg": cfg["WALK_MAXNREG"]} if "WALK_MAXNREG" in cfg else {}),
             )  # fmt: skip
         else:
+            states = kept if ctx.keep else _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False,
+                                                         state_dtype=state_dtype)[0]  # fmt: skip
             d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
-                                           state_dtype=states.dtype)  # fmt: skip
+                                           state_dtype=state_dtype)  # fmt: skip
         dx = torch.empty_like(x)
         # per-head parts of dB and dC: float32, or (option "partial_dtype") 16 bits, summed in float32
         part = torch.float32 if G == H and p_blocks == 1 else cfg.get("partial_dtype", torch.float32)
