@@ -7,14 +7,26 @@ The readable forms, the glossary and the shapes are in :mod:`seqbook.linear_atte
 
 Design
 ------
-Chunks of ``T = 64`` steps, each cut into four sub-chunks of 16 (fla's layout for ``chunk_gla``, read for the
-facts). The inputs are padded to a multiple of ``T`` with zeros (a zero key and value add nothing; a zero
-log-gate keeps the decay flat). ``c`` is the log-gates' inclusive cumulative sum inside each chunk (float32,
-written by the state pass; the state passes form their own with ``tl.cumsum``); the query's exponent is
-:math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the query reads the state before its own step).
-Every matrix product runs on float32 operands: exact (``"ieee"``) for float32 inputs, on the tensor cores at
-tf32 for 16-bit ones (float16's mantissa, float32's range: the states and the exponentials need no 16-bit
-rounding).
+Chunks of ``T = 64`` steps. The inputs are padded to a multiple of ``T`` with zeros (a zero key and value add
+nothing; a zero log-gate keeps the decay flat). ``c`` is the log-gates' inclusive cumulative sum inside each
+chunk, formed by every kernel that needs it from the log-gates with ``tl.cumsum`` (float32, never stored); the
+query's exponent is :math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the query reads the state before
+its own step). Every matrix product runs on float32 operands: exact (``"ieee"``) for float32 inputs, on the
+tensor cores at tf32 for 16-bit ones (float16's mantissa, float32's range: the states and the exponentials need
+no 16-bit rounding).
+
+The chunk's weights :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` (``j <= t``; ``j < t`` and the
+bonus :math:`q_t\cdot(u\circ k_t)` on the diagonal with it) are one 64-row matrix product (``_weights``): the
+exponent is split at a reference ``r``, ``c`` at the chunk's middle step,
+:math:`(q\circ e^{c^q - r})(k\circ e^{r - c})^\top`, masked to the causal entries. Both factors lie within
+:math:`e^{\pm\mathrm{SPAN}}` (``SPAN = 40``) when neither half of the chunk decays by more than e^-40 in any
+channel, so nothing overflows or underflows in float32 where it matters (the masked entries above the diagonal
+may overflow; they are dropped). Gates stronger than that (a chunk decaying past e^-40 in some channel, in some
+block of key channels) take a slow exact path: one key column at a time, each exponent
+:math:`c^q_t - c_j \le 0` formed before its exponential. The test suite runs both paths; the benchmark's
+gates, and trained models' (mostly near 1), take the product. ``A`` is never stored: the forward forms it
+next to the output, the backward forms it again for ``dv``, and forms the weights' gradient ``dA`` next to
+``dq, dk``.
 
 Forward:
 
@@ -23,25 +35,19 @@ Forward:
    and folds the chunk in,
    :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ e^{c_\text{last} - c})^\top v`. Key
    rows decay separately and never mix, so the state splits into independent tiles both ways.
-2. ``_intra_weights``: the chunk's weights :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}`
-   (``j <= t``; ``j < t`` and the bonus :math:`q_t\cdot(u\circ k_t)` on the diagonal with it), float32,
-   stored. A block of sub-chunks ``I > J`` is one matrix product: the exponent is split at the step before
-   sub-chunk ``I``, :math:`(q_I\circ e^{c^q_I - c_r})(k_J\circ e^{c_r - c_J})^\top`, both factors
-   :math:`\le 1` because ``c`` decreases, so neither overflows and an underflow only drops a weight that is
-   below float32's range anyway. The 16x16 diagonal blocks are formed column by column, each exponent a
-   difference :math:`\le 0` formed before the exponential (the readable form's "diagonal sub-block").
-3. ``_chunk_out``: :math:`o = s\,((q \circ e^{c^q}) S_\text{in} + A v)`, two 64-row matrix products.
+2. ``_chunk_fwd``: per (chunk, value block), :math:`o = s\,((q \circ e^{c^q}) S_\text{in} + A v)`, ``A``
+   summed over the key blocks: three 64-row matrix products.
 
 Backward:
 
-4. ``_dstate_pass``: the state's gradient walks the chunks in reverse,
+3. ``_dstate_pass``: the state's gradient walks the chunks in reverse,
    :math:`\bar S_\text{in} = \mathrm{Diag}(e^{c_\text{last}})\bar S_\text{out} + s\,(q\circ e^{c^q})^\top do`,
    saving :math:`\bar S_\text{out}` per chunk; it ends with the initial state's gradient.
-5. ``_chunk_dv``: :math:`dv = s A^\top do + (k\circ e^{c_\text{last}-c})\bar S_\text{out}` and the weights'
-   gradient :math:`dA = s\, do\, v^\top` (lower triangle), stored.
-6. ``_chunk_dqk``: per (chunk, key block), sub-chunk by sub-chunk: dq, dk through the states, through the
-   other sub-chunks (matrix products with the same split exponents) and through the diagonal block (column by
-   column), the bonus's diagonal terms, and the log-gates' gradient.
+4. ``_chunk_dv``: per (chunk, value block), ``A`` again, and
+   :math:`dv = s A^\top do + (k\circ e^{c_\text{last}-c})\bar S_\text{out}`.
+5. ``_chunk_dqk``: per (chunk, key block): :math:`dA = s\, do\, v^\top` (causal part), dq and dk through the
+   states and through ``dA`` (64-row products with the same split exponents, or column by column), the bonus's
+   diagonal terms, and the log-gates' gradient.
 
 The log-gates' gradient: every exponent in the model is a difference :math:`b_x - b_y` of global cumulative
 gates (the chunk boundaries cancel), so :math:`\partial\mathcal L/\partial b_x = q_x \odot \partial q_x -
@@ -51,18 +57,14 @@ these over steps ``>= t`` (with the bonus the query's exponent is :math:`b_{t-1}
 chunk's last step the recurrence :math:`S_t = \mathrm{Diag}(e^{g_t}) S_{t-1} + k_t v_t^\top` gives the
 gradient directly, :math:`\sum_v (S_\text{out} - k_t v_t^\top) \odot \bar S_t`, where :math:`\bar S_t` is the
 state's whole gradient after that step (:math:`\bar S_\text{out}`, plus :math:`s\, q_t\, do_t^\top` without
-the bonus, where the query reads that state); step 6 adds the in-chunk sums to it and writes the log-gates'
+the bonus, where the query reads that state); step 5 adds the in-chunk sums to it and writes the log-gates'
 gradient in their dtype. The final state is stored after the chunks' entering states, so
 :math:`S_\text{out}` is always "the next entering state".
 
-Measured on the H200 (GPU call 3 of 2026-12-02, bf16 inputs as in ``benchmarks.gated``, ``do_bench``; see
-``benchmarks/NOTES.md``): at B=4, L=4096, H=32, d=64 GLA forward 1.30 ms, forward+backward 3.32 ms; RWKV-6
-1.44 / 4.05 ms (fla on the same GPU earlier: 0.76 ms GLA forward, 0.89 / 3.33 ms RWKV-6, so 0.6x forward and
-0.8x forward+backward, not yet the 1.0x of issue 13); at B=1, L=16384, H=16, d=128 GLA 2.81 / 6.05 ms. The
-sub-chunk kernels are the slow part (``_intra_weights`` 0.75 ms of the forward, ``_chunk_dqk`` 1.3-1.9 ms of the
-backward, against 0.20 ms for ``_chunk_out``'s 64-row products): their 16-row products and per-sub-chunk steps
-leave the GPU idle. Errors against float64 at B=1, L=1000, H=16 (bf16 inputs): at most 4.3e-3 of the largest
-value (the output's bf16 rounding). Unmeasured: the tile variants (``_tiles``), RWKV-6 at d=128.
+Measured on the H200: see ``benchmarks/NOTES.md`` (the section of issue 13). The version before this one
+(sub-chunks of 16, ``A`` and ``c`` stored; GPU call 3 of 2026-12-02, bf16, ``do_bench``) took at B=4, L=4096,
+H=32, d=64 1.30 ms forward, 3.32 ms forward+backward for GLA and 1.44 / 4.05 ms for RWKV-6 (fla 0.72-0.89 /
+3.33 ms), at B=1, L=16384, H=16, d=128 2.81 / 6.05 ms; its sub-chunk kernels took 60-70% of that.
 """
 
 from __future__ import annotations
@@ -75,10 +77,8 @@ from .chunked_state import pad_to
 
 #: steps per chunk
 CHUNK = 64
-#: steps per sub-chunk: the blocks of the chunk's weights formed as one matrix product, or column by column
-SUB_CHUNK = 16
-#: the largest decay (in log space, over one sub-chunk, any channel) for which a diagonal block is one matrix
-#: product: its key factor is at most e^SPAN (float32 overflows past e^88)
+#: the largest decay (in log space, over half a chunk, any channel) for which the chunk's weights are one matrix
+#: product: its factors lie within e^-SPAN .. e^SPAN (float32 keeps e^-87 .. e^88)
 SPAN = tl.constexpr(40.0)
 
 
@@ -96,12 +96,83 @@ def _last_row(x, rt, T: tl.constexpr):
 
 
 @triton.jit
-def _state_pass(k_ptr, v_ptr, g_ptr, c_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
+def _row(x, rt, j):
+    """Row ``j`` of a ``(T, n)`` tile (``rt = arange(T)``)."""
+    return tl.sum(tl.where(rt[:, None] == j, x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_rows(ptr, rows, cols, D: tl.constexpr):
+    """The ``(T, n)`` tile ``x[rows, cols]`` of a ``(B, Lp, H, D)`` tensor (``rows`` index ``B * Lp * H``), float32."""
+    return tl.load(ptr + rows[:, None] * D + cols[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _gates(g_ptr, rows, rk, DK: tl.constexpr, BONUS: tl.constexpr):
+    r"""``c`` (T, BK), the log-gates' inclusive cumulative sum inside the chunk, and ``cq``, the query's exponent
+    (:math:`c - \log\alpha` with the bonus: the query reads the state before its own step)."""
+    g = _load_rows(g_ptr, rows, rk, DK)
+    c = tl.cumsum(g, axis=0)
+    if BONUS:
+        cq = c - g
+    else:
+        cq = c
+    return c, cq
+
+
+@triton.jit
+def _causal(rt, BONUS: tl.constexpr):
+    """The ``(T, T)`` mask of the weights ``A[t, j]`` inside the chunk: ``j <= t``, or ``j < t`` with the bonus."""
+    if BONUS:
+        return rt[:, None] > rt[None, :]
+    else:
+        return rt[:, None] >= rt[None, :]
+
+
+@triton.jit
+def _split(c, rt, T: tl.constexpr):
+    r"""The reference exponent ``r`` of a chunk's 64-row products and whether they are safe for this block of
+    channels. ``r`` is ``c`` at the chunk's middle step: the query's factor :math:`e^{c^q_t - r}` and the key's
+    :math:`e^{r - c_j}` then both lie in :math:`[e^{-\mathrm{SPAN}}, e^{\mathrm{SPAN}}]` when each half of the
+    chunk decays by at most ``SPAN`` in every channel (float32 keeps e^-87 .. e^88)."""
+    ref = _row(c, rt, T // 2 - 1)
+    c_last = _row(c, rt, T - 1)
+    safe = tl.max(tl.maximum(-ref, ref - c_last), axis=0) <= SPAN
+    return ref, safe
+
+
+@triton.jit
+def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):
+    r"""One block of key channels' share of the chunk's weights, (T, T) float32, zeros where not causal:
+    :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` (the bonus's diagonal is added by the caller).
+
+    Where the block's decay allows (``_split``), one 64-row matrix product
+    :math:`(q \circ e^{c^q - r})(k \circ e^{r - c})^\top`; the entries above the diagonal may overflow there and are
+    masked. Else one key column ``j`` at a time, each exponent :math:`c^q_t - c_j \le 0` formed before the
+    exponential (gates so strong that a chunk decays past e^-40 in some channel)."""
+    causal = _causal(rt, BONUS)
+    ref, safe = _split(c, rt, T)
+    if safe:
+        A = _dot(q * tl.exp(cq - ref[None, :]), tl.trans(k * tl.exp(ref[None, :] - c)), PREC)
+        A = tl.where(causal, A, 0.0)
+    else:
+        A = tl.zeros([T, T], dtype=tl.float32)
+        for j in range(T):
+            k_j, c_j = _row(k, rt, j), _row(c, rt, j)
+            if BONUS:
+                later = rt > j
+            else:
+                later = rt >= j
+            col = tl.sum(q * k_j[None, :] * tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf"))), axis=1)
+            A = tl.where(rt[None, :] == j, col[:, None], A)
+    return A
+
+
+@triton.jit
+def _state_pass(k_ptr, v_ptr, g_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_S0: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """The states entering each chunk and, after them, the final state (``n_chunks + 1`` per (batch, head));
-    and (the programs of the first value block) ``c``, the log-gates' inclusive cumulative sum inside each
-    chunk, float32, for the passes after this one."""
+    """The states entering each chunk and, after them, the final state (``n_chunks + 1`` per (batch, head))."""
     # one (batch, head) and one (BK, BV) tile of the state: key rows decay separately and never mix
     bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -114,101 +185,39 @@ def _state_pass(k_ptr, v_ptr, g_ptr, c_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
     for ci in range(n_chunks):
         tl.store(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + s_off, S)
         rows = (b * Lp + ci * T + rt) * H + h  # (T,)
-        k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        c = tl.cumsum(tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32), axis=0)
-        if pv == 0:
-            tl.store(c_ptr + rows[:, None] * DK + rk[None, :], c)
+        k = _load_rows(k_ptr, rows, rk, DK)
+        v = _load_rows(v_ptr, rows, rv, DV)
+        c = tl.cumsum(_load_rows(g_ptr, rows, rk, DK), axis=0)
         c_last = _last_row(c, rt, T)  # (BK,)
         S = tl.exp(c_last)[:, None] * S + _dot(tl.trans(k * tl.exp(c_last[None, :] - c)), v, PREC)
     tl.store(states_ptr + (bh * (n_chunks + 1) + n_chunks) * DK * DV + s_off, S)
 
 
 @triton.jit
-def _intra_weights(q_ptr, k_ptr, c_ptr, g_ptr, u_ptr, a_ptr, Lp, H,
-                   DK: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BONUS: tl.constexpr,
-                   PREC: tl.constexpr):  # fmt: skip
-    r"""The chunk's weights ``A[t, j]`` (T, T), float32, zeros above the diagonal:
-    :math:`\sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` for ``j < t`` (and ``j = t`` without the bonus), the bonus's
-    :math:`q_t \cdot (u \circ k_t)` on the diagonal with it."""
-    ci, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    NC: tl.constexpr = T // BC
-    rc, rk = tl.arange(0, BC), tl.arange(0, DK)
-    t0 = b * Lp + ci * T  # the chunk's first step
-    a_base = a_ptr + (bh * (Lp // T) + ci) * T * T
-    for I in tl.static_range(NC):
-        rows_i = (t0 + I * BC + rc) * H + h
-        q_i = tl.load(q_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
-        c_i = tl.load(c_ptr + rows_i[:, None] * DK + rk[None, :])
-        if BONUS:  # the query reads the state before its own step: its exponent stops one step short
-            cq_i = c_i - tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
-        else:
-            cq_i = c_i
-        # the exponent split at the step before sub-chunk I (the chunk's start for the first): the query's factor
-        # is <= 1 against every earlier key (c decreases along the chunk)
-        if I > 0:
-            ref = tl.load(c_ptr + ((t0 + I * BC - 1) * H + h) * DK + rk)
-        else:
-            ref = tl.zeros([DK], dtype=tl.float32)
-        qe = q_i * tl.exp(cq_i - ref[None, :])
-        # earlier sub-chunks: one matrix product, the key's factor <= 1 as well, so neither overflows and an
-        # underflow only drops a weight below float32's range
-        for J in tl.static_range(I):
-            rows_j = (t0 + J * BC + rc) * H + h
-            k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
-            c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
-            a_ij = _dot(qe, tl.trans(k_j * tl.exp(ref[None, :] - c_j)), PREC)
-            tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], a_ij)
-        for J in tl.static_range(I + 1, NC):  # the future: zeros
-            tl.store(a_base + (I * BC + rc)[:, None] * T + J * BC + rc[None, :], tl.zeros([BC, BC], dtype=tl.float32))
-        # the diagonal block: the same product where the sub-chunk's decay stays within e^{-SPAN} in every channel
-        # (its key factor e^{c_r - c_j} <= e^{SPAN} cannot overflow), else one key column at a time, each exponent
-        # a difference <= 0 formed before the exponential
-        k_i = tl.load(k_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
-        c_end = tl.load(c_ptr + ((t0 + I * BC + BC - 1) * H + h) * DK + rk)
-        if tl.max(ref - c_end, axis=0) <= SPAN:
-            a_ii = _dot(qe, tl.trans(k_i * tl.exp(ref[None, :] - c_i)), PREC)
-            if BONUS:
-                a_ii = tl.where(rc[:, None] > rc[None, :], a_ii, 0.0)
-            else:
-                a_ii = tl.where(rc[:, None] >= rc[None, :], a_ii, 0.0)
-        else:
-            a_ii = tl.zeros([BC, BC], dtype=tl.float32)
-            for j in range(BC):
-                row_j = (t0 + I * BC + j) * H + h
-                k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-                c_col = tl.load(c_ptr + row_j * DK + rk)
-                if BONUS:
-                    causal = rc > j
-                else:
-                    causal = rc >= j
-                expo = tl.where(causal[:, None], cq_i - c_col[None, :], float("-inf"))
-                col = tl.sum(q_i * k_col[None, :] * tl.exp(expo), axis=1)
-                a_ii = tl.where(rc[None, :] == j, col[:, None], a_ii)
-        if BONUS:  # the bonus's weight on the diagonal: q_t . (u o k_t)
-            u = tl.load(u_ptr + h * DK + rk)
-            a_ii += tl.where(rc[:, None] == rc[None, :], tl.sum(q_i * u[None, :] * k_i, axis=1)[:, None], 0.0)
-        tl.store(a_base + (I * BC + rc)[:, None] * T + I * BC + rc[None, :], a_ii)
-
-
-@triton.jit
-def _chunk_out(q_ptr, v_ptr, c_ptr, g_ptr, a_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, BONUS: tl.constexpr,
-               PREC: tl.constexpr):  # fmt: skip
-    """``o = s (q e^{c^q} S_in + A v)`` for one chunk and one block of value columns."""
+def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """``o = s ((q e^{c^q}) S_in + A v)`` for one chunk and one block of value columns, the weights ``A`` formed
+    here (key blocks in a loop) and not stored."""
     ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    rk, rv, rt = tl.arange(0, DK), pv * BV + tl.arange(0, BV), tl.arange(0, T)
+    rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    cq = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
+    A = tl.zeros([T, T], dtype=tl.float32)
+    o = tl.zeros([T, BV], dtype=tl.float32)
+    diag = tl.zeros([T], dtype=tl.float32)  # the bonus's weight q_t . (u o k_t)
+    for pk in tl.static_range(DK // BK):
+        rk = pk * BK + tl.arange(0, BK)
+        q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+        A += _weights(q, k, c, cq, rt, T, BONUS, PREC)
+        S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+        o += _dot(q * tl.exp(cq), S, PREC)
+        if BONUS:
+            diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
     if BONUS:
-        cq -= tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
-    A = tl.load(a_ptr + (bh * n_chunks + ci) * T * T + rt[:, None] * T + rt[None, :])
-    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-    o = _dot(q * tl.exp(cq), S, PREC) + _dot(A, v, PREC)
+        A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
+    o += _dot(A, _load_rows(v_ptr, rows, rv, DV), PREC)
     tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
 
 
@@ -227,183 +236,133 @@ def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp,
         ci = n_chunks - 1 - i
         tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS)
         rows = (b * Lp + ci * T + rt) * H + h
-        q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        g = tl.load(g_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-        c = tl.cumsum(g, axis=0)
-        c_last = _last_row(c, rt, T)
-        if BONUS:
-            cq = c - g
-        else:
-            cq = c
-        dS = tl.exp(c_last)[:, None] * dS + scale * _dot(tl.trans(q * tl.exp(cq)), do, PREC)
+        q = _load_rows(q_ptr, rows, rk, DK)
+        do = _load_rows(do_ptr, rows, rv, DV)
+        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+        dS = tl.exp(_last_row(c, rt, T))[:, None] * dS + scale * _dot(tl.trans(q * tl.exp(cq)), do, PREC)
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS)
 
 
 @triton.jit
-def _chunk_dv(k_ptr, v_ptr, do_ptr, c_ptr, a_ptr, dstates_ptr, dv_ptr, da_ptr, scale, Lp, H, n_chunks,
-              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    r"""One chunk: :math:`dv = s A^\top do + (k \circ e^{c_\text{last} - c})\,\bar S_\text{out}` and the weights'
-    gradient :math:`dA = s\, do\, v^\top` (lower triangle, diagonal included), value blocks in a loop."""
-    ci, bh = tl.program_id(0), tl.program_id(1)
+def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, dstates_ptr, dv_ptr, scale, Lp, H, n_chunks,
+              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    r"""One chunk and one block of value columns: :math:`dv = s A^\top do + (k \circ e^{c_\text{last} - c})\,
+    \bar S_\text{out}`, the weights ``A`` formed again as in the forward (key blocks in a loop)."""
+    ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    rk, rt = tl.arange(0, DK), tl.arange(0, T)
+    rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :]).to(tl.float32)
-    c = tl.load(c_ptr + rows[:, None] * DK + rk[None, :])
-    c_last = tl.load(c_ptr + ((b * Lp + ci * T + T - 1) * H + h) * DK + rk)
-    k_end = k * tl.exp(c_last[None, :] - c)
-    tile = (bh * n_chunks + ci) * T * T + rt[:, None] * T + rt[None, :]
-    A = tl.load(a_ptr + tile)
-    dA = tl.zeros([T, T], dtype=tl.float32)
-    for pv in tl.static_range(DV // BV):
-        rv = pv * BV + tl.arange(0, BV)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
+    A = tl.zeros([T, T], dtype=tl.float32)
+    dv = tl.zeros([T, BV], dtype=tl.float32)
+    diag = tl.zeros([T], dtype=tl.float32)
+    for pk in tl.static_range(DK // BK):
+        rk = pk * BK + tl.arange(0, BK)
+        q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+        A += _weights(q, k, c, cq, rt, T, BONUS, PREC)
         dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
-        dA += _dot(do, tl.trans(v), PREC)
-        dv = scale * _dot(tl.trans(A), do, PREC) + _dot(k_end, dS, PREC)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
-    tl.store(da_ptr + tile, tl.where(rt[:, None] >= rt[None, :], scale * dA, 0.0))
+        dv += _dot(k * tl.exp(_last_row(c, rt, T)[None, :] - c), dS, PREC)
+        if BONUS:
+            diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
+    if BONUS:
+        A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
+    dv += scale * _dot(tl.trans(A), _load_rows(do_ptr, rows, rv, DV), PREC)
+    tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, c_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr, da_ptr,
+def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr,
                dq_ptr, dk_ptr, dg_ptr, du_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """dq, dk and the log-gates' gradient of one chunk and one block of key channels, sub-chunk by sub-chunk
-    from the last."""
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dq, dk and the log-gates' gradient of one chunk and one block of key channels (and the bonus's share of
+    its gradient): the weights' gradient ``dA = s do v^T`` is formed here, value blocks in a loop."""
     ci, bh, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    NC: tl.constexpr = T // BC
-    rc, rk = tl.arange(0, BC), pk * BK + tl.arange(0, BK)
-    t0 = b * Lp + ci * T
+    rk, rt = pk * BK + tl.arange(0, BK), tl.arange(0, T)
+    rows = (b * Lp + ci * T + rt) * H + h
     st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
     ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
-    da_base = da_ptr + (bh * n_chunks + ci) * T * T
-    c_last = tl.load(c_ptr + ((t0 + T - 1) * H + h) * DK + rk)
-    # The log-gate's gradient at the chunk's last step, from the recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T:
-    # d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient
-    # of the state after step t: dS_out, plus s q_t do_t^T where the query reads that state (no bonus).
-    row_l = (t0 + T - 1) * H + h
-    q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
-    k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
+    q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+    c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+    c_last = _last_row(c, rt, T)
+    q_l, k_l = _last_row(q, rt, T), _last_row(k, rt, T)
+    # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T); the weights' gradient
+    # dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the recurrence
+    # S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
+    # e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient of the state after step t: dS_out, plus
+    # s q_t do_t^T where the query reads that state (no bonus).
+    dq = tl.zeros([T, BK], dtype=tl.float32)
+    dk = tl.zeros([T, BK], dtype=tl.float32)
+    dA = tl.zeros([T, T], dtype=tl.float32)
     d_last = tl.zeros([BK], dtype=tl.float32)
     v_do = 0.0
     for pv in tl.static_range(DV // BV):
         rv = pv * BV + tl.arange(0, BV)
         s_tile = rk[:, None] * DV + rv[None, :]
+        do, v = _load_rows(do_ptr, rows, rv, DV), _load_rows(v_ptr, rows, rv, DV)
+        s_in = tl.load(states_ptr + st_base + s_tile)
         s_out = tl.load(states_ptr + st_base + DK * DV + s_tile)  # the next chunk's entering state, or the final
         ds_out = tl.load(dstates_ptr + ds_base + s_tile)
-        v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
+        dq += _dot(do, tl.trans(s_in), PREC)
+        dk += _dot(v, tl.trans(ds_out), PREC)
+        dA += _dot(do, tl.trans(v), PREC)
+        v_l = _last_row(v, rt, T)
         d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
         if not BONUS:
-            do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
+            do_l = _last_row(do, rt, T)
             d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
             v_do += tl.sum(v_l * do_l)
     if not BONUS:
         d_last -= scale * q_l * k_l * v_do
-    # the gradient at step t is d_last plus the sum of b_x's shares over t <= x < T - 1 (see the module docstring)
-    shift = d_last  # becomes d_last minus the last step's share, in the first sub-chunk done
-    carry = tl.zeros([BK], dtype=tl.float32)  # the shares summed over the later sub-chunks
-    du = tl.zeros([BK], dtype=tl.float32)
-    for X in tl.static_range(NC - 1, -1, -1):  # sub-chunks from the last
-        rows = (t0 + X * BC + rc) * H + h
-        kd_off = rows[:, None] * DK + rk[None, :]
-        q = tl.load(q_ptr + kd_off).to(tl.float32)
-        k = tl.load(k_ptr + kd_off).to(tl.float32)
-        c = tl.load(c_ptr + kd_off)
-        if BONUS:
-            cq = c - tl.load(g_ptr + kd_off).to(tl.float32)
-        else:
-            cq = c
-        # 1. through the states: dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T)
-        dq = tl.zeros([BC, BK], dtype=tl.float32)
-        dk = tl.zeros([BC, BK], dtype=tl.float32)
-        for pv in tl.static_range(DV // BV):
-            rv = pv * BV + tl.arange(0, BV)
-            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32)
-            s_tile = rk[:, None] * DV + rv[None, :]
-            dq += _dot(do, tl.trans(tl.load(states_ptr + st_base + s_tile)), PREC)
-            dk += _dot(v, tl.trans(tl.load(dstates_ptr + ds_base + s_tile)), PREC)
-        dq *= scale * tl.exp(cq)
-        dk *= tl.exp(c_last[None, :] - c)
-        # 2. earlier sub-chunks' keys (for dq) and later sub-chunks' queries (for dk): matrix products with the
-        # exponent split at a step between the two sub-chunks (before this one, or its end), both factors <= 1
-        if X > 0:
-            ref = tl.load(c_ptr + ((t0 + X * BC - 1) * H + h) * DK + rk)
-        else:
-            ref = tl.zeros([BK], dtype=tl.float32)
-        acc = tl.zeros([BC, BK], dtype=tl.float32)
-        for J in tl.static_range(X):
-            rows_j = (t0 + J * BC + rc) * H + h
-            k_j = tl.load(k_ptr + rows_j[:, None] * DK + rk[None, :]).to(tl.float32)
-            c_j = tl.load(c_ptr + rows_j[:, None] * DK + rk[None, :])
-            da = tl.load(da_base + (X * BC + rc)[:, None] * T + J * BC + rc[None, :])
-            acc += _dot(da, k_j * tl.exp(ref[None, :] - c_j), PREC)
-        dq += acc * tl.exp(cq - ref[None, :])
-        c_end = tl.load(c_ptr + ((t0 + X * BC + BC - 1) * H + h) * DK + rk)
-        if X < NC - 1:
-            acc = tl.zeros([BC, BK], dtype=tl.float32)
-            for I in tl.static_range(X + 1, NC):
-                rows_i = (t0 + I * BC + rc) * H + h
-                q_i = tl.load(q_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
-                cq_i = tl.load(c_ptr + rows_i[:, None] * DK + rk[None, :])
-                if BONUS:
-                    cq_i -= tl.load(g_ptr + rows_i[:, None] * DK + rk[None, :]).to(tl.float32)
-                da = tl.load(da_base + (I * BC + rc)[:, None] * T + X * BC + rc[None, :])
-                acc += _dot(tl.trans(da), q_i * tl.exp(cq_i - c_end[None, :]), PREC)
-            dk += acc * tl.exp(c_end[None, :] - c)
-        # 3. the diagonal block: matrix products with the split at the step before it where the sub-chunk's decay
-        # stays within e^{-SPAN} (as in _intra_weights), else one key column j at a time
-        if tl.max(ref - c_end, axis=0) <= SPAN:
-            da = tl.load(da_base + (X * BC + rc)[:, None] * T + X * BC + rc[None, :])
+    dq *= scale * tl.exp(cq)
+    dk *= tl.exp(c_last[None, :] - c)
+    dA = scale * dA
+    da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # the bonus's diagonal
+    dA = tl.where(_causal(rt, BONUS), dA, 0.0)
+    # 2. inside the chunk, dq_t = sum_j dA_tj k_j e^{c^q_t - c_j}, dk_j = sum_t dA_tj q_t e^{c^q_t - c_j}: two
+    # 64-row products with the exponent split at the reference r where safe (as in _weights), else key column by
+    # key column, each exponent formed before the exponential
+    ref, safe = _split(c, rt, T)
+    if safe:
+        to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
+        dq += _dot(dA, k * from_ref, PREC) * to_ref
+        dk += _dot(tl.trans(dA), q * to_ref, PREC) * from_ref
+    else:
+        for j in range(T):
+            k_j, c_j = _row(k, rt, j), _row(c, rt, j)
+            da_j = tl.sum(tl.where(rt[None, :] == j, dA, 0.0), axis=1)  # dA[:, j]
             if BONUS:
-                da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
-            dq += _dot(da, k * tl.exp(ref[None, :] - c), PREC) * tl.exp(cq - ref[None, :])
-            dk += _dot(tl.trans(da), q * tl.exp(cq - ref[None, :]), PREC) * tl.exp(ref[None, :] - c)
-        else:
-            for j in range(BC):
-                row_j = (t0 + X * BC + j) * H + h
-                k_col = tl.load(k_ptr + row_j * DK + rk).to(tl.float32)
-                c_col = tl.load(c_ptr + row_j * DK + rk)
-                da_j = tl.load(da_base + (X * BC + rc) * T + X * BC + j)  # dA[:, j] in this block
-                if BONUS:
-                    causal = rc > j
-                else:
-                    causal = rc >= j
-                E = tl.exp(tl.where(causal[:, None], cq - c_col[None, :], float("-inf")))
-                dq += da_j[:, None] * k_col[None, :] * E
-                dk += tl.where(rc[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
-        # 4. the log-gates: b_x appears with + in the queries' exponents, with - in the keys'
-        db = q * dq - k * dk
-        if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
-            own = q * dq
-        else:
-            own = tl.zeros([BC, BK], dtype=tl.float32)
-        suffix = carry[None, :] + tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # over steps >= t
-        carry += tl.sum(db, axis=0)
-        shift += tl.sum(tl.where((X * BC + rc == T - 1)[:, None], own - db, 0.0), axis=0)
-        dg = shift[None, :] + suffix - own
-        if BONUS:
-            # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
-            da_tt = tl.load(da_base + (X * BC + rc) * (T + 1))
-            u = tl.load(u_ptr + h * DK + rk)
-            dq += da_tt[:, None] * u[None, :] * k
-            dk += da_tt[:, None] * u[None, :] * q
-            du += tl.sum(da_tt[:, None] * q * k, axis=0)
-        tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
-        tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
-        tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
-    if BONUS:
-        tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, du)
+                later = rt > j
+            else:
+                later = rt >= j
+            E = tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf")))
+            dq += da_j[:, None] * k_j[None, :] * E
+            dk += tl.where(rt[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
+    # 3. the log-gates: b_x appears with + in the queries' exponents, with - in the keys' (module docstring); the
+    # gradient at step t is d_last plus the shares of the steps t <= x < T - 1
+    db = q * dq - k * dk
+    if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
+        own = q * dq
+    else:
+        own = tl.zeros([T, BK], dtype=tl.float32)
+    suffix = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # over steps >= t
+    dg = d_last[None, :] + _last_row(own - db, rt, T)[None, :] + suffix - own
+    if BONUS:  # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
+        u = tl.load(u_ptr + h * DK + rk)
+        dq += da_tt[:, None] * u[None, :] * k
+        dk += da_tt[:, None] * u[None, :] * q
+        tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(da_tt[:, None] * q * k, axis=0))
+    kd_off = rows[:, None] * DK + rk[None, :]
+    tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
+    tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
+    tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
 
 
 def _tiles(DK, DV):
     """Tile sizes of each pass (key block, value block) and its warps."""
-    return dict(state=(min(DK, 64), min(DV, 32), 4), intra=4, out=(min(DV, 64), 4), dv=(min(DV, 64), 8),
+    return dict(state=(min(DK, 64), min(DV, 32), 4), fwd=(min(DK, 64), min(DV, 64), 4), dv=(min(DK, 64), min(DV, 64), 4),
                 dqk=(min(DK, 64), min(DV, 64), 4))
 
 
@@ -417,28 +376,24 @@ class GLA(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         tiles = _tiles(DK, DV)
         qp, kp, vp, g = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(log_alpha, Lp)
-        c = torch.empty(B, Lp, H, DK, dtype=torch.float32, device=q.device)
         states = torch.empty(B * H, n + 1, DK, DV, dtype=torch.float32, device=q.device)  # + the final state
         s0 = S0.float().contiguous() if S0 is not None else states
         BK, BV, warps = tiles["state"]
-        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, c, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
-                                                 BV=BV, HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
-        u = bonus.float().contiguous() if bonus is not None else c
-        A = torch.empty(B * H, n, T, T, dtype=torch.float32, device=q.device)
-        _intra_weights[(n, B * H)](qp, kp, c, g, u, A, Lp, H, DK=DK, T=T, BC=SUB_CHUNK, BONUS=bonus is not None,
-                                   PREC=prec, num_warps=tiles["intra"])  # fmt: skip
+        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
+                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
+        u = bonus.float().contiguous() if bonus is not None else states
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
-        BV, warps = tiles["out"]
-        _chunk_out[(n, B * H, DV // BV)](qp, vp, c, g, A, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV,
+        BK, BV, warps = tiles["fwd"]
+        _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
                                          BONUS=bonus is not None, PREC=prec, num_warps=warps)  # fmt: skip
-        ctx.save_for_backward(qp, kp, vp, g, c, u, A, states)
+        ctx.save_for_backward(qp, kp, vp, g, u, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
         return o[:, :L], states[:, n].view(B, H, DK, DV).clone()
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qp, kp, vp, g, c, u, A, states = ctx.saved_tensors
+        qp, kp, vp, g, u, states = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
         DV, T, L, scale, bonus = vp.shape[-1], CHUNK, ctx.L, ctx.scale, ctx.has_bonus
         n = Lp // T
@@ -451,17 +406,16 @@ class GLA(torch.autograd.Function):
         _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV, T=T,
                                                   BK=BK, BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
         dv = torch.empty_like(vp)
-        dA = torch.empty_like(A)
-        BV, warps = tiles["dv"]
-        _chunk_dv[(n, B * H)](kp, vp, dop, c, A, dstates, dv, dA, scale, Lp, H, n, DK=DK, DV=DV, T=T, BV=BV, PREC=prec,
-                              num_warps=warps)  # fmt: skip
+        BK, BV, warps = tiles["dv"]
+        _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+                                        BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
         dq, dk = torch.empty_like(qp), torch.empty_like(kp)
         dg = torch.empty_like(g)
         du = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device) if bonus else dg
         BK, BV, warps = tiles["dqk"]
-        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, c, g, u, states, dstates, dA, dq, dk, dg, du, scale,
-                                         Lp, H, n, DK=DK, DV=DV, T=T, BC=SUB_CHUNK, BK=BK, BV=BV, BONUS=bonus,
-                                         PREC=prec, num_warps=warps)  # fmt: skip
+        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, g, u, states, dstates, dq, dk, dg, du, scale, Lp, H, n,
+                                         DK=DK, DV=DV, T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
+                                         num_warps=warps)  # fmt: skip
         _, s0_dt, u_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L], dS0.to(s0_dt) if ctx.has_s0 else None, None,
                 du.sum((0, 1)).to(u_dt) if bonus else None)  # fmt: skip

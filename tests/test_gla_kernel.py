@@ -1,0 +1,83 @@
+"""The GLA / RWKV-6 Triton kernel's two ways of forming a chunk's weights (seqbook.kernels.gla).
+
+Each chunk, and each block of key channels in it, takes one 64-row matrix product with the exponent split at the
+chunk's middle step where neither half of the chunk decays past e^-SPAN in any channel, and the exact key column by
+key column path otherwise. tests/test_gated_delta.py checks the kernel on uniform gates (strength 1: mostly the
+product; 4 and 20: the columns); here each test first checks that its inputs take the path it is about, then
+compares the output, the final state and every gradient (bonus included) with the float64 recurrence:
+
+- the benchmark's gates (``logsigmoid(N + 4) / 16``, near 1): the product in every chunk;
+- gates that are mild except in one chunk, and there only in the second block of 64 key channels (d_k = 128):
+  both paths in one call, chosen per chunk and per key block, summed into the same weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqbook import linear_attention as la
+from seqbook.kernels.gla import CHUNK, SPAN
+from compare import assert_near
+
+F64 = torch.float64
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def half_chunk_decay(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The largest decay (minus the log-gates' sum) over either half of each chunk, per chunk and channel:
+    ``(batch, chunks, heads, d_k)``; the kernel takes the product where this is <= SPAN in a whole key block."""
+    B, L, H, d = log_alpha.shape
+    n = -(-L // CHUNK)
+    a = F.pad(log_alpha, [0, 0, 0, 0, 0, n * CHUNK - L]).view(B, n, 2, CHUNK // 2, H, d)
+    return (-a.sum(3)).amax(2)
+
+
+def kernel_and_reference(device, q, k, v, a, S0, u, seed):
+    """The kernel's (o, final state, grads) and the float64 recurrence's for the loss <o, do> + <S, dS>."""
+    do, dS = randn(*v.shape, seed=seed), randn(*S0.shape, seed=seed + 1)
+    names = ["q", "k", "v", "log_alpha", "initial_state", "bonus"]
+
+    def run(fn, xs, dtype):
+        leaves = [None if x is None else x.to(device=device, dtype=dtype).requires_grad_() for x in xs]
+        o, S = fn(*leaves)
+        ((o.to(F64) * do.to(device)).sum() + (S.to(F64) * dS.to(device)).sum()).backward()
+        return dict(o=o.detach(), final_state=S.detach(),
+                    **{f"d{n}": x.grad for n, x in zip(names, leaves) if x is not None})
+
+    got = run(lambda q, k, v, a, S0, u: la.gla(q, k, v, a, initial_state=S0, bonus=u, return_final_state=True,
+                                               backend="triton"), (q, k, v, a, S0, u), torch.float32)  # fmt: skip
+    want = run(lambda q, k, v, a, S0, u: la.gla_recurrent(q, k, v, a, S0, None, u), (q, k, v, a, S0, u), F64)
+    return got, want
+
+
+@pytest.mark.parametrize("bonus", [False, True])
+def test_benchmark_gates_take_the_product(device, bonus):
+    B, L, H, d_k, d_v, seed = 2, 150, 2, 32, 16, 21
+    q, k, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1) * d_k**-0.5, randn(B, L, H, d_v, seed=seed + 2)
+    a = F.logsigmoid(randn(B, L, H, d_k, seed=seed + 3) + 4.0) / 16.0
+    assert half_chunk_decay(a).max() < 1.0  # far inside the product's range
+    S0, u = randn(B, H, d_k, d_v, seed=seed + 4), 0.1 * randn(H, d_k, seed=seed + 5)
+    got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)
+    for name in want:
+        assert_near(got[name], want[name], 2e-5, f"{name}, benchmark gates, bonus={bonus}")
+
+
+@pytest.mark.parametrize("bonus", [False, True])
+def test_paths_mix_per_chunk_and_key_block(device, bonus):
+    B, L, H, d_k, d_v, seed = 1, 3 * CHUNK - 20, 1, 128, 16, 31
+    q, k, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1), randn(B, L, H, d_v, seed=seed + 2)
+    gen = torch.Generator().manual_seed(seed + 3)
+    a = -0.3 * torch.rand(B, L, H, d_k, generator=gen, dtype=F64)
+    a[:, CHUNK : 2 * CHUNK, :, 64:] *= 15.0  # the second chunk's second key block: up to e^-4.5 per step
+    decay = half_chunk_decay(a)
+    assert decay[:, 1, :, 64:].amax() > SPAN and decay[:, 1, :, :64].amax() < SPAN  # columns there, product here
+    assert decay[:, [0, 2]].amax() < SPAN  # the product in the other chunks
+    S0, u = randn(B, H, d_k, d_v, seed=seed + 4), randn(H, d_k, seed=seed + 5)
+    got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)
+    for name in want:
+        assert_near(got[name], want[name], 2e-5, f"{name}, mixed paths, bonus={bonus}")
