@@ -29,8 +29,13 @@ The forward, per program (one query block of one (batch, head))
 
 Exponentials are taken base 2 (``exp2`` is the GPU's native instruction; ``exp`` is
 ``exp2`` after a multiply): :math:`e^{x} = 2^{x \log_2 e}`, and :math:`\log_2 e` is folded
-into the scale once, so a score costs one multiply and one ``exp2``. The running max is
-kept in those base-2 units; the stored log-sum-exp is converted back to base ``e``.
+into the scale once. The running max is kept in those base-2 units; since the scale is
+positive, the max of the scaled scores is the scale times the max of the raw products
+:math:`q \cdot k`, so the kernel takes the max of the raw tile and a score then costs one
+fused multiply-add (:math:`s\,\log_2 e\; q\cdot k - m`) and one ``exp2``. Besides the
+tensor cores' two products, these per-score instructions (multiply-add, max, sum, ``exp2``,
+conversion to 16 bits) are the forward's whole cost, so each one saved counts. The stored
+log-sum-exp is converted back to base ``e``.
 
 Causal: a key block entirely after the query block contributes nothing and is never
 loaded; blocks entirely before it need no mask; only the blocks on the diagonal are
@@ -61,8 +66,23 @@ Precision: products accumulate in float32; ``P`` and ``dS`` are rounded to the i
 dtype before their products with ``V``, ``dO``, ``Q``, ``K`` (as every fast attention kernel
 does; bf16 keeps 8 bits). Float32 inputs use true float32 products (``ieee``), not TF32.
 
+Launch options (keys of a configuration, off unless a configuration sets them):
+
+- ``TMA`` (all three kernels): the streamed tiles (keys and values in the forward and
+  ``dq``; queries and ``dO`` in ``dk, dv``) are fetched by Hopper's copy engine through a
+  tensor descriptor of each (batch, head)'s ``(L, d)`` rows (``tl.make_tensor_descriptor``,
+  made inside the kernel; rows past ``L`` arrive as zeros), instead of by every thread
+  computing addresses: fewer registers. It needs 16-byte aligned rows; inputs that are not
+  fall back to ordinary loads, and it needs a Triton allocator for the descriptors, which
+  the launch sets (``triton.set_allocator``, torch's memory).
+- ``HEADS_FIRST`` (forward): programs numbered heads-fastest, so that the first wave holds
+  the longest query blocks of every head (causal), not all of one head's blocks.
+- ``WARP_SPECIALIZE`` (forward, the unmasked loop): Triton's warp specialization
+  (``tl.range(..., warp_specialize=True)``), producer warps loading while consumer warps
+  compute. Triton 3.9 compiling for sm_90 ignores it at 8 warps and fails at 4.
+
 Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the CPU interpreter): ``tl.dot``,
-``tl.range``, ``tl.exp2``; no tensor descriptors. Head dimension a power of two in
+``tl.range``, ``tl.exp2``, ``tl.make_tensor_descriptor``. Head dimension a power of two in
 16..128 (a tile holds whole rows). ``Lq == Lk``.
 """
 
@@ -87,36 +107,43 @@ LN2 = 0.6931471805599453  # ln(2): ln x = log2(x) ln 2
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
+    acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Fold key blocks [lo, hi) into (acc, l, m); MASKED: blocks on the diagonal or at the end."""
+    """Fold key blocks [lo, hi) into (acc, l, m); MASKED: blocks on the diagonal or at the end.
+
+    ``k_src, v_src``: the (batch, head)'s first key and value (pointers), or, with ``TMA``,
+    tensor descriptors of its ``(L, d)`` keys and values (the copy engine fills rows past
+    ``L`` with zeros)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        if TMA:
+            k = k_src.load([start_n, 0])
+        elif MASKED:
+            k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < L)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-        # Scores in base-2 units: s * log2(e) * q.k
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # q.k, unscaled
         if MASKED:
             keep = offs_n[None, :] < L
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        # The online softmax: move the reference point to the new max, rescale what was summed.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(keep, qk, float("-inf"))
+        # The online softmax in base-2 units, scores s = qk_scale * q.k with qk_scale = s log2(e) > 0:
+        # move the reference point to the new max, rescale what was summed. Since the scale is
+        # positive, max(s) = qk_scale * max(q.k), and s - m' is one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        if TMA:
+            v = v_src.load([start_n, 0])
+        elif MASKED:
+            v = tl.load(v_src + offs_n[:, None] * stride_vl + offs_d[None, :], mask=(offs_n < L)[:, None], other=0.0)
         else:
-            v = tl.load(v_ptrs)
+            v = tl.load(v_src + offs_n[:, None] * stride_vl + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -129,15 +156,25 @@ def _attn_fwd(
     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
     H, L, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    TMA: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
 ):  # fmt: skip
-    # Program (query block, batch x head); causal: the last query block (the most work) first.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
+    # Program (query block, batch x head), or (batch x head, query block) with HEADS_FIRST;
+    # causal: the last query blocks (the most work) first.
+    if HEADS_FIRST:
+        pid_m, bh, n_m = tl.program_id(1), tl.program_id(0), tl.num_programs(1)
+    else:
+        pid_m, bh, n_m = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    start_m = n_m - 1 - pid_m if CAUSAL else pid_m
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: B * L * H * d may pass 2^31
     q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_src = K + b * stride_kb + h * stride_kh
+    v_src = V + b * stride_vb + h * stride_vh
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_src, shape=[L, HEAD_DIM], strides=[stride_kl, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[L, HEAD_DIM], strides=[stride_vl, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < L
@@ -149,18 +186,21 @@ def _attn_fwd(
     if CAUSAL:
         # Keys before the block: all visible, no mask. Then the diagonal: masked.
         diagonal = start_m * BLOCK_M
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, 0, diagonal, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, diagonal,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
+                                   WARP_SPECIALIZE, TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, diagonal,
                                    tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM,
-                                   BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+                                   BLOCK_N, PRECISION, NUM_STAGES, False, TMA)  # fmt: skip
     else:
         # Whole key blocks without a mask, then the partial block at the end (if any) with one.
         whole = (L // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, 0, whole, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, whole, L, L,
-                                   qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
+                                   WARP_SPECIALIZE, TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, whole, L, L,
+                                   qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, False,
+                                   TMA)  # fmt: skip
 
     # Every row saw at least its own key (or key 0), so l >= 1: no division by zero.
     o = acc / l_i[:, None]
@@ -194,24 +234,31 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n, lo, hi, L, qk_scale,
+    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_ql, stride_dl, offs_n, lo, hi, L, qk_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED: the causal diagonal.
-    Tiles are transposed (keys along rows), so that dk and dv come out as plain products."""
+    Tiles are transposed (keys along rows), so that dk and dv come out as plain products.
+    ``q_src, do_src``: pointers, or with ``TMA`` tensor descriptors (as in :func:`_fwd_tiles`)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in tl.range(lo, hi, BLOCK_M, num_stages=NUM_STAGES):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:
+            q = q_src.load([start_m, 0])
+        else:
+            q = tl.load(q_src + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         # Queries past the end get lse = +inf, so P = 2^(s - inf) = 0: they contribute nothing.
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:  # a score of -inf gives P = 0 (masking P after the exp2 could overflow first)
             sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
         pT = tl.exp2(sT - lse[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_dl + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:
+            do = do_src.load([start_m, 0])
+        else:
+            do = tl.load(do_src + offs_m[:, None] * stride_dl + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -227,7 +274,7 @@ def _attn_bwd_dkdv(
     stride_db, stride_dl, stride_dh, stride_dkb, stride_dkl, stride_dkh, stride_dvb, stride_dvl, stride_dvh,
     H, L, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
     # Program (key block, batch x head); causal: the first key blocks have the most queries, and run first.
     start_n = tl.program_id(0)
@@ -238,8 +285,13 @@ def _attn_bwd_dkdv(
     key_ok = (offs_n < L)[:, None]
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :], mask=key_ok, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :], mask=key_ok, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_db + h * stride_dh
+    q_src = Q + b * stride_qb + h * stride_qh
+    do_src = DO + b * stride_db + h * stride_dh
+    if TMA:
+        q_src = tl.make_tensor_descriptor(q_src, shape=[L, HEAD_DIM], strides=[stride_ql, 1],
+                                          block_shape=[BLOCK_M, HEAD_DIM])
+        do_src = tl.make_tensor_descriptor(do_src, shape=[L, HEAD_DIM], strides=[stride_dl, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
     lse_base = LSE + bh.to(tl.int64) * L
     delta_base = DELTA + bh.to(tl.int64) * L
 
@@ -248,14 +300,15 @@ def _attn_bwd_dkdv(
     if CAUSAL:
         # Queries on the diagonal (masked), then every later query (none masked).
         diagonal = start_n * BLOCK_N
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_ql, stride_dl, offs_n,
                              diagonal, tl.minimum(diagonal + BLOCK_N, L), L, qk_scale, True, HEAD_DIM, BLOCK_M,
-                             PRECISION, NUM_STAGES)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
-                             diagonal + BLOCK_N, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES)
+                             PRECISION, NUM_STAGES, TMA)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+                             diagonal + BLOCK_N, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES,
+                             TMA)
     else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dl, offs_n,
-                             0, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_ql, stride_dl, offs_n,
+                             0, L, L, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION, NUM_STAGES, TMA)  # fmt: skip
     dk = dk * sm_scale  # dK = s dS^T Q: the scale s of the scores, in natural units
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok)
@@ -265,22 +318,24 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
+    dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dq of one query block over key blocks [lo, hi); MASKED: the diagonal or the end."""
+    """Accumulate dq of one query block over key blocks [lo, hi); MASKED: the diagonal or the end.
+    ``k_src, v_src``: pointers, or with ``TMA`` tensor descriptors (as in :func:`_fwd_tiles`)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < L)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < L)[:, None], other=0.0)
+        if TMA:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        elif MASKED:
+            k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < L)[:, None], other=0.0)
+            v = tl.load(v_src + offs_n[:, None] * stride_vl + offs_d[None, :], mask=(offs_n < L)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_src + offs_n[:, None] * stride_vl + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             keep = offs_n[None, :] < L
@@ -301,7 +356,7 @@ def _attn_bwd_dq(
     stride_db, stride_dl, stride_dh, stride_dqb, stride_dql, stride_dqh,
     H, L, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr = False,
 ):  # fmt: skip
     start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
@@ -315,23 +370,28 @@ def _attn_bwd_dq(
                  mask=row_ok[:, None], other=0.0)  # fmt: skip
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_src = K + b * stride_kb + h * stride_kh
+    v_src = V + b * stride_vb + h * stride_vh
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_src, shape=[L, HEAD_DIM], strides=[stride_kl, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[L, HEAD_DIM], strides=[stride_vl, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         diagonal = start_m * BLOCK_M
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, 0, diagonal, L,
-                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, diagonal,
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, diagonal,
                        tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N,
-                       PRECISION, NUM_STAGES)  # fmt: skip
+                       PRECISION, NUM_STAGES, TMA)  # fmt: skip
     else:
         whole = (L // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, 0, whole, L,
-                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, offs_m, whole, L, L,
-                       qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES)  # fmt: skip
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
+                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, whole, L, L,
+                       qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)  # fmt: skip
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
@@ -418,14 +478,40 @@ def _check_tiles(kind: str, cfg: dict) -> None:
                          f"one ({streamed}), got {cfg}")  # fmt: skip
 
 
+def _tma_ok(*xs: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA) can read the ``(L, d)`` rows of every (batch, head) of
+    these ``(B, L, H, d)`` tensors: start addresses and the row stride must be multiples of
+    16 bytes, and rows must not overlap (a row stride of 0 would)."""
+    return all(
+        x.data_ptr() % 16 == 0 and x.stride(1) > 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:3])
+        for x in xs
+    )
+
+
+def _set_allocator() -> None:
+    """Tensor descriptors made inside a kernel (``tl.make_tensor_descriptor``) live in a small
+    global-memory scratch buffer that Triton asks the host for at each launch: give it torch's."""
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cpu" if _backend.interpreting() else "cuda")
+
+    triton.set_allocator(alloc)
+
+
 def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     """``(o, lse)``: ``o`` like ``q``; ``lse (B, H, L)`` float32, natural log."""
     B, L, H, d = q.shape
-    cfg = config or config_for("fwd", q.dtype, d)
+    cfg = dict(config or config_for("fwd", q.dtype, d))
     _check_tiles("fwd", cfg)
+    if cfg.get("TMA") and not _tma_ok(q, k, v):
+        cfg["TMA"] = False
+    if cfg.get("TMA"):
+        _set_allocator()
     o = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    if cfg.get("HEADS_FIRST"):
+        grid = grid[::-1]
     _attn_fwd[grid](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, L, scale * LOG2E,
         CAUSAL=causal, HEAD_DIM=d, PRECISION=_precision(q.dtype), **cfg,
@@ -444,15 +530,22 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, configs: dict | N
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     precision = _precision(q.dtype)
-    cfg = configs.get("dkdv") or config_for("dkdv", q.dtype, d)
+    tma_ok = _tma_ok(q, k, v, do)
+    cfg = dict(configs.get("dkdv") or config_for("dkdv", q.dtype, d))
     _check_tiles("dkdv", cfg)
+    cfg["TMA"] = cfg.get("TMA", False) and tma_ok
+    if cfg["TMA"]:
+        _set_allocator()
     _attn_bwd_dkdv[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), H, L, scale * LOG2E, scale,
         CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
     )  # fmt: skip
-    cfg = configs.get("dq") or config_for("dq", q.dtype, d)
+    cfg = dict(configs.get("dq") or config_for("dq", q.dtype, d))
     _check_tiles("dq", cfg)
+    cfg["TMA"] = cfg.get("TMA", False) and tma_ok
+    if cfg["TMA"]:
+        _set_allocator()
     _attn_bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, scale * LOG2E, scale, CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
