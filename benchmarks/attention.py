@@ -37,7 +37,8 @@ Implementations
   so their inputs are made contiguous in that layout before timing (outside the timed call).
 
 ``python -m benchmarks.run --ops attention [--quick] [--sweep]``; the sweep times the
-kernels alone over tile sizes, warps and pipeline stages, to choose ``CONFIGS`` in
+kernels alone over tile sizes, warps, pipeline stages and launch options (TMA loads, program
+order), to choose ``CONFIGS`` in
 :mod:`seqbook.kernels.attention`.
 """
 
@@ -280,18 +281,21 @@ register_check("attention", check)
 # Kernel configurations (to choose seqbook.kernels.attention.CONFIGS)
 # --------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES)
+# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES[, launch options]); the options are those of
+# seqbook.kernels.attention's docstring (TMA, HEADS_FIRST, WARP_SPECIALIZE).
+TMA = {"TMA": True}
 FWD_TILES = {
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3, TMA),
+          (128, 64, 8, 4, TMA), (128, 128, 8, 3, TMA), (64, 64, 4, 3, TMA), (128, 64, 8, 3, {"HEADS_FIRST": True})],
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 3, TMA)],
 }
 DKDV_TILES = {  # BLOCK_M queries streamed past BLOCK_N keys held
-    128: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
-    64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 2, TMA), (64, 128, 8, 3, TMA), (32, 128, 8, 2)],
+    64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2, TMA)],
 }
 DQ_TILES = {
-    128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
-    64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3, TMA), (128, 64, 8, 4, TMA), (64, 64, 4, 2)],
+    64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2, TMA)],
 }
 
 
@@ -311,8 +315,8 @@ def sweep(device: str = "cuda") -> list[dict]:
         runs = [("fwd", t, lambda c: k._forward(q, kk, v, True, scale, c)) for t in FWD_TILES[d]]
         runs += [("dkdv", t, lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dkdv": c})) for t in DKDV_TILES[d]]
         runs += [("dq", t, lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dq": c})) for t in DQ_TILES[d]]
-        for kind, (bm, bn, warps, stages), fn in runs:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, NUM_STAGES=stages)
+        for kind, (bm, bn, warps, stages, *options), fn in runs:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, NUM_STAGES=stages, **(options[0] if options else {}))
             try:
                 fn(cfg)
                 ms = time_ms(lambda: fn(cfg), warmup=10, rep=40)
