@@ -49,22 +49,34 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
   decays are stronger (the split would overflow).
 
 1. ``_chunk_matrices``, one program per (batch, head, chunk), all chunks at once: :math:`(I+A)^{-1}`
-   (forward substitution on the identity), :math:`B_m, P_k, P_a`, each chunk whichever way it allows.
+   (forward substitution on the identity), :math:`B_m, P_k, P_a`, each chunk whichever way it allows;
+   when gradients are wanted also :math:`W = (I+A)^{-1} K_g`, :math:`Q = R_g - P_a W` and :math:`B_d`
+   (``(T, N)`` each) for step 3.
 2. ``_fwd_pass``, one program per (batch, head, ``BLOCK_V`` value columns: the transition acts on
    rows, value columns never mix) walks the chunks in order with its state block in float32, saves
    the state entering each chunk and applies the three lines above (eight small matrix products).
-3. ``_bwd_pass`` walks the chunks in reverse with the state's gradient :math:`\bar S`, recomputes
-   :math:`X`, and by the chain rule through the three lines
-   (:math:`\partial X = -P_a^\top do - B_d \bar S`, :math:`\partial\mathrm{rhs} = (I+A)^{-\top}\partial X`,
-   :math:`\bar S \leftarrow \mathrm{Diag}(e^{g_T})\bar S + R_g^\top do + K_g^\top \partial\mathrm{rhs}`, ...)
-   writes :math:`\partial v` and each value block's share of the gradients that sum over values:
-   the direct terms of :math:`\partial r, \partial\tilde k, \partial b, \partial\hat\kappa` and
-   :math:`\partial A = -\partial\mathrm{rhs}\, X^\top` (strictly lower), :math:`\partial B_m, \partial P_k, \partial P_a`.
-4. ``_chunk_matrix_grads``, all chunks at once: sums the value blocks' shares, takes the ``(T, T)``
-   gradients back to :math:`r, \tilde k, b, \hat\kappa` (products or columns, as in 1), then
-   :math:`\partial a = \hat\kappa \odot \partial b`, :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`
+3. ``_bwd_states`` walks the chunks in reverse with :math:`\bar S`, the gradient of the state leaving
+   the chunk, and saves it for each chunk. Through the three lines,
+   :math:`\bar S \leftarrow \mathrm{Diag}(e^{g_T})\bar S + R_g^\top do + K_g^\top (I+A)^{-\top}\partial X`
+   with :math:`\partial X = -P_a^\top do - B_d \bar S`, that is
+
+   .. math::
+
+       \bar S \leftarrow \mathrm{Diag}(e^{g_T})\,\bar S + Q^\top do - W^\top (B_d \bar S):
+
+   three products per chunk on the sequential path, everything else is step 4's.
+4. ``_bwd_chunk``, one program per (batch, head, chunk), all chunks at once: from the saved state
+   entering the chunk and :math:`\bar S` leaving it, recomputes :math:`X` and by the chain rule
+   (:math:`\partial X` as above, :math:`\partial\mathrm{rhs} = (I+A)^{-\top}\partial X`) writes
+   :math:`\partial v` and sums over the value columns, ``BLOCK_V`` at a time in registers, the direct
+   terms of :math:`\partial r, \partial\tilde k, \partial b, \partial\hat\kappa` and
+   :math:`\partial A = -\partial\mathrm{rhs}\, X^\top` (strictly lower), :math:`\partial B_m, \partial P_k, \partial P_a`;
+   then takes the ``(T, T)`` gradients back to :math:`r, \tilde k, b, \hat\kappa` (products or columns,
+   as in 1), :math:`\partial a = \hat\kappa \odot \partial b`, :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`
    and the decays' gradient below within the chunk; PyTorch adds the sum over later chunks (a
-   cumulative sum over ``(batch, chunks, H, N)``).
+   cumulative sum over ``(batch, chunks, H, N)``). One program owns every value column, so nothing
+   is written per value block (the previous design wrote each block's partial gradients, 4 bytes
+   times ``4 N d_v / BLOCK_V`` per step, and summed them in a second kernel).
 
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
@@ -77,7 +89,7 @@ the float64 recurrence, and by the tests)
     \qquad e_\tau = \hat\kappa_\tau \odot \partial\hat\kappa_\tau - 2\, a_\tau \odot \partial a_\tau - \tilde k_\tau \odot \partial\tilde k_\tau ,
 
 a reverse cumulative sum over the sequence, formed from the other gradients (inside each chunk by
-``_chunk_matrix_grads``, across chunks in PyTorch).
+``_bwd_chunk``, across chunks in PyTorch).
 
 Precision: float32 inside for float32 and float16 inputs; for bfloat16 inputs the (T, T) matrices'
 products take bfloat16 operands and the passes TF32 products (accumulating in float32). The
@@ -115,16 +127,18 @@ latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix pr
 bfloat16 inputs, exact float32 otherwise), and its ``(T, T)`` matrices are built for all chunks in
 parallel. The walk over chunks is sequential per (batch, head, value block).
 
-Measured (H200, GPU call 1, ``python -m benchmarks.profile rwkv7.fwdbwd``, B=4, L=4096, H=32, d=64
-bf16), before the products of 1 and 4, the TF32 passes and the in-kernel cumulative sums and tail:
-forward 6.2 ms (``_chunk_matrices`` 4.5, ``_fwd_pass`` 1.5), forward+backward 21.7 ms
-(``_chunk_matrix_grads`` 6.6, ``_bwd_pass`` 3.6, torch cumulative sums 1.6 and about 3 ms of torch
-elementwise ops); fla's ``chunk_rwkv7`` 1.92 / 7.04 ms there. The current version is checked
-under the Triton interpreter against the float64 recurrence, compiled for sm_90, and ran on the H200
-in GPU call 3 at B=4, L=4096, H=32, d=64 bf16 with RWKV-7's decays (every chunk built as products):
-errors against ``wkv7_chunked`` in float64, relative to the largest value, 3.6e-3 on the output,
-5e-4 on the final state, 3e-3 to 8e-3 on the gradients but 2.4e-2 on log w's (a sum over the
-sequence of the other gradients' products); its timing did not finish inside that call's limit.
+Measured (H200, bf16, ``triton.testing.do_bench``; ``benchmarks/NOTES.md`` has the history), with the
+previous backward (one sequential pass per (batch, head, 32 value columns) doing all of step 4's work
+inside the walk, writing each value block's partial gradients, then a kernel summing them): B=4,
+L=4096, H=32, d=64 forward 1.53 ms, forward+backward 10.08 ms (fla's ``chunk_rwkv7`` 1.92 / 7.04 ms
+in an earlier run); B=1, L=16384, H=16, d=128 forward 6.11 ms, forward+backward 57.7 ms. At d=128 that
+backward's walk had only 64 programs for 132 SMs, 1024 chunks of about 20 dependent products each, and
+spilled (compiled for sm_90 with CUDA 13.4's ptxas: 255 registers and a 3.4 kB stack at 8 warps); the
+walk of step 3 has 128 programs of three products per chunk and no spills (143 registers), and step 4
+has one program per chunk (255 registers, no stack at d=128). Errors of the earlier version on the
+H200 (GPU call 3, B=4, L=4096, H=32, d=64 bf16, RWKV-7's decays), relative to the largest value of
+``wkv7_chunked`` in float64: 3.6e-3 on the output, 5e-4 on the final state, 3e-3 to 8e-3 on the
+gradients but 2.4e-2 on log w's (a sum over the sequence of the other gradients' products).
 """
 
 from __future__ import annotations
@@ -178,10 +192,13 @@ def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
 
 
 @triton.jit
-def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunks,
-                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
+def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H, n_chunks,
+                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, GRAD: tl.constexpr,
+                    PREC: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
-    decays' spread allows the split, else one column at a time."""
+    decays' spread allows the split, else one column at a time. With ``GRAD``, also what the backward's
+    walk over chunks needs (module docstring), in ``wy_ptr`` (3, batch, Lp, H, N): W = (I + A)^{-1} K_g,
+    Q = R_g - P_a W and B_d."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
@@ -231,6 +248,14 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, Lp, H, n_chunk
     tl.store(mat_ptr + m_off + T * T, Bm)
     tl.store(mat_ptr + m_off + 2 * T * T, Pk)
     tl.store(mat_ptr + m_off + 3 * T * T, Pa)
+    if GRAD:
+        g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
+        W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (state-independent terms)
+        Q = r * tl.exp(g) - tl.dot(Pa, W, input_precision=PREC)  # o = Q S + (state-independent terms)
+        one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
+        tl.store(wy_ptr + offs, W)
+        tl.store(wy_ptr + one_wy + offs, Q)
+        tl.store(wy_ptr + 2 * one_wy + offs, bb * tl.exp(g_last[None, :] - g))
 
 
 @triton.jit
@@ -278,75 +303,106 @@ def _fwd_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, state
 
 
 @triton.jit
-def _bwd_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dsl_ptr,
-              dr_ptr, dk_ptr, db_ptr, dkh_ptr, dv_ptr, dmat_ptr, ds0_ptr, B, Lp, H, n_chunks,
-              DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _bwd_states(wy_ptr, lw_ptr, do_ptr, dsl_ptr, dstates_ptr, ds0_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+                DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The backward's walk over chunks, in reverse, per (batch, head, ``BV`` value columns): saves the
+    gradient of the state leaving each chunk, then steps it back through the chunk with three products,
+    dS <- Diag(e^{g_T}) dS + Q^T do - W^T (B_d dS) (module docstring). The rest is ``_bwd_chunk``'s."""
     bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
-    pid_v = tl.program_id(1)
-    share = pid_v * B * Lp * H * DK
-    mshare = pid_v * B * H * n_chunks * 4 * T * T
+    one_wy = tl.num_programs(0) * Lp * DK
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
-        S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, mask=vmask[None, :], other=0.0)
-        rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
-            r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
-            vmask, DK, DV, T)  # fmt: skip
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS, mask=vmask[None, :])
+        rows = (b * Lp + ci * T + rt) * H + h
+        offs = rows[:, None] * DK + rk[None, :]
+        W = tl.load(wy_ptr + offs)
+        Q = tl.load(wy_ptr + one_wy + offs)
+        Bd = tl.load(wy_ptr + 2 * one_wy + offs)
+        decay = tl.exp(tl.sum(tl.load(lw_ptr + offs).to(tl.float32), axis=0))  # e^{g_T}, (N,)
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
-        rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
-        X = tl.dot(Tinv, rhs, input_precision=PREC)
-        # o = Rg S + Pk V - Pa X;  S_out = e^{g_last} S + Kd^T V - Bd^T X;  X = Tinv (Kg S + Bm V)
-        dX = -tl.dot(tl.trans(Pa), do, input_precision=PREC) - tl.dot(Bd, dS, input_precision=PREC)
-        dR = tl.dot(tl.trans(Tinv), dX, input_precision=PREC)
-        dv = tl.dot(tl.trans(Pk), do, input_precision=PREC) + tl.dot(Kd, dS, input_precision=PREC) \
-            + tl.dot(tl.trans(Bm), dR, input_precision=PREC)  # fmt: skip
-        to_end = tl.exp(g_last[None, :] - g)
-        offs = share + rows[:, None] * DK + rk[None, :]
-        tl.store(dr_ptr + offs, tl.dot(do, tl.trans(S), input_precision=PREC) * tl.exp(g))
-        tl.store(dk_ptr + offs, tl.dot(v, tl.trans(dS), input_precision=PREC) * to_end)
-        tl.store(db_ptr + offs, -tl.dot(X, tl.trans(dS), input_precision=PREC) * to_end)
-        tl.store(dkh_ptr + offs, tl.dot(dR, tl.trans(S), input_precision=PREC) * tl.exp(gp))
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv, mask=vmask[None, :])
-        m_off = mshare + (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
-        tl.store(dmat_ptr + m_off, -tl.dot(dR, tl.trans(X), input_precision=PREC))  # dA
-        tl.store(dmat_ptr + m_off + T * T, tl.dot(dR, tl.trans(v), input_precision=PREC))  # dBm
-        tl.store(dmat_ptr + m_off + 2 * T * T, tl.dot(do, tl.trans(v), input_precision=PREC))  # dPk
-        tl.store(dmat_ptr + m_off + 3 * T * T, -tl.dot(do, tl.trans(X), input_precision=PREC))  # dPa
-        dS = tl.exp(g_last)[:, None] * dS + tl.dot(tl.trans(Rg), do, input_precision=PREC) \
-            + tl.dot(tl.trans(Kg), dR, input_precision=PREC)  # fmt: skip
+        BdS = tl.dot(Bd, dS, input_precision=PREC)
+        dS = decay[:, None] * dS + tl.dot(tl.trans(Q), do, input_precision=PREC) \
+            - tl.dot(tl.trans(W), BdS, input_precision=PREC)  # fmt: skip
     tl.store(ds0_ptr + bh * DK * DV + s_off, dS, mask=vmask[None, :])
 
 
 @triton.jit
-def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr, dr_ptr, dk_ptr, dkh_ptr, da_ptr,
-                        dlw_ptr, tot_ptr, B, Lp, H, n_chunks, DK: tl.constexpr, T: tl.constexpr, NV: tl.constexpr,
-                        LOW: tl.constexpr):  # fmt: skip
-    """Per chunk (all in parallel): the (T, T) matrices' gradients (the ``NV`` value blocks' shares, summed
-    here) back to r, k~, b = a kappa_hat, kappa_hat; then the sums of the value blocks' direct shares, the
-    final gradients of r, k~, kappa_hat, a, and log w's up to the chunks after this one (module docstring):
-    ``dlw_ptr`` gets the sums over this chunk's later steps, ``tot_ptr`` (batch, chunk, head, N) the chunk's
-    whole sum, for the sum over later chunks that the caller adds."""
+def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dstates_ptr,
+               dr_ptr, dk_ptr, dkh_ptr, da_ptr, dv_ptr, dlw_ptr, tot_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+               DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
+    """Per chunk (all in parallel), one program for all the value columns, ``BV`` at a time: from the state
+    entering the chunk and the gradient of the one leaving it, by the chain rule through
+    X = (I + A)^{-1} (K_g S + B_m V), o = R_g S + P_k V - P_a X and S' = Diag(e^{g_T}) S + K_d^T V - B_d^T X:
+    dv, and the sums over value columns (the direct terms of dr, dk~, db, dkappa_hat and the (T, T)
+    matrices' gradients) kept in registers; then the matrices' gradients back to r, k~, b = a kappa_hat,
+    kappa_hat (products or columns, as in ``_chunk_matrices``), the final dr, dk~, dkappa_hat, da, and
+    log w's gradient up to the chunks after this one (module docstring): ``dlw_ptr`` gets the sums over
+    this chunk's later steps, ``tot_ptr`` (batch, chunk, head, N) the chunk's whole sum, for the sum over
+    later chunks that the caller adds."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
     offs = rows[:, None] * DK + rk[None, :]
-    r = tl.load(r_ptr + offs).to(tl.float32)
-    g, gp, split, m = _chunk_decays(lw_ptr, offs, rt, T)
-    k = tl.load(k_ptr + offs).to(tl.float32)
+    # only what the loop over value columns needs is formed before it (registers: N = 128 tiles are large)
+    g, gp = _chunk_g(lw_ptr, offs)
+    to_end = tl.exp(tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)[None, :] - g)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
-    bb = tl.load(a_ptr + offs).to(tl.float32) * kh
-    strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
+    Kg = kh * tl.exp(gp)
+    Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
+    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
     m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    Tinv = tl.load(mat_ptr + m_off)
+    Bm = tl.load(mat_ptr + m_off + T * T)
+    Pk = tl.load(mat_ptr + m_off + 2 * T * T)
+    Pa = tl.load(mat_ptr + m_off + 3 * T * T)
+    # the sums over value columns: do S^T, V dS^T, -X dS^T, dR S^T and the (T, T) matrices' gradients
+    dr = tl.zeros([T, DK], dtype=tl.float32)
+    dk = tl.zeros([T, DK], dtype=tl.float32)
+    db = tl.zeros([T, DK], dtype=tl.float32)
+    dkh = tl.zeros([T, DK], dtype=tl.float32)
     dA = tl.zeros([T, T], dtype=tl.float32)
     dBm = tl.zeros([T, T], dtype=tl.float32)
     dPk = tl.zeros([T, T], dtype=tl.float32)
     dPa = tl.zeros([T, T], dtype=tl.float32)
-    for s in range(NV):  # the value blocks' shares
-        s_off = m_off + s * B * H * n_chunks * 4 * T * T
-        dA += tl.load(dmat_ptr + s_off)
-        dBm += tl.load(dmat_ptr + s_off + T * T)
-        dPk += tl.load(dmat_ptr + s_off + 2 * T * T)
-        dPa += tl.load(dmat_ptr + s_off + 3 * T * T)
+    s_base = (bh * n_chunks + ci) * DK * DV
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
+        v_off = rows[:, None] * DV + rv[None, :]
+        s_off = s_base + rk[:, None] * DV + rv[None, :]
+        S = tl.load(states_ptr + s_off)  # entering the chunk
+        dS = tl.load(dstates_ptr + s_off)  # the gradient of the state leaving it
+        v = tl.load(v_ptr + v_off).to(tl.float32)
+        do = tl.load(do_ptr + v_off).to(tl.float32)
+        X = tl.dot(Tinv, tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC),
+                   input_precision=PREC)  # fmt: skip
+        dX = -tl.dot(tl.trans(Pa), do, input_precision=PREC) - tl.dot(Bd, dS, input_precision=PREC)
+        dR = tl.dot(tl.trans(Tinv), dX, input_precision=PREC)  # the gradient of K_g S + B_m V
+        dv = tl.dot(tl.trans(Pk), do, input_precision=PREC) + tl.dot(Kd, dS, input_precision=PREC) \
+            + tl.dot(tl.trans(Bm), dR, input_precision=PREC)  # fmt: skip
+        tl.store(dv_ptr + v_off, dv.to(dv_ptr.dtype.element_ty))
+        dr += tl.dot(do, tl.trans(S), input_precision=PREC)
+        dk += tl.dot(v, tl.trans(dS), input_precision=PREC)
+        db -= tl.dot(X, tl.trans(dS), input_precision=PREC)
+        dkh += tl.dot(dR, tl.trans(S), input_precision=PREC)
+        # the (T, T) ones as broadcast sums: as tl.dot accumulators in this loop they made ptxas (CUDA 13.4,
+        # sm_90) fall back to 32 registers and a 10 kB stack
+        dA -= tl.sum(dR[:, None, :] * X[None, :, :], axis=2)
+        dBm += tl.sum(dR[:, None, :] * v[None, :, :], axis=2)
+        dPk += tl.sum(do[:, None, :] * v[None, :, :], axis=2)
+        dPa -= tl.sum(do[:, None, :] * X[None, :, :], axis=2)
+    # the direct terms, through R_g = r e^{g}, K_d = k~ e^{g_T - g}, B_d = b e^{g_T - g}, K_g = kappa_hat e^{g^-}
+    g, gp, split, m = _chunk_decays(lw_ptr, offs, rt, T)
+    to_end = tl.exp(tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)[None, :] - g)
+    dr = dr * tl.exp(g)
+    dk = dk * to_end
+    db = db * to_end
+    dkh = dkh * tl.exp(gp)
+    r = tl.load(r_ptr + offs).to(tl.float32)
+    k = tl.load(k_ptr + offs).to(tl.float32)
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
+    bb = tl.load(a_ptr + offs).to(tl.float32) * kh
+    strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
     dA = tl.where(strict, dA, 0.0)
     dBm = tl.where(strict, dBm, 0.0)
     dPk = tl.where(causal, dPk, 0.0)
@@ -355,15 +411,11 @@ def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr
         gp_m, g_m = tl.exp(gp - m[None, :]), tl.exp(g - m[None, :])
         up = tl.exp(m[None, :] - g)
         Kgm, Rgm, Kj, Bj = kh * gp_m, r * g_m, k * up, bb * up
-        dkh = (_mm(dA, Bj, LOW) + _mm(dBm, Kj, LOW)) * gp_m
-        dr = (_mm(dPk, Kj, LOW) + _mm(dPa, Bj, LOW)) * g_m
-        db = (_mm(tl.trans(dA), Kgm, LOW) + _mm(tl.trans(dPa), Rgm, LOW)) * up
-        dk = (_mm(tl.trans(dBm), Kgm, LOW) + _mm(tl.trans(dPk), Rgm, LOW)) * up
+        dkh += (_mm(dA, Bj, LOW) + _mm(dBm, Kj, LOW)) * gp_m
+        dr += (_mm(dPk, Kj, LOW) + _mm(dPa, Bj, LOW)) * g_m
+        db += (_mm(tl.trans(dA), Kgm, LOW) + _mm(tl.trans(dPa), Rgm, LOW)) * up
+        dk += (_mm(tl.trans(dBm), Kgm, LOW) + _mm(tl.trans(dPk), Rgm, LOW)) * up
     else:
-        dr = tl.zeros([T, DK], dtype=tl.float32)
-        dk = tl.zeros([T, DK], dtype=tl.float32)
-        db = tl.zeros([T, DK], dtype=tl.float32)
-        dkh = tl.zeros([T, DK], dtype=tl.float32)
         for j in range(T):
             one = (rt == j).to(tl.float32)
             g_j = tl.sum(g * one[:, None], axis=0)
@@ -382,13 +434,6 @@ def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr
             dk_j = tl.sum(dBm_j * E * kh, axis=0) + tl.sum(dPk_j * F * r, axis=0)
             db += one[:, None] * db_j[None, :]
             dk += one[:, None] * dk_j[None, :]
-    # plus the direct shares of the value blocks (_bwd_pass): r, k~, b, kappa_hat
-    one_share = B * Lp * H * DK
-    for s in range(NV):
-        dr += tl.load(share_ptr + s * one_share + offs)
-        dk += tl.load(share_ptr + (NV + s) * one_share + offs)
-        db += tl.load(share_ptr + (2 * NV + s) * one_share + offs)
-        dkh += tl.load(share_ptr + (3 * NV + s) * one_share + offs)
     a = tl.load(a_ptr + offs).to(tl.float32)
     da = kh * db  # b = a kappa_hat
     dkh += a * db
@@ -403,11 +448,11 @@ def _chunk_matrix_grads(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, dmat_ptr, share_ptr
     tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty))
 
 
-def _forward_block_v(BH, DV):
-    """Value columns per program of the forward pass: ``BLOCK_V``, or 16 where that leaves fewer than two
-    programs per SM of the H200's 132 (B=1, H=16, d_v=128: 64 programs of 32 columns, 128 of 16). The
-    backward keeps ``BLOCK_V``: each of its value blocks writes a share of the gradients over N."""
-    return BLOCK_V if BH * triton.cdiv(DV, BLOCK_V) >= 256 else min(16, DV)
+def _state_block_v(BH, DV):
+    """Value columns per program of the walks over chunks (forward and backward): ``BLOCK_V``, or 16 where
+    that leaves fewer than two programs per SM of the H200's 132 (B=1, H=16, d_v=128: 64 programs of 32
+    columns, 128 of 16)."""
+    return min(DV, BLOCK_V if BH * triton.cdiv(DV, BLOCK_V) >= 256 else 16)
 
 
 def _precision(dtype):
@@ -416,10 +461,7 @@ def _precision(dtype):
 
 
 def _warps(DK):
-    """Warps for the passes over chunks. Their small fp32 products (FMA, not tensor cores) hold whole
-    operand rows per thread: compiled for sm_90 (ptxas -v, Triton 3.9), 4 warps use 255 registers and
-    spill 0.1-0.5 kB at N = 64, 1.5-16 kB at N = 128; 8 warps spill 0.7-0.8 kB at N = 128. At N = 64
-    keep 4 (two programs fit an SM: B H d_v / 32 programs run in one wave on 132 SMs at the anchor shape)."""
+    """Warps for the kernels that hold (T, N) tiles: 4 up to N = 64, 8 at N = 128 (fewer registers per thread)."""
     return 4 if DK <= 64 else 8
 
 
@@ -434,50 +476,54 @@ class WKV7Chunked(torch.autograd.Function):
         # padded steps are the identity: log w = 0, every other input 0
         rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
         dev = r.device
-        mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
-        _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
-                                    num_warps=_warps(DK))  # fmt: skip
         save = any(ctx.needs_input_grad)
+        mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
+        # W, Q, B_d for the backward's walk over chunks
+        wy = torch.empty(3, B, Lp, H, DK, dtype=torch.float32, device=dev) if save else mats
+        _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, wy, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
+                                    GRAD=save, PREC=_precision(r.dtype), num_warps=_warps(DK))  # fmt: skip
         final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
         states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
         o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
         s0 = S0.float().contiguous() if S0 is not None else final
-        bv = _forward_block_v(B * H, DV)
+        bv = _state_block_v(B * H, DV)
         _fwd_pass[(B * H, triton.cdiv(DV, bv))](rp, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
                                                 DK=DK, DV=DV, T=T, BV=bv, HAS_S0=S0 is not None,
                                                 SAVE_STATES=save, PREC=_precision(r.dtype),
                                                 num_warps=_warps(DK))  # fmt: skip
-        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, states, final)
+        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, wy, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        rp, wp, kp, vp, khp, ap, mats, states, final = ctx.saved_tensors
+        rp, wp, kp, vp, khp, ap, mats, wy, states, final = ctx.saved_tensors
         B, Lp, H, DK = rp.shape
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
-        n, nv = Lp // T, triton.cdiv(DV, BLOCK_V)
+        n = Lp // T
         dev = rp.device
+        prec = _precision(rp.dtype)
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=dev), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=dev)).float().contiguous()
         f32 = dict(dtype=torch.float32, device=dev)
-        shares = torch.empty(4, nv, B, Lp, H, DK, **f32)  # r, k, b, kh: each value block's share
-        dmats = torch.empty(nv, B * H, n, 4, T, T, **f32)
-        dv = torch.empty(B, Lp, H, DV, **f32)
-        dS0 = torch.empty_like(dsl)
-        _bwd_pass[(B * H, nv)](rp, wp, kp, khp, ap, vp, mats, dop, states, dsl, *shares, dv, dmats, dS0, B, Lp, H, n,
-                               DK=DK, DV=DV, T=T, BV=BLOCK_V, PREC=_precision(rp.dtype), num_warps=_warps(DK))  # fmt: skip
+        # 3. the walk over chunks in reverse: the gradient of the state leaving each chunk
+        dstates, dS0 = torch.empty_like(states), torch.empty_like(dsl)
+        bv = _state_block_v(B * H, DV)
+        _bwd_states[(B * H, triton.cdiv(DV, bv))](wy, wp, dop, dsl, dstates, dS0, Lp, H, n, DK=DK, DV=DV, T=T, BV=bv,
+                                                  PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        # 4. every chunk at once: all the gradients but the decays' sum over later chunks
         d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
         dr, dk, dkh, da = (torch.empty(B, Lp, H, DK, dtype=d, device=dev) for d in (d_r, d_k, d_kh, d_a))
+        dv = torch.empty(B, Lp, H, DV, dtype=d_v, device=dev)
         dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, n, H, DK, **f32)
-        _chunk_matrix_grads[(B * H, n)](rp, wp, kp, khp, ap, dmats, shares, dr, dk, dkh, da, dlw, tot, B, Lp, H, n,
-                                        DK=DK, T=T, NV=nv, LOW=rp.dtype == torch.bfloat16,
-                                        num_warps=_warps(DK))  # fmt: skip
+        _bwd_chunk[(B * H, n)](rp, wp, kp, khp, ap, vp, mats, dop, states, dstates, dr, dk, dkh, da, dv, dlw, tot,
+                               Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, BLOCK_V), PREC=prec,
+                               LOW=rp.dtype == torch.bfloat16, num_warps=_warps(DK))  # fmt: skip
         # log w's gradient: add the sums over the later chunks and the final state's term (module docstring)
         later = tot.flip(1).cumsum(1).flip(1) - tot + (final * dsl).sum(-1)[:, None]
         dlw = (dlw.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
-        return (dr[:, :L], dlw[:, :L].to(d_w), dk[:, :L], dv[:, :L].to(d_v), dkh[:, :L], da[:, :L],
+        return (dr[:, :L], dlw[:, :L].to(d_w), dk[:, :L], dv[:, :L], dkh[:, :L], da[:, :L],
                 None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
 
 
