@@ -125,18 +125,30 @@ def _state_step(S, u, v, w, c_last, WIDEN: tl.constexpr, STATE_PRECISION: tl.con
 
 
 @triton.jit
+def _x_tile(batch, t, live, head, L, H, P, p):
+    """Offsets and mask of the ``(Q, BLOCK_P)`` tile at steps ``t``, channels ``p`` of a
+    ``(Bt, L, H, P)`` tensor (x, y, their gradients)."""
+    return ((batch * L + t[:, None]) * H + head) * P + p[None, :], live[:, None] & (p < P)[None, :]
+
+
+@triton.jit
+def _bc_tile(batch, t, live, group, L, G, N, n):
+    """Offsets and mask of the ``(Q, BLOCK_N)`` tile at steps ``t``, state indices ``n`` of a
+    ``(Bt, L, G, N)`` tensor (B, C)."""
+    return ((batch * L + t[:, None]) * G + group) * N + n[None, :], live[:, None] & (n < N)[None, :]
+
+
+@triton.jit
 def _load_chunk(X, DT, A, B, C, batch, head, group, t0, p, n, L, H, G, P, N, Q: tl.constexpr):
     """One chunk's tiles: ``x`` ``(Q, BLOCK_P)``, ``B``, ``C`` ``(Q, BLOCK_N)``, ``dt``, the
     cumulative log-decay ``c`` ``(Q,)`` and its total, the offsets of ``x`` and the masks.
     Steps past the end load ``dt = 0``: decay 1 and no input, so they change nothing."""
     t = (t0 + tl.arange(0, Q)).to(tl.int64)
     live = t < L
-    x_offs = ((batch * L + t[:, None]) * H + head) * P + p[None, :]
-    x_ok = live[:, None] & (p < P)[None, :]
+    x_offs, x_ok = _x_tile(batch, t, live, head, L, H, P, p)
     x = tl.load(X + x_offs, mask=x_ok, other=0.0)
     dt = tl.load(DT + (batch * L + t) * H + head, mask=live, other=0.0).to(tl.float32)
-    bc_offs = ((batch * L + t[:, None]) * G + group) * N + n[None, :]
-    bc_ok = live[:, None] & (n < N)[None, :]
+    bc_offs, bc_ok = _bc_tile(batch, t, live, group, L, G, N, n)
     Bc = tl.load(B + bc_offs, mask=bc_ok, other=0.0)
     Cc = tl.load(C + bc_offs, mask=bc_ok, other=0.0)
     a = dt * tl.load(A + head).to(tl.float32)
@@ -374,8 +386,7 @@ def _ssd_bwd(
     rows = tl.arange(0, Q)
     t = (chunk * Q + rows).to(tl.int64)
     live = t < L
-    x_offs = ((batch * L + t[:, None]) * H + head) * P + p[None, :]
-    x_ok = live[:, None] & (p < P)[None, :]
+    x_offs, x_ok = _x_tile(batch, t, live, head, L, H, P, p)
     x = tl.load(X + x_offs, mask=x_ok, other=0.0)
     dy = tl.load(DY + x_offs, mask=x_ok, other=0.0)
     dt = tl.load(DT + (batch * L + t) * H + head, mask=live, other=0.0).to(tl.float32)  # 0 past the end
