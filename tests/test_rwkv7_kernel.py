@@ -115,10 +115,12 @@ def test_kernel_split_and_column_chunks(device):
 
 
 def test_kernel_several_value_blocks(device, monkeypatch):
-    """``BLOCK_V`` = 16 with d_v = 64: the walks over chunks run several programs per (batch,
-    head) and the backward's per-chunk kernel sums its gradients over several value blocks in its loop
-    (at the other cases' sizes one block holds every column). d_v = 64 > N = 16, with a final state."""
+    """``BLOCK_V`` = ``OUT_BLOCK_V`` = 16 with d_v = 64: the walks over chunks and the output kernel run
+    several programs per (batch, head) and the backward's per-chunk kernel sums its gradients over several
+    value blocks in its loop (at the other cases' sizes one block holds every column). d_v = 64 > N = 16,
+    with an initial state."""
     monkeypatch.setattr(rwkv7_kernel, "BLOCK_V", 16)
+    monkeypatch.setattr(rwkv7_kernel, "OUT_BLOCK_V", 16)
     shape = (1, 35, 1, 16, 64, 2.0)
     got, want = kernel_and_reference(device, shape, state=True, seed=11)
     for name in want:

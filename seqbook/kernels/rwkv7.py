@@ -49,12 +49,14 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
   decays are stronger (the split would overflow).
 
 1. ``_chunk_matrices``, one program per (batch, head, chunk), all chunks at once: :math:`(I+A)^{-1}`
-   (forward substitution on the identity), :math:`B_m, P_k, P_a`, each chunk whichever way it allows;
-   when gradients are wanted also :math:`W = (I+A)^{-1} K_g`, :math:`Q = R_g - P_a W` and :math:`B_d`
-   (``(T, N)`` each) for step 3.
-2. ``_fwd_pass``, one program per (batch, head, ``BLOCK_V`` value columns: the transition acts on
+   (forward substitution on the identity), :math:`B_m, P_k, P_a`, each chunk whichever way it allows,
+   and :math:`(I+A)^{-1} B_m`; and the ``(T, N)`` rows :math:`W = (I+A)^{-1} K_g`, :math:`Q = R_g - P_a W`,
+   :math:`B_d, K_d`, with which :math:`X = W S + (I+A)^{-1} B_m V` and :math:`o = Q S + (P_k - P_a (I+A)^{-1} B_m) V`.
+2. ``_fwd_states``, one program per (batch, head, ``BLOCK_V`` value columns: the transition acts on
    rows, value columns never mix) walks the chunks in order with its state block in float32, saves
-   the state entering each chunk and applies the three lines above (eight small matrix products).
+   the state entering each chunk and :math:`X` (four small products, two of them on the sequential
+   path: :math:`W S`, then :math:`B_d^\top X`). ``_fwd_out``, one program per (batch, head, chunk,
+   ``OUT_BLOCK_V`` value columns), all at once: :math:`o = R_g S + P_k V - P_a X`.
 3. ``_bwd_states`` walks the chunks in reverse with :math:`\bar S`, the gradient of the state leaving
    the chunk, and saves it for each chunk. Through the three lines,
    :math:`\bar S \leftarrow \mathrm{Diag}(e^{g_T})\bar S + R_g^\top do + K_g^\top (I+A)^{-\top}\partial X`
@@ -66,7 +68,7 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
 
    three products per chunk on the sequential path, everything else is step 4's.
 4. ``_bwd_chunk``, one program per (batch, head, chunk), all chunks at once: from the saved state
-   entering the chunk and :math:`\bar S` leaving it, recomputes :math:`X` and by the chain rule
+   entering the chunk, :math:`X` and :math:`\bar S` leaving it, by the chain rule
    (:math:`\partial X` as above, :math:`\partial\mathrm{rhs} = (I+A)^{-\top}\partial X`) writes
    :math:`\partial v` and sums over the value columns, ``BLOCK_V`` at a time in registers, the direct
    terms of :math:`\partial r, \partial\tilde k, \partial b, \partial\hat\kappa` and
@@ -125,17 +127,21 @@ Both do :math:`O(L\,N\,d_v)` work per (batch, head) in the state updates. The fu
 kernel takes ``L`` dependent steps of a few vector operations (its speed is set by one step's
 latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix products (TF32 for
 bfloat16 inputs, exact float32 otherwise), and its ``(T, T)`` matrices are built for all chunks in
-parallel. The walk over chunks is sequential per (batch, head, value block).
+parallel. Only the walks over chunks are sequential, per (batch, head, value block), with two
+dependent products per chunk each way; what training keeps besides the inputs is float32: the
+state entering each chunk (``N d_v / 16`` per step and head), X (``d_v`` per step), W, Q, B_d,
+K_d (``4 N``) and the chunks' matrices.
 
 Measured (H200, bf16, ``triton.testing.do_bench``; ``benchmarks/NOTES.md`` has the history), with the
-previous backward (one sequential pass per (batch, head, 32 value columns) doing all of step 4's work
+previous design (a forward walk of eight products per chunk computing the outputs too; a backward of
+one sequential pass per (batch, head, 32 value columns) doing all of step 4's work
 inside the walk, writing each value block's partial gradients, then a kernel summing them): B=4,
 L=4096, H=32, d=64 forward 1.53 ms, forward+backward 10.08 ms (fla's ``chunk_rwkv7`` 1.92 / 7.04 ms
 in an earlier run); B=1, L=16384, H=16, d=128 forward 6.11 ms, forward+backward 57.7 ms. At d=128 that
 backward's walk had only 64 programs for 132 SMs, 1024 chunks of about 20 dependent products each, and
-spilled (compiled for sm_90 with CUDA 13.4's ptxas: 255 registers and a 3.4 kB stack at 8 warps); the
-walk of step 3 has 128 programs of three products per chunk and no spills (143 registers), and step 4
-has one program per chunk (255 registers, no stack at d=128). Errors of the earlier version on the
+spilled (compiled for sm_90 with CUDA 13.4's ptxas: 255 registers and a 3.4 kB stack at 8 warps); in
+this design the walk of step 3 has 128 programs of three products per chunk and no spills (143
+registers), step 4 one program per chunk (255 registers, no stack at d=128), the forward walk 180. Errors of the earlier version on the
 H200 (GPU call 3, B=4, L=4096, H=32, d=64 bf16, RWKV-7's decays), relative to the largest value of
 ``wkv7_chunked`` in float64: 3.6e-3 on the output, 5e-4 on the final state, 3e-3 to 8e-3 on the
 gradients but 2.4e-2 on log w's (a sum over the sequence of the other gradients' products).
@@ -151,8 +157,11 @@ from .chunked_state import pad_to, state_tile
 
 #: steps per chunk (the chunked kernel)
 CHUNK = 16
-#: value columns per program in the chunked kernel's passes over chunks
+#: value columns per program in the chunked kernel's walks over chunks (16 where 32 leaves too few programs),
+#: and per loop step of its backward's per-chunk kernel
 BLOCK_V = 32
+#: value columns per program of the chunked kernel's output kernel
+OUT_BLOCK_V = 64
 #: value columns per program in the fused recurrent kernel (more programs, shorter steps)
 RECURRENT_BLOCK_V = 16
 #: steps between the states the fused recurrent forward saves for its backward, by default
@@ -193,12 +202,11 @@ def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
 
 @triton.jit
 def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H, n_chunks,
-                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, GRAD: tl.constexpr,
-                    PREC: tl.constexpr):  # fmt: skip
+                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
-    decays' spread allows the split, else one column at a time. With ``GRAD``, also what the backward's
-    walk over chunks needs (module docstring), in ``wy_ptr`` (3, batch, Lp, H, N): W = (I + A)^{-1} K_g,
-    Q = R_g - P_a W and B_d."""
+    decays' spread allows the split, else one column at a time; and (I + A)^{-1} Bm in ``mat_ptr``
+    (batch * H, chunks, 5, T, T). In ``wy_ptr`` (4, batch, Lp, H, N) what the walks over chunks need
+    (module docstring): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d and K_d."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
@@ -243,63 +251,68 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H,
         a_i = tl.sum(A * one[:, None], axis=0)
         x_i = one - tl.sum(a_i[:, None] * Tinv, axis=0)
         Tinv += one[:, None] * x_i[None, :]
-    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    m_off = (bh * n_chunks + ci) * 5 * T * T + rt[:, None] * T + rt[None, :]
     tl.store(mat_ptr + m_off, Tinv)
     tl.store(mat_ptr + m_off + T * T, Bm)
     tl.store(mat_ptr + m_off + 2 * T * T, Pk)
     tl.store(mat_ptr + m_off + 3 * T * T, Pa)
-    if GRAD:
-        g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
-        W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (state-independent terms)
-        Q = r * tl.exp(g) - tl.dot(Pa, W, input_precision=PREC)  # o = Q S + (state-independent terms)
-        one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
-        tl.store(wy_ptr + offs, W)
-        tl.store(wy_ptr + one_wy + offs, Q)
-        tl.store(wy_ptr + 2 * one_wy + offs, bb * tl.exp(g_last[None, :] - g))
+    tl.store(mat_ptr + m_off + 4 * T * T, tl.dot(Tinv, Bm, input_precision=PREC))
+    to_end = tl.exp(tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)[None, :] - g)
+    W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (I + A)^{-1} Bm V
+    one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
+    tl.store(wy_ptr + offs, W)
+    tl.store(wy_ptr + one_wy + offs, r * tl.exp(g) - tl.dot(Pa, W, input_precision=PREC))  # Q
+    tl.store(wy_ptr + 2 * one_wy + offs, bb * to_end)  # B_d
+    tl.store(wy_ptr + 3 * one_wy + offs, k * to_end)  # K_d
 
 
 @triton.jit
-def _chunk_inputs(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
-                  rk, rv, rt, vmask, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
-    """Chunk ``ci``'s rows, its decayed inputs K_g, R_g, K_d, B_d (module docstring), values and matrices."""
-    rows = (b * Lp + ci * T + rt) * H + h
-    offs = rows[:, None] * DK + rk[None, :]
-    g, gp = _chunk_g(lw_ptr, offs)
-    g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
-    kh = tl.load(kh_ptr + offs).to(tl.float32)
-    to_end = tl.exp(g_last[None, :] - g)
-    Kg = kh * tl.exp(gp)
-    Rg = tl.load(r_ptr + offs).to(tl.float32) * tl.exp(g)
-    Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
-    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
-    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
-    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
-    Tinv = tl.load(mat_ptr + m_off)
-    Bm = tl.load(mat_ptr + m_off + T * T)
-    Pk = tl.load(mat_ptr + m_off + 2 * T * T)
-    Pa = tl.load(mat_ptr + m_off + 3 * T * T)
-    return rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa
-
-
-@triton.jit
-def _fwd_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, o_ptr, final_ptr,
-              Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr,
-              HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _fwd_states(wy_ptr, lw_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, x_ptr, final_ptr, Lp, H, n_chunks,
+                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
+    """The forward's walk over chunks, per (batch, head, ``BV`` value columns): saves the state entering
+    each chunk and the recalled rows X = W S + (I + A)^{-1} B_m V, then S <- Diag(e^{g_T}) S + K_d^T V - B_d^T X
+    (four products, two of them on the sequential path). The outputs are ``_fwd_out``'s."""
     bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
+    one_wy = tl.num_programs(0) * Lp * DK
     for ci in range(n_chunks):
-        if SAVE_STATES:  # for the backward; a forward without gradients skips the writes
-            tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
-        rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
-            r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
-            vmask, DK, DV, T)  # fmt: skip
-        rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
-        X = tl.dot(Tinv, rhs, input_precision=PREC)  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
-        o = tl.dot(Rg, S, input_precision=PREC) + tl.dot(Pk, v, input_precision=PREC) \
-            - tl.dot(Pa, X, input_precision=PREC)  # fmt: skip
-        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
-        S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
+        rows = (b * Lp + ci * T + rt) * H + h
+        offs = rows[:, None] * DK + rk[None, :]
+        v_off = rows[:, None] * DV + rv[None, :]
+        W = tl.load(wy_ptr + offs)
+        Bd = tl.load(wy_ptr + 2 * one_wy + offs)
+        Kd = tl.load(wy_ptr + 3 * one_wy + offs)
+        TBm = tl.load(mat_ptr + (bh * n_chunks + ci) * 5 * T * T + 4 * T * T + rt[:, None] * T + rt[None, :])
+        decay = tl.exp(tl.sum(tl.load(lw_ptr + offs).to(tl.float32), axis=0))  # e^{g_T}, (N,)
+        v = tl.load(v_ptr + v_off, mask=vmask[None, :], other=0.0).to(tl.float32)
+        X = tl.dot(W, S, input_precision=PREC) + tl.dot(TBm, v, input_precision=PREC)
+        tl.store(x_ptr + v_off, X, mask=vmask[None, :])
+        S = decay[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
             - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
     tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
+
+
+@triton.jit
+def _fwd_out(r_ptr, lw_ptr, v_ptr, mat_ptr, states_ptr, x_ptr, o_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+             DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The outputs, per (batch, head, chunk, ``BV`` value columns), all at once: o = R_g S + P_k V - P_a X."""
+    bh, ci, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rk, rt, rv = tl.arange(0, DK), tl.arange(0, T), pid_v * BV + tl.arange(0, BV)
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    v_off = rows[:, None] * DV + rv[None, :]
+    g, gp = _chunk_g(lw_ptr, offs)
+    Rg = tl.load(r_ptr + offs).to(tl.float32) * tl.exp(g)
+    m_off = (bh * n_chunks + ci) * 5 * T * T + rt[:, None] * T + rt[None, :]
+    Pk = tl.load(mat_ptr + m_off + 2 * T * T)
+    Pa = tl.load(mat_ptr + m_off + 3 * T * T)
+    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+    v = tl.load(v_ptr + v_off).to(tl.float32)
+    X = tl.load(x_ptr + v_off)
+    o = tl.dot(Rg, S, input_precision=PREC) + tl.dot(Pk, v, input_precision=PREC) - tl.dot(Pa, X, input_precision=PREC)
+    tl.store(o_ptr + v_off, o.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -327,11 +340,11 @@ def _bwd_states(wy_ptr, lw_ptr, do_ptr, dsl_ptr, dstates_ptr, ds0_ptr, Lp, H, n_
 
 
 @triton.jit
-def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, states_ptr, dstates_ptr,
+def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, x_ptr, do_ptr, states_ptr, dstates_ptr,
                dr_ptr, dk_ptr, dkh_ptr, da_ptr, dv_ptr, dlw_ptr, tot_ptr, Lp, H, n_chunks, DK: tl.constexpr,
                DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel), one program for all the value columns, ``BV`` at a time: from the state
-    entering the chunk and the gradient of the one leaving it, by the chain rule through
+    entering the chunk, the forward's X and the gradient of the state leaving the chunk, by the chain rule through
     X = (I + A)^{-1} (K_g S + B_m V), o = R_g S + P_k V - P_a X and S' = Diag(e^{g_T}) S + K_d^T V - B_d^T X:
     dv, and the sums over value columns (the direct terms of dr, dk~, db, dkappa_hat and the (T, T)
     matrices' gradients) kept in registers; then the matrices' gradients back to r, k~, b = a kappa_hat,
@@ -347,11 +360,9 @@ def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, stat
     # only what the loop over value columns needs is formed before it (registers: N = 128 tiles are large)
     g, gp = _chunk_g(lw_ptr, offs)
     to_end = tl.exp(tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)[None, :] - g)
-    kh = tl.load(kh_ptr + offs).to(tl.float32)
-    Kg = kh * tl.exp(gp)
     Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
-    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
-    m_off = (bh * n_chunks + ci) * 4 * T * T + rt[:, None] * T + rt[None, :]
+    Bd = tl.load(a_ptr + offs).to(tl.float32) * tl.load(kh_ptr + offs).to(tl.float32) * to_end
+    m_off = (bh * n_chunks + ci) * 5 * T * T + rt[:, None] * T + rt[None, :]
     Tinv = tl.load(mat_ptr + m_off)
     Bm = tl.load(mat_ptr + m_off + T * T)
     Pk = tl.load(mat_ptr + m_off + 2 * T * T)
@@ -374,8 +385,7 @@ def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, do_ptr, stat
         dS = tl.load(dstates_ptr + s_off)  # the gradient of the state leaving it
         v = tl.load(v_ptr + v_off).to(tl.float32)
         do = tl.load(do_ptr + v_off).to(tl.float32)
-        X = tl.dot(Tinv, tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC),
-                   input_precision=PREC)  # fmt: skip
+        X = tl.load(x_ptr + v_off)  # the forward's recalled rows
         dX = -tl.dot(tl.trans(Pa), do, input_precision=PREC) - tl.dot(Bd, dS, input_precision=PREC)
         dR = tl.dot(tl.trans(Tinv), dX, input_precision=PREC)  # the gradient of K_g S + B_m V
         dv = tl.dot(tl.trans(Pk), do, input_precision=PREC) + tl.dot(Kd, dS, input_precision=PREC) \
@@ -476,29 +486,33 @@ class WKV7Chunked(torch.autograd.Function):
         # padded steps are the identity: log w = 0, every other input 0
         rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
         dev = r.device
-        save = any(ctx.needs_input_grad)
-        mats = torch.empty(B * H, n, 4, T, T, dtype=torch.float32, device=dev)
-        # W, Q, B_d for the backward's walk over chunks
-        wy = torch.empty(3, B, Lp, H, DK, dtype=torch.float32, device=dev) if save else mats
+        f32 = dict(dtype=torch.float32, device=dev)
+        prec = _precision(r.dtype)
+        # 1. every chunk's matrices, and W, Q, B_d, K_d
+        mats, wy = torch.empty(B * H, n, 5, T, T, **f32), torch.empty(4, B, Lp, H, DK, **f32)
         _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, wy, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
-                                    GRAD=save, PREC=_precision(r.dtype), num_warps=_warps(DK))  # fmt: skip
-        final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
-        states = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=dev) if save else final
-        o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
+                                    PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        # 2. the walk over chunks: the state entering each chunk and the recalled rows X
+        final = torch.empty(B, H, DK, DV, **f32)
+        states, X = torch.empty(B * H, n, DK, DV, **f32), torch.empty(B, Lp, H, DV, **f32)
         s0 = S0.float().contiguous() if S0 is not None else final
         bv = _state_block_v(B * H, DV)
-        _fwd_pass[(B * H, triton.cdiv(DV, bv))](rp, wp, kp, khp, ap, vp, mats, s0, states, o, final, Lp, H, n,
-                                                DK=DK, DV=DV, T=T, BV=bv, HAS_S0=S0 is not None,
-                                                SAVE_STATES=save, PREC=_precision(r.dtype),
-                                                num_warps=_warps(DK))  # fmt: skip
-        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, wy, states, final)
+        _fwd_states[(B * H, triton.cdiv(DV, bv))](wy, wp, vp, mats, s0, states, X, final, Lp, H, n, DK=DK, DV=DV,
+                                                  T=T, BV=bv, HAS_S0=S0 is not None, PREC=prec,
+                                                  num_warps=_warps(DK))  # fmt: skip
+        # 3. the outputs, every chunk at once
+        o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
+        bvo = min(DV, OUT_BLOCK_V)
+        _fwd_out[(B * H, n, triton.cdiv(DV, bvo))](rp, wp, vp, mats, states, X, o, Lp, H, n, DK=DK, DV=DV, T=T,
+                                                   BV=bvo, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, wy, X, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        rp, wp, kp, vp, khp, ap, mats, wy, states, final = ctx.saved_tensors
+        rp, wp, kp, vp, khp, ap, mats, wy, X, states, final = ctx.saved_tensors
         B, Lp, H, DK = rp.shape
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
         n = Lp // T
@@ -517,7 +531,7 @@ class WKV7Chunked(torch.autograd.Function):
         dr, dk, dkh, da = (torch.empty(B, Lp, H, DK, dtype=d, device=dev) for d in (d_r, d_k, d_kh, d_a))
         dv = torch.empty(B, Lp, H, DV, dtype=d_v, device=dev)
         dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, n, H, DK, **f32)
-        _bwd_chunk[(B * H, n)](rp, wp, kp, khp, ap, vp, mats, dop, states, dstates, dr, dk, dkh, da, dv, dlw, tot,
+        _bwd_chunk[(B * H, n)](rp, wp, kp, khp, ap, vp, mats, X, dop, states, dstates, dr, dk, dkh, da, dv, dlw, tot,
                                Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, BLOCK_V), PREC=prec,
                                LOW=rp.dtype == torch.bfloat16, num_warps=_warps(DK))  # fmt: skip
         # log w's gradient: add the sums over the later chunks and the final state's term (module docstring)
