@@ -303,17 +303,9 @@ def _state_walks(
 
 
 @triton.jit
-def _state_pass(
-    INC,  # (Bt, chunks, H, P*N) float32: each chunk's own contribution
-    DECAY,  # (Bt, chunks, H) float32: each chunk's total log-decay c_last
-    S0,  # (Bt, H, P*N) float32: the state before the first chunk taken (if HAS_S0)
-    OUT,  # (Bt, chunks, H, P*N): the state before each chunk's update (may be INC, if float32)
-    S_END,  # (Bt, H, P*N) float32: the state after the last update
-    n_chunks, H, PN,
-    HAS_S0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """``S <- e^{c_last} S + INC[chunk]`` over the chunks, in order (forward: states) or in
-    reverse (backward: their gradients), ``BLOCK`` elements of one (batch, head) per program."""
+def _pass(INC, DECAY, S0, OUT, S_END, n_chunks, H, PN,
+          HAS_S0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """:func:`_state_pass`'s recurrence, for one (batch, head) and ``BLOCK`` elements."""
     bh = tl.program_id(0)
     batch, head = bh // H, bh % H
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -336,6 +328,28 @@ def _state_pass(
         S = tl.exp(decay) * S + inc
         row, inc, decay = row_next, inc_next, decay_next
     tl.store(S_END + bh.to(tl.int64) * PN + e, S, mask=ok)
+
+
+@triton.jit
+def _state_pass(
+    INC,  # (Bt, chunks, H, P*N) float32: each chunk's own contribution
+    S0,  # (Bt, H, P*N) float32: the state before the first chunk taken (if HAS_S0)
+    OUT,  # (Bt, chunks, H, P*N): the state before each chunk's update (may be INC, if float32)
+    S_END,  # (Bt, H, P*N) float32: the state after the last update
+    INC2, S0_2, OUT2, S_END2,  # the same for a second recurrence (if two programs along axis 2)
+    DECAY,  # (Bt, chunks, H) float32: each chunk's total log-decay c_last (both recurrences')
+    n_chunks, H, PN,
+    HAS_S0: tl.constexpr, REVERSE: tl.constexpr, HAS_S0_2: tl.constexpr, REVERSE2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``S <- e^{c_last} S + INC[chunk]`` over the chunks, in order (forward: states) or in
+    reverse (backward: their gradients), ``BLOCK`` elements of one (batch, head) per program.
+    With two programs along axis 2, the second runs the second recurrence (the backward
+    after a split forward: the states and their gradients, side by side)."""
+    if tl.program_id(2) == 0:
+        _pass(INC, DECAY, S0, OUT, S_END, n_chunks, H, PN, HAS_S0, REVERSE, BLOCK)
+    else:
+        _pass(INC2, DECAY, S0_2, OUT2, S_END2, n_chunks, H, PN, HAS_S0_2, REVERSE2, BLOCK)
 
 
 @triton.jit
@@ -568,30 +582,38 @@ def _chunk_decays(dt, A, Q):
     return a.view(batch, -1, Q, H).sum(2).contiguous()
 
 
-def _split_states(U, dt, A, V, s0, Q, cfg, from_start, reverse, state_dtype):
-    """Pieces (1) and (2) of the split design: the per-chunk contributions of ``U V^T``, passed
-    through the chunk recurrence. Returns (the state before each chunk's update, in
-    ``state_dtype``, the last state, float32)."""
-    batch, L, H, P = U.shape
-    G, N = V.shape[2], V.shape[3]
+def _split_states(recurrences, dt, A, Q, cfg, state_dtype):
+    """Pieces (1) and (2) of the split design for one or two recurrences ``(U, V, s0,
+    backward)``: ``(x, B, initial state, False)`` gives the states entering the chunks,
+    ``(dy, C, final state's gradient, True)`` the gradients of the states leaving them
+    (weights :math:`e^{c_t}`, in reverse). The per-chunk contributions of ``U V^T`` are passed
+    through the chunk recurrence, both recurrences' passes in one launch. Returns, per
+    recurrence, (the state before each chunk's update, in ``state_dtype``; the last state, float32)."""
+    U0, V0 = recurrences[0][:2]
+    batch, L, H, P = U0.shape
+    G, N = V0.shape[2], V0.shape[3]
     n_chunks = triton.cdiv(L, Q)
-    states = torch.empty(batch, n_chunks, H, P, N, dtype=torch.float32, device=U.device)
-    prec = _precisions(U)
-    _chunk_states[(batch * H, n_chunks, triton.cdiv(P, cfg["BLOCK_P"]))](
-        U, dt, A, V, states, L, H, G, P, N, FROM_START=from_start, WIDEN=prec["WIDEN"],
-        STATE_PRECISION=prec["STATE_PRECISION"], Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=4,
-    )  # fmt: skip
-    s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=U.device)
+    prec = _precisions(U0)
     # Enough programs to keep the memory system busy (about four per SM), at most 1024 elements each.
-    block = triton.next_power_of_2(max(1, batch * H * P * N // (4 * _sms(U.device)))) // 2
+    block = triton.next_power_of_2(max(1, batch * H * P * N // (4 * _sms(U0.device)))) // 2
     block = max(128, min(1024, block, triton.next_power_of_2(P * N)))
-    out = states if state_dtype == torch.float32 else torch.empty_like(states, dtype=state_dtype)
-    _state_pass[(batch * H, triton.cdiv(P * N, block))](
-        states, _chunk_decays(dt, A, Q), s_end if s0 is None else s0, out, s_end, n_chunks, H, P * N,
-        HAS_S0=s0 is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
+    args = []  # per recurrence: INC, S0, OUT, S_END
+    for U, V, s0, backward in recurrences:
+        inc = torch.empty(batch, n_chunks, H, P, N, dtype=torch.float32, device=U.device)
+        _chunk_states[(batch * H, n_chunks, triton.cdiv(P, cfg["BLOCK_P"]))](
+            U, dt, A, V, inc, L, H, G, P, N, FROM_START=backward, WIDEN=prec["WIDEN"],
+            STATE_PRECISION=prec["STATE_PRECISION"], Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=4,
+        )  # fmt: skip
+        s_end = torch.empty(batch, H, P, N, dtype=torch.float32, device=U.device)
+        out = inc if state_dtype == torch.float32 else torch.empty_like(inc, dtype=state_dtype)
+        args.append((inc, s_end if s0 is None else s0, out, s_end))
+    first, second = recurrences[0], recurrences[-1]  # (one recurrence: the second's arguments are not read)
+    _state_pass[(batch * H, triton.cdiv(P * N, block), len(recurrences))](
+        *args[0], *args[-1], _chunk_decays(dt, A, Q), n_chunks, H, P * N, HAS_S0=first[2] is not None,
+        REVERSE=first[3], HAS_S0_2=second[2] is not None, REVERSE2=second[3], BLOCK=block, num_warps=4,
     )  # fmt: skip
-    return out, s_end
+    return [(out, s_end) for _, _, out, s_end in args]
 
 
 def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
@@ -613,7 +635,7 @@ def _forward(x, dt, A, B, C, initial_state, cfg, design, store_states):
             **{k: cfg[k] for k in ("Q", "BLOCK_P", "BLOCK_N", "NUM_STAGES", "num_warps")},
         )  # fmt: skip
         return y, s_end, states if store_states else None
-    states, s_end = _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False, state_dtype=state_dtype)
+    [(states, s_end)] = _split_states([(x, B, s0, False)], dt, A, Q, cfg, state_dtype)
     _chunk_outputs[(batch * H, triton.cdiv(L, Q), triton.cdiv(P, cfg["BLOCK_P"]))](
         x, dt, A, B, C, states, y, L, H, G, P, N, **prec, Q=Q, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
@@ -683,10 +705,9 @@ class SSDFunction(torch.autograd.Function):
                 **({"maxnreg": cfg["WALK_MAXNREG"]} if "WALK_MAXNREG" in cfg else {}),
             )  # fmt: skip
         else:
-            states = kept if ctx.keep else _split_states(x, dt, A, B, s0, Q, cfg, from_start=False, reverse=False,
-                                                         state_dtype=state_dtype)[0]  # fmt: skip
-            d_states, d_s0 = _split_states(dy, dt, A, C, d_final, Q, cfg, from_start=True, reverse=True,
-                                           state_dtype=state_dtype)  # fmt: skip
+            both = [(dy, C, d_final, True)] if ctx.keep else [(dy, C, d_final, True), (x, B, s0, False)]
+            (d_states, d_s0), *recomputed = _split_states(both, dt, A, Q, cfg, state_dtype)
+            states = kept if ctx.keep else recomputed[0][0]
         dx = torch.empty_like(x)
         # per-head parts of dB and dC: float32, or (option "partial_dtype") 16 bits, summed in float32
         part = torch.float32 if G == H and p_blocks == 1 else cfg.get("partial_dtype", torch.float32)
