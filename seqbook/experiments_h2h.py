@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from . import attention, linear_attention, tasks, train
+from .backend import BACKENDS
 from .based import based_factory
 from .mamba import Mamba, Mamba2
 from .nn import S4D, LanguageModel
@@ -119,13 +120,24 @@ def _entry(family: str):
     raise ValueError(f"family must be one of {list(FAMILIES) + list(CONV_VARIANTS)}, got {family!r}")
 
 
-def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: int = 0) -> LanguageModel:
+def build(family: str, d_model: int, vocab_size: int, n_layers: int = 2, seed: int = 0,
+          backend: str | None = None) -> LanguageModel:  # fmt: skip
     """The :class:`LanguageModel` of ``family`` (a key of :data:`FAMILIES` or :data:`CONV_VARIANTS`), initialized
-    from ``torch.manual_seed(seed)``; ``n_layers`` blocks, or :data:`VARIANT_LAYERS`'s count for those variants."""
+    from ``torch.manual_seed(seed)``; ``n_layers`` blocks, or :data:`VARIANT_LAYERS`'s count for those variants.
+
+    ``backend`` (``"auto"``, ``"reference"``, ``"triton"``), if given, is set on every sub-module that has one
+    (the mixers pass it to their operation); None leaves each mixer's default, ``"auto"``."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     maker, ffn_mult, _ = _entry(family)
     n_layers = VARIANT_LAYERS.get(family, n_layers)
     torch.manual_seed(seed)
-    return LanguageModel(maker(), vocab_size, d_model, n_layers, ffn_mult=ffn_mult)
+    model = LanguageModel(maker(), vocab_size, d_model, n_layers, ffn_mult=ffn_mult)
+    if backend is not None:
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+    return model
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -302,10 +314,10 @@ def _check_mqar_args(seeds, families, pair_counts, n_keys):
 
 
 def _train_and_score(fam: str, d: int, seed: int, tests: dict, *, pair_counts, n_keys, n_values, n_layers, steps,
-                     batch, lr, device, progress) -> dict:  # fmt: skip
-    """Train ``build(fam, d, ..., seed)`` on the MQAR mixture of ``pair_counts`` with the chapter's recipe and
-    score it on ``tests`` (``P -> (x, y)``); returns the run's record (without family and seed)."""
-    model = build(fam, d, n_keys + n_values, n_layers, seed).to(device)
+                     batch, lr, device, progress, backend=None) -> dict:  # fmt: skip
+    """Train ``build(fam, d, ..., seed, backend)`` on the MQAR mixture of ``pair_counts`` with the chapter's recipe
+    and score it on ``tests`` (``P -> (x, y)``); returns the run's record (without family and seed)."""
+    model = build(fam, d, n_keys + n_values, n_layers, seed, backend=backend).to(device)
 
     def data(g):
         P = pair_counts[int(torch.randint(len(pair_counts), (1,), generator=g))]
@@ -417,6 +429,7 @@ def mqar_state_sweep(
     n_test: int = 256,
     test_seed: int = 1234,
     device: str = "cpu",
+    backend: str | None = None,
     progress: bool = False,
     on_run: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -428,6 +441,7 @@ def mqar_state_sweep(
     of them); the model's decoding state in bytes (:func:`state_bytes`) at the longest test length
     ``3 max(pair_counts)``. The figure puts that state on the x-axis and the accuracy at the hardest
     pair count on the y-axis: one curve per family, the trade-off between memory and recall.
+    ``backend``: for :func:`build` (None: the mixers' default); recorded in the config when given.
 
     Returns ``{"config", "points": [{"family", "d_model", "parameters", "state_bytes"}],
     "runs": [{"family", "d_model", "seed", "test_accuracy", ...}], "summary": {family: {d_model: {"parameters",
@@ -448,6 +462,8 @@ def mqar_state_sweep(
                   n_keys=n_keys, n_values=n_values, n_layers=n_layers, batch=batch, lr=lr, weight_decay=0.1,
                   warmup=max(1, steps // 20), n_test=n_test, test_seed=test_seed, device=device, chance=1 / n_values,
                   state_dtype="float32", state_length=3 * max(pair_counts))  # fmt: skip
+    if backend is not None:  # only when given, so that the records made before this option stay one experiment
+        config["backend"] = backend
     points, runs = [], []
 
     def record():
@@ -471,8 +487,62 @@ def mqar_state_sweep(
                           f"{points[-1]['state_bytes']} B state), seed {seed}", flush=True)  # fmt: skip
                 run = _train_and_score(fam, d, seed, tests, pair_counts=pair_counts, n_keys=n_keys,
                                        n_values=n_values, n_layers=n_layers, steps=steps, batch=batch, lr=lr,
-                                       device=device, progress=progress)  # fmt: skip
+                                       device=device, progress=progress, backend=backend)  # fmt: skip
                 runs.append({"family": fam, "d_model": d, "seed": seed, **run})
                 if on_run is not None:
                     on_run(record())
     return record()
+
+
+#: The GPU-scale run's families (one width each): attention, the weakest and the best fixed-state recaller of
+#: section 2 (linear attention, DeltaNet), Based, Mamba, and the Mamba hybrid with one attention layer.
+SCALE_FAMILIES = ("softmax attention", "linear attention", "DeltaNet", "Based", "Mamba", "hybrid: Mamba + 1 attention")
+
+
+def mqar_gpu_scale(
+    seeds=(0, 1, 2),
+    steps: int = 600,
+    *,
+    families=SCALE_FAMILIES,
+    d_model: int = 64,
+    pair_counts=(4, 8, 16, 32, 64),
+    n_keys: int = 64,
+    n_values: int = 64,
+    n_layers: int = 2,
+    batch: int = 128,
+    lr: float = 3e-3,
+    n_test: int = 256,
+    test_seed: int = 1234,
+    device: str = "cpu",
+    backend: str | None = "reference",
+    progress: bool = False,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict:
+    r"""MQAR at a scale this book's CPU cannot reach: 4 times the pairs and keys of section 2, 4 times the parameters.
+
+    :func:`mqar_state_sweep` with every family of ``families`` at one width ``d_model`` (default 64: 75k to
+    85k parameters, against section 2's 20k), trained ``steps`` steps of ``batch`` sequences on the mixture
+    of ``pair_counts`` (up to 64 pairs over 64 keys: sequences of up to 192 tokens) and scored at each pair
+    count; the decoding state in bytes at the longest test length. At 64 pairs a fixed state is at its
+    limit: a head reading keys of ``d_k = 32`` numbers linearly stores at most 32 pairs exactly (Exercise 3;
+    two heads per layer at this width), while attention's cache holds all of them. Made for a GPU
+    (``device="cuda"``); on this book's CPU one run of 600 steps took 4 minutes (attention, one seed,
+    batch 64), so the 18 runs would take hours. The same function runs on the CPU at small
+    arguments (the tests). The small pair counts in the mixture matter: on the CPU, attention trained on
+    8 to 64 pairs was still near chance after 600 steps; with 4 pairs added it recalled every pair.
+
+    ``backend="reference"``: the readable PyTorch forms of every mixer, also on CUDA. At these sizes a
+    training step is a few hundred small launches whatever runs them, and the readable forms need no
+    compiling (the kernels are checked against them elsewhere). Returns :func:`mqar_state_sweep`'s record.
+    """
+    return mqar_state_sweep(seeds, steps, widths={f: (d_model,) for f in families}, pair_counts=pair_counts,
+                            n_keys=n_keys, n_values=n_values, n_layers=n_layers, batch=batch, lr=lr, n_test=n_test,
+                            test_seed=test_seed, device=device, backend=backend, progress=progress,
+                            on_run=on_run)  # fmt: skip
+
+
+#: Experiments of this module that :mod:`seqbook.experiments` registers with one ``EXPERIMENTS.update``:
+#: name -> (function, default output path relative to the repository root).
+REGISTRY: dict[str, tuple[Callable, str]] = {
+    "mqar_gpu_scale": (mqar_gpu_scale, "chapters/08_head_to_head/results/mqar_gpu_scale.json"),
+}

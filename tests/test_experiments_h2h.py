@@ -1,7 +1,10 @@
 """Chapter 8's head-to-head experiment (seqbook.experiments_h2h), at tiny sizes."""
 
 import seqbook  # noqa: F401  (first: the Triton interpreter switch)
+import functools
+import json
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -216,3 +219,51 @@ def test_committed_records_hold_every_family_with_three_seeds(name):
     for fam in h2h.FAMILIES:
         assert sorted(run["seed"] for run in r["runs"] if run["family"] == fam) == [0, 1, 2], fam
     assert [s["file"] for s in r["sources"]] == [f"{name}.json", f"{name}_added.json"]
+
+
+def test_build_sets_the_backend_on_every_mixer():
+    for fam in ("softmax attention", "DeltaNet", "Based", "hybrid: Mamba + 1 attention"):
+        model = h2h.build(fam, 16, VOCAB, backend="reference")
+        has = [m for m in model.modules() if hasattr(m, "backend")]
+        assert has and all(m.backend == "reference" for m in has), fam
+        assert all(m.backend == "auto" for m in h2h.build(fam, 16, VOCAB).modules() if hasattr(m, "backend")), fam
+    x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    a, b = h2h.build("DeltaNet", 16, VOCAB, backend="reference"), h2h.build("DeltaNet", 16, VOCAB)
+    assert torch.equal(a(x), b(x))  # on CPU tensors "auto" is the reference: the same model, the same numbers
+    with pytest.raises(ValueError, match="backend"):
+        h2h.build("DeltaNet", 16, VOCAB, backend="cuda")
+
+
+def test_gpu_scale_run_tiny_on_the_cpu(tmp_path):
+    """``mqar_gpu_scale`` (chapter 8's H200 run) at tiny arguments: the function the GPU runs, through the CLI too."""
+    assert h2h.REGISTRY["mqar_gpu_scale"] == (h2h.mqar_gpu_scale,
+                                              "chapters/08_head_to_head/results/mqar_gpu_scale.json")  # fmt: skip
+    kw = dict(seeds=(0, 1), steps=2, families=("softmax attention", "DeltaNet"), d_model=16, pair_counts=(1, 3),
+              n_keys=4, n_values=4, batch=4, n_test=8)  # fmt: skip
+    seen = []
+    record = h2h.mqar_gpu_scale(**kw, on_run=seen.append)
+    config = record["config"]
+    assert config["backend"] == "reference" and config["device"] == "cpu" and config["state_length"] == 9
+    assert config["widths"] == {"softmax attention": [16], "DeltaNet": [16]}
+    assert len(seen) == len(record["runs"]) == 4
+    for p in record["points"]:
+        model = h2h.build(p["family"], 16, 8)
+        assert p["parameters"] == h2h.n_parameters(model) and p["state_bytes"] == h2h.state_bytes(model, 9)
+    att, delta = (record["summary"][f]["16"]["state_bytes"] for f in ("softmax attention", "DeltaNet"))
+    assert att == 2 * (2 * 9 * 16 * 4)  # the KV cache after 3 max(P) tokens, two layers, float32
+    assert record["summary"]["DeltaNet"]["16"]["3"]["n"] == 2
+    again = h2h.mqar_gpu_scale(**kw)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731  (a timing)
+    assert [strip(r) for r in again["runs"]] == [strip(r) for r in record["runs"]]  # seeded
+    # the command line, as the GPU call runs it (registered here as seqbook.experiments registers REGISTRY)
+    registry = {**experiments.EXPERIMENTS, **h2h.REGISTRY}
+    out = tmp_path / "gpu_scale.json"
+    fn = h2h.REGISTRY["mqar_gpu_scale"][0]
+    small = functools.partial(fn, **{k: v for k, v in kw.items() if k not in ("seeds", "families")})
+
+    with unittest.mock.patch.dict(experiments.EXPERIMENTS, {**registry, "mqar_gpu_scale": (small, "unused")}):
+        assert experiments.main(["mqar_gpu_scale", "--seeds", "1", "--device", "cpu", "--families", "DeltaNet",
+                                 "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and saved["device"] == "cpu" and saved["config"]["widths"] == {"DeltaNet": [16]}
+    assert [(r["family"], r["seed"]) for r in saved["runs"]] == [("DeltaNet", 0)]
