@@ -152,6 +152,17 @@ def test_kernel_16_bit(device, dtype):
         assert_near(got[name], want[name], rel, f"{name}, {dtype}")
 
 
+def test_kernel_keeps_16_bit(device, monkeypatch):
+    """What the chunked kernel saves per chunk (states, X, the states' gradients) in 16 bits, as it does
+    for bfloat16 inputs on the GPU (``KEEP_16BIT``; the interpreter has no bfloat16, so float16 stands in
+    here): the 16-bit tolerances still hold."""
+    monkeypatch.setattr(rwkv7_kernel, "_kept_dtype", lambda dtype: torch.float16 if dtype == torch.float16 else torch.float32)
+    got, want = kernel_and_reference(device, (1, 40, 2, 16, 16, 1.0), state=True, dtype=torch.float16, seed=12)
+    for name in want:
+        rel = HALF[torch.float16][0] if name in ("o", "final_state") else HALF[torch.float16][1]
+        assert_near(got[name], want[name], rel, f"{name}, float16 inputs, 16-bit states")
+
+
 def test_kernel_output_only_and_special_case_delta_rule(device):
     # Without return_final_state the output alone carries the gradients; with w = 1, a = beta,
     # kappa_hat = k and k~ = beta k the operator is the delta rule (scale 1): the kernel agrees

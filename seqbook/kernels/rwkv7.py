@@ -128,9 +128,10 @@ kernel takes ``L`` dependent steps of a few vector operations (its speed is set 
 latency); the chunked kernel takes ``L / 16`` dependent steps of small matrix products (TF32 for
 bfloat16 inputs, exact float32 otherwise), and its ``(T, T)`` matrices are built for all chunks in
 parallel. Only the walks over chunks are sequential, per (batch, head, value block), with two
-dependent products per chunk each way; what training keeps besides the inputs is float32: the
-state entering each chunk (``N d_v / 16`` per step and head), X (``d_v`` per step), W, Q, B_d,
-K_d (``4 N``) and the chunks' matrices.
+dependent products per chunk each way. What training keeps besides the inputs: the state entering
+each chunk (``N d_v / 16`` numbers per step and head) and X (``d_v``), in bfloat16 for bfloat16 inputs
+(``KEEP_16BIT``) and float32 otherwise; W, Q, B_d, K_d (``4 N``) and the chunks' matrices in float32.
+The backward writes and reads the states' gradients in the states' dtype.
 
 Measured (H200, bf16, ``triton.testing.do_bench``; ``benchmarks/NOTES.md`` has the history), with the
 previous design (a forward walk of eight products per chunk computing the outputs too; a backward of
@@ -162,6 +163,10 @@ CHUNK = 16
 BLOCK_V = 32
 #: value columns per program of the chunked kernel's output kernel
 OUT_BLOCK_V = 64
+#: the chunked kernel keeps the states entering the chunks, X and the states' gradients in bfloat16 for
+#: bfloat16 inputs (True; only ever operands of TF32 products there, as flash-linear-attention keeps its
+#: per-chunk states in the inputs' dtype), else float32
+KEEP_16BIT = True
 #: value columns per program in the fused recurrent kernel (more programs, shorter steps)
 RECURRENT_BLOCK_V = 16
 #: steps between the states the fused recurrent forward saves for its backward, by default
@@ -276,7 +281,7 @@ def _fwd_states(wy_ptr, lw_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, x_ptr, final
     bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     one_wy = tl.num_programs(0) * Lp * DK
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S, mask=vmask[None, :])
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S.to(states_ptr.dtype.element_ty), mask=vmask[None, :])
         rows = (b * Lp + ci * T + rt) * H + h
         offs = rows[:, None] * DK + rk[None, :]
         v_off = rows[:, None] * DV + rv[None, :]
@@ -287,7 +292,7 @@ def _fwd_states(wy_ptr, lw_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, x_ptr, final
         decay = tl.exp(tl.sum(tl.load(lw_ptr + offs).to(tl.float32), axis=0))  # e^{g_T}, (N,)
         v = tl.load(v_ptr + v_off, mask=vmask[None, :], other=0.0).to(tl.float32)
         X = tl.dot(W, S, input_precision=PREC) + tl.dot(TBm, v, input_precision=PREC)
-        tl.store(x_ptr + v_off, X, mask=vmask[None, :])
+        tl.store(x_ptr + v_off, X.to(x_ptr.dtype.element_ty), mask=vmask[None, :])
         S = decay[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
             - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
     tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
@@ -308,9 +313,9 @@ def _fwd_out(r_ptr, lw_ptr, v_ptr, mat_ptr, states_ptr, x_ptr, o_ptr, Lp, H, n_c
     m_off = (bh * n_chunks + ci) * 5 * T * T + rt[:, None] * T + rt[None, :]
     Pk = tl.load(mat_ptr + m_off + 2 * T * T)
     Pa = tl.load(mat_ptr + m_off + 3 * T * T)
-    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+    S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
     v = tl.load(v_ptr + v_off).to(tl.float32)
-    X = tl.load(x_ptr + v_off)
+    X = tl.load(x_ptr + v_off).to(tl.float32)
     o = tl.dot(Rg, S, input_precision=PREC) + tl.dot(Pk, v, input_precision=PREC) - tl.dot(Pa, X, input_precision=PREC)
     tl.store(o_ptr + v_off, o.to(o_ptr.dtype.element_ty))
 
@@ -325,7 +330,7 @@ def _bwd_states(wy_ptr, lw_ptr, do_ptr, dsl_ptr, dstates_ptr, ds0_ptr, Lp, H, n_
     one_wy = tl.num_programs(0) * Lp * DK
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
-        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS, mask=vmask[None, :])
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty), mask=vmask[None, :])
         rows = (b * Lp + ci * T + rt) * H + h
         offs = rows[:, None] * DK + rk[None, :]
         W = tl.load(wy_ptr + offs)
@@ -381,11 +386,11 @@ def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, x_ptr, do_pt
         rv = v0 + tl.arange(0, BV)
         v_off = rows[:, None] * DV + rv[None, :]
         s_off = s_base + rk[:, None] * DV + rv[None, :]
-        S = tl.load(states_ptr + s_off)  # entering the chunk
-        dS = tl.load(dstates_ptr + s_off)  # the gradient of the state leaving it
+        S = tl.load(states_ptr + s_off).to(tl.float32)  # entering the chunk
+        dS = tl.load(dstates_ptr + s_off).to(tl.float32)  # the gradient of the state leaving it
         v = tl.load(v_ptr + v_off).to(tl.float32)
         do = tl.load(do_ptr + v_off).to(tl.float32)
-        X = tl.load(x_ptr + v_off)  # the forward's recalled rows
+        X = tl.load(x_ptr + v_off).to(tl.float32)  # the forward's recalled rows
         dX = -tl.dot(tl.trans(Pa), do, input_precision=PREC) - tl.dot(Bd, dS, input_precision=PREC)
         dR = tl.dot(tl.trans(Tinv), dX, input_precision=PREC)  # the gradient of K_g S + B_m V
         dv = tl.dot(tl.trans(Pk), do, input_precision=PREC) + tl.dot(Kd, dS, input_precision=PREC) \
@@ -465,6 +470,11 @@ def _state_block_v(BH, DV):
     return min(DV, BLOCK_V if BH * triton.cdiv(DV, BLOCK_V) >= 256 else 16)
 
 
+def _kept_dtype(dtype):
+    """The dtype of what the chunked kernel saves per chunk and step (the states, X, the states' gradients)."""
+    return torch.bfloat16 if KEEP_16BIT and dtype == torch.bfloat16 else torch.float32
+
+
 def _precision(dtype):
     """The passes' products: TF32 for bfloat16 inputs (their outputs round to 8 bits anyway), else exact float32."""
     return "tf32" if dtype == torch.bfloat16 else "ieee"
@@ -494,7 +504,8 @@ class WKV7Chunked(torch.autograd.Function):
                                     PREC=prec, num_warps=_warps(DK))  # fmt: skip
         # 2. the walk over chunks: the state entering each chunk and the recalled rows X
         final = torch.empty(B, H, DK, DV, **f32)
-        states, X = torch.empty(B * H, n, DK, DV, **f32), torch.empty(B, Lp, H, DV, **f32)
+        kept = dict(dtype=_kept_dtype(r.dtype), device=dev)
+        states, X = torch.empty(B * H, n, DK, DV, **kept), torch.empty(B, Lp, H, DV, **kept)
         s0 = S0.float().contiguous() if S0 is not None else final
         bv = _state_block_v(B * H, DV)
         _fwd_states[(B * H, triton.cdiv(DV, bv))](wy, wp, vp, mats, s0, states, X, final, Lp, H, n, DK=DK, DV=DV,
