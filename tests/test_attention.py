@@ -418,12 +418,16 @@ def test_kernel_other_tiles(device, config):
         assert_near(o, attn.attention_naive(*(x.double() for x in (q, k, v)), causal), 1e-5, f"o {config}")
 
 
-@pytest.mark.parametrize("option", [dict(TMA=True), dict(HEADS_FIRST=True)], ids=["tma", "heads_first"])
+@pytest.mark.parametrize(
+    "option",
+    [dict(TMA=True), dict(HEADS_FIRST=True), dict(OVERLAP=True), dict(OVERLAP=True, TMA=True)],
+    ids=["tma", "heads_first", "overlap", "overlap_tma"],
+)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_kernel_forward_options(device, option, causal):
     # Options of the forward that change how keys and values are fetched (TMA: the copy
-    # engine, through tensor descriptors) or the order in which programs run (heads first),
-    # not the result. The length is not a multiple of the blocks: the descriptors must give
+    # engine, through tensor descriptors), the order in which programs run (heads first) or
+    # the order of the products in the loop (overlap: P V one block behind), not the result. The length is not a multiple of the blocks: the descriptors must give
     # zeros past the end. float16 on the GPU (where TMA is meant for), float32 interpreted.
     shape = (2, 333, 3, 64) if device == "cuda" else (2, 45, 2, 16)
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -77,6 +77,15 @@ Launch options (keys of a configuration, off unless a configuration sets them):
   the launch sets (``triton.set_allocator``, torch's memory).
 - ``HEADS_FIRST`` (forward): programs numbered heads-fastest, so that the first wave holds
   the longest query blocks of every head (causal), not all of one head's blocks.
+- ``OVERLAP`` (forward, the unmasked loop): the loop pipelined by hand
+  (:func:`_fwd_tiles_overlapped`): ``P V`` of key block ``j - 1`` is issued after the scores
+  of block ``j``, so that the tensor cores compute it while the same warps compute block
+  ``j``'s exponentials. In the plain loop Triton issues ``P V`` asynchronously too, but the
+  wait for the next block's scores (products complete in order) also waits for it, before
+  the softmax: the exponentials never run beside a product. Reordered, the wait for the
+  scores comes before ``P V`` is issued, and ``P V`` runs during the softmax. (Read in the
+  PTX for sm_90 of Triton 3.9: ``wgmma.wait_group 0`` after the scores, ``P V`` committed,
+  then the block's ``ex2`` instructions.)
 - ``WARP_SPECIALIZE`` (forward, the unmasked loop): Triton's warp specialization
   (``tl.range(..., warp_specialize=True)``), producer warps loading while consumer warps
   compute. Triton 3.9 compiling for sm_90 ignores it at 8 warps and fails at 4.
@@ -150,6 +159,54 @@ def _fwd_tiles(
 
 
 @triton.jit
+def _fwd_tiles_overlapped(
+    acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, lo, hi, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """:func:`_fwd_tiles` for unmasked key blocks, software-pipelined by hand: the product
+    ``P V`` of block ``j - 1`` is issued after the scores ``q k^T`` of block ``j``, and the
+    accumulator's rescaling by block ``j``'s factor is deferred to the next product's input.
+    The tensor cores can then run ``P V`` of block ``j - 1`` while the exponentials of block
+    ``j`` are computed (FlashAttention-3's overlap within a warp group), provided the compiler
+    waits for each product only where its result is first used."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if hi > lo:
+        # Block lo: scores and softmax; its P V goes with the next block's scores.
+        if TMA:
+            k = k_src.load([lo, 0])
+        else:
+            k = tl.load(k_src + (lo + tl.arange(0, BLOCK_N))[:, None] * stride_kl + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # applied to acc with the next product
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if TMA:
+                k = k_src.load([start_n, 0])
+                v = v_src.load([start_n - BLOCK_N, 0])
+            else:
+                k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :])
+                v = tl.load(v_src + (offs_n - BLOCK_N)[:, None] * stride_vl + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # scores of block j
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # P V of block j - 1
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        if TMA:
+            v = v_src.load([hi - BLOCK_N, 0])
+        else:
+            v = tl.load(v_src + (hi - BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * stride_vl + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,  # q, k, v, o: (B, L, H, d) with unit stride along d; LSE: (B, H, L) float32
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
@@ -157,7 +214,7 @@ def _attn_fwd(
     H, L, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
-    TMA: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
+    TMA: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False, OVERLAP: tl.constexpr = False,
 ):  # fmt: skip
     # Program (query block, batch x head), or (batch x head, query block) with HEADS_FIRST;
     # causal: the last query blocks (the most work) first.
@@ -186,18 +243,26 @@ def _attn_fwd(
     if CAUSAL:
         # Keys before the block: all visible, no mask. Then the diagonal: masked.
         diagonal = start_m * BLOCK_M
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
-                                   WARP_SPECIALIZE, TMA)
+        if OVERLAP:
+            acc, l_i, m_i = _fwd_tiles_overlapped(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, 0, diagonal,
+                                                  qk_scale, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        else:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
+                                       WARP_SPECIALIZE, TMA)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, diagonal,
                                    tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM,
                                    BLOCK_N, PRECISION, NUM_STAGES, False, TMA)  # fmt: skip
     else:
         # Whole key blocks without a mask, then the partial block at the end (if any) with one.
         whole = (L // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
-                                   WARP_SPECIALIZE, TMA)
+        if OVERLAP:
+            acc, l_i, m_i = _fwd_tiles_overlapped(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, 0, whole,
+                                                  qk_scale, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        else:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
+                                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES,
+                                       WARP_SPECIALIZE, TMA)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, whole, L, L,
                                    qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, False,
                                    TMA)  # fmt: skip
