@@ -220,3 +220,21 @@ def test_training_keeps_no_state_per_chunk(device, design, keep):
     want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
     for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
         assert_near(g.cpu(), w, 1e-5, f"{name} ({design}, keep_states={keep})")
+
+
+def test_fused_backward_walks_the_state_in_tiles(device):
+    # The backward's two state walks (fused design) in tiles of 16 x 16 of a (20, 40) state:
+    # two blocks of P and three of N, the last ones partial; a zero initial state.
+    k = kernels("ssd")
+    cfg = dict(k.CONFIGS[4], WALK_BLOCK_P=16, WALK_BLOCK_N=16)
+    wide = make(1, 40, 2, 20, 1, 40, seed=41)
+    leaves = [t.float().to(device).requires_grad_() for t in wide[:5]]
+    y, final = k.ssd_autograd(*leaves, 16, None, cfg, "fused")
+    gen = torch.Generator().manual_seed(8)
+    gy, gf = torch.randn(y.shape, generator=gen, dtype=F64), torch.randn(final.shape, generator=gen, dtype=F64)
+    got = torch.autograd.grad((y.double() * gy.to(device)).sum() + (final.double() * gf.to(device)).sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in wide[:5]]
+    y_ref, f_ref = mamba.ssd_chunked(*ref, 8, None, True)
+    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
+    for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
+        assert_near(g.cpu(), w, 1e-5, f"{name} (walks in 16 x 16 tiles)")

@@ -242,16 +242,24 @@ def _chunk_states(
 def _walk(
     U, V, DT, A, INIT, OUT, END, batch, head, group, L, H, G, P, N,
     FROM_START: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_END: tl.constexpr,
-    WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One state recurrence walked over all chunks by one program, its ``(BLOCK_P, BLOCK_N)``
     block of the state in registers: ``S <- e^{c_last} S + sum_s w_s u_s v_s^T``, storing
     ``S`` in ``OUT`` before each chunk's update (and the last one in ``END`` if ``STORE_END``).
     Forward (x, B, from the first chunk): the state entering each chunk. Backward (dy, C,
-    ``FROM_START`` weights, from the last chunk): the gradient of the state leaving it."""
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
+    ``FROM_START`` weights, from the last chunk): the gradient of the state leaving it. The
+    entries of a state never mix (the decay is one number per step), so any tile of it walks
+    alone: axis 1 runs over its ``(P / BLOCK_P) x (N / BLOCK_N)`` tiles (``BLOCK_N >= N``:
+    ``N_TILES`` False, one tile of N)."""
+    if N_TILES:
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        p = tl.program_id(1) // n_blocks * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.program_id(1) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
+    else:
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
     state, pn_ok = _state_tile(batch, 0, 1, head, H, P, N, p, n)
     if HAS_INIT:
         S = tl.load(INIT + state, mask=pn_ok, other=0.0)
@@ -283,10 +291,10 @@ def _state_walks(
     DS0,  # (Bt, H, P, N) float32 output: the gradient of the initial state
     DT, A, L, H, G, P, N,
     HAS_S0: tl.constexpr, HAS_DS_END: tl.constexpr, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    r"""The backward's state walks after a fused forward, on the forward's grid (one program per
-    (batch, head, block of P)) times ``tl.num_programs(2)``. The last program along axis 2
+    r"""The backward's state walks after a fused forward: one program per (batch, head, tile of
+    the state) times ``tl.num_programs(2)``. The last program along axis 2
     walks the chunks from the last, holding :math:`\bar S` in registers: :math:`\bar S
     \leftarrow e^{c_\text{last}} \bar S + \sum_t e^{c_t} \bar y_t C_t^\top`. With two along
     axis 2, the first recomputes the states entering the chunks (the forward's recurrence,
@@ -295,11 +303,13 @@ def _state_walks(
     if tl.program_id(2) == tl.num_programs(2) - 1:
         _walk(DY, C, DT, A, DS_END, DSTATES, DS0, batch, head, group, L, H, G, P, N,
               FROM_START=True, REVERSE=True, HAS_INIT=HAS_DS_END, STORE_END=True, WIDEN=WIDEN,
-              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES)  # fmt: skip
+              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, N_TILES=N_TILES,
+              NUM_STAGES=NUM_STAGES)  # fmt: skip
     else:
         _walk(X, B, DT, A, S0, STATES, DS0, batch, head, group, L, H, G, P, N,
               FROM_START=False, REVERSE=False, HAS_INIT=HAS_S0, STORE_END=False, WIDEN=WIDEN,
-              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES)  # fmt: skip
+              STATE_PRECISION=STATE_PRECISION, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, N_TILES=N_TILES,
+              NUM_STAGES=NUM_STAGES)  # fmt: skip
 
 
 @triton.jit
@@ -697,11 +707,12 @@ class SSDFunction(torch.autograd.Function):
             states = kept if ctx.keep else torch.empty_like(d_states)
             d_s0 = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
             walk_p = max(16, min(cfg.get("WALK_BLOCK_P", BLOCK_P), triton.next_power_of_2(P)))
-            _state_walks[(batch * H, triton.cdiv(P, walk_p), 1 if ctx.keep else 2)](
+            walk_n = max(16, min(cfg.get("WALK_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))
+            _state_walks[(batch * H, triton.cdiv(P, walk_p) * triton.cdiv(N, walk_n), 1 if ctx.keep else 2)](
                 x, B, d_s0 if s0 is None else s0, states, dy, C, d_s0 if d_final is None else d_final, d_states,
                 d_s0, dt, A, L, H, G, P, N, HAS_S0=s0 is not None, HAS_DS_END=d_final is not None,
                 WIDEN=interpreting(), STATE_PRECISION=_precisions(x)["STATE_PRECISION"], Q=Q, BLOCK_P=walk_p,
-                BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg.get("WALK_WARPS", cfg["num_warps"]),
+                BLOCK_N=walk_n, N_TILES=walk_n < N, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg.get("WALK_WARPS", cfg["num_warps"]),
                 **({"maxnreg": cfg["WALK_MAXNREG"]} if "WALK_MAXNREG" in cfg else {}),
             )  # fmt: skip
         else:
