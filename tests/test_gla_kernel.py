@@ -9,6 +9,10 @@ compares the output, the final state and every gradient (bonus included) with th
 - the benchmark's gates (``logsigmoid(N + 4) / 16``, near 1): the product in every chunk;
 - gates that are mild except in one chunk, and there only in the second block of 64 key channels (d_k = 128):
   both paths in one call, chosen per chunk and per key block, summed into the same weights.
+
+The state passes have two forms (``_tiles(...)["split"]``): one walk over the chunks per tile of the state, or
+every chunk's own share at once followed by a short walk that adds them up; the last test runs the form that is
+not the default on the shapes of test_gated_delta, with small tiles (several key and value blocks).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from seqbook import linear_attention as la
+from seqbook.kernels import gla as kernel
 from seqbook.kernels.gla import CHUNK, SPAN
 from compare import assert_near
 
@@ -81,3 +86,20 @@ def test_paths_mix_per_chunk_and_key_block(device, bonus):
     got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)
     for name in want:
         assert_near(got[name], want[name], 2e-5, f"{name}, mixed paths, bonus={bonus}")
+
+
+@pytest.mark.parametrize("shape", [(2, 150, 2, 32, 32, 1.0), (1, 100, 1, 16, 16, 20.0)])
+@pytest.mark.parametrize("bonus", [False, True])
+def test_the_other_state_pass_form(device, shape, bonus, monkeypatch):
+    default = kernel._tiles
+    split = not default(64, 64)["split"]
+    monkeypatch.setattr(kernel, "_tiles", lambda DK, DV: {**default(DK, DV), "split": split, "state": (16, 16, 4),
+                                                          "local": (16, 16, 4), "combine": (16, 16, 4)})
+    B, L, H, d_k, d_v, strength = shape
+    seed = 41
+    q, k, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1), randn(B, L, H, d_v, seed=seed + 2)
+    a = -strength * torch.rand(B, L, H, d_k, generator=torch.Generator().manual_seed(seed + 3), dtype=F64)
+    S0, u = randn(B, H, d_k, d_v, seed=seed + 4), randn(H, d_k, seed=seed + 5)
+    got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)
+    for name in want:
+        assert_near(got[name], want[name], 2e-5, f"{name}, split={split}, {shape}, bonus={bonus}")

@@ -194,6 +194,65 @@ def _state_pass(k_ptr, v_ptr, g_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
 
 
 @triton.jit
+def _chunk_local(x_ptr, y_ptr, g_ptr, out_ptr, decay_ptr, scale, Lp, H, n_chunks, SLOTS,
+                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 GRAD: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    r"""The chunk-parallel form of the state passes, first half: each chunk's own share of the state, all chunks at
+    once, written into the chunk's slot of ``out`` (``SLOTS`` per (batch, head)); and (value block 0) the chunk's
+    whole decay :math:`c_\text{last}` (batch * heads, chunks, d_k). Forward (``x, y = k, v``):
+    :math:`(k\circ e^{c_\text{last} - c})^\top v`; the state's gradient (``GRAD``, ``x, y = q, do``):
+    :math:`s\,(q\circ e^{c^q})^\top do`."""
+    ci, bh, pkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pk, pv = pkv // (DV // BV), pkv % (DV // BV)
+    b, h = bh // H, bh % H
+    rk, rv, rt = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV), tl.arange(0, T)
+    rows = (b * Lp + ci * T + rt) * H + h
+    x = _load_rows(x_ptr, rows, rk, DK)
+    y = _load_rows(y_ptr, rows, rv, DV)
+    c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+    c_last = _last_row(c, rt, T)
+    if GRAD:
+        local = scale * _dot(tl.trans(x * tl.exp(cq)), y, PREC)
+    else:
+        local = _dot(tl.trans(x * tl.exp(c_last[None, :] - c)), y, PREC)
+    tl.store(out_ptr + (bh * SLOTS + ci) * DK * DV + rk[:, None] * DV + rv[None, :], local)
+    if pv == 0:
+        tl.store(decay_ptr + (bh * n_chunks + ci) * DK + rk, c_last)
+
+
+@triton.jit
+def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks, SLOTS, last_stride,
+             DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FIRST: tl.constexpr,
+             REVERSE: tl.constexpr):  # fmt: skip
+    r"""The chunk-parallel form of the state passes, second half: one (BK, BV) tile of one (batch, head) walks the
+    chunks (in reverse for the gradient), :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + \text{local}`,
+    in place: each chunk's slot holds its local share on entry and the state entering the chunk (the gradient
+    leaving it) on exit. ``first`` is the initial state (the final state's gradient), ``last`` receives the final
+    state (the initial state's gradient)."""
+    bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rk, rv = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
+    s_off = rk[:, None] * DV + rv[None, :]
+    if HAS_FIRST:
+        S = tl.load(first_ptr + bh * DK * DV + s_off).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    step = -1 if REVERSE else 1
+    ci = n_chunks - 1 if REVERSE else 0
+    # each chunk's share and decay are loaded one chunk ahead, so that their loads overlap the previous step
+    local = tl.load(states_ptr + (bh * SLOTS + ci) * DK * DV + s_off)
+    decay = tl.load(decay_ptr + (bh * n_chunks + ci) * DK + rk)
+    for i in range(n_chunks):
+        more = rk * 0 + i + 1 < n_chunks  # (BK,): is there a next chunk
+        nxt = ci + step
+        local_next = tl.load(states_ptr + (bh * SLOTS + nxt) * DK * DV + s_off, mask=more[:, None], other=0.0)
+        decay_next = tl.load(decay_ptr + (bh * n_chunks + nxt) * DK + rk, mask=more, other=0.0)
+        tl.store(states_ptr + (bh * SLOTS + ci) * DK * DV + s_off, S)
+        S = tl.exp(decay)[:, None] * S + local
+        local, decay, ci = local_next, decay_next, nxt
+    tl.store(last_ptr + bh * last_stride + s_off, S)
+
+
+@triton.jit
 def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -284,13 +343,12 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_pt
     rows = (b * Lp + ci * T + rt) * H + h
     st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
     ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
-    q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
-    c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-    c_last = _last_row(c, rt, T)
-    q_l, k_l = _last_row(q, rt, T), _last_row(k, rt, T)
-    # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T); the weights' gradient
-    # dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the recurrence
-    # S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
+    row_l = (b * Lp + ci * T + T - 1) * H + h  # the chunk's last step
+    q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
+    k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
+    # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
+    # below); the weights' gradient dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the
+    # recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
     # e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient of the state after step t: dS_out, plus
     # s q_t do_t^T where the query reads that state (no bonus).
     dq = tl.zeros([T, BK], dtype=tl.float32)
@@ -308,28 +366,32 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_pt
         dq += _dot(do, tl.trans(s_in), PREC)
         dk += _dot(v, tl.trans(ds_out), PREC)
         dA += _dot(do, tl.trans(v), PREC)
-        v_l = _last_row(v, rt, T)
+        v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
         d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
         if not BONUS:
-            do_l = _last_row(do, rt, T)
+            do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
             d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
             v_do += tl.sum(v_l * do_l)
     if not BONUS:
         d_last -= scale * q_l * k_l * v_do
-    dq *= scale * tl.exp(cq)
-    dk *= tl.exp(c_last[None, :] - c)
     dA = scale * dA
     da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # the bonus's diagonal
     dA = tl.where(_causal(rt, BONUS), dA, 0.0)
     # 2. inside the chunk, dq_t = sum_j dA_tj k_j e^{c^q_t - c_j}, dk_j = sum_t dA_tj q_t e^{c^q_t - c_j}: two
-    # 64-row products with the exponent split at the reference r where safe (as in _weights), else key column by
-    # key column, each exponent formed before the exponential
+    # 64-row products with the exponent split at the reference r where safe (as in _weights; the states' factors
+    # are then e^{c^q} = e^{c^q - r} e^r and e^{c_last - c} = e^{r - c} e^{c_last - r}, each factor within
+    # e^{+-SPAN}), else key column by key column, each exponent formed before the exponential
+    q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+    c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
     ref, safe = _split(c, rt, T)
+    c_last = _last_row(c, rt, T)
     if safe:
         to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
-        dq += _dot(dA, k * from_ref, PREC) * to_ref
-        dk += _dot(tl.trans(dA), q * to_ref, PREC) * from_ref
+        dq = (dq * (scale * tl.exp(ref))[None, :] + _dot(dA, k * from_ref, PREC)) * to_ref
+        dk = (dk * tl.exp(c_last - ref)[None, :] + _dot(tl.trans(dA), q * to_ref, PREC)) * from_ref
     else:
+        dq *= scale * tl.exp(cq)
+        dk *= tl.exp(c_last[None, :] - c)
         for j in range(T):
             k_j, c_j = _row(k, rt, j), _row(c, rt, j)
             da_j = tl.sum(tl.where(rt[None, :] == j, dA, 0.0), axis=1)  # dA[:, j]
@@ -361,9 +423,13 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_pt
 
 
 def _tiles(DK, DV):
-    """Tile sizes of each pass (key block, value block) and its warps."""
-    return dict(state=(min(DK, 64), min(DV, 32), 4), fwd=(min(DK, 64), min(DV, 64), 4), dv=(min(DK, 64), min(DV, 64), 4),
-                dqk=(min(DK, 64), min(DV, 64), 4))
+    """Tile sizes of each pass (key block, value block) and its warps. ``split``: the state passes in their
+    chunk-parallel form (``local``: tiles of ``_chunk_local``, ``combine``: of ``_combine``), else ``state``'s
+    tiles walk the chunks in one pass."""
+    return dict(split=False, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
+                combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
+                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4))
+
 
 
 class GLA(torch.autograd.Function):
@@ -378,9 +444,20 @@ class GLA(torch.autograd.Function):
         qp, kp, vp, g = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(log_alpha, Lp)
         states = torch.empty(B * H, n + 1, DK, DV, dtype=torch.float32, device=q.device)  # + the final state
         s0 = S0.float().contiguous() if S0 is not None else states
-        BK, BV, warps = tiles["state"]
-        _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
-                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
+        if tiles["split"]:  # every chunk's own share at once, then a short walk that adds them up
+            decay = torch.empty(B * H, n, DK, dtype=torch.float32, device=q.device)
+            BK, BV, warps = tiles["local"]
+            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](kp, vp, g, states, decay, 1.0, Lp, H, n, n + 1, DK=DK,
+                                                              DV=DV, T=T, BK=BK, BV=BV, GRAD=False, BONUS=False,
+                                                              PREC=prec, num_warps=warps)  # fmt: skip
+            BK, BV, warps = tiles["combine"]
+            _combine[(B * H, DK // BK, DV // BV)](states, decay, s0, states[:, n], n, n + 1, (n + 1) * DK * DV, DK=DK,
+                                                  DV=DV, BK=BK, BV=BV,
+                                                  HAS_FIRST=S0 is not None, REVERSE=False, num_warps=warps)  # fmt: skip
+        else:
+            BK, BV, warps = tiles["state"]
+            _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
+                                                     HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
         u = bonus.float().contiguous() if bonus is not None else states
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
         BK, BV, warps = tiles["fwd"]
@@ -402,9 +479,20 @@ class GLA(torch.autograd.Function):
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=qp.device)).float().contiguous()
         dstates, dS0 = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=qp.device), torch.empty_like(dsl)
-        BK, BV, warps = tiles["state"]
-        _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV, T=T,
-                                                  BK=BK, BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
+        if tiles["split"]:
+            decay = torch.empty(B * H, n, DK, dtype=torch.float32, device=qp.device)
+            BK, BV, warps = tiles["local"]
+            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](qp, dop, g, dstates, decay, scale, Lp, H, n, n, DK=DK,
+                                                              DV=DV, T=T, BK=BK, BV=BV, GRAD=True, BONUS=bonus,
+                                                              PREC=prec, num_warps=warps)  # fmt: skip
+            BK, BV, warps = tiles["combine"]
+            _combine[(B * H, DK // BK, DV // BV)](dstates, decay, dsl, dS0, n, n, DK * DV, DK=DK, DV=DV, BK=BK, BV=BV,
+                                                  HAS_FIRST=True, REVERSE=True, num_warps=warps)  # fmt: skip
+        else:
+            BK, BV, warps = tiles["state"]
+            _dstate_pass[(B * H, DK // BK, DV // BV)](qp, dop, g, dsl, dstates, dS0, scale, Lp, H, n, DK=DK, DV=DV,
+                                                      T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
+                                                      num_warps=warps)  # fmt: skip
         dv = torch.empty_like(vp)
         BK, BV, warps = tiles["dv"]
         _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
