@@ -449,10 +449,19 @@ def test_kernel_forward_options(device, option, causal):
         assert_near(o2, attn.attention_naive(*wide, causal), rel, "o, q off the 16-byte grid")
 
 
+BACKWARD_OPTIONS = {
+    "tma": {"dkdv": dict(TMA=True), "dq": dict(TMA=True)},
+    "dq_overlap": {"dq": dict(OVERLAP=True)},
+    "dq_overlap_tma": {"dq": dict(OVERLAP=True, TMA=True)},
+}
+
+
+@pytest.mark.parametrize("options", BACKWARD_OPTIONS.values(), ids=BACKWARD_OPTIONS.keys())
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_kernel_backward_tma(device, causal):
+def test_kernel_backward_options(device, options, causal):
     # The backward kernels with their streamed tiles (queries and dO for dk/dv, keys and
-    # values for dq) fetched through tensor descriptors: the same gradients.
+    # values for dq) fetched through tensor descriptors, or dq's loop pipelined by hand
+    # (dS K one block behind): the same gradients.
     shape = (2, 333, 3, 64) if device == "cuda" else (2, 45, 2, 16)
     dtype = torch.float16 if device == "cuda" else torch.float32
     rel = 1e-2 if dtype == torch.float16 else 1e-5
@@ -460,11 +469,11 @@ def test_kernel_backward_tma(device, causal):
     q, k, v = qkv(*shape, seed=28, device=device, dtype=dtype)
     do = randn(*shape, seed=31, device=device, dtype=dtype)
     o, lse = kernel.attention_with_lse(q, k, v, causal)
-    configs = {kind: dict(kernel.config_for(kind, dtype, shape[-1]), TMA=True) for kind in ("dkdv", "dq")}
+    configs = {kind: dict(kernel.config_for(kind, dtype, shape[-1]), **extra) for kind, extra in options.items()}
     grads = kernel._backward(q, k, v, o, lse, do, causal, 1 / math.sqrt(shape[-1]), configs)
     _, want = grads_of(lambda *t: attn.attention_naive(*t, causal), *(x.double() for x in (q, k, v)), do.double())
     for name, got, w in zip("qkv", grads, want):
-        assert_near(got, w, rel, f"d{name} through tensor descriptors")
+        assert_near(got, w, rel, f"d{name}, {options}")
 
 
 def test_kernel_rejects_misaligned_tiles(device):

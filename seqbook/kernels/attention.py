@@ -77,10 +77,10 @@ Launch options (keys of a configuration, off unless a configuration sets them):
   the launch sets (``triton.set_allocator``, torch's memory).
 - ``HEADS_FIRST`` (forward): programs numbered heads-fastest, so that the first wave holds
   the longest query blocks of every head (causal), not all of one head's blocks.
-- ``OVERLAP`` (forward, the unmasked loop): the loop pipelined by hand
-  (:func:`_fwd_tiles_overlapped`): ``P V`` of key block ``j - 1`` is issued after the scores
-  of block ``j``, so that the tensor cores compute it while the same warps compute block
-  ``j``'s exponentials. In the plain loop Triton issues ``P V`` asynchronously too, but the
+- ``OVERLAP`` (forward and ``dq``, their unmasked loops): the loop pipelined by hand
+  (:func:`_fwd_tiles_overlapped`, :func:`_dq_tiles_overlapped`): the accumulating product
+  of key block ``j - 1`` (``P V``; ``dS K``) is issued after the scores of block ``j``, so
+  that the tensor cores compute it while the same warps compute block ``j``'s exponentials. In the plain loop Triton issues ``P V`` asynchronously too, but the
   wait for the next block's scores (products complete in order) also waits for it, before
   the softmax: the exponentials never run beside a product. Reordered, the wait for the
   scores comes before ``P V`` is issued, and ``P V`` runs during the softmax. (Read in the
@@ -415,13 +415,58 @@ def _dq_tiles(
 
 
 @triton.jit
+def _dq_tiles_overlapped(
+    dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, lo, hi, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """:func:`_dq_tiles` for unmasked key blocks, pipelined by hand like
+    :func:`_fwd_tiles_overlapped`: ``dq += dS K`` of block ``j - 1`` is issued after the scores
+    of block ``j``, so that it runs while block ``j``'s exponentials are computed. Block
+    ``j - 1``'s keys are fetched again for it (from L2) rather than kept."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if hi > lo:
+        if TMA:
+            k = k_src.load([lo, 0])
+            v = v_src.load([lo, 0])
+        else:
+            k = tl.load(k_src + (lo + tl.arange(0, BLOCK_N))[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_src + (lo + tl.arange(0, BLOCK_N))[:, None] * stride_vl + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if TMA:
+                k = k_src.load([start_n, 0])
+                k_prev = k_src.load([start_n - BLOCK_N, 0])
+                v = v_src.load([start_n, 0])
+            else:
+                k = tl.load(k_src + offs_n[:, None] * stride_kl + offs_d[None, :])
+                k_prev = tl.load(k_src + (offs_n - BLOCK_N)[:, None] * stride_kl + offs_d[None, :])
+                v = tl.load(v_src + offs_n[:, None] * stride_vl + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # scores of block j
+            dq = tl.dot(ds.to(k.dtype), k_prev, dq, input_precision=PRECISION)  # dS K of block j - 1
+            p = tl.exp2(s * qk_scale - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+        if TMA:
+            k = k_src.load([hi - BLOCK_N, 0])
+        else:
+            k = tl.load(k_src + (hi - BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * stride_kl + offs_d[None, :])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_db, stride_dl, stride_dh, stride_dqb, stride_dql, stride_dqh,
     H, L, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr = False,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False,
 ):  # fmt: skip
     start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
@@ -446,15 +491,23 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         diagonal = start_m * BLOCK_M
-        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
-                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        if OVERLAP:
+            dq = _dq_tiles_overlapped(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, 0, diagonal,
+                                      qk_scale, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        else:
+            dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
+                           qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
         dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, diagonal,
                        tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N,
                        PRECISION, NUM_STAGES, TMA)  # fmt: skip
     else:
         whole = (L // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
-                       qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        if OVERLAP:
+            dq = _dq_tiles_overlapped(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, 0, whole,
+                                      qk_scale, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
+        else:
+            dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
+                           qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)
         dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kl, stride_vl, offs_m, whole, L, L,
                        qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA)  # fmt: skip
     dq = dq * sm_scale
