@@ -274,6 +274,9 @@ def hippo_init_ablation(
 from .experiments_h2h import mqar_head_to_head  # noqa: E402
 
 experiment("mqar_head_to_head", "chapters/08_head_to_head/results/mqar_head_to_head.json")(mqar_head_to_head)
+from .experiments_h2h import REGISTRY as _H2H_EXPERIMENTS  # noqa: E402  (mqar_gpu_scale)
+
+EXPERIMENTS.update(_H2H_EXPERIMENTS)
 
 # Chapter 6: the delta rule against additive updates on trained recall (seqbook.experiments_delta)
 from .experiments_delta import delta_recall, delta_recall_rewrites  # noqa: E402
