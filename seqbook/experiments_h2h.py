@@ -464,6 +464,8 @@ def mqar_state_sweep(
                   state_dtype="float32", state_length=3 * max(pair_counts))  # fmt: skip
     if backend is not None:  # only when given, so that the records made before this option stay one experiment
         config["backend"] = backend
+    if str(device).startswith("cuda"):  # which GPU (the record's machine describes the host only)
+        config["device_name"] = torch.cuda.get_device_name(device)
     points, runs = [], []
 
     def record():
