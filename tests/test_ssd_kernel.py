@@ -238,3 +238,22 @@ def test_fused_backward_walks_the_state_in_tiles(device):
     want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
     for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
         assert_near(g.cpu(), w, 1e-5, f"{name} (walks in 16 x 16 tiles)")
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_atomic_sums_of_db_and_dc(device, design):
+    # Option atomic_dbc: the backward adds each head's and each block of P's dB, dC into their
+    # group's float32 sums (no per-head parts). Groups of two heads; P = 20 takes two blocks.
+    k = kernels("ssd")
+    cfg = dict((k.CONFIGS if design == "fused" else k.SPLIT_CONFIGS)[4], atomic_dbc=True)
+    wide = make(2, 37, 4, 20, 2, 7, seed=43)
+    leaves = [t.float().to(device).requires_grad_() for t in wide]
+    y, final = k.ssd_autograd(*leaves[:5], 16, leaves[5], cfg, design)
+    gen = torch.Generator().manual_seed(9)
+    gy, gf = torch.randn(y.shape, generator=gen, dtype=F64), torch.randn(final.shape, generator=gen, dtype=F64)
+    got = torch.autograd.grad((y.double() * gy.to(device)).sum() + (final.double() * gf.to(device)).sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in wide]
+    y_ref, f_ref = mamba.ssd_chunked(*ref[:5], 8, ref[5], True)
+    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
+    for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
+        assert_near(g.cpu(), w, 1e-5, f"{name} (atomic dB, dC, {design})")

@@ -391,12 +391,13 @@ def _ssd_bwd(
     STATES,  # (Bt, chunks, H, P, N): S, the state entering each chunk
     DSTATES,  # (Bt, chunks, H, P, N): the gradient of the state leaving each chunk
     DX,  # (Bt, L, H, P), x's dtype
-    DB, DC,  # (P blocks, Bt, L, H, N): per head and block of P (summed by the caller)
+    DB, DC,  # (P blocks, Bt, L, H, N): per head and block of P (summed by the caller); ATOMIC: (Bt, L, G, N) float32
     DDT,  # (P blocks, Bt, L, H) float32
     DA,  # (P blocks, Bt, chunks, H) float32
     L, H, G, P, N,
     WIDEN: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr,  # add dB, dC into their group's float32 sums (zeroed by the caller) instead of storing parts
 ):  # fmt: skip
     """Every gradient of one chunk, per (batch * head, chunk, block of P). The state index
     ``n`` is walked in blocks of ``BLOCK_N`` twice (first the sums over it, then ``dB`` and
@@ -483,8 +484,12 @@ def _ssd_bwd(
         dC += tl.exp(c)[:, None] * _mm(dyf, S, STATE_PRECISION, WIDEN)
         dB = _mm(tl.trans(D).to(Cc.dtype), Cc, PRECISION, WIDEN)
         dB += w[:, None] * _mm(xf, dS, STATE_PRECISION, WIDEN)
-        tl.store(DB + part_base + n[None, :], dB.to(DB.dtype.element_ty), mask=bc_ok)
-        tl.store(DC + part_base + n[None, :], dC.to(DC.dtype.element_ty), mask=bc_ok)
+        if ATOMIC:  # (the order of the heads' additions varies: not bitwise reproducible)
+            tl.atomic_add(DB + bc_base * N + n[None, :], dB, mask=bc_ok, sem="relaxed")
+            tl.atomic_add(DC + bc_base * N + n[None, :], dC, mask=bc_ok, sem="relaxed")
+        else:
+            tl.store(DB + part_base + n[None, :], dB.to(DB.dtype.element_ty), mask=bc_ok)
+            tl.store(DC + part_base + n[None, :], dC.to(DC.dtype.element_ty), mask=bc_ok)
 
 
 #: Launch parameters by input element size (bytes): chunk Q, channels per program, warps.
@@ -720,21 +725,29 @@ class SSDFunction(torch.autograd.Function):
             (d_states, d_s0), *recomputed = _split_states(both, dt, A, Q, cfg, state_dtype)
             states = kept if ctx.keep else recomputed[0][0]
         dx = torch.empty_like(x)
-        # per-head parts of dB and dC: float32, or (option "partial_dtype") 16 bits, summed in float32
-        part = torch.float32 if G == H and p_blocks == 1 else cfg.get("partial_dtype", torch.float32)
-        dB = torch.empty(p_blocks, batch, L, H, N, dtype=part, device=x.device)
-        dC = torch.empty_like(dB)
+        # dB and dC: per-head parts (float32, or option "partial_dtype" 16 bits) summed here in float32, or
+        # (option "atomic_dbc") added by the kernel into float32 sums per group
+        direct = G == H and p_blocks == 1
+        atomic = cfg.get("atomic_dbc", False) and not direct
+        part = torch.float32 if direct else cfg.get("partial_dtype", torch.float32)
+        if atomic:
+            dB = torch.zeros(batch, L, G, N, dtype=torch.float32, device=x.device)
+        else:
+            dB = torch.empty(p_blocks, batch, L, H, N, dtype=part, device=x.device)
+        dC = torch.zeros_like(dB) if atomic else torch.empty_like(dB)
         ddt = torch.empty(p_blocks, batch, L, H, dtype=torch.float32, device=x.device)
         dA = torch.empty(p_blocks, batch, n_chunks, H, dtype=torch.float32, device=x.device)
         _ssd_bwd[(batch * H, n_chunks, p_blocks)](
             x, dt, A, B, C, dy, states, d_states, dx, dB, dC, ddt, dA, L, H, G, P, N, **_precisions(x),
-            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, ATOMIC=atomic, num_warps=cfg["num_warps"],
         )  # fmt: skip
 
         def blocks(d):  # the sum over the blocks of P (no copy when there is one)
             return d[0] if p_blocks == 1 else d.sum(0, dtype=torch.float32)
 
         def per_group(d):  # heads share their group's B and C: sum the group's heads
+            if atomic:
+                return d.to(B.dtype)
             d = blocks(d)
             return (d if G == H else d.view(batch, L, G, H // G, N).sum(3, dtype=torch.float32)).to(B.dtype)
 
