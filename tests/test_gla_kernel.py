@@ -1,14 +1,15 @@
 """The GLA / RWKV-6 Triton kernel's two ways of forming a chunk's weights (seqbook.kernels.gla).
 
-Each chunk, and each block of key channels in it, takes one 64-row matrix product with the exponent split at the
-chunk's middle step where neither half of the chunk decays past e^-SPAN in any channel, and the exact key column by
-key column path otherwise. tests/test_gated_delta.py checks the kernel on uniform gates (strength 1: mostly the
-product; 4 and 20: the columns); here each test first checks that its inputs take the path it is about, then
+A chunk takes 64-row matrix products with the exponent split at the chunk's middle step where neither half of the
+chunk decays past e^-SPAN in any channel, and the exact key column by key column path otherwise (two launches of
+each kernel, each doing its own chunks). tests/test_gated_delta.py checks the kernel on uniform gates (strength 1:
+the products; 4 and 20: the columns); here each test first checks that its inputs take the path it is about, then
 compares the output, the final state and every gradient (bonus included) with the float64 recurrence:
 
 - the benchmark's gates (``logsigmoid(N + 4) / 16``, near 1): the product in every chunk;
 - gates that are mild except in one chunk, and there only in the second block of 64 key channels (d_k = 128):
-  both paths in one call, chosen per chunk and per key block, summed into the same weights.
+  both paths in one call, chosen per chunk over all its key blocks (the programs of one key block, in dq and dk,
+  follow the whole chunk's choice).
 
 The state passes have two forms (``_tiles(...)["split"]``): one walk over the chunks per tile of the state, or
 every chunk's own share at once followed by a short walk that adds them up; the last test runs the form that is
@@ -35,7 +36,7 @@ def randn(*shape, seed):
 
 def half_chunk_decay(log_alpha: torch.Tensor) -> torch.Tensor:
     """The largest decay (minus the log-gates' sum) over either half of each chunk, per chunk and channel:
-    ``(batch, chunks, heads, d_k)``; the kernel takes the product where this is <= SPAN in a whole key block."""
+    ``(batch, chunks, heads, d_k)``; the kernel takes the products where this is <= SPAN in every channel."""
     B, L, H, d = log_alpha.shape
     n = -(-L // CHUNK)
     a = F.pad(log_alpha, [0, 0, 0, 0, 0, n * CHUNK - L]).view(B, n, 2, CHUNK // 2, H, d)
@@ -63,7 +64,8 @@ def kernel_and_reference(device, q, k, v, a, S0, u, seed):
 @pytest.mark.parametrize("bonus", [False, True])
 def test_benchmark_gates_take_the_product(device, bonus):
     B, L, H, d_k, d_v, seed = 2, 150, 2, 32, 16, 21
-    q, k, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1) * d_k**-0.5, randn(B, L, H, d_v, seed=seed + 2)
+    q, k = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1) * d_k**-0.5
+    v = randn(B, L, H, d_v, seed=seed + 2)
     a = F.logsigmoid(randn(B, L, H, d_k, seed=seed + 3) + 4.0) / 16.0
     assert half_chunk_decay(a).max() < 1.0  # far inside the product's range
     S0, u = randn(B, H, d_k, d_v, seed=seed + 4), 0.1 * randn(H, d_k, seed=seed + 5)
@@ -80,7 +82,7 @@ def test_paths_mix_per_chunk_and_key_block(device, bonus):
     a = -0.3 * torch.rand(B, L, H, d_k, generator=gen, dtype=F64)
     a[:, CHUNK : 2 * CHUNK, :, 64:] *= 15.0  # the second chunk's second key block: up to e^-4.5 per step
     decay = half_chunk_decay(a)
-    assert decay[:, 1, :, 64:].amax() > SPAN and decay[:, 1, :, :64].amax() < SPAN  # columns there, product here
+    assert decay[:, 1, :, 64:].amax() > SPAN and decay[:, 1, :, :64].amax() < SPAN  # columns in chunk 1 (all blocks)
     assert decay[:, [0, 2]].amax() < SPAN  # the product in the other chunks
     S0, u = randn(B, H, d_k, d_v, seed=seed + 4), randn(H, d_k, seed=seed + 5)
     got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)

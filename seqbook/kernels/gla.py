@@ -21,12 +21,13 @@ exponent is split at a reference ``r``, ``c`` at the chunk's middle step,
 :math:`(q\circ e^{c^q - r})(k\circ e^{r - c})^\top`, masked to the causal entries. Both factors lie within
 :math:`e^{\pm\mathrm{SPAN}}` (``SPAN = 40``) when neither half of the chunk decays by more than e^-40 in any
 channel, so nothing overflows or underflows in float32 where it matters (the masked entries above the diagonal
-may overflow; they are dropped). Gates stronger than that (a chunk decaying past e^-40 in some channel, in some
-block of key channels) take a slow exact path: one key column at a time, each exponent
-:math:`c^q_t - c_j \le 0` formed before its exponential. The test suite runs both paths; the benchmark's
-gates, and trained models' (mostly near 1), take the product. ``A`` is never stored: the forward forms it
-next to the output, the backward forms it again for ``dv``, and forms the weights' gradient ``dA`` next to
-``dq, dk``.
+may overflow; they are dropped). Chunks with stronger gates (``_steep``) take an exact path instead: one key
+column at a time, each exponent :math:`c^q_t - c_j \le 0` formed before its exponential. The two paths are two
+compiled versions of each chunk kernel (``STEEP``), launched one after the other over all chunks, each program
+doing its chunk only if the chunk is of its kind: a kernel carrying both paths held both paths' registers. The
+benchmark's gates, and trained models' (mostly near 1), leave the second launch nothing to do but read the gates;
+the test suite runs both. ``A`` is never stored: the forward forms it next to the output, the backward forms it
+again for ``dv``, and forms the weights' gradient ``dA`` next to ``dq, dk``.
 
 Forward:
 
@@ -34,7 +35,11 @@ Forward:
    its tile of the state in float32, saves the state entering each chunk (and at the end the final state)
    and folds the chunk in,
    :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ e^{c_\text{last} - c})^\top v`. Key
-   rows decay separately and never mix, so the state splits into independent tiles both ways.
+   rows decay separately and never mix, so the state splits into independent tiles both ways. Or, in the
+   chunk-parallel form (``_tiles(...)["split"]``), ``_chunk_local`` forms every chunk's own share
+   :math:`(k \circ e^{c_\text{last} - c})^\top v` at once and ``_combine`` adds them up in a short walk over the
+   chunks: more programs, where one walk per tile has too few (few heads, long sequences), for one more write and
+   read of the states. The state's gradient (step 3) has the same two forms.
 2. ``_chunk_fwd``: per (chunk, value block), :math:`o = s\,((q \circ e^{c^q}) S_\text{in} + A v)`, ``A``
    summed over the key blocks: three 64-row matrix products.
 
@@ -130,32 +135,29 @@ def _causal(rt, BONUS: tl.constexpr):
 
 
 @triton.jit
-def _split(c, rt, T: tl.constexpr):
-    r"""The reference exponent ``r`` of a chunk's 64-row products and whether they are safe for this block of
-    channels. ``r`` is ``c`` at the chunk's middle step: the query's factor :math:`e^{c^q_t - r}` and the key's
-    :math:`e^{r - c_j}` then both lie in :math:`[e^{-\mathrm{SPAN}}, e^{\mathrm{SPAN}}]` when each half of the
-    chunk decays by at most ``SPAN`` in every channel (float32 keeps e^-87 .. e^88)."""
-    ref = _row(c, rt, T // 2 - 1)
-    c_last = _row(c, rt, T - 1)
-    safe = tl.max(tl.maximum(-ref, ref - c_last), axis=0) <= SPAN
-    return ref, safe
+def _steep(g_ptr, rows, rt, DK: tl.constexpr, T: tl.constexpr, BK: tl.constexpr):
+    r"""Whether this chunk's gates are too strong for its 64-row products: some channel decays past
+    :math:`e^{-\mathrm{SPAN}}` over either half of the chunk. Else, with the reference ``r = c`` at the chunk's middle
+    step, the query's factors :math:`e^{c^q_t - r}` and the key's :math:`e^{r - c_j}` all lie within
+    :math:`e^{\pm\mathrm{SPAN}}` (float32 keeps e^-87 .. e^88)."""
+    worst = 0.0
+    for pk in tl.static_range(DK // BK):
+        g = _load_rows(g_ptr, rows, pk * BK + tl.arange(0, BK), DK)
+        first = tl.sum(tl.where(rt[:, None] < T // 2, g, 0.0), axis=0)  # c at the middle step (minus its decay)
+        worst = tl.maximum(worst, tl.max(tl.maximum(-first, first - tl.sum(g, axis=0)), axis=0))
+    return worst > SPAN
 
 
 @triton.jit
-def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):
+def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):
     r"""One block of key channels' share of the chunk's weights, (T, T) float32, zeros where not causal:
     :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` (the bonus's diagonal is added by the caller).
 
-    Where the block's decay allows (``_split``), one 64-row matrix product
-    :math:`(q \circ e^{c^q - r})(k \circ e^{r - c})^\top`; the entries above the diagonal may overflow there and are
-    masked. Else one key column ``j`` at a time, each exponent :math:`c^q_t - c_j \le 0` formed before the
-    exponential (gates so strong that a chunk decays past e^-40 in some channel)."""
+    One 64-row matrix product :math:`(q \circ e^{c^q - r})(k \circ e^{r - c})^\top` with ``r = c`` at the chunk's
+    middle step (``_steep``: the entries above the diagonal may overflow there and are masked); or, for a ``STEEP``
+    chunk, one key column ``j`` at a time, each exponent :math:`c^q_t - c_j \le 0` formed before the exponential."""
     causal = _causal(rt, BONUS)
-    ref, safe = _split(c, rt, T)
-    if safe:
-        A = _dot(q * tl.exp(cq - ref[None, :]), tl.trans(k * tl.exp(ref[None, :] - c)), PREC)
-        A = tl.where(causal, A, 0.0)
-    else:
+    if STEEP:
         A = tl.zeros([T, T], dtype=tl.float32)
         for j in range(T):
             k_j, c_j = _row(k, rt, j), _row(c, rt, j)
@@ -165,6 +167,10 @@ def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.con
                 later = rt >= j
             col = tl.sum(q * k_j[None, :] * tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf"))), axis=1)
             A = tl.where(rt[None, :] == j, col[:, None], A)
+    else:
+        ref = _row(c, rt, T // 2 - 1)
+        A = _dot(q * tl.exp(cq - ref[None, :]), tl.trans(k * tl.exp(ref[None, :] - c)), PREC)
+        A = tl.where(causal, A, 0.0)
     return A
 
 
@@ -255,29 +261,30 @@ def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks, SLOTS, last_s
 @triton.jit
 def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+               BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
     """``o = s ((q e^{c^q}) S_in + A v)`` for one chunk and one block of value columns, the weights ``A`` formed
     here (key blocks in a loop) and not stored."""
     ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    A = tl.zeros([T, T], dtype=tl.float32)
-    o = tl.zeros([T, BV], dtype=tl.float32)
-    diag = tl.zeros([T], dtype=tl.float32)  # the bonus's weight q_t . (u o k_t)
-    for pk in tl.static_range(DK // BK):
-        rk = pk * BK + tl.arange(0, BK)
-        q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
-        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-        A += _weights(q, k, c, cq, rt, T, BONUS, PREC)
-        S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
-        o += _dot(q * tl.exp(cq), S, PREC)
+    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+        A = tl.zeros([T, T], dtype=tl.float32)
+        o = tl.zeros([T, BV], dtype=tl.float32)
+        diag = tl.zeros([T], dtype=tl.float32)  # the bonus's weight q_t . (u o k_t)
+        for pk in tl.static_range(DK // BK):
+            rk = pk * BK + tl.arange(0, BK)
+            q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+            c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+            A += _weights(q, k, c, cq, rt, T, BONUS, PREC, STEEP)
+            S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+            o += _dot(q * tl.exp(cq), S, PREC)
+            if BONUS:
+                diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
         if BONUS:
-            diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
-    if BONUS:
-        A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
-    o += _dot(A, _load_rows(v_ptr, rows, rv, DV), PREC)
-    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
+            A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
+        o += _dot(A, _load_rows(v_ptr, rows, rv, DV), PREC)
+        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -305,121 +312,123 @@ def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp,
 @triton.jit
 def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, dstates_ptr, dv_ptr, scale, Lp, H, n_chunks,
               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+              BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
     r"""One chunk and one block of value columns: :math:`dv = s A^\top do + (k \circ e^{c_\text{last} - c})\,
     \bar S_\text{out}`, the weights ``A`` formed again as in the forward (key blocks in a loop)."""
     ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    A = tl.zeros([T, T], dtype=tl.float32)
-    dv = tl.zeros([T, BV], dtype=tl.float32)
-    diag = tl.zeros([T], dtype=tl.float32)
-    for pk in tl.static_range(DK // BK):
-        rk = pk * BK + tl.arange(0, BK)
-        q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
-        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-        A += _weights(q, k, c, cq, rt, T, BONUS, PREC)
-        dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
-        dv += _dot(k * tl.exp(_last_row(c, rt, T)[None, :] - c), dS, PREC)
+    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+        A = tl.zeros([T, T], dtype=tl.float32)
+        dv = tl.zeros([T, BV], dtype=tl.float32)
+        diag = tl.zeros([T], dtype=tl.float32)
+        for pk in tl.static_range(DK // BK):
+            rk = pk * BK + tl.arange(0, BK)
+            q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+            c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+            A += _weights(q, k, c, cq, rt, T, BONUS, PREC, STEEP)
+            dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+            dv += _dot(k * tl.exp(_last_row(c, rt, T)[None, :] - c), dS, PREC)
+            if BONUS:
+                diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
         if BONUS:
-            diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
-    if BONUS:
-        A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
-    dv += scale * _dot(tl.trans(A), _load_rows(do_ptr, rows, rv, DV), PREC)
-    tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
+            A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
+        dv += scale * _dot(tl.trans(A), _load_rows(do_ptr, rows, rv, DV), PREC)
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr,
                dq_ptr, dk_ptr, dg_ptr, du_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+               BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
     """dq, dk and the log-gates' gradient of one chunk and one block of key channels (and the bonus's share of
     its gradient): the weights' gradient ``dA = s do v^T`` is formed here, value blocks in a loop."""
     ci, bh, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rk, rt = pk * BK + tl.arange(0, BK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
-    ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
-    row_l = (b * Lp + ci * T + T - 1) * H + h  # the chunk's last step
-    q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
-    k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
-    # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
-    # below); the weights' gradient dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the
-    # recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
-    # e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient of the state after step t: dS_out, plus
-    # s q_t do_t^T where the query reads that state (no bonus).
-    dq = tl.zeros([T, BK], dtype=tl.float32)
-    dk = tl.zeros([T, BK], dtype=tl.float32)
-    dA = tl.zeros([T, T], dtype=tl.float32)
-    d_last = tl.zeros([BK], dtype=tl.float32)
-    v_do = 0.0
-    for pv in tl.static_range(DV // BV):
-        rv = pv * BV + tl.arange(0, BV)
-        s_tile = rk[:, None] * DV + rv[None, :]
-        do, v = _load_rows(do_ptr, rows, rv, DV), _load_rows(v_ptr, rows, rv, DV)
-        s_in = tl.load(states_ptr + st_base + s_tile)
-        s_out = tl.load(states_ptr + st_base + DK * DV + s_tile)  # the next chunk's entering state, or the final
-        ds_out = tl.load(dstates_ptr + ds_base + s_tile)
-        dq += _dot(do, tl.trans(s_in), PREC)
-        dk += _dot(v, tl.trans(ds_out), PREC)
-        dA += _dot(do, tl.trans(v), PREC)
-        v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
-        d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
+    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+        st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
+        ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
+        row_l = (b * Lp + ci * T + T - 1) * H + h  # the chunk's last step
+        q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
+        k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
+        # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
+        # below); the weights' gradient dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the
+        # recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
+        # e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient of the state after step t: dS_out, plus
+        # s q_t do_t^T where the query reads that state (no bonus).
+        dq = tl.zeros([T, BK], dtype=tl.float32)
+        dk = tl.zeros([T, BK], dtype=tl.float32)
+        dA = tl.zeros([T, T], dtype=tl.float32)
+        d_last = tl.zeros([BK], dtype=tl.float32)
+        v_do = 0.0
+        for pv in tl.static_range(DV // BV):
+            rv = pv * BV + tl.arange(0, BV)
+            s_tile = rk[:, None] * DV + rv[None, :]
+            do, v = _load_rows(do_ptr, rows, rv, DV), _load_rows(v_ptr, rows, rv, DV)
+            s_in = tl.load(states_ptr + st_base + s_tile)
+            s_out = tl.load(states_ptr + st_base + DK * DV + s_tile)  # the next chunk's entering state, or the final
+            ds_out = tl.load(dstates_ptr + ds_base + s_tile)
+            dq += _dot(do, tl.trans(s_in), PREC)
+            dk += _dot(v, tl.trans(ds_out), PREC)
+            dA += _dot(do, tl.trans(v), PREC)
+            v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
+            d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
+            if not BONUS:
+                do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
+                d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
+                v_do += tl.sum(v_l * do_l)
         if not BONUS:
-            do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
-            d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
-            v_do += tl.sum(v_l * do_l)
-    if not BONUS:
-        d_last -= scale * q_l * k_l * v_do
-    dA = scale * dA
-    da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # the bonus's diagonal
-    dA = tl.where(_causal(rt, BONUS), dA, 0.0)
-    # 2. inside the chunk, dq_t = sum_j dA_tj k_j e^{c^q_t - c_j}, dk_j = sum_t dA_tj q_t e^{c^q_t - c_j}: two
-    # 64-row products with the exponent split at the reference r where safe (as in _weights; the states' factors
-    # are then e^{c^q} = e^{c^q - r} e^r and e^{c_last - c} = e^{r - c} e^{c_last - r}, each factor within
-    # e^{+-SPAN}), else key column by key column, each exponent formed before the exponential
-    q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
-    c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-    ref, safe = _split(c, rt, T)
-    c_last = _last_row(c, rt, T)
-    if safe:
-        to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
-        dq = (dq * (scale * tl.exp(ref))[None, :] + _dot(dA, k * from_ref, PREC)) * to_ref
-        dk = (dk * tl.exp(c_last - ref)[None, :] + _dot(tl.trans(dA), q * to_ref, PREC)) * from_ref
-    else:
-        dq *= scale * tl.exp(cq)
-        dk *= tl.exp(c_last[None, :] - c)
-        for j in range(T):
-            k_j, c_j = _row(k, rt, j), _row(c, rt, j)
-            da_j = tl.sum(tl.where(rt[None, :] == j, dA, 0.0), axis=1)  # dA[:, j]
-            if BONUS:
-                later = rt > j
-            else:
-                later = rt >= j
-            E = tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf")))
-            dq += da_j[:, None] * k_j[None, :] * E
-            dk += tl.where(rt[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
-    # 3. the log-gates: b_x appears with + in the queries' exponents, with - in the keys' (module docstring); the
-    # gradient at step t is d_last plus the shares of the steps t <= x < T - 1
-    db = q * dq - k * dk
-    if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
-        own = q * dq
-    else:
-        own = tl.zeros([T, BK], dtype=tl.float32)
-    suffix = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # over steps >= t
-    dg = d_last[None, :] + _last_row(own - db, rt, T)[None, :] + suffix - own
-    if BONUS:  # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
-        u = tl.load(u_ptr + h * DK + rk)
-        dq += da_tt[:, None] * u[None, :] * k
-        dk += da_tt[:, None] * u[None, :] * q
-        tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(da_tt[:, None] * q * k, axis=0))
-    kd_off = rows[:, None] * DK + rk[None, :]
-    tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
-    tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
-    tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
+            d_last -= scale * q_l * k_l * v_do
+        dA = scale * dA
+        da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # the bonus's diagonal
+        dA = tl.where(_causal(rt, BONUS), dA, 0.0)
+        # 2. inside the chunk, dq_t = sum_j dA_tj k_j e^{c^q_t - c_j}, dk_j = sum_t dA_tj q_t e^{c^q_t - c_j}: two
+        # 64-row products with the exponent split at the reference r (as in _weights; the states' factors are then
+        # e^{c^q} = e^{c^q - r} e^r and e^{c_last - c} = e^{r - c} e^{c_last - r}, each factor within e^{+-SPAN}),
+        # or in a STEEP chunk key column by key column, each exponent formed before the exponential
+        q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+        c_last = _last_row(c, rt, T)
+        if STEEP:
+            dq *= scale * tl.exp(cq)
+            dk *= tl.exp(c_last[None, :] - c)
+            for j in range(T):
+                k_j, c_j = _row(k, rt, j), _row(c, rt, j)
+                da_j = tl.sum(tl.where(rt[None, :] == j, dA, 0.0), axis=1)  # dA[:, j]
+                if BONUS:
+                    later = rt > j
+                else:
+                    later = rt >= j
+                E = tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf")))
+                dq += da_j[:, None] * k_j[None, :] * E
+                dk += tl.where(rt[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
+        else:
+            ref = _row(c, rt, T // 2 - 1)
+            to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
+            dq = (dq * (scale * tl.exp(ref))[None, :] + _dot(dA, k * from_ref, PREC)) * to_ref
+            dk = (dk * tl.exp(c_last - ref)[None, :] + _dot(tl.trans(dA), q * to_ref, PREC)) * from_ref
+        # 3. the log-gates: b_x appears with + in the queries' exponents, with - in the keys' (module docstring); the
+        # gradient at step t is d_last plus the shares of the steps t <= x < T - 1
+        db = q * dq - k * dk
+        if BONUS:  # the query's exponent is b_{t-1}: its own step's share is not in the sum
+            own = q * dq
+        else:
+            own = tl.zeros([T, BK], dtype=tl.float32)
+        suffix = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db  # over steps >= t
+        dg = d_last[None, :] + _last_row(own - db, rt, T)[None, :] + suffix - own
+        if BONUS:  # the bonus's diagonal term s (q_t . (u o k_t)) v_t: no gate in it
+            u = tl.load(u_ptr + h * DK + rk)
+            dq += da_tt[:, None] * u[None, :] * k
+            dk += da_tt[:, None] * u[None, :] * q
+            tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(da_tt[:, None] * q * k, axis=0))
+        kd_off = rows[:, None] * DK + rk[None, :]
+        tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
+        tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
+        tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
 
 
 def _tiles(DK, DV):
@@ -461,8 +470,10 @@ class GLA(torch.autograd.Function):
         u = bonus.float().contiguous() if bonus is not None else states
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
         BK, BV, warps = tiles["fwd"]
-        _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
-                                         BONUS=bonus is not None, PREC=prec, num_warps=warps)  # fmt: skip
+        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
+            _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+                                             BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=steep,
+                                             num_warps=warps)  # fmt: skip
         ctx.save_for_backward(qp, kp, vp, g, u, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
@@ -495,15 +506,17 @@ class GLA(torch.autograd.Function):
                                                       num_warps=warps)  # fmt: skip
         dv = torch.empty_like(vp)
         BK, BV, warps = tiles["dv"]
-        _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
-                                        BV=BV, BONUS=bonus, PREC=prec, num_warps=warps)  # fmt: skip
+        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
+            _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+                                            BV=BV, BONUS=bonus, PREC=prec, STEEP=steep, num_warps=warps)  # fmt: skip
         dq, dk = torch.empty_like(qp), torch.empty_like(kp)
         dg = torch.empty_like(g)
         du = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device) if bonus else dg
         BK, BV, warps = tiles["dqk"]
-        _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, g, u, states, dstates, dq, dk, dg, du, scale, Lp, H, n,
-                                         DK=DK, DV=DV, T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
-                                         num_warps=warps)  # fmt: skip
+        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
+            _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, g, u, states, dstates, dq, dk, dg, du, scale, Lp, H, n,
+                                             DK=DK, DV=DV, T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
+                                             STEEP=steep, num_warps=warps)  # fmt: skip
         _, s0_dt, u_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L], dS0.to(s0_dt) if ctx.has_s0 else None, None,
                 du.sum((0, 1)).to(u_dt) if bonus else None)  # fmt: skip
