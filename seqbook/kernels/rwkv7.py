@@ -485,6 +485,12 @@ def _warps(DK):
     return 4 if DK <= 64 else 8
 
 
+def _bwd_chunk_warps(DK):
+    """Warps of ``_bwd_chunk`` (sm_90, Triton 3.9: 4 warps at N = 64 use 255 registers and a 24-byte stack,
+    8 warps 188 registers; at N = 128, 8 warps use 255 and no stack)."""
+    return _warps(DK)
+
+
 class WKV7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, kappa_hat, a, S0):
@@ -544,7 +550,7 @@ class WKV7Chunked(torch.autograd.Function):
         dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, n, H, DK, **f32)
         _bwd_chunk[(B * H, n)](rp, wp, kp, khp, ap, vp, mats, X, dop, states, dstates, dr, dk, dkh, da, dv, dlw, tot,
                                Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, BLOCK_V), PREC=prec,
-                               LOW=rp.dtype == torch.bfloat16, num_warps=_warps(DK))  # fmt: skip
+                               LOW=rp.dtype == torch.bfloat16, num_warps=_bwd_chunk_warps(DK))  # fmt: skip
         # log w's gradient: add the sums over the later chunks and the final state's term (module docstring)
         later = tot.flip(1).cumsum(1).flip(1) - tot + (final * dsl).sum(-1)[:, None]
         dlw = (dlw.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
