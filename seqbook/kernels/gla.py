@@ -437,7 +437,7 @@ def _tiles(DK, DV):
     tiles walk the chunks in one pass."""
     return dict(split=False, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
                 combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
-                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4))
+                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 32), min(DV, 64), 8))
 
 
 
