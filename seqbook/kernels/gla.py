@@ -24,9 +24,10 @@ channel, so nothing overflows or underflows in float32 where it matters (the mas
 may overflow; they are dropped). Chunks with stronger gates (``_steep``) take an exact path instead: one key
 column at a time, each exponent :math:`c^q_t - c_j \le 0` formed before its exponential. The two paths are two
 compiled versions of each chunk kernel (``STEEP``), launched one after the other over all chunks, each program
-doing its chunk only if the chunk is of its kind: a kernel carrying both paths held both paths' registers. The
-benchmark's gates, and trained models' (mostly near 1), leave the second launch nothing to do but read the gates;
-the test suite runs both. ``A`` is never stored: the forward forms it next to the output, the backward forms it
+doing its chunk only if the chunk is of its kind (a kernel carrying both paths held both paths' registers); the
+forward's first launch decides for each chunk and records it (one byte per chunk and head), the other launches
+read that. The benchmark's gates, and trained models' (mostly near 1), leave the second launches nothing to do
+but read their byte; the test suite runs both. ``A`` is never stored: the forward forms it next to the output, the backward forms it
 again for ``dv``, and forms the weights' gradient ``dA`` next to ``dq, dk``.
 
 Forward:
@@ -259,7 +260,7 @@ def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks, SLOTS, last_s
 
 
 @triton.jit
-def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
     """``o = s ((q e^{c^q}) S_in + A v)`` for one chunk and one block of value columns, the weights ``A`` formed
@@ -268,7 +269,13 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, states_ptr, o_ptr, scale, Lp, 
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+    if STEEP:  # the first launch (the products) decided and recorded which chunks are steep
+        steep = tl.load(steep_ptr + bh * n_chunks + ci) != 0
+    else:
+        steep = _steep(g_ptr, rows, rt, DK, T, BK)
+        if pv == 0:
+            tl.store(steep_ptr + bh * n_chunks + ci, steep.to(tl.int8))
+    if steep == STEEP:  # the other launch does the other chunks
         A = tl.zeros([T, T], dtype=tl.float32)
         o = tl.zeros([T, BV], dtype=tl.float32)
         diag = tl.zeros([T], dtype=tl.float32)  # the bonus's weight q_t . (u o k_t)
@@ -310,7 +317,7 @@ def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp,
 
 
 @triton.jit
-def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, dstates_ptr, dv_ptr, scale, Lp, H, n_chunks,
+def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, dstates_ptr, dv_ptr, scale, Lp, H, n_chunks,
               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
     r"""One chunk and one block of value columns: :math:`dv = s A^\top do + (k \circ e^{c_\text{last} - c})\,
@@ -319,7 +326,7 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, dstates_ptr, dv_ptr, scale, Lp
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+    if (tl.load(steep_ptr + bh * n_chunks + ci) != 0) == STEEP:  # as the forward chose; the other launch does the rest
         A = tl.zeros([T, T], dtype=tl.float32)
         dv = tl.zeros([T, BV], dtype=tl.float32)
         diag = tl.zeros([T], dtype=tl.float32)
@@ -339,7 +346,7 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, dstates_ptr, dv_ptr, scale, Lp
 
 
 @triton.jit
-def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_ptr,
+def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, dstates_ptr,
                dq_ptr, dk_ptr, dg_ptr, du_ptr, scale, Lp, H, n_chunks,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
@@ -349,7 +356,7 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, states_ptr, dstates_pt
     b, h = bh // H, bh % H
     rk, rt = pk * BK + tl.arange(0, BK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if _steep(g_ptr, rows, rt, DK, T, BK) == STEEP:  # the other launch does the other chunks
+    if (tl.load(steep_ptr + bh * n_chunks + ci) != 0) == STEEP:  # as the forward chose; the other launch does the rest
         st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
         ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
         row_l = (b * Lp + ci * T + T - 1) * H + h  # the chunk's last step
@@ -469,19 +476,20 @@ class GLA(torch.autograd.Function):
                                                      HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
         u = bonus.float().contiguous() if bonus is not None else states
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
+        steep = torch.empty(B * H, n, dtype=torch.int8, device=q.device)  # which chunks take the columns
         BK, BV, warps = tiles["fwd"]
-        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
-            _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
-                                             BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=steep,
+        for columns in (False, True):  # the chunks of 64-row products, then the others (module docstring)
+            _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, steep, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T,
+                                             BK=BK, BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=columns,
                                              num_warps=warps)  # fmt: skip
-        ctx.save_for_backward(qp, kp, vp, g, u, states)
+        ctx.save_for_backward(qp, kp, vp, g, u, steep, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
         return o[:, :L], states[:, n].view(B, H, DK, DV).clone()
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qp, kp, vp, g, u, states = ctx.saved_tensors
+        qp, kp, vp, g, u, steep, states = ctx.saved_tensors
         B, Lp, H, DK = qp.shape
         DV, T, L, scale, bonus = vp.shape[-1], CHUNK, ctx.L, ctx.scale, ctx.has_bonus
         n = Lp // T
@@ -506,17 +514,18 @@ class GLA(torch.autograd.Function):
                                                       num_warps=warps)  # fmt: skip
         dv = torch.empty_like(vp)
         BK, BV, warps = tiles["dv"]
-        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
-            _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
-                                            BV=BV, BONUS=bonus, PREC=prec, STEEP=steep, num_warps=warps)  # fmt: skip
+        for columns in (False, True):
+            _chunk_dv[(n, B * H, DV // BV)](qp, kp, dop, g, u, steep, dstates, dv, scale, Lp, H, n, DK=DK, DV=DV, T=T,
+                                            BK=BK, BV=BV, BONUS=bonus, PREC=prec, STEEP=columns,
+                                            num_warps=warps)  # fmt: skip
         dq, dk = torch.empty_like(qp), torch.empty_like(kp)
         dg = torch.empty_like(g)
         du = torch.empty(B, n, H, DK, dtype=torch.float32, device=qp.device) if bonus else dg
         BK, BV, warps = tiles["dqk"]
-        for steep in (False, True):  # the chunks of 64-row products, then the others (module docstring)
-            _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, g, u, states, dstates, dq, dk, dg, du, scale, Lp, H, n,
-                                             DK=DK, DV=DV, T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
-                                             STEEP=steep, num_warps=warps)  # fmt: skip
+        for columns in (False, True):
+            _chunk_dqk[(n, B * H, DK // BK)](qp, kp, vp, dop, g, u, steep, states, dstates, dq, dk, dg, du, scale, Lp,
+                                             H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV, BONUS=bonus, PREC=prec,
+                                             STEEP=columns, num_warps=warps)  # fmt: skip
         _, s0_dt, u_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], dg[:, :L], dS0.to(s0_dt) if ctx.has_s0 else None, None,
                 du.sum((0, 1)).to(u_dt) if bonus else None)  # fmt: skip
