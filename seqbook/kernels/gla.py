@@ -27,8 +27,8 @@ compiled versions of each chunk kernel (``STEEP``), launched one after the other
 doing its chunk only if the chunk is of its kind (a kernel carrying both paths held both paths' registers); the
 forward's first launch decides for each chunk and records it (one byte per chunk and head), the other launches
 read that. The benchmark's gates, and trained models' (mostly near 1), leave the second launches nothing to do
-but read their byte; the test suite runs both. ``A`` is never stored: the forward forms it next to the output, the backward forms it
-again for ``dv``, and forms the weights' gradient ``dA`` next to ``dq, dk``.
+but read their byte; the test suite runs both. ``A`` is never stored: the forward forms it next to the output,
+the backward forms it again for ``dv``, and forms the weights' gradient ``dA`` next to ``dq, dk``.
 
 Forward:
 
@@ -64,8 +64,12 @@ chunk's last step the recurrence :math:`S_t = \mathrm{Diag}(e^{g_t}) S_{t-1} + k
 gradient directly, :math:`\sum_v (S_\text{out} - k_t v_t^\top) \odot \bar S_t`, where :math:`\bar S_t` is the
 state's whole gradient after that step (:math:`\bar S_\text{out}`, plus :math:`s\, q_t\, do_t^\top` without
 the bonus, where the query reads that state); step 5 adds the in-chunk sums to it and writes the log-gates'
-gradient in their dtype. The final state is stored after the chunks' entering states, so
-:math:`S_\text{out}` is always "the next entering state".
+gradient in their dtype. :math:`S_\text{out}` is not read: with
+:math:`S_\text{out} = \mathrm{Diag}(e^{c_\text{last}}) S_\text{in} + (k\circ e^{c_\text{last} - c})^\top v`, its
+share :math:`\sum_v S_\text{out}\odot\bar S_\text{out}` is :math:`e^{c_\text{last}}\sum_v S_\text{in}\odot\bar
+S_\text{out}` plus :math:`\sum_t k_t \odot \partial k_t` over dk's part through the states, and the last query's
+:math:`s\, q_t \odot (S_\text{out}\, do_t)` is :math:`q_t \odot \partial q_t` (without its own step's share):
+quantities the kernel has at hand.
 
 Measured on the H200: see ``benchmarks/NOTES.md`` (the section of issue 13). The version before this one
 (sub-chunks of 16, ``A`` and ``c`` stored; GPU call 3 of 2026-12-02, bf16, ``do_bench``) took at B=4, L=4096,
@@ -359,39 +363,24 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
     if (tl.load(steep_ptr + bh * n_chunks + ci) != 0) == STEEP:  # as the forward chose; the other launch does the rest
         st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
         ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
-        row_l = (b * Lp + ci * T + T - 1) * H + h  # the chunk's last step
-        q_l = tl.load(q_ptr + row_l * DK + rk).to(tl.float32)
-        k_l = tl.load(k_ptr + row_l * DK + rk).to(tl.float32)
         # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
-        # below); the weights' gradient dA = s do v^T; and the log-gate's gradient at the chunk's last step, from the
-        # recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T: d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with
-        # e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient of the state after step t: dS_out, plus
-        # s q_t do_t^T where the query reads that state (no bonus).
+        # below), and the weights' gradient dA = s do v^T
         dq = tl.zeros([T, BK], dtype=tl.float32)
         dk = tl.zeros([T, BK], dtype=tl.float32)
         dA = tl.zeros([T, T], dtype=tl.float32)
-        d_last = tl.zeros([BK], dtype=tl.float32)
-        v_do = 0.0
+        s_ds = tl.zeros([BK], dtype=tl.float32)  # rowsum(S_in o dS_out), for the log-gates below
         for pv in tl.static_range(DV // BV):
             rv = pv * BV + tl.arange(0, BV)
             s_tile = rk[:, None] * DV + rv[None, :]
             do, v = _load_rows(do_ptr, rows, rv, DV), _load_rows(v_ptr, rows, rv, DV)
             s_in = tl.load(states_ptr + st_base + s_tile)
-            s_out = tl.load(states_ptr + st_base + DK * DV + s_tile)  # the next chunk's entering state, or the final
             ds_out = tl.load(dstates_ptr + ds_base + s_tile)
             dq += _dot(do, tl.trans(s_in), PREC)
             dk += _dot(v, tl.trans(ds_out), PREC)
             dA += _dot(do, tl.trans(v), PREC)
-            v_l = tl.load(v_ptr + row_l * DV + rv).to(tl.float32)
-            d_last += tl.sum(s_out * ds_out, axis=1) - k_l * tl.sum(ds_out * v_l[None, :], axis=1)
-            if not BONUS:
-                do_l = tl.load(do_ptr + row_l * DV + rv).to(tl.float32)
-                d_last += scale * q_l * tl.sum(s_out * do_l[None, :], axis=1)
-                v_do += tl.sum(v_l * do_l)
-        if not BONUS:
-            d_last -= scale * q_l * k_l * v_do
+            s_ds += tl.sum(s_in * ds_out, axis=1)
         dA = scale * dA
-        da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # the bonus's diagonal
+        da_tt = tl.sum(tl.where(rt[:, None] == rt[None, :], dA, 0.0), axis=1)  # dA's diagonal: s do_t . v_t
         dA = tl.where(_causal(rt, BONUS), dA, 0.0)
         # 2. inside the chunk, dq_t = sum_j dA_tj k_j e^{c^q_t - c_j}, dk_j = sum_t dA_tj q_t e^{c^q_t - c_j}: two
         # 64-row products with the exponent split at the reference r (as in _weights; the states' factors are then
@@ -402,7 +391,8 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
         c_last = _last_row(c, rt, T)
         if STEEP:
             dq *= scale * tl.exp(cq)
-            dk *= tl.exp(c_last[None, :] - c)
+            dk_state = dk * tl.exp(c_last[None, :] - c)
+            dk = dk_state
             for j in range(T):
                 k_j, c_j = _row(k, rt, j), _row(c, rt, j)
                 da_j = tl.sum(tl.where(rt[None, :] == j, dA, 0.0), axis=1)  # dA[:, j]
@@ -417,7 +407,17 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
             ref = _row(c, rt, T // 2 - 1)
             to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
             dq = (dq * (scale * tl.exp(ref))[None, :] + _dot(dA, k * from_ref, PREC)) * to_ref
-            dk = (dk * tl.exp(c_last - ref)[None, :] + _dot(tl.trans(dA), q * to_ref, PREC)) * from_ref
+            dk_state = dk * (tl.exp(c_last - ref)[None, :] * from_ref)
+            dk = dk_state + _dot(tl.trans(dA), q * to_ref, PREC) * from_ref
+        # the log-gate's gradient at the chunk's last step, from the recurrence S_t = Diag(e^{g_t}) S_{t-1} + k_t v_t^T:
+        # d/dg_t = rowsum(e^{g_t} S_{t-1} o dS_t) with e^{g_t} S_{t-1} = S_out - k_t v_t^T and dS_t the whole gradient
+        # of the state after step t: dS_out, plus s q_t do_t^T where the query reads that state (no bonus). With
+        # S_out = Diag(e^{c_last}) S_in + (k o e^{c_last - c})^T v this is e^{c_last} rowsum(S_in o dS_out) plus
+        # sum_{t < T-1} k_t o dk_t (dk's part through the states), plus (no bonus) the last query's q o dq less its
+        # own step's share q k dA_tt.
+        d_last = tl.exp(c_last) * s_ds + tl.sum(tl.where(rt[:, None] < T - 1, k * dk_state, 0.0), axis=0)
+        if not BONUS:
+            d_last += _last_row(q * (dq - k * da_tt[:, None]), rt, T)
         # 3. the log-gates: b_x appears with + in the queries' exponents, with - in the keys' (module docstring); the
         # gradient at step t is d_last plus the shares of the steps t <= x < T - 1
         db = q * dq - k * dk
