@@ -441,11 +441,17 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
 def _tiles(DK, DV):
     """Tile sizes of each pass (key block, value block) and its warps. ``split``: the state passes in their
     chunk-parallel form (``local``: tiles of ``_chunk_local``, ``combine``: of ``_combine``), else ``state``'s
-    tiles walk the chunks in one pass."""
-    return dict(split=False, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
-                combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
-                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 32), min(DV, 64), 8))
+    tiles walk the chunks in one pass.
 
+    Chosen from GPU call B2 of 2026-12-02 (H200, bf16, ``benchmarks.profile``, GPU us per forward+backward at
+    B=4 L=4096 H=32 d=64 / B=1 L=16384 H=16 d=128): the chunk-parallel state passes 456 / 986 (``_chunk_local``
+    + ``_combine``, both directions) against one walk per (64, 32) tile 479 / 1318; ``_chunk_dqk`` in key blocks
+    of 64 on 4 warps 644 / 840, of 32 on 8 warps 1560 / 2018 (though it spills no registers there and the 64 on 4
+    warps does), of 16 on 4 warps 1028 / 1927; ``_chunk_fwd`` and ``_chunk_dv`` in value blocks of 64 on 4 warps
+    384 / 654 and 293 / 625, one value block of d_v on 8 warps 581 / 763 and 421 / 691."""
+    return dict(split=True, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
+                combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
+                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4))
 
 
 class GLA(torch.autograd.Function):
