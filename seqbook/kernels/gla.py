@@ -71,10 +71,14 @@ S_\text{out}` plus :math:`\sum_t k_t \odot \partial k_t` over dk's part through 
 :math:`s\, q_t \odot (S_\text{out}\, do_t)` is :math:`q_t \odot \partial q_t` (without its own step's share):
 quantities the kernel has at hand.
 
-Measured on the H200: see ``benchmarks/NOTES.md`` (the section of issue 13). The version before this one
-(sub-chunks of 16, ``A`` and ``c`` stored; GPU call 3 of 2026-12-02, bf16, ``do_bench``) took at B=4, L=4096,
-H=32, d=64 1.30 ms forward, 3.32 ms forward+backward for GLA and 1.44 / 4.05 ms for RWKV-6 (fla 0.72-0.89 /
-3.33 ms), at B=1, L=16384, H=16, d=128 2.81 / 6.05 ms; its sub-chunk kernels took 60-70% of that.
+Measured on the H200 (GPU call B2 of 2026-12-02, bf16 inputs as in ``benchmarks.gated``, ``triton.testing.do_bench``;
+``benchmarks/NOTES.md``, the section of issue 13, has the per-kernel split): at B=4, L=4096, H=32, d=64 GLA forward
+0.62 ms, forward+backward 2.69 ms, RWKV-6 0.66 / 2.86 ms (fla's ``chunk_gla`` in call A, on a busy GPU: 0.71 /
+3.84 ms; ``chunk_rwkv6`` quiet, earlier: 0.89 / 3.33 ms); at B=1, L=16384, H=16, d=128 GLA 1.16 / 4.26 ms (fla 0.94 /
+3.59 ms: the forward is not yet at fla's speed there). Those runs had ``_chunk_dqk`` in key blocks of 32; in key
+blocks of 64 (the default now) its profile drops from 1.56 / 2.02 ms to 0.64 / 0.84 ms. The version before this
+one (sub-chunks of 16, ``A`` and ``c`` stored; GPU call 3) took 1.30 / 3.32 ms and 2.81 / 6.05 ms. Errors against
+float64 at B=1, L=1000, H=16 (bf16 inputs): at most 4.3e-3 of the largest value (the output's bf16 rounding).
 """
 
 from __future__ import annotations
