@@ -37,8 +37,7 @@ Implementations
   so their inputs are made contiguous in that layout before timing (outside the timed call).
 
 ``python -m benchmarks.run --ops attention [--quick] [--sweep]``; the sweep times the
-kernels alone over tile sizes, warps, pipeline stages and launch options (TMA loads, the
-hand-pipelined loops, program order), to choose ``CONFIGS`` in
+kernels alone over tile sizes, warps, pipeline stages and TMA loads, to choose ``CONFIGS`` in
 :mod:`seqbook.kernels.attention`.
 """
 
@@ -281,27 +280,23 @@ register_check("attention", check)
 # Kernel configurations (to choose seqbook.kernels.attention.CONFIGS)
 # --------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES[, launch options]); the options are those of
-# seqbook.kernels.attention's docstring (TMA, OVERLAP, HEADS_FIRST, WARP_SPECIALIZE).
+# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES[, launch options]); the option is TMA (tensor-
+# descriptor loads, seqbook.kernels.attention's docstring). The first row of each d = 128 list
+# is the default; GPU call B2 of 2026-12-02 (benchmarks/NOTES.md) timed most of the others.
 TMA = {"TMA": True}
-OVL = {"TMA": True, "OVERLAP": True}
 FWD_TILES = {
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3, TMA),
-          (128, 64, 8, 4, TMA), (128, 128, 8, 3, TMA), (64, 64, 4, 3, TMA), (128, 64, 8, 3, {"HEADS_FIRST": True}),
-          (128, 64, 8, 3, OVL), (128, 64, 8, 2, OVL), (128, 64, 8, 4, OVL), (64, 64, 4, 2, OVL)],
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 3, TMA),
-         (64, 64, 4, 3, OVL), (128, 64, 8, 3, OVL)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3, TMA), (128, 128, 8, 3), (128, 64, 8, 3, TMA), (128, 64, 8, 4),
+          (64, 64, 4, 3)],
+    64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3, TMA), (64, 64, 4, 2)],
 }
 DKDV_TILES = {  # BLOCK_M queries streamed past BLOCK_N keys held
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 2, TMA), (64, 128, 8, 3, TMA), (32, 128, 8, 2)],
-    64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2, TMA)],
+    128: [(64, 128, 8, 3, TMA), (64, 128, 8, 2, TMA), (64, 128, 8, 2), (32, 128, 8, 2, TMA), (64, 64, 8, 2, TMA)],
+    64: [(32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2, TMA)],
 }
 DQ_TILES = {
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3, TMA), (128, 64, 8, 4, TMA), (64, 64, 4, 2),
-          (128, 64, 8, 2, OVL)],
-    64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2, TMA), (64, 64, 4, 2, OVL)],
+    128: [(128, 64, 8, 4, TMA), (128, 64, 8, 3, TMA), (128, 64, 8, 3), (64, 64, 4, 2, TMA)],
+    64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, TMA)],
 }
-
 
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward kernel, and the backward with one of its two kernels' tiles varied,
