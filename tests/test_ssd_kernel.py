@@ -257,3 +257,20 @@ def test_atomic_sums_of_db_and_dc(device, design):
     want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
     for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
         assert_near(g.cpu(), w, 1e-5, f"{name} (atomic dB, dC, {design})")
+
+
+def test_bfloat16_forward_and_backward_tiles_differ(device):
+    # The 16-bit fused configuration runs the forward in blocks of 32 channels, the backward's
+    # per-chunk kernel in blocks of 64 and the state walks in tiles of 32 x 64: P = 40 takes two
+    # forward blocks (the second partial) and one backward block; groups of two heads (the
+    # atomic sums of dB, dC).
+    k = kernels("ssd")
+    cfg = k.CONFIGS[2]
+    assert (cfg["BLOCK_P"], cfg["BWD_BLOCK_P"], cfg["WALK_BLOCK_P"]) == (32, 64, 32) and cfg["atomic_dbc"]
+    wide = make(1, 45, 4, 40, 2, 24, seed=47)
+    inputs = [t.to(device=device, dtype=torch.bfloat16 if i in (0, 3, 4) else torch.float32)
+              for i, t in enumerate(wide)]  # fmt: skip
+    wide = [t.to(F64) for t in (t.cpu() for t in inputs)]
+    got, want = run_both(inputs, wide, None, "fused")
+    for name, g, w in zip(NAMES, got, want):
+        assert_near(g.cpu(), w, 2e-2, f"{name} (bfloat16, P = 40, fused)")

@@ -43,8 +43,8 @@ it is recomputed) and :math:`\bar S'`. It runs both recurrences in the forward's
 after a split forward, with pieces (1) and (2) twice (:func:`_chunk_states` and
 :func:`_state_pass` in order on ``x`` and ``B`` for :math:`S`; with the weights
 :math:`e^{c_t}` on :math:`\bar y` and :math:`C`, in reverse, for :math:`\bar S`); after a
-fused one, with :func:`_state_walks`: the fused forward's grid, twice, one program walking
-the chunks forwards for :math:`S`, its twin backwards for :math:`\bar S`. Last,
+fused one, with :func:`_state_walks`: a program per tile of a (batch element, head)'s state
+walks the chunks forwards for :math:`S`, its twin backwards for :math:`\bar S`. Last,
 :func:`_ssd_bwd` differentiates one chunk with :math:`S` and :math:`\bar S'` in hand, in
 parallel over chunks (formulas in its comments).
 
@@ -57,9 +57,13 @@ take float32 operands at TF32 precision. Everything accumulates in float32.
 Memory: training keeps the inputs and the initial state for the backward, nothing per chunk
 (as mamba_ssm's ``mamba_chunk_scan_combined``). The states entering the chunks, ``batch *
 (L / Q) * heads * P * N`` floats (537 MB at the benchmark shape, ``Q = 32``), exist only
-inside the backward, beside their gradients (as many again). The configuration option
-``keep_states=True`` is the design before: the forward stores them and the backward reads
-them (no recomputation, the memory held from the forward to the backward).
+inside the backward, beside their gradients (as many again). On the H200 (GPU call B2, B=4,
+L=4096, H=32, P=64, N=128 bf16, ``torch.cuda`` memory counters): 0 MB held from the forward
+to the backward besides ``y`` (537 MB when the states were kept); a stack of four calls
+holds 268 MB after its forwards (2416 MB with the states kept) and peaks at 1980 MB (3580
+MB); one fwd+bwd peaks at 1772 MB either way, 1244 MB with ``atomic_dbc``. The option
+``keep_states=True`` is the design before: the forward stores the states and the backward
+reads them (no recomputation, the memory held from the forward to the backward).
 """
 
 from __future__ import annotations
@@ -493,35 +497,65 @@ def _ssd_bwd(
 
 
 #: Launch parameters by input element size (bytes): chunk Q, channels per program, warps.
-#: From compiling for sm_90 offline (Triton 3.6, ptxas register counts); timed on the H200
-#: at the benchmark shape (0.57-0.58 ms forward, GPU calls 1 and 3): for 16-bit inputs at P = 64, N = 128, (Q, BLOCK_P) = (32, 64) at 8 warps takes 196
-#: registers and no spills (Q = 64 spills: the (Q, N) tiles of B and C, and the state's
-#: float32 products, do not fit); float32 inputs multiply with FMAs (exact, no tensor
-#: cores) and spill at every size tried: they are for checking, not for speed.
-#: ``WALK_BLOCK_P``, ``WALK_WARPS``, ``WALK_MAXNREG`` (optional; the forward's ``BLOCK_P`` and
-#: warps otherwise): the backward's two state walks (:func:`_state_walks`). At (64, 8 warps) a
-#: walk takes 150 registers (sm_90, Triton 3.9, cuobjdump), one program per SM, so the two
-#: walks' 256 programs at the benchmark shape take two rounds of 132 SMs; capped at 128
-#: registers it takes 126 without spilling, and two programs fit on an SM: one round.
+#: float32 inputs multiply with FMAs (exact, no tensor cores) and spill at every size tried:
+#: they are for checking, not for speed. For 16-bit inputs, timed on the H200 at the
+#: benchmark shape (B=4, L=4096, H=32, P=64, N=128 bf16, do_bench, GPU call B2 of
+#: 2026-12-02, one process):
+#:
+#: - the fused forward at (Q, BLOCK_P, warps) = (32, 32, 4): 0.404 ms, against 0.584 ms at
+#:   (32, 64, 8) (the setting before: 128 programs, one per SM; now 256, two per SM), 0.664
+#:   at (32, 16, 4), and 0.567 at (32, 64, 8) with 3 stages. mamba_ssm's
+#:   ``mamba_chunk_scan_combined``: 0.516 ms (GPU call A, same shape);
+#: - the backward's per-chunk kernel keeps its tile (``BWD_BLOCK_P`` 64, ``BWD_WARPS`` 8,
+#:   ``BWD_BLOCK_N`` 64): 1.396 ms (profile, calls 3 and B2);
+#: - the backward's state walks (:func:`_state_walks`, both at once: ``WALK_BLOCK_P``,
+#:   ``WALK_BLOCK_N``, ``WALK_WARPS``, ``WALK_MAXNREG``): fwd+bwd 2.651 ms with tiles of
+#:   32 x 64 at 4 warps, 2.721 at 64 x 32, 2.852 at 32 x 32, 2.795 at 64 x 128 with 8 warps
+#:   capped at 128 registers, 2.893 uncapped (150 registers: one program per SM);
+#: - ``atomic_dbc``: fwd+bwd 2.651 ms against 2.795 (walks 64 x 128 in both), and a peak
+#:   1244 MB instead of 1772 MB for one fwd+bwd (the per-head parts of dB and dC, 537 MB
+#:   of float32, are never allocated); the float64 check at B=2, L=1000 gave the same
+#:   errors with and without it (dB 2.8e-3, dC 3.0e-3). Not bitwise reproducible from run
+#:   to run (the order of the atomic additions varies), as mamba_ssm's backward is not.
+#:
+#: Those three changes together were not timed in one run (each was timed against the
+#: setting before); they touch different kernels.
 CONFIGS = {
     4: dict(Q=16, BLOCK_P=16, NUM_STAGES=2, num_warps=4, BWD_BLOCK_N=16),
-    2: dict(Q=32, BLOCK_P=64, NUM_STAGES=2, num_warps=8, BWD_BLOCK_N=64, WALK_MAXNREG=128),
+    2: dict(Q=32, BLOCK_P=32, NUM_STAGES=2, num_warps=4, BWD_BLOCK_P=64, BWD_WARPS=8, BWD_BLOCK_N=64,
+            WALK_BLOCK_P=32, WALK_BLOCK_N=64, WALK_WARPS=4, atomic_dbc=True),
 }
 
-#: ``BWD_BLOCK_N``: the block of state indices the backward's per-chunk kernel walks N in.
+#: Options any configuration may carry:
+#:
+#: - ``keep_states`` (False): the forward stores the state entering every chunk for the
+#:   backward instead of the backward recomputing them (the design before 2026-12-02). At
+#:   the benchmark shape that is 537 MB held from the forward to the backward; GPU call B2:
+#:   fused fwd+bwd 2.710 ms kept against 2.795 ms recomputed (the tiles of then), split at
+#:   B=1, L=32768: 5.83 ms kept against 6.49 ms recomputed.
+#: - ``atomic_dbc`` (False): above.
+#: - ``BWD_BLOCK_P``, ``BWD_WARPS``, ``BWD_BLOCK_N``: the backward's per-chunk kernel's block
+#:   of P, warps, and the block of state indices it walks N in (the forward's ``BLOCK_P``,
+#:   warps and the whole N otherwise).
+#: - ``WALK_BLOCK_P``, ``WALK_BLOCK_N``, ``WALK_WARPS``, ``WALK_MAXNREG``: the fused
+#:   backward's state walks' tile (the forward's ``BLOCK_P``, warps, whole N otherwise).
+#: - ``state_dtype``: the dtype the per-chunk states and their gradients are stored in, and
+#:   ``partial_dtype``: that of the per-head parts of dB and dC before their sum over a
+#:   group's heads (float32 by default). bfloat16 states (as mamba_ssm's backward keeps
+#:   them) halve their traffic but cost accuracy where a gradient sums many terms that
+#:   cancel: on the interpreter, bf16 inputs at (1, 70, 2, 16, 1, 16), dA's relative error
+#:   went from 4e-3 to 3e-2. On the H200 (call 3, target shape) fwd+bwd took 2.71 ms with
+#:   float32 states, 2.47 ms with bfloat16 ones and 2.39 ms with bfloat16 dB/dC parts too
+#:   (their accuracy there unchecked).
+#:
 #: The split design's (and so the backward's, after a split forward) chunk, channels per
 #: program and warps. A longer chunk than the fused one: the states go through memory once
 #: per chunk, and the pass over them takes one sequential step per chunk. Register counts
 #: from the sm_90 compile (Triton 3.9 here, cuobjdump): the backward at (Q, BLOCK_P,
 #: BWD_BLOCK_N) = (32, 64, 64) takes 191 registers, (64, 64, 32) 255, neither spills; at
-#: (64, 64, 64) it spills 24 bytes, at Q = 128 more than 1 KB. Optional ``state_dtype``:
-#: the dtype the per-chunk states and their gradients are stored in, and ``partial_dtype``:
-#: that of the per-head parts of dB and dC before their sum over a group's heads (float32
-#: by default). bfloat16 states (as mamba_ssm's backward keeps them) halve their traffic
-#: but cost accuracy where a gradient sums many terms that cancel: on the interpreter,
-#: bf16 inputs at (1, 70, 2, 16, 1, 16), dA's relative error went from 4e-3 to 3e-2. On the
-#: H200 (call 3, target shape) fwd+bwd took 2.71 ms with float32 states, 2.47 ms with
-#: bfloat16 ones and 2.39 ms with bfloat16 dB/dC parts too (their accuracy there unchecked).
+#: (64, 64, 64) it spills 24 bytes, at Q = 128 more than 1 KB. ``atomic_dbc`` is not set
+#: here: untimed in this design (at B=1, L=32768 the sum of the per-head parts took 0.29 of
+#: 6.49 ms fwd+bwd, GPU call B2).
 SPLIT_CONFIGS = {
     4: dict(Q=16, BLOCK_P=16, num_warps=4, BWD_BLOCK_N=16),
     2: dict(Q=64, BLOCK_P=64, num_warps=8, BWD_BLOCK_N=32),
@@ -570,12 +604,13 @@ def _sms(device) -> int:
 
 def choose_design(x, B, config=None, chunk_size=None) -> str:
     """``"fused"`` when its ``batch * heads * P / BLOCK_P`` programs keep at least half the SMs
-    busy, else ``"split"``. Half, not all: at the benchmark shape the fused grid is 128
-    programs on the H200's 132 SMs, and the split design pays for its parallelism with four
-    passes over ``L / Q`` states of ``P N`` floats per head. Measured on the H200 (GPU call
-    3, B=4, L=4096, H=32, P=64, N=128 bf16): forward 0.580 ms fused vs 0.766 ms split;
-    forward + backward 2.71 ms fused vs 2.91 ms split. At B=1, L=32768 the split forward
-    takes 1.09 ms, the fused one 4.52 ms (call 1)."""
+    busy, else ``"split"``. Half, not all: the split design pays for its parallelism with
+    four passes over ``L / Q`` states of ``P N`` floats per head. Measured on the H200 (B=4,
+    L=4096, H=32, P=64, N=128 bf16): forward 0.580 ms fused (then 128 programs of 64
+    channels) vs 0.766 ms split (GPU call 3), 0.404 ms fused in blocks of 32 channels (256
+    programs, call B2); forward + backward 2.71 ms fused vs 2.91 ms split (call 3, states
+    kept), 2.80 vs 3.27 ms (call B2, states recomputed). At B=1, L=32768 the split forward
+    takes 1.09 ms, the fused one 4.52 ms (64 channels, call 1)."""
     batch, _, H, P = x.shape
     cfg = _setup(x, B, config, chunk_size, "fused")
     return "fused" if 2 * batch * H * triton.cdiv(P, cfg["BLOCK_P"]) >= _sms(x.device) else "split"
@@ -696,9 +731,11 @@ class SSDFunction(torch.autograd.Function):
     def backward(ctx, dy, d_final):
         x, dt, A, B, C, kept = ctx.saved_tensors
         cfg = ctx.cfg
-        Q, BLOCK_P = cfg["Q"], cfg["BLOCK_P"]
-        BLOCK_N = max(16, min(cfg.get("BWD_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))  # the backward walks n in blocks
         batch, L, H, P = x.shape
+        Q = cfg["Q"]
+        # _ssd_bwd's tile: its own block of P and warps if the configuration gives them; it walks n in blocks
+        BLOCK_P = max(16, min(cfg.get("BWD_BLOCK_P", cfg["BLOCK_P"]), triton.next_power_of_2(P)))
+        BLOCK_N = max(16, min(cfg.get("BWD_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))
         G, N = B.shape[2], B.shape[3]
         n_chunks, p_blocks = triton.cdiv(L, Q), triton.cdiv(P, BLOCK_P)
         state_dtype = cfg.get("state_dtype", torch.float32)
@@ -707,11 +744,11 @@ class SSDFunction(torch.autograd.Function):
         s0 = None if ctx.keep else kept
         # The states entering the chunks (kept, or recomputed), and the gradient of the state
         # leaving each chunk: the forward's recurrence, backwards.
-        if ctx.design == "fused":  # the forward's grid (twice when it recomputes the states: both walks at once)
+        if ctx.design == "fused":  # per (batch, head, tile of the state), twice when recomputing: both walks at once
             d_states = torch.empty(batch, n_chunks, H, P, N, dtype=state_dtype, device=x.device)
             states = kept if ctx.keep else torch.empty_like(d_states)
             d_s0 = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-            walk_p = max(16, min(cfg.get("WALK_BLOCK_P", BLOCK_P), triton.next_power_of_2(P)))
+            walk_p = max(16, min(cfg.get("WALK_BLOCK_P", cfg["BLOCK_P"]), triton.next_power_of_2(P)))
             walk_n = max(16, min(cfg.get("WALK_BLOCK_N", cfg["BLOCK_N"]), cfg["BLOCK_N"]))
             _state_walks[(batch * H, triton.cdiv(P, walk_p) * triton.cdiv(N, walk_n), 1 if ctx.keep else 2)](
                 x, B, d_s0 if s0 is None else s0, states, dy, C, d_s0 if d_final is None else d_final, d_states,
@@ -739,7 +776,7 @@ class SSDFunction(torch.autograd.Function):
         dA = torch.empty(p_blocks, batch, n_chunks, H, dtype=torch.float32, device=x.device)
         _ssd_bwd[(batch * H, n_chunks, p_blocks)](
             x, dt, A, B, C, dy, states, d_states, dx, dB, dC, ddt, dA, L, H, G, P, N, **_precisions(x),
-            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, ATOMIC=atomic, num_warps=cfg["num_warps"],
+            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, ATOMIC=atomic, num_warps=cfg.get("BWD_WARPS", cfg["num_warps"]),
         )  # fmt: skip
 
         def blocks(d):  # the sum over the blocks of P (no copy when there is one)
