@@ -206,12 +206,13 @@ def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
 
 
 @triton.jit
-def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H, n_chunks,
+def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, dec_ptr, Lp, H, n_chunks,
                     DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
     decays' spread allows the split, else one column at a time; and (I + A)^{-1} Bm in ``mat_ptr``
     (batch * H, chunks, 5, T, T). In ``wy_ptr`` (4, batch, Lp, H, N) what the walks over chunks need
-    (module docstring): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d and K_d."""
+    (module docstring): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d and K_d; in ``dec_ptr`` (batch * H, chunks, N)
+    the chunk's decays e^{g_T}."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
@@ -262,7 +263,9 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H,
     tl.store(mat_ptr + m_off + 2 * T * T, Pk)
     tl.store(mat_ptr + m_off + 3 * T * T, Pa)
     tl.store(mat_ptr + m_off + 4 * T * T, tl.dot(Tinv, Bm, input_precision=PREC))
-    to_end = tl.exp(tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)[None, :] - g)
+    g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
+    tl.store(dec_ptr + (bh * n_chunks + ci) * DK + rk, tl.exp(g_last))
+    to_end = tl.exp(g_last[None, :] - g)
     W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (I + A)^{-1} Bm V
     one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
     tl.store(wy_ptr + offs, W)
@@ -272,27 +275,33 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, Lp, H,
 
 
 @triton.jit
-def _fwd_states(wy_ptr, lw_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, x_ptr, final_ptr, Lp, H, n_chunks,
+def _fwd_states(wy_ptr, dec_ptr, v_ptr, mat_ptr, s0_ptr, states_ptr, x_ptr, final_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
                 PREC: tl.constexpr):  # fmt: skip
     """The forward's walk over chunks, per (batch, head, ``BV`` value columns): saves the state entering
     each chunk and the recalled rows X = W S + (I + A)^{-1} B_m V, then S <- Diag(e^{g_T}) S + K_d^T V - B_d^T X
-    (four products, two of them on the sequential path). The outputs are ``_fwd_out``'s."""
+    (four products, two of them on the sequential path). The outputs are ``_fwd_out``'s. The next chunk's
+    values and decays are loaded one step ahead (Triton's pipelining prefetches W, B_d, K_d, whose loads
+    feed products directly, but not loads that are cast or reduced first)."""
     bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
     one_wy = tl.num_programs(0) * Lp * DK
+    v_next = tl.load(v_ptr + ((b * Lp + rt) * H + h)[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0)
+    decay_next = tl.load(dec_ptr + bh * n_chunks * DK + rk)
     for ci in range(n_chunks):
+        v, decay = v_next.to(tl.float32), decay_next  # decay: e^{g_T}, (N,)
+        ahead = tl.minimum(ci + 1, n_chunks - 1)  # the last chunk loads itself again
+        v_next = tl.load(v_ptr + ((b * Lp + ahead * T + rt) * H + h)[:, None] * DV + rv[None, :],
+                         mask=vmask[None, :], other=0.0)  # fmt: skip
+        decay_next = tl.load(dec_ptr + (bh * n_chunks + ahead) * DK + rk)
         tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S.to(states_ptr.dtype.element_ty), mask=vmask[None, :])
         rows = (b * Lp + ci * T + rt) * H + h
         offs = rows[:, None] * DK + rk[None, :]
-        v_off = rows[:, None] * DV + rv[None, :]
         W = tl.load(wy_ptr + offs)
         Bd = tl.load(wy_ptr + 2 * one_wy + offs)
         Kd = tl.load(wy_ptr + 3 * one_wy + offs)
         TBm = tl.load(mat_ptr + (bh * n_chunks + ci) * 5 * T * T + 4 * T * T + rt[:, None] * T + rt[None, :])
-        decay = tl.exp(tl.sum(tl.load(lw_ptr + offs).to(tl.float32), axis=0))  # e^{g_T}, (N,)
-        v = tl.load(v_ptr + v_off, mask=vmask[None, :], other=0.0).to(tl.float32)
         X = tl.dot(W, S, input_precision=PREC) + tl.dot(TBm, v, input_precision=PREC)
-        tl.store(x_ptr + v_off, X.to(x_ptr.dtype.element_ty), mask=vmask[None, :])
+        tl.store(x_ptr + rows[:, None] * DV + rv[None, :], X.to(x_ptr.dtype.element_ty), mask=vmask[None, :])
         S = decay[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
             - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
     tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
@@ -321,23 +330,30 @@ def _fwd_out(r_ptr, lw_ptr, v_ptr, mat_ptr, states_ptr, x_ptr, o_ptr, Lp, H, n_c
 
 
 @triton.jit
-def _bwd_states(wy_ptr, lw_ptr, do_ptr, dsl_ptr, dstates_ptr, ds0_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+def _bwd_states(wy_ptr, dec_ptr, do_ptr, dsl_ptr, dstates_ptr, ds0_ptr, Lp, H, n_chunks, DK: tl.constexpr,
                 DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """The backward's walk over chunks, in reverse, per (batch, head, ``BV`` value columns): saves the
     gradient of the state leaving each chunk, then steps it back through the chunk with three products,
-    dS <- Diag(e^{g_T}) dS + Q^T do - W^T (B_d dS) (module docstring). The rest is ``_bwd_chunk``'s."""
+    dS <- Diag(e^{g_T}) dS + Q^T do - W^T (B_d dS) (module docstring); do and the decays loaded one chunk
+    ahead, as in ``_fwd_states``. The rest is ``_bwd_chunk``'s."""
     bh, b, h, rk, rv, rt, vmask, s_off, dS = state_tile(dsl_ptr, H, DK, DV, T, BV, True)
     one_wy = tl.num_programs(0) * Lp * DK
+    last = n_chunks - 1
+    do_next = tl.load(do_ptr + ((b * Lp + last * T + rt) * H + h)[:, None] * DV + rv[None, :], mask=vmask[None, :],
+                      other=0.0)  # fmt: skip
+    decay_next = tl.load(dec_ptr + (bh * n_chunks + last) * DK + rk)
     for cr in range(n_chunks):
-        ci = n_chunks - 1 - cr
+        ci = last - cr
+        do, decay = do_next.to(tl.float32), decay_next
+        ahead = tl.maximum(ci - 1, 0)  # the first chunk loads itself again
+        do_next = tl.load(do_ptr + ((b * Lp + ahead * T + rt) * H + h)[:, None] * DV + rv[None, :],
+                          mask=vmask[None, :], other=0.0)  # fmt: skip
+        decay_next = tl.load(dec_ptr + (bh * n_chunks + ahead) * DK + rk)
         tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty), mask=vmask[None, :])
-        rows = (b * Lp + ci * T + rt) * H + h
-        offs = rows[:, None] * DK + rk[None, :]
+        offs = ((b * Lp + ci * T + rt) * H + h)[:, None] * DK + rk[None, :]
         W = tl.load(wy_ptr + offs)
         Q = tl.load(wy_ptr + one_wy + offs)
         Bd = tl.load(wy_ptr + 2 * one_wy + offs)
-        decay = tl.exp(tl.sum(tl.load(lw_ptr + offs).to(tl.float32), axis=0))  # e^{g_T}, (N,)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
         BdS = tl.dot(Bd, dS, input_precision=PREC)
         dS = decay[:, None] * dS + tl.dot(tl.trans(Q), do, input_precision=PREC) \
             - tl.dot(tl.trans(W), BdS, input_precision=PREC)  # fmt: skip
@@ -506,7 +522,8 @@ class WKV7Chunked(torch.autograd.Function):
         prec = _precision(r.dtype)
         # 1. every chunk's matrices, and W, Q, B_d, K_d
         mats, wy = torch.empty(B * H, n, 5, T, T, **f32), torch.empty(4, B, Lp, H, DK, **f32)
-        _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, wy, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
+        decays = torch.empty(B * H, n, DK, **f32)  # e^{g_T} per chunk
+        _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, wy, decays, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
                                     PREC=prec, num_warps=_warps(DK))  # fmt: skip
         # 2. the walk over chunks: the state entering each chunk and the recalled rows X
         final = torch.empty(B, H, DK, DV, **f32)
@@ -514,7 +531,7 @@ class WKV7Chunked(torch.autograd.Function):
         states, X = torch.empty(B * H, n, DK, DV, **kept), torch.empty(B, Lp, H, DV, **kept)
         s0 = S0.float().contiguous() if S0 is not None else final
         bv = _state_block_v(B * H, DV)
-        _fwd_states[(B * H, triton.cdiv(DV, bv))](wy, wp, vp, mats, s0, states, X, final, Lp, H, n, DK=DK, DV=DV,
+        _fwd_states[(B * H, triton.cdiv(DV, bv))](wy, decays, vp, mats, s0, states, X, final, Lp, H, n, DK=DK, DV=DV,
                                                   T=T, BV=bv, HAS_S0=S0 is not None, PREC=prec,
                                                   num_warps=_warps(DK))  # fmt: skip
         # 3. the outputs, every chunk at once
@@ -522,14 +539,14 @@ class WKV7Chunked(torch.autograd.Function):
         bvo = min(DV, OUT_BLOCK_V)
         _fwd_out[(B * H, n, triton.cdiv(DV, bvo))](rp, wp, vp, mats, states, X, o, Lp, H, n, DK=DK, DV=DV, T=T,
                                                    BV=bvo, PREC=prec, num_warps=_warps(DK))  # fmt: skip
-        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, wy, X, states, final)
+        ctx.save_for_backward(rp, wp, kp, vp, khp, ap, mats, wy, decays, X, states, final)
         ctx.L = L
         ctx.dtypes = [x.dtype for x in (r, log_w, k, v, kappa_hat, a)] + [None if S0 is None else S0.dtype]
         return o[:, :L], final
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        rp, wp, kp, vp, khp, ap, mats, wy, X, states, final = ctx.saved_tensors
+        rp, wp, kp, vp, khp, ap, mats, wy, decays, X, states, final = ctx.saved_tensors
         B, Lp, H, DK = rp.shape
         DV, T, L = vp.shape[-1], CHUNK, ctx.L
         n = Lp // T
@@ -541,7 +558,7 @@ class WKV7Chunked(torch.autograd.Function):
         # 3. the walk over chunks in reverse: the gradient of the state leaving each chunk
         dstates, dS0 = torch.empty_like(states), torch.empty_like(dsl)
         bv = _state_block_v(B * H, DV)
-        _bwd_states[(B * H, triton.cdiv(DV, bv))](wy, wp, dop, dsl, dstates, dS0, Lp, H, n, DK=DK, DV=DV, T=T, BV=bv,
+        _bwd_states[(B * H, triton.cdiv(DV, bv))](wy, decays, dop, dsl, dstates, dS0, Lp, H, n, DK=DK, DV=DV, T=T, BV=bv,
                                                   PREC=prec, num_warps=_warps(DK))  # fmt: skip
         # 4. every chunk at once: all the gradients but the decays' sum over later chunks
         d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
