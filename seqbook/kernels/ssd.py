@@ -297,12 +297,12 @@ def _state_walks(
     HAS_S0: tl.constexpr, HAS_DS_END: tl.constexpr, WIDEN: tl.constexpr, STATE_PRECISION: tl.constexpr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    r"""The backward's state walks after a fused forward: one program per (batch, head, tile of
-    the state) times ``tl.num_programs(2)``. The last program along axis 2
-    walks the chunks from the last, holding :math:`\bar S` in registers: :math:`\bar S
-    \leftarrow e^{c_\text{last}} \bar S + \sum_t e^{c_t} \bar y_t C_t^\top`. With two along
-    axis 2, the first recomputes the states entering the chunks (the forward's recurrence,
-    not stored by the forward): the two walks are independent and run side by side."""
+    r"""The backward's state walks after a fused forward, one program per (batch, head, tile of
+    the state) and per walk along axis 2. The last along axis 2 walks the chunks from the
+    last, holding :math:`\bar S` in registers: :math:`\bar S \leftarrow e^{c_\text{last}}
+    \bar S + \sum_t e^{c_t} \bar y_t C_t^\top`. With two along axis 2, the first recomputes
+    the states entering the chunks (the forward's recurrence; the forward does not keep
+    them): the two walks are independent and run side by side."""
     batch, head, group = _heads(H, G)
     if tl.program_id(2) == tl.num_programs(2) - 1:
         _walk(DY, C, DT, A, DS_END, DSTATES, DS0, batch, head, group, L, H, G, P, N,
