@@ -486,12 +486,13 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
     )
 
 
-def _set_allocator() -> None:
+def _set_allocator(device: torch.device) -> None:
     """Tensor descriptors made inside a kernel (``tl.make_tensor_descriptor``) live in a small
-    global-memory scratch buffer that Triton asks the host for at each launch: give it torch's."""
+    global-memory scratch buffer that Triton asks the host for at each launch: give it torch's,
+    on the inputs' device."""
 
     def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cpu" if _backend.interpreting() else "cuda")
+        return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(alloc)
 
@@ -504,7 +505,7 @@ def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     if cfg.get("TMA") and not _tma_ok(q, k, v):
         cfg["TMA"] = False
     if cfg.get("TMA"):
-        _set_allocator()
+        _set_allocator(q.device)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
@@ -531,7 +532,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, configs: dict | N
     _check_tiles("dkdv", cfg)
     cfg["TMA"] = cfg.get("TMA", False) and tma_ok
     if cfg["TMA"]:
-        _set_allocator()
+        _set_allocator(q.device)
     _attn_bwd_dkdv[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), H, L, scale * LOG2E, scale,
@@ -541,7 +542,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, configs: dict | N
     _check_tiles("dq", cfg)
     cfg["TMA"] = cfg.get("TMA", False) and tma_ok
     if cfg["TMA"]:
-        _set_allocator()
+        _set_allocator(q.device)
     _attn_bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, scale * LOG2E, scale, CAUSAL=causal, HEAD_DIM=d, PRECISION=precision, **cfg,
