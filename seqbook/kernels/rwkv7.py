@@ -133,19 +133,20 @@ each chunk (``N d_v / 16`` numbers per step and head) and X (``d_v``), in bfloat
 (``KEEP_16BIT``) and float32 otherwise; W, Q, B_d, K_d (``4 N``) and the chunks' matrices in float32.
 The backward writes and reads the states' gradients in the states' dtype.
 
-Measured (H200, bf16, ``triton.testing.do_bench``; ``benchmarks/NOTES.md`` has the history), with the
-previous design (a forward walk of eight products per chunk computing the outputs too; a backward of
-one sequential pass per (batch, head, 32 value columns) doing all of step 4's work
-inside the walk, writing each value block's partial gradients, then a kernel summing them): B=4,
-L=4096, H=32, d=64 forward 1.53 ms, forward+backward 10.08 ms (fla's ``chunk_rwkv7`` 1.92 / 7.04 ms
-in an earlier run); B=1, L=16384, H=16, d=128 forward 6.11 ms, forward+backward 57.7 ms. At d=128 that
-backward's walk had only 64 programs for 132 SMs, 1024 chunks of about 20 dependent products each, and
-spilled (compiled for sm_90 with CUDA 13.4's ptxas: 255 registers and a 3.4 kB stack at 8 warps); in
-this design the walk of step 3 has 128 programs of three products per chunk and no spills (143
-registers), step 4 one program per chunk (255 registers, no stack at d=128), the forward walk 180. Errors of the earlier version on the
-H200 (GPU call 3, B=4, L=4096, H=32, d=64 bf16, RWKV-7's decays), relative to the largest value of
-``wkv7_chunked`` in float64: 3.6e-3 on the output, 5e-4 on the final state, 3e-3 to 8e-3 on the
-gradients but 2.4e-2 on log w's (a sum over the sequence of the other gradients' products).
+Measured (H200, bf16, ``triton.testing.do_bench`` medians; ``benchmarks/NOTES.md`` has the history and
+the commands). This design, GPU call B2 of 2026-12-02 (commit a7112ed, before the walks' look-ahead
+loads of 374319b, which are not timed): B=4, L=4096, H=32, d=64 forward 2.20 ms, forward+backward
+6.84 ms; B=1, L=16384, H=16, d=128 forward 7.53 ms, forward+backward 17.8 ms (per kernel at d=128:
+``_fwd_states`` 5.6, ``_bwd_states`` 5.2, ``_bwd_chunk`` 4.6, ``_chunk_matrices`` 1.5, ``_fwd_out`` 0.4,
+PyTorch 0.4). The previous design (a forward walk of eight products per chunk computing the outputs
+too; a backward walk per (batch, head, 32 value columns) doing all of step 4's work inside it and
+writing each value block's partial gradients, 2.1 GB at d=128, summed by another kernel): 1.53 /
+10.08 ms and 6.11 / 57.7 ms. At d=128 that backward walk had 64 programs for 132 SMs, about 20
+dependent products per chunk, and spilled (CUDA 13.4's ptxas for sm_90: 255 registers and a 3.4 kB
+stack). fla's ``chunk_rwkv7`` at d=64: 1.92 / 7.04 ms (an earlier run). Errors on the H200 (same
+call, RWKV-7-like decays, against :func:`seqbook.rwkv.wkv7_recurrent` in float64 on the same
+rounded inputs, largest error over the largest value): 3.3e-3 (d=64) and 4.4e-3 (d=128) on the
+output, 7e-4 on the final state, 2.3e-3 to 4.2e-3 on every gradient, log w's included.
 """
 
 from __future__ import annotations
