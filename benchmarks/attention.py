@@ -298,9 +298,18 @@ DQ_TILES = {
     64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, TMA)],
 }
 
+#: Rounds of the sweep: every configuration of a list is timed once per round, in the list's
+#: order in even rounds and in reverse in odd ones, and its time is the mean over rounds. The
+#: H200 slowed by about 4% per second of sustained load in GPU call B2 of 2026-12-02 (SDPA
+#: cuDNN 1.72 ms, then 1.87 ms two seconds later): timed once each, in a fixed order, later
+#: rows look slower. Alternating the order makes a steady drift add the same to every row.
+SWEEP_ROUNDS = 4
+
+
 def sweep(device: str = "cuda") -> list[dict]:
     """Time the forward kernel, and the backward with one of its two kernels' tiles varied,
-    at the target (d=128) and at ``B=4, L=4096, H=32, d=64``, bf16, causal."""
+    at the target (d=128) and at ``B=4, L=4096, H=32, d=64``, bf16, causal; each list of
+    configurations in ``SWEEP_ROUNDS`` interleaved rounds (see there)."""
     k = kernels("attention")
     found = []
     for shape in (TARGET, WIDE):
@@ -311,21 +320,33 @@ def sweep(device: str = "cuda") -> list[dict]:
         o, lse = k._forward(q, kk, v, True, scale)
         do = torch.randn_like(o)
         fwd_tflop = forward_flops(shape) / 1e12
-        runs = [("fwd", t, lambda c: k._forward(q, kk, v, True, scale, c)) for t in FWD_TILES[d]]
-        runs += [("dkdv", t, lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dkdv": c})) for t in DKDV_TILES[d]]
-        runs += [("dq", t, lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dq": c})) for t in DQ_TILES[d]]
-        for kind, (bm, bn, warps, stages, *options), fn in runs:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, NUM_STAGES=stages, **(options[0] if options else {}))
-            try:
-                fn(cfg)
-                ms = time_ms(lambda: fn(cfg), warmup=10, rep=40)
-            except Exception as e:  # e.g. out of shared memory or registers
-                ms = float("nan")
-                print("sweep", kind, cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)
+        lists = [
+            ("fwd", FWD_TILES[d], lambda c: k._forward(q, kk, v, True, scale, c)),
+            ("dkdv", DKDV_TILES[d], lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dkdv": c})),
+            ("dq", DQ_TILES[d], lambda c: k._backward(q, kk, v, o, lse, do, True, scale, {"dq": c})),
+        ]
+        for kind, tiles, fn in lists:
+            configs = []
+            for bm, bn, warps, stages, *options in tiles:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, NUM_STAGES=stages)
+                cfg.update(options[0] if options else {})
+                try:
+                    fn(cfg)  # compile (and fail here, not in a round, if it cannot)
+                    configs.append(cfg)
+                except Exception as e:  # e.g. out of shared memory or registers
+                    print("sweep", kind, cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)
+                    found.append(dict(cfg, kernel=kind, shape=shape_name(shape), ms=float("nan")))
+            times = {i: [] for i in range(len(configs))}
+            for r in range(SWEEP_ROUNDS):
+                order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
+                for i in order:
+                    times[i].append(time_ms(lambda: fn(configs[i]), warmup=5, rep=10))
             work = fwd_tflop * (1.0 if kind == "fwd" else 2.5)
-            found.append(dict(cfg, kernel=kind, shape=shape_name(shape), ms=round(ms, 4),
-                              tflops=round(work / (ms * 1e-3), 1)))  # fmt: skip
-            print("sweep", found[-1], flush=True)
+            for i, cfg in enumerate(configs):
+                ms = sum(times[i]) / len(times[i])
+                found.append(dict(cfg, kernel=kind, shape=shape_name(shape), ms=round(ms, 4),
+                                  ms_rounds=[round(t, 4) for t in times[i]], tflops=round(work / (ms * 1e-3), 1)))
+                print("sweep", found[-1], flush=True)
         del inp, q, kk, v, o, lse, do
         torch.cuda.empty_cache()
     return found
