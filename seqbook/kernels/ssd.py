@@ -754,7 +754,8 @@ class SSDFunction(torch.autograd.Function):
                 x, B, d_s0 if s0 is None else s0, states, dy, C, d_s0 if d_final is None else d_final, d_states,
                 d_s0, dt, A, L, H, G, P, N, HAS_S0=s0 is not None, HAS_DS_END=d_final is not None,
                 WIDEN=interpreting(), STATE_PRECISION=_precisions(x)["STATE_PRECISION"], Q=Q, BLOCK_P=walk_p,
-                BLOCK_N=walk_n, N_TILES=walk_n < N, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg.get("WALK_WARPS", cfg["num_warps"]),
+                BLOCK_N=walk_n, N_TILES=walk_n < N, NUM_STAGES=cfg["NUM_STAGES"],
+                num_warps=cfg.get("WALK_WARPS", cfg["num_warps"]),
                 **({"maxnreg": cfg["WALK_MAXNREG"]} if "WALK_MAXNREG" in cfg else {}),
             )  # fmt: skip
         else:
