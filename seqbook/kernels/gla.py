@@ -21,14 +21,16 @@ exponent is split at a reference ``r``, ``c`` at the chunk's middle step,
 :math:`(q\circ e^{c^q - r})(k\circ e^{r - c})^\top`, masked to the causal entries. Both factors lie within
 :math:`e^{\pm\mathrm{SPAN}}` (``SPAN = 40``) when neither half of the chunk decays by more than e^-40 in any
 channel, so nothing overflows or underflows in float32 where it matters (the masked entries above the diagonal
-may overflow; they are dropped). Chunks with stronger gates (``_steep``) take an exact path instead: one key
+may overflow; they are dropped). Chunks with stronger gates (``_halves``) take an exact path instead: one key
 column at a time, each exponent :math:`c^q_t - c_j \le 0` formed before its exponential. The two paths are two
-compiled versions of each chunk kernel (``STEEP``), launched one after the other over all chunks, each program
-doing its chunk only if the chunk is of its kind (a kernel carrying both paths held both paths' registers); the
-forward's first launch decides for each chunk and records it (one byte per chunk and head), the other launches
-read that. The benchmark's gates, and trained models' (mostly near 1), leave the second launches nothing to do
-but read their byte; the test suite runs both. ``A`` is never stored: the forward forms it next to the output,
-the backward forms it again for ``dv``, and forms the weights' gradient ``dA`` next to ``dq, dk``.
+compiled versions of each chunk kernel (``STEEP``; a kernel carrying both paths held both paths' registers),
+launched one after the other over all chunks. The first works every chunk as if none were steep, with no branch
+before its stores (its factors capped at e^40, a steep chunk's products are wrong there), and stores only the
+chunks that are not; the forward's first launch also records each chunk's kind (one byte per chunk and head),
+and the second launches do the steep chunks only. The benchmark's gates, and trained models' (mostly near 1),
+leave the second launches nothing to do but read their byte; the test suite runs both. ``A`` is never stored:
+the forward forms it next to the output, the backward forms it again for ``dv``, and forms the weights'
+gradient ``dA`` next to ``dq, dk``.
 
 Forward:
 
@@ -144,26 +146,41 @@ def _causal(rt, BONUS: tl.constexpr):
 
 
 @triton.jit
-def _steep(g_ptr, rows, rt, DK: tl.constexpr, T: tl.constexpr, BK: tl.constexpr):
-    r"""Whether this chunk's gates are too strong for its 64-row products: some channel decays past
-    :math:`e^{-\mathrm{SPAN}}` over either half of the chunk. Else, with the reference ``r = c`` at the chunk's middle
-    step, the query's factors :math:`e^{c^q_t - r}` and the key's :math:`e^{r - c_j}` all lie within
-    :math:`e^{\pm\mathrm{SPAN}}` (float32 keeps e^-87 .. e^88)."""
-    worst = 0.0
-    for pk in tl.static_range(DK // BK):
-        g = _load_rows(g_ptr, rows, pk * BK + tl.arange(0, BK), DK)
-        first = tl.sum(tl.where(rt[:, None] < T // 2, g, 0.0), axis=0)  # c at the middle step (minus its decay)
-        worst = tl.maximum(worst, tl.max(tl.maximum(-first, first - tl.sum(g, axis=0)), axis=0))
-    return worst > SPAN
+def _kept(steep, r, STEEP: tl.constexpr):
+    """A mask shaped like ``r`` (an index range), all true if this launch stores the chunk: the chunk is ``steep``
+    (a scalar) and this is the ``STEEP`` launch, or neither."""
+    s = r * 0 + steep.to(tl.int32)
+    if STEEP:
+        return s != 0
+    else:
+        return s == 0
 
 
 @triton.jit
-def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):
+def _halves(c, rt, T: tl.constexpr):
+    r"""The reference ``r`` of the 64-row products, ``c`` at the chunk's middle step, and this block of channels'
+    largest decay over either half of the chunk. Where that decay is at most ``SPAN`` in every channel of every
+    block, the query's factors :math:`e^{c^q_t - r}` and the key's :math:`e^{r - c_j}` all lie within
+    :math:`e^{\pm\mathrm{SPAN}}` (float32 keeps e^-87 .. e^88); else the chunk is steep."""
+    ref = _row(c, rt, T // 2 - 1)
+    return ref, tl.max(tl.maximum(-ref, ref - _row(c, rt, T - 1)), axis=0)
+
+
+@triton.jit
+def _split_factors(c, cq, ref):
+    """The query's and the key's factors of the 64-row products, :math:`e^{c^q - r}` and :math:`e^{r - c}`, each
+    within e^SPAN: already so in a chunk that is not steep; capped in a steep one, whose (then wrong, but finite)
+    products the first launch forms and does not store."""
+    return tl.exp(tl.minimum(cq - ref[None, :], SPAN)), tl.exp(tl.minimum(ref[None, :] - c, SPAN))
+
+
+@triton.jit
+def _weights(q, k, c, cq, ref, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):
     r"""One block of key channels' share of the chunk's weights, (T, T) float32, zeros where not causal:
     :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` (the bonus's diagonal is added by the caller).
 
     One 64-row matrix product :math:`(q \circ e^{c^q - r})(k \circ e^{r - c})^\top` with ``r = c`` at the chunk's
-    middle step (``_steep``: the entries above the diagonal may overflow there and are masked); or, for a ``STEEP``
+    middle step (``_halves``: the entries above the diagonal may overflow there and are masked); or, for a ``STEEP``
     chunk, one key column ``j`` at a time, each exponent :math:`c^q_t - c_j \le 0` formed before the exponential."""
     causal = _causal(rt, BONUS)
     if STEEP:
@@ -177,8 +194,8 @@ def _weights(q, k, c, cq, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: tl.con
             col = tl.sum(q * k_j[None, :] * tl.exp(tl.where(later[:, None], cq - c_j[None, :], float("-inf"))), axis=1)
             A = tl.where(rt[None, :] == j, col[:, None], A)
     else:
-        ref = _row(c, rt, T // 2 - 1)
-        A = _dot(q * tl.exp(cq - ref[None, :]), tl.trans(k * tl.exp(ref[None, :] - c)), PREC)
+        to_ref, from_ref = _split_factors(c, cq, ref)
+        A = _dot(q * to_ref, tl.trans(k * from_ref), PREC)
         A = tl.where(causal, A, 0.0)
     return A
 
@@ -277,21 +294,23 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, 
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if STEEP:  # the first launch (the products) decided and recorded which chunks are steep
-        steep = tl.load(steep_ptr + bh * n_chunks + ci) != 0
-    else:
-        steep = _steep(g_ptr, rows, rt, DK, T, BK)
-        if pv == 0:
-            tl.store(steep_ptr + bh * n_chunks + ci, steep.to(tl.int8))
-    if steep == STEEP:  # the other launch does the other chunks
+    flag = steep_ptr + bh * n_chunks + ci
+    if STEEP:  # the first launch recorded which chunks are steep: only those here
+        go = tl.load(flag) != 0
+    else:  # every chunk, as if none were steep: a steep chunk's (capped) products are wrong, and not stored
+        go = True
+    if go:
         A = tl.zeros([T, T], dtype=tl.float32)
         o = tl.zeros([T, BV], dtype=tl.float32)
         diag = tl.zeros([T], dtype=tl.float32)  # the bonus's weight q_t . (u o k_t)
+        decay = 0.0  # the largest decay over either half of the chunk, any channel
         for pk in tl.static_range(DK // BK):
             rk = pk * BK + tl.arange(0, BK)
             q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
             c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-            A += _weights(q, k, c, cq, rt, T, BONUS, PREC, STEEP)
+            ref, block_decay = _halves(c, rt, T)
+            decay = tl.maximum(decay, block_decay)
+            A += _weights(q, k, c, cq, ref, rt, T, BONUS, PREC, STEEP)
             S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
             o += _dot(q * tl.exp(cq), S, PREC)
             if BONUS:
@@ -299,7 +318,14 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, 
         if BONUS:
             A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
         o += _dot(A, _load_rows(v_ptr, rows, rv, DV), PREC)
-        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
+        if STEEP:
+            keep = _kept(go, rt, STEEP)
+        else:
+            keep = rt * 0.0 + decay <= SPAN  # (T,): all or none
+            if pv == 0:
+                tl.store(flag, (decay > SPAN).to(tl.int8))
+        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty),
+                 mask=keep[:, None])
 
 
 @triton.jit
@@ -334,7 +360,12 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, dstates_ptr, dv_ptr
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if (tl.load(steep_ptr + bh * n_chunks + ci) != 0) == STEEP:  # as the forward chose; the other launch does the rest
+    steep = tl.load(steep_ptr + bh * n_chunks + ci) != 0  # as the forward chose; the other launch does the others
+    if STEEP:
+        go = steep
+    else:  # every chunk, as if none were steep (see _chunk_fwd)
+        go = True
+    if go:
         A = tl.zeros([T, T], dtype=tl.float32)
         dv = tl.zeros([T, BV], dtype=tl.float32)
         diag = tl.zeros([T], dtype=tl.float32)
@@ -342,7 +373,7 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, dstates_ptr, dv_ptr
             rk = pk * BK + tl.arange(0, BK)
             q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
             c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
-            A += _weights(q, k, c, cq, rt, T, BONUS, PREC, STEEP)
+            A += _weights(q, k, c, cq, _halves(c, rt, T)[0], rt, T, BONUS, PREC, STEEP)
             dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
             dv += _dot(k * tl.exp(_last_row(c, rt, T)[None, :] - c), dS, PREC)
             if BONUS:
@@ -350,7 +381,8 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, dstates_ptr, dv_ptr
         if BONUS:
             A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
         dv += scale * _dot(tl.trans(A), _load_rows(do_ptr, rows, rv, DV), PREC)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty))
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=_kept(steep, rt, STEEP)[:, None])
 
 
 @triton.jit
@@ -364,7 +396,12 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
     b, h = bh // H, bh % H
     rk, rt = pk * BK + tl.arange(0, BK), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
-    if (tl.load(steep_ptr + bh * n_chunks + ci) != 0) == STEEP:  # as the forward chose; the other launch does the rest
+    steep = tl.load(steep_ptr + bh * n_chunks + ci) != 0  # as the forward chose; the other launch does the others
+    if STEEP:
+        go = steep
+    else:  # every chunk, as if none were steep (see _chunk_fwd)
+        go = True
+    if go:
         st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
         ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
         # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
@@ -408,8 +445,8 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
                 dq += da_j[:, None] * k_j[None, :] * E
                 dk += tl.where(rt[:, None] == j, tl.sum(da_j[:, None] * q * E, axis=0)[None, :], 0.0)
         else:
-            ref = _row(c, rt, T // 2 - 1)
-            to_ref, from_ref = tl.exp(cq - ref[None, :]), tl.exp(ref[None, :] - c)
+            ref = _halves(c, rt, T)[0]
+            to_ref, from_ref = _split_factors(c, cq, ref)
             dq = (dq * (scale * tl.exp(ref))[None, :] + _dot(dA, k * from_ref, PREC)) * to_ref
             dk_state = dk * (tl.exp(c_last - ref)[None, :] * from_ref)
             dk = dk_state + _dot(tl.trans(dA), q * to_ref, PREC) * from_ref
@@ -435,11 +472,12 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
             u = tl.load(u_ptr + h * DK + rk)
             dq += da_tt[:, None] * u[None, :] * k
             dk += da_tt[:, None] * u[None, :] * q
-            tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(da_tt[:, None] * q * k, axis=0))
-        kd_off = rows[:, None] * DK + rk[None, :]
-        tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty))
-        tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty))
-        tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty))
+            tl.store(du_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(da_tt[:, None] * q * k, axis=0),
+                     mask=_kept(steep, rk, STEEP))
+        kd_off, kd_keep = rows[:, None] * DK + rk[None, :], _kept(steep, rt, STEEP)[:, None]
+        tl.store(dq_ptr + kd_off, dq.to(dq_ptr.dtype.element_ty), mask=kd_keep)
+        tl.store(dk_ptr + kd_off, dk.to(dk_ptr.dtype.element_ty), mask=kd_keep)
+        tl.store(dg_ptr + kd_off, dg.to(dg_ptr.dtype.element_ty), mask=kd_keep)
 
 
 def _tiles(DK, DV):
