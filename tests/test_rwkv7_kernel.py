@@ -101,6 +101,21 @@ def test_kernel_matches_float64_recurrence(device, shape, state):
         assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}, state={state}")
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0])])
+def test_kernel_forward_without_gradients(device, shape):
+    """Inputs that need no gradient take the kernel's one-walk forward (``_infer_pass``, which saves
+    nothing for a backward): its output and final state against the float64 recurrence."""
+    B, L, H, N, d_v, strength = shape
+    if isinstance(strength, list):
+        strength = torch.tensor(strength, dtype=F64).repeat_interleave(16)[:L].view(1, L, 1, 1)
+    xs = [x.float().to(device) for x in wkv7_problem(B, L, H, N, d_v, strength, seed=L + 3)]
+    assert not any(x.requires_grad for x in xs)
+    o, S = rwkv.wkv7(*xs[:6], initial_state=xs[6], return_final_state=True, backend="triton")
+    o_ref, S_ref = rwkv.wkv7_recurrent(*(x.double() for x in xs))
+    assert_near(o, o_ref, rel_tolerance(shape), f"o at {shape}, no gradients")
+    assert_near(S, S_ref, rel_tolerance(shape), f"final state at {shape}, no gradients")
+
+
 def test_kernel_split_and_column_chunks(device):
     """A chunk whose cumulated log-decays spread less than ``SPLIT_SPREAD`` builds its (T, T) matrices
     (and their gradients) as matrix products of split exponentials; a chunk with a wider spread, one

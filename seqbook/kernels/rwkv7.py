@@ -80,6 +80,12 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
    is written per value block (the previous design wrote each block's partial gradients, 4 bytes
    times ``4 N d_v / BLOCK_V`` per step, and summed them in a second kernel).
 
+Without gradients (:func:`wkv7` with grad mode off or no input requiring one) nothing is kept for a
+backward, and one walk per (batch, head, value block), ``_infer_pass``, applies the three lines above
+directly from the inputs and the first four matrices of 1 (eight small products per chunk, outputs
+included). It is the previous design's forward, which took 1.53 / 6.11 ms at the two benchmark shapes
+below (H200, bf16) where 1-2 plus ``_fwd_out`` took 2.20 / 7.53 (GPU call B2, ``benchmarks/NOTES.md``).
+
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
 the float64 recurrence, and by the tests)
@@ -208,12 +214,14 @@ def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
 
 @triton.jit
 def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, dec_ptr, Lp, H, n_chunks,
-                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                    DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
+                    GRAD: tl.constexpr):  # fmt: skip
     """Per chunk (all in parallel): (I + A)^{-1}, Bm, Pk, Pa, each (T, T): four matrix products where the
     decays' spread allows the split, else one column at a time; and (I + A)^{-1} Bm in ``mat_ptr``
     (batch * H, chunks, 5, T, T). In ``wy_ptr`` (4, batch, Lp, H, N) what the walks over chunks need
     (module docstring): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d and K_d; in ``dec_ptr`` (batch * H, chunks, N)
-    the chunk's decays e^{g_T}."""
+    the chunk's decays e^{g_T}. Without ``GRAD`` (the forward without gradients: ``_infer_pass``) only the
+    first four matrices."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
@@ -263,16 +271,62 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, dec_pt
     tl.store(mat_ptr + m_off + T * T, Bm)
     tl.store(mat_ptr + m_off + 2 * T * T, Pk)
     tl.store(mat_ptr + m_off + 3 * T * T, Pa)
-    tl.store(mat_ptr + m_off + 4 * T * T, tl.dot(Tinv, Bm, input_precision=PREC))
+    if GRAD:
+        tl.store(mat_ptr + m_off + 4 * T * T, tl.dot(Tinv, Bm, input_precision=PREC))
+        g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
+        tl.store(dec_ptr + (bh * n_chunks + ci) * DK + rk, tl.exp(g_last))
+        to_end = tl.exp(g_last[None, :] - g)
+        W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (I + A)^{-1} Bm V
+        one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
+        tl.store(wy_ptr + offs, W)
+        tl.store(wy_ptr + one_wy + offs, r * tl.exp(g) - tl.dot(Pa, W, input_precision=PREC))  # Q
+        tl.store(wy_ptr + 2 * one_wy + offs, bb * to_end)  # B_d
+        tl.store(wy_ptr + 3 * one_wy + offs, k * to_end)  # K_d
+
+
+@triton.jit
+def _chunk_inputs(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks,
+                  rk, rv, rt, vmask, DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    """Chunk ``ci``'s rows, its decayed inputs K_g, R_g, K_d, B_d (module docstring), values and matrices."""
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    g, gp = _chunk_g(lw_ptr, offs)
     g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
-    tl.store(dec_ptr + (bh * n_chunks + ci) * DK + rk, tl.exp(g_last))
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
     to_end = tl.exp(g_last[None, :] - g)
-    W = tl.dot(Tinv, kh * tl.exp(gp), input_precision=PREC)  # X = W S + (I + A)^{-1} Bm V
-    one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
-    tl.store(wy_ptr + offs, W)
-    tl.store(wy_ptr + one_wy + offs, r * tl.exp(g) - tl.dot(Pa, W, input_precision=PREC))  # Q
-    tl.store(wy_ptr + 2 * one_wy + offs, bb * to_end)  # B_d
-    tl.store(wy_ptr + 3 * one_wy + offs, k * to_end)  # K_d
+    Kg = kh * tl.exp(gp)
+    Rg = tl.load(r_ptr + offs).to(tl.float32) * tl.exp(g)
+    Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
+    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
+    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=vmask[None, :], other=0.0).to(tl.float32)
+    m_off = (bh * n_chunks + ci) * 5 * T * T + rt[:, None] * T + rt[None, :]
+    Tinv = tl.load(mat_ptr + m_off)
+    Bm = tl.load(mat_ptr + m_off + T * T)
+    Pk = tl.load(mat_ptr + m_off + 2 * T * T)
+    Pa = tl.load(mat_ptr + m_off + 3 * T * T)
+    return rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa
+
+
+@triton.jit
+def _infer_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, o_ptr, final_ptr, Lp, H, n_chunks,
+                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
+    """The forward without gradients in one walk per (batch, head, ``BV`` value columns), saving nothing:
+    per chunk X = (I + A)^{-1} (K_g S + B_m V), o = R_g S + P_k V - P_a X, S <- e^{g_T} S + K_d^T V - B_d^T X
+    (eight products, from the inputs and the four matrices of ``_chunk_matrices``)."""
+    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
+    for ci in range(n_chunks):
+        rows, g, gp, g_last, Kg, Rg, Kd, Bd, v, Tinv, Bm, Pk, Pa = _chunk_inputs(
+            r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, b, h, bh, ci, Lp, H, n_chunks, rk, rv, rt,
+            vmask, DK, DV, T)  # fmt: skip
+        rhs = tl.dot(Kg, S, input_precision=PREC) + tl.dot(Bm, v, input_precision=PREC)
+        X = tl.dot(Tinv, rhs, input_precision=PREC)  # the recalled rows x_t = kappa_hat_t^T S_{t-1}
+        o = tl.dot(Rg, S, input_precision=PREC) + tl.dot(Pk, v, input_precision=PREC) \
+            - tl.dot(Pa, X, input_precision=PREC)  # fmt: skip
+        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
+        S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
+            - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
+    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
 
 
 @triton.jit
@@ -521,17 +575,17 @@ class WKV7Chunked(torch.autograd.Function):
         dev = r.device
         f32 = dict(dtype=torch.float32, device=dev)
         prec = _precision(r.dtype)
-        # 1. every chunk's matrices, and W, Q, B_d, K_d
+        # 1. every chunk's matrices, and W, Q, B_d, K_d and the decays
         mats, wy = torch.empty(B * H, n, 5, T, T, **f32), torch.empty(4, B, Lp, H, DK, **f32)
         decays = torch.empty(B * H, n, DK, **f32)  # e^{g_T} per chunk
         _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, wy, decays, Lp, H, n, DK=DK, T=T, LOW=r.dtype == torch.bfloat16,
-                                    PREC=prec, num_warps=_warps(DK))  # fmt: skip
-        # 2. the walk over chunks: the state entering each chunk and the recalled rows X
+                                    PREC=prec, GRAD=True, num_warps=_warps(DK))  # fmt: skip
         final = torch.empty(B, H, DK, DV, **f32)
-        kept = dict(dtype=_kept_dtype(r.dtype), device=dev)
-        states, X = torch.empty(B * H, n, DK, DV, **kept), torch.empty(B, Lp, H, DV, **kept)
         s0 = S0.float().contiguous() if S0 is not None else final
         bv = _state_block_v(B * H, DV)
+        # 2. the walk over chunks: the state entering each chunk and the recalled rows X
+        kept = dict(dtype=_kept_dtype(r.dtype), device=dev)
+        states, X = torch.empty(B * H, n, DK, DV, **kept), torch.empty(B, Lp, H, DV, **kept)
         _fwd_states[(B * H, triton.cdiv(DV, bv))](wy, decays, vp, mats, s0, states, X, final, Lp, H, n, DK=DK, DV=DV,
                                                   T=T, BV=bv, HAS_S0=S0 is not None, PREC=prec,
                                                   num_warps=_warps(DK))  # fmt: skip
@@ -576,10 +630,36 @@ class WKV7Chunked(torch.autograd.Function):
                 None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
 
 
+def _wkv7_inference(r, log_w, k, v, kappa_hat, a, S0):
+    """The forward without gradients: the four matrices of every chunk, then one walk that computes the outputs
+    too and saves nothing (``_infer_pass``, module docstring)."""
+    B, L, H, DK = r.shape
+    DV, T = v.shape[-1], CHUNK
+    n = triton.cdiv(L, T)
+    Lp = n * T
+    rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
+    mats = torch.empty(B * H, n, 5, T, T, dtype=torch.float32, device=r.device)
+    _chunk_matrices[(B * H, n)](rp, wp, kp, khp, ap, mats, mats, mats, Lp, H, n, DK=DK, T=T,
+                                LOW=r.dtype == torch.bfloat16, PREC=_precision(r.dtype), GRAD=False,
+                                num_warps=_warps(DK))  # fmt: skip
+    final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=r.device)
+    o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=r.device)
+    s0 = S0.float().contiguous() if S0 is not None else final
+    bv = _state_block_v(B * H, DV)
+    _infer_pass[(B * H, triton.cdiv(DV, bv))](rp, wp, kp, khp, ap, vp, mats, s0, o, final, Lp, H, n, DK=DK, DV=DV,
+                                              T=T, BV=bv, HAS_S0=S0 is not None, PREC=_precision(r.dtype),
+                                              num_warps=_warps(DK))  # fmt: skip
+    return o[:, :L], final
+
+
 def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
     """``(o, final_state)`` by chunks of 16 steps; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
-    (powers of two). ``final_state`` is float32 and differentiable, like ``o``."""
-    return WKV7Chunked.apply(r, log_w, k, v, kappa_hat, a, initial_state)
+    (powers of two). ``final_state`` is float32 and differentiable, like ``o``. Without gradients (grad mode
+    off, or no input requiring one) the forward takes one walk and keeps nothing for a backward."""
+    inputs = (r, log_w, k, v, kappa_hat, a, initial_state)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return WKV7Chunked.apply(*inputs)
+    return _wkv7_inference(*inputs)
 
 
 # --------------------------------------------------------------------------------------
