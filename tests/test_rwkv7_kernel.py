@@ -101,7 +101,8 @@ def test_kernel_matches_float64_recurrence(device, shape, state):
         assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}, state={state}")
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0])])
+# two of SHAPES (fewer compilations on CUDA) and a sequence mixing strong and weak decays
+@pytest.mark.parametrize("shape", SHAPES[:2] + [(1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0])])
 def test_kernel_forward_without_gradients(device, shape):
     """Inputs that need no gradient take the kernel's one-walk forward (``_infer_pass``, which saves
     nothing for a backward): its output and final state against the float64 recurrence."""
