@@ -76,7 +76,7 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
    then takes the ``(T, T)`` gradients back to :math:`r, \tilde k, b, \hat\kappa` (products or columns,
    as in 1), :math:`\partial a = \hat\kappa \odot \partial b`, :math:`\partial\hat\kappa \mathrel{+}= a \odot \partial b`
    and the decays' gradient below within the chunk; PyTorch adds the sum over later chunks (a
-   cumulative sum over ``(batch, chunks, H, N)``). One program owns every value column, so nothing
+   cumulative sum over ``(batch, H, N, chunks)``). One program owns every value column, so nothing
    is written per value block (the previous design wrote each block's partial gradients, 4 bytes
    times ``4 N d_v / BLOCK_V`` per step, and summed them in a second kernel).
 
@@ -426,7 +426,7 @@ def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, x_ptr, do_pt
     matrices' gradients) kept in registers; then the matrices' gradients back to r, k~, b = a kappa_hat,
     kappa_hat (products or columns, as in ``_chunk_matrices``), the final dr, dk~, dkappa_hat, da, and
     log w's gradient up to the chunks after this one (module docstring): ``dlw_ptr`` gets the sums over
-    this chunk's later steps, ``tot_ptr`` (batch, chunk, head, N) the chunk's whole sum, for the sum over
+    this chunk's later steps, ``tot_ptr`` (batch, head, N, chunk) the chunk's whole sum, for the sum over
     later chunks that the caller adds."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -527,7 +527,7 @@ def _bwd_chunk(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, x_ptr, do_pt
     e = kh * dkh - 2 * a * da - k * dk
     z = r * dr + e
     tl.store(dlw_ptr + offs, tl.cumsum(z, axis=0, reverse=True) - e - a * da - k * dk)
-    tl.store(tot_ptr + ((b * n_chunks + ci) * H + h) * DK + rk, tl.sum(z, axis=0))
+    tl.store(tot_ptr + ((b * H + h) * DK + rk) * n_chunks + ci, tl.sum(z, axis=0))
     tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty))
     tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
     tl.store(dkh_ptr + offs, dkh.to(dkh_ptr.dtype.element_ty))
@@ -619,14 +619,16 @@ class WKV7Chunked(torch.autograd.Function):
         d_r, d_w, d_k, d_v, d_kh, d_a, d_s0 = ctx.dtypes
         dr, dk, dkh, da = (torch.empty(B, Lp, H, DK, dtype=d, device=dev) for d in (d_r, d_k, d_kh, d_a))
         dv = torch.empty(B, Lp, H, DV, dtype=d_v, device=dev)
-        dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, n, H, DK, **f32)
+        dlw, tot = torch.empty(B, Lp, H, DK, **f32), torch.empty(B, H, DK, n, **f32)  # tot: chunks last, for the scan
         _bwd_chunk[(B * H, n)](rp, wp, kp, khp, ap, vp, mats, X, dop, states, dstates, dr, dk, dkh, da, dv, dlw, tot,
                                Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, BLOCK_V), PREC=prec,
                                LOW=rp.dtype == torch.bfloat16, num_warps=_bwd_chunk_warps(DK))  # fmt: skip
         # log w's gradient: add the sums over the later chunks and the final state's term (module docstring)
-        later = tot.flip(1).cumsum(1).flip(1) - tot + (final * dsl).sum(-1)[:, None]
-        dlw = (dlw.view(B, n, T, H, DK) + later[:, :, None]).view(B, Lp, H, DK)
-        return (dr[:, :L], dlw[:, :L].to(d_w), dk[:, :L], dv[:, :L], dkh[:, :L], da[:, :L],
+        later = tot.flip(-1).cumsum(-1).flip(-1) - tot + (final * dsl).sum(-1)[..., None]  # (B, H, N, chunks)
+        dlw_out = torch.empty(B, n, T, H, DK, dtype=d_w, device=dev)
+        torch.add(dlw.view(B, n, T, H, DK), later.permute(0, 3, 1, 2)[:, :, None], out=dlw_out)
+        dlw = dlw_out.view(B, Lp, H, DK)
+        return (dr[:, :L], dlw[:, :L], dk[:, :L], dv[:, :L], dkh[:, :L], da[:, :L],
                 None if d_s0 is None else dS0.to(d_s0))  # fmt: skip
 
 
