@@ -140,9 +140,10 @@ each chunk (``N d_v / 16`` numbers per step and head) and X (``d_v``), in bfloat
 The backward writes and reads the states' gradients in the states' dtype.
 
 Measured (H200, bf16, ``triton.testing.do_bench`` medians; ``benchmarks/NOTES.md`` has the history and
-the commands). This design, GPU call B2 of 2026-12-02 (commit a7112ed, before the walks' look-ahead
-loads of 374319b, which are not timed): B=4, L=4096, H=32, d=64 forward 2.20 ms, forward+backward
-6.84 ms; B=1, L=16384, H=16, d=128 forward 7.53 ms, forward+backward 17.8 ms (per kernel at d=128:
+the commands). This design, GPU call B2 of 2026-12-02 (commit a7112ed: before the walks' look-ahead
+loads, the forward without gradients by ``_infer_pass`` and the PyTorch tail's layout, none of which
+is timed yet): B=4, L=4096, H=32, d=64 forward (then always steps 1-2 and ``_fwd_out``) 2.20 ms,
+forward+backward 6.84 ms; B=1, L=16384, H=16, d=128 forward 7.53 ms, forward+backward 17.8 ms (per kernel at d=128:
 ``_fwd_states`` 5.6, ``_bwd_states`` 5.2, ``_bwd_chunk`` 4.6, ``_chunk_matrices`` 1.5, ``_fwd_out`` 0.4,
 PyTorch 0.4). The previous design (a forward walk of eight products per chunk computing the outputs
 too; a backward walk per (batch, head, 32 value columns) doing all of step 4's work inside it and
