@@ -39,7 +39,7 @@ Forward:
    and folds the chunk in,
    :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + (k \circ e^{c_\text{last} - c})^\top v`. Key
    rows decay separately and never mix, so the state splits into independent tiles both ways. Or, in the
-   chunk-parallel form (``_tiles(...)["split"]``), ``_chunk_local`` forms every chunk's own share
+   chunk-parallel form (``_tiles(...)["split"]``, the default), ``_chunk_local`` forms every chunk's own share
    :math:`(k \circ e^{c_\text{last} - c})^\top v` at once and ``_combine`` adds them up in a short walk over the
    chunks: more programs, where one walk per tile has too few (few heads, long sequences), for one more write and
    read of the states. The state's gradient (step 3) has the same two forms.
