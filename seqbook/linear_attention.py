@@ -778,7 +778,8 @@ def gla(q, k, v, log_alpha, *, initial_state=None, scale=None, bonus=None, chunk
         initial_state: ``(batch, heads, d_k, d_v)`` or None; scale: ``s`` (default :math:`1/\sqrt{d_k}`).
         bonus: ``(heads, d_k)`` or None. chunk_size, sub_chunk_size: of :func:`gla_chunked`.
         backend: ``"reference"`` (:func:`gla_chunked`), ``"triton"`` (:mod:`seqbook.kernels.gla`:
-            chunks of 64, each chunk's weights one 64-row product (exact columns where the gates decay steeply), forward and backward; float32, float16, bfloat16 on CUDA; ``d_k, d_v``
+            chunks of 64, each chunk's weights one 64-row product, exact columns where the gates
+            decay steeply; forward and backward; float32, float16, bfloat16 on CUDA; ``d_k, d_v``
             in ``KERNEL_HEAD_DIMS``), or ``"auto"``: the kernel for CUDA tensors it supports.
 
     Returns ``o`` in the inputs' dtype (computed in float32 or better), and with
