@@ -407,8 +407,9 @@ def _attn_bwd_dq(
 #:
 #: GPU call B2 of 2026-12-02 (H200, Triton 3.6, bf16, causal, B=1 H=16 L=16384 d=128, one
 #: process, ``triton.testing.do_bench`` medians; benchmarks/NOTES.md has the whole table):
-#: the backward (delta, dk/dv, dq) took 6.83 ms at the tiles above without TMA, 6.61 ms with
-#: TMA and 6.56 ms with TMA and one more stage each, now the d = 128 default. The forward:
+#: the backward (delta, dk/dv, dq) took 6.83 ms with dk/dv (64, 128, 8 warps, 2 stages) and
+#: dq (128, 64, 8 warps, 3 stages) on ordinary loads, 6.61 ms with TMA and 6.56 ms with TMA
+#: and one more stage each, now the d = 128 default. The forward:
 #: (128, 64, 8, 3) with ordinary loads 2.17 ms; with TMA 2.36; (128, 128, 8, 3) with TMA
 #: 2.18 ms, timed one second later, while the GPU slowed by about 4% per second (the
 #: default kernel itself took 2.27 ms 1.1 s after its first 2.17; SDPA cuDNN 1.72 then
