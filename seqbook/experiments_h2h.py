@@ -528,9 +528,10 @@ def mqar_gpu_scale(
     to 192 tokens) and scored at each pair count; the decoding state in bytes at the longest test length. At 64 pairs a fixed state is at its
     limit: a head reading keys of ``d_k = 32`` numbers linearly stores at most 32 pairs exactly (Exercise 3;
     two heads per layer at this width), while attention's cache holds all of them. Made for a GPU
-    (``device="cuda"``: a training step is 500 to 1300 small launches, about a minute for the defaults,
-    estimated before the first GPU run); on this book's CPU one run of 600 steps took 4 minutes
-    (attention, one seed, this loaded CPU), so the 9 runs would take over half an hour here. The same
+    (``device="cuda"``: a training step is 500 to 1300 small launches). Measured on the H200 only under
+    contention (GPU call B of 2026-12-02, six other processes on the GPU): attention's run of 600 steps
+    took 20 s (33 ms a step); on a quiet GPU the defaults are estimated at about a minute, not measured.
+    On this book's loaded CPU a run took 1.5 to 6 minutes (attention, DeltaNet) and 13 (Mamba). The same
     function runs on the CPU at small arguments (the tests). The recipe was set by single-seed CPU runs
     of attention (the family slowest to start recalling): trained on 8 to 64 pairs it was still near
     chance after 600 steps; with 4 pairs added it recalled every pair (1.00 at each P), while 400
