@@ -267,3 +267,21 @@ def test_gpu_scale_run_tiny_on_the_cpu(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["complete"] and saved["device"] == "cpu" and saved["config"]["widths"] == {"DeltaNet": [16]}
     assert [(r["family"], r["seed"]) for r in saved["runs"]] == [("DeltaNet", 0)]
+
+
+def test_committed_gpu_scale_records():
+    """Chapter 8's section 2e: the merged mqar_gpu_scale records are one experiment, 3 seeds per family, and the
+    H200 call's partial record has the same recipe (only the device differs)."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "chapters/08_head_to_head/results"
+    r = h2h.load_results(results, "mqar_gpu_scale")
+    assert {"softmax attention", "DeltaNet"} <= set(r["summary"])
+    for fam in r["summary"]:
+        assert sorted(run["seed"] for run in r["runs"] if run["family"] == fam) == [0, 1, 2], fam
+    assert r["config"]["pair_counts"] == [4, 8, 16, 32, 64] and r["config"]["backend"] == "reference"
+    gpu = json.loads((results / "callB_h200_mqar_gpu_scale.json").read_text())
+    where = ("device", "device_name", "widths")
+    assert {k: v for k, v in gpu["config"].items() if k not in where} == {
+        k: v for k, v in r["config"].items() if k not in where}  # fmt: skip
+    assert gpu["config"]["device_name"] == "NVIDIA H200" and not gpu["complete"]
