@@ -520,14 +520,15 @@ def mqar_gpu_scale(
     progress: bool = False,
     on_run: Callable[[dict], None] | None = None,
 ) -> dict:
-    r"""MQAR at a scale this book's CPU cannot reach: 4 times the pairs and keys of section 2, 4 times the parameters.
+    r"""MQAR at 4 times the pairs, keys and parameters of chapter 8's section 2, made for a GPU.
 
     :func:`mqar_state_sweep` with every family of ``families`` at one width ``d_model`` (default 64: 76k to
     85k parameters, against section 2's 20k; the Mamba hybrid has 63k), trained ``steps`` steps of
     ``batch`` sequences on the mixture of ``pair_counts`` (up to 64 pairs over 64 keys: sequences of up
-    to 192 tokens) and scored at each pair count; the decoding state in bytes at the longest test length. At 64 pairs a fixed state is at its
-    limit: a head reading keys of ``d_k = 32`` numbers linearly stores at most 32 pairs exactly (Exercise 3;
-    two heads per layer at this width), while attention's cache holds all of them. Made for a GPU
+    to 192 tokens) and scored at each pair count; the decoding state in bytes at the longest test
+    length. At 64 pairs a fixed state is at its limit: a head reading keys of ``d_k = 32`` numbers
+    linearly stores at most 32 pairs exactly (Exercise 3; two heads per layer at this width), while
+    attention's cache holds all of them. Made for a GPU
     (``device="cuda"``: a training step is 500 to 1300 small launches). Measured on the H200 only under
     contention (GPU call B of 2026-12-02, six other processes on the GPU): attention's run of 600 steps
     took 20 s (33 ms a step); on a quiet GPU the defaults are estimated at about a minute, not measured.
