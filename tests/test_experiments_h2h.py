@@ -249,19 +249,16 @@ def test_gpu_scale_run_tiny_on_the_cpu(tmp_path):
     for p in record["points"]:
         model = h2h.build(p["family"], 16, 8)
         assert p["parameters"] == h2h.n_parameters(model) and p["state_bytes"] == h2h.state_bytes(model, 9)
-    att, delta = (record["summary"][f]["16"]["state_bytes"] for f in ("softmax attention", "DeltaNet"))
+    att = record["summary"]["softmax attention"]["16"]["state_bytes"]
     assert att == 2 * (2 * 9 * 16 * 4)  # the KV cache after 3 max(P) tokens, two layers, float32
     assert record["summary"]["DeltaNet"]["16"]["3"]["n"] == 2
     again = h2h.mqar_gpu_scale(**kw)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731  (a timing)
     assert [strip(r) for r in again["runs"]] == [strip(r) for r in record["runs"]]  # seeded
-    # the command line, as the GPU call runs it (registered here as seqbook.experiments registers REGISTRY)
-    registry = {**experiments.EXPERIMENTS, **h2h.REGISTRY}
+    # the command line, as the GPU call runs it (registered here, at tiny arguments, as REGISTRY is registered there)
     out = tmp_path / "gpu_scale.json"
-    fn = h2h.REGISTRY["mqar_gpu_scale"][0]
-    small = functools.partial(fn, **{k: v for k, v in kw.items() if k not in ("seeds", "families")})
-
-    with unittest.mock.patch.dict(experiments.EXPERIMENTS, {**registry, "mqar_gpu_scale": (small, "unused")}):
+    small = functools.partial(h2h.mqar_gpu_scale, **{k: v for k, v in kw.items() if k not in ("seeds", "families")})
+    with unittest.mock.patch.dict(experiments.EXPERIMENTS, {"mqar_gpu_scale": (small, "unused")}):
         assert experiments.main(["mqar_gpu_scale", "--seeds", "1", "--device", "cpu", "--families", "DeltaNet",
                                  "--out", str(out)]) == 0  # fmt: skip
     saved = json.loads(out.read_text())
