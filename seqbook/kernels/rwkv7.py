@@ -140,7 +140,10 @@ each chunk (``N d_v / 16`` numbers per step and head) and X (``d_v``), in bfloat
 The backward writes and reads the states' gradients in the states' dtype.
 
 Measured (H200, bf16, ``triton.testing.do_bench`` medians; ``benchmarks/NOTES.md`` has the history and
-the commands). This design, GPU call B2 of 2026-12-02 (commit a7112ed: before the walks' look-ahead
+the commands). The committed version in the session's final run (GPU call C of 2026-12-02, fla's
+``chunk_rwkv7`` in the same run): B=4, L=4096, H=32, d=64 forward 1.53 ms (fla 2.02), forward+backward
+5.93 ms (fla 7.34); B=1, L=16384, H=16, d=128 forward 6.11 ms (fla 4.25), forward+backward 12.09 ms
+(fla 13.47). This design, GPU call B2 of 2026-12-02 (commit a7112ed: before the walks' look-ahead
 loads, the forward without gradients by ``_infer_pass`` and the PyTorch tail's layout, none of which
 is timed yet): B=4, L=4096, H=32, d=64 forward (then always steps 1-2 and ``_fwd_out``) 2.20 ms,
 forward+backward 6.84 ms; B=1, L=16384, H=16, d=128 forward 7.53 ms, forward+backward 17.8 ms (per kernel at d=128:
