@@ -37,13 +37,13 @@ def make(batch, length, heads, P, groups, N, seed):
     return x, dt, A, B, C, s0
 
 
-def run_both(inputs, wide, chunk, design, with_s0=True):
-    """The kernel's and the float64 reference's y, final state and every gradient, for random
-    output gradients of y and of the final state."""
+def run_both(inputs, wide, chunk, design, with_s0=True, cfg=None):
+    """The kernel's (configuration ``cfg``, default: the kernel's) and the float64 reference's y,
+    final state and every gradient, for random output gradients of y and of the final state."""
     k = kernels("ssd")
     leaves = [t.clone().requires_grad_() for t in inputs]
     s0 = leaves[5] if with_s0 else None
-    y, final = k.ssd_autograd(*leaves[:5], chunk, s0, None, design)
+    y, final = k.ssd_autograd(*leaves[:5], chunk, s0, cfg, design)
     gen = torch.Generator().manual_seed(99)
     gy = torch.randn(y.shape, generator=gen, dtype=F64)
     gf = torch.randn(final.shape, generator=gen, dtype=F64)
@@ -228,15 +228,8 @@ def test_fused_backward_walks_the_state_in_tiles(device):
     k = kernels("ssd")
     cfg = dict(k.CONFIGS[4], WALK_BLOCK_P=16, WALK_BLOCK_N=16)
     wide = make(1, 40, 2, 20, 1, 40, seed=41)
-    leaves = [t.float().to(device).requires_grad_() for t in wide[:5]]
-    y, final = k.ssd_autograd(*leaves, 16, None, cfg, "fused")
-    gen = torch.Generator().manual_seed(8)
-    gy, gf = torch.randn(y.shape, generator=gen, dtype=F64), torch.randn(final.shape, generator=gen, dtype=F64)
-    got = torch.autograd.grad((y.double() * gy.to(device)).sum() + (final.double() * gf.to(device)).sum(), leaves)
-    ref = [t.clone().requires_grad_() for t in wide[:5]]
-    y_ref, f_ref = mamba.ssd_chunked(*ref, 8, None, True)
-    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
-    for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
+    got, want = run_both([t.float().to(device) for t in wide], wide, 16, "fused", with_s0=False, cfg=cfg)
+    for name, g, w in zip(NAMES, got, want):
         assert_near(g.cpu(), w, 1e-5, f"{name} (walks in 16 x 16 tiles)")
 
 
@@ -247,15 +240,8 @@ def test_atomic_sums_of_db_and_dc(device, design):
     k = kernels("ssd")
     cfg = dict((k.CONFIGS if design == "fused" else k.SPLIT_CONFIGS)[4], atomic_dbc=True)
     wide = make(2, 37, 4, 20, 2, 7, seed=43)
-    leaves = [t.float().to(device).requires_grad_() for t in wide]
-    y, final = k.ssd_autograd(*leaves[:5], 16, leaves[5], cfg, design)
-    gen = torch.Generator().manual_seed(9)
-    gy, gf = torch.randn(y.shape, generator=gen, dtype=F64), torch.randn(final.shape, generator=gen, dtype=F64)
-    got = torch.autograd.grad((y.double() * gy.to(device)).sum() + (final.double() * gf.to(device)).sum(), leaves)
-    ref = [t.clone().requires_grad_() for t in wide]
-    y_ref, f_ref = mamba.ssd_chunked(*ref[:5], 8, ref[5], True)
-    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), ref)
-    for name, g, w in zip(NAMES, (y, final, *got), (y_ref, f_ref, *want)):
+    got, want = run_both([t.float().to(device) for t in wide], wide, 16, design, cfg=cfg)
+    for name, g, w in zip(NAMES, got, want):
         assert_near(g.cpu(), w, 1e-5, f"{name} (atomic dB, dC, {design})")
 
 
