@@ -88,7 +88,7 @@ from torch.nn import functional as F
 
 from . import backend as _backend
 from . import linear_attention as _la
-from .validate import check_device, check_tensor
+from .validate import check_device, check_range, check_tensor
 
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -227,8 +227,7 @@ def wkv4(w, u, k, v, *, initial_state=None, return_final_state=False, chunk_size
     for name, x in (("w", w), ("u", u)):
         if x.shape != (C,):
             raise ValueError(f"{where}: {name} must be (C,) = ({C},), got {tuple(x.shape)}")
-    if w.numel() and not bool((w >= 0).all()):
-        raise ValueError(f"{where}: w must be >= 0 (the decay e^-w in (0, 1]), got a minimum of {w.min().item():.3g}")
+    check_range(where, "w", w, 0, None, "the decay e^-w in (0, 1]")
     if initial_state is not None:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3 \
                 or any(not isinstance(s, torch.Tensor) or s.shape != (B, C) for s in initial_state):
@@ -431,10 +430,8 @@ def wkv7(r, log_w, k, v, kappa_hat, a, *, initial_state=None, chunk_size=16, ret
     for name, x in (("k", k), ("v", v), ("kappa_hat", kappa_hat), ("a", a)):  # log_w may be kept in float32
         if x.dtype != r.dtype:
             raise TypeError(f"{where}: {name} must have the dtype of r ({r.dtype}), got {x.dtype}")
-    if log_w.numel() and not bool((log_w <= 0).all()):
-        raise ValueError(f"{where}: log_w must be <= 0 (a decay w in (0, 1]), got a maximum of {log_w.max().item():.3g}")
-    if a.numel() and not bool(((a >= 0) & (a <= 1)).all()):
-        raise ValueError(f"{where}: a must lie in [0, 1] (the in-context learning rate)")
+    check_range(where, "log_w", log_w, None, 0, "a decay w in (0, 1]")
+    check_range(where, "a", a, 0, 1, "the in-context learning rate")
     B, L, H, N = r.shape
     if initial_state is not None and (not isinstance(initial_state, torch.Tensor)
                                       or initial_state.shape != (B, H, N, v.shape[-1])):  # fmt: skip

@@ -56,3 +56,33 @@ def check_bool(fn: str, name: str, value) -> None:
     """``value`` is a bool: a flag given as 0, 1 or a string is a mistake (``"False"`` is true)."""
     if not isinstance(value, bool):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_range(fn: str, name: str, x: torch.Tensor, lo: float | None, hi: float | None, meaning: str) -> None:
+    """Every entry of ``x`` lies in ``[lo, hi]`` (a bound of None is open); NaN fails.
+
+    A value check reads the tensor on the host: on a GPU that is one synchronisation per call.
+    Inside a CUDA graph capture or a ``torch.compile`` trace a host read is impossible (the
+    capture would fail), so there the check is skipped and the caller vouches for the values;
+    everywhere else a decay outside (0, 1] or a step outside its range raises here, not as a
+    silent overflow inside a kernel. ``meaning`` says why the range, e.g.
+    ``"a decay gamma = exp(log_decay) in (0, 1]"``.
+    """
+    if not x.numel() or torch.compiler.is_compiling():
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    ok = torch.ones_like(x, dtype=torch.bool)
+    if lo is not None:
+        ok &= x >= lo
+    if hi is not None:
+        ok &= x <= hi
+    if bool(ok.all()):
+        return
+    if lo is None:
+        rule, seen = f"<= {hi:g}", f"a maximum of {x.max().item():.3g}"
+    elif hi is None:
+        rule, seen = f">= {lo:g}", f"a minimum of {x.min().item():.3g}"
+    else:
+        rule, seen = f"lie in [{lo:g}, {hi:g}]", f"values in [{x.min().item():.3g}, {x.max().item():.3g}]"
+    raise ValueError(f"{fn}: {name} must {'be ' if lo is None or hi is None else ''}{rule} ({meaning}), got {seen}")

@@ -378,3 +378,19 @@ def test_ops_without_a_kernel_say_so():
         if "triton" not in op.backends:
             with pytest.raises(NotImplementedError, match="no Triton kernel"):
                 run(op, "triton", op.make(2, LENGTH), LENGTH)
+
+
+@pytest.mark.parametrize("values, lo, hi, seen", [
+    ([0.5, 2.5], 0, 2, r"must lie in \[0, 2\] \(why\), got values in \[0\.5, 2\.5\]"),
+    ([-1.0, 0.1], None, 0, r"must be <= 0 \(why\), got a maximum of 0\.1"),
+    ([-1.0, 0.5], 0, None, r"must be >= 0 \(why\), got a minimum of -1"),
+    ([-1.0, float("nan")], None, 0, r"must be <= 0 \(why\), got a maximum of nan"),
+])  # fmt: skip
+def test_a_value_out_of_range_is_named_with_what_was_seen(values, lo, hi, seen):
+    from seqbook.validate import check_range
+
+    with pytest.raises(ValueError, match=r"^f: x " + seen):
+        check_range("f", "x", torch.tensor(values), lo, hi, "why")
+    check_range("f", "x", torch.tensor([]), lo, hi, "why")  # empty: nothing to check
+    inside = torch.tensor([lo if lo is not None else hi, hi if hi is not None else lo], dtype=torch.float32)
+    check_range("f", "x", inside, lo, hi, "why")  # the bounds themselves are allowed
