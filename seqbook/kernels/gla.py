@@ -11,9 +11,14 @@ Chunks of ``T = 64`` steps. The inputs are padded to a multiple of ``T`` with ze
 nothing; a zero log-gate keeps the decay flat). ``c`` is the log-gates' inclusive cumulative sum inside each
 chunk, formed by every kernel that needs it from the log-gates with ``tl.cumsum`` (float32, never stored); the
 query's exponent is :math:`c^q = c`, or :math:`c - \log\alpha` with the bonus (the query reads the state before
-its own step). Every matrix product runs on float32 operands: exact (``"ieee"``) for float32 inputs, on the
-tensor cores at tf32 for 16-bit ones (float16's mantissa, float32's range: the states and the exponentials need
-no 16-bit rounding).
+its own step). Every matrix product accumulates in float32 from float32 tiles: exact (``"ieee"``) for float32
+inputs, on the tensor cores at tf32 for 16-bit ones (float16's mantissa, float32's range: the states and the
+exponentials need no 16-bit rounding); for bfloat16 inputs the forward's products round their operands to
+bfloat16 instead (``FWD_BF16``: twice tf32's rate, float32's range) and the states entering the chunks and their
+gradients are stored in bfloat16 (``KEEP_16BIT``: half the bytes of the largest tensors the kernels move; every
+sum over chunks still runs in float32, only each chunk's stored copy is rounded). float16 inputs keep tf32 and
+float32 storage: float16's range (65504, e^11) holds neither a long sequence's state nor the split factors
+(up to e^40).
 
 The chunk's weights :math:`A_{tj} = \sum_c q_{tc} k_{jc} e^{c^q_{tc} - c_{jc}}` (``j <= t``; ``j < t`` and the
 bonus :math:`q_t\cdot(u\circ k_t)` on the diagonal with it) are one 64-row matrix product (``_weights``): the
@@ -96,13 +101,25 @@ CHUNK = 64
 #: the largest decay (in log space, over half a chunk, any channel) for which the chunk's weights are one matrix
 #: product: its factors lie within e^-SPAN .. e^SPAN (float32 keeps e^-87 .. e^88)
 SPAN = tl.constexpr(40.0)
+#: bfloat16 inputs: the states entering the chunks and their gradients are stored in bfloat16 (True; read back into
+#: float32, they are only ever operands of products rounded to tf32 or bf16 anyway), else float32. float16 inputs
+#: keep float32 storage: a state can outgrow float16's range (65504) where bfloat16 has float32's.
+KEEP_16BIT = True
+#: bfloat16 inputs: the forward's matrix products (``_chunk_local``, ``_chunk_fwd``) take bfloat16 operands (True;
+#: twice tf32's tensor-core rate and half its registers, float32's range; each operand rounded to 8 bits of
+#: mantissa, the output's own rounding), else tf32. The backward's products stay at tf32.
+FWD_BF16 = True
 
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    """``a @ b`` on float32 operands, accumulated in float32: ``"ieee"`` (exact float32, for float32 inputs) or
-    ``"tf32"`` (tensor cores, 10-bit mantissas like float16's, float32's range: for 16-bit inputs)."""
-    return tl.dot(a, b, input_precision=PREC)
+    """``a @ b`` of float32 tiles, accumulated in float32: ``"ieee"`` (exact float32, for float32 inputs),
+    ``"tf32"`` (tensor cores, 10-bit mantissas like float16's, float32's range: for 16-bit inputs) or ``"bf16"``
+    (the operands rounded to bfloat16 first: 8-bit mantissas, float32's range, twice tf32's rate)."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -201,10 +218,11 @@ def _weights(q, k, c, cq, ref, rt, T: tl.constexpr, BONUS: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _state_pass(k_ptr, v_ptr, g_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
+def _state_pass(k_ptr, v_ptr, g_ptr, s0_ptr, states_ptr, final_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_S0: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """The states entering each chunk and, after them, the final state (``n_chunks + 1`` per (batch, head))."""
+    """The states entering each chunk (``n_chunks`` per (batch, head), in ``states``' dtype) and the final state
+    (float32)."""
     # one (batch, head) and one (BK, BV) tile of the state: key rows decay separately and never mix
     bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -215,22 +233,22 @@ def _state_pass(k_ptr, v_ptr, g_ptr, s0_ptr, states_ptr, Lp, H, n_chunks,
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for ci in range(n_chunks):
-        tl.store(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + s_off, S)
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S.to(states_ptr.dtype.element_ty))
         rows = (b * Lp + ci * T + rt) * H + h  # (T,)
         k = _load_rows(k_ptr, rows, rk, DK)
         v = _load_rows(v_ptr, rows, rv, DV)
         c = tl.cumsum(_load_rows(g_ptr, rows, rk, DK), axis=0)
         c_last = _last_row(c, rt, T)  # (BK,)
         S = tl.exp(c_last)[:, None] * S + _dot(tl.trans(k * tl.exp(c_last[None, :] - c)), v, PREC)
-    tl.store(states_ptr + (bh * (n_chunks + 1) + n_chunks) * DK * DV + s_off, S)
+    tl.store(final_ptr + bh * DK * DV + s_off, S)
 
 
 @triton.jit
-def _chunk_local(x_ptr, y_ptr, g_ptr, out_ptr, decay_ptr, scale, Lp, H, n_chunks, SLOTS,
+def _chunk_local(x_ptr, y_ptr, g_ptr, out_ptr, decay_ptr, scale, Lp, H, n_chunks,
                  DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  GRAD: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     r"""The chunk-parallel form of the state passes, first half: each chunk's own share of the state, all chunks at
-    once, written into the chunk's slot of ``out`` (``SLOTS`` per (batch, head)); and (value block 0) the chunk's
+    once, written into the chunk's slot of ``out`` (in its dtype); and (value block 0) the chunk's
     whole decay :math:`c_\text{last}` (batch * heads, chunks, d_k). Forward (``x, y = k, v``):
     :math:`(k\circ e^{c_\text{last} - c})^\top v`; the state's gradient (``GRAD``, ``x, y = q, do``):
     :math:`s\,(q\circ e^{c^q})^\top do`."""
@@ -247,20 +265,21 @@ def _chunk_local(x_ptr, y_ptr, g_ptr, out_ptr, decay_ptr, scale, Lp, H, n_chunks
         local = scale * _dot(tl.trans(x * tl.exp(cq)), y, PREC)
     else:
         local = _dot(tl.trans(x * tl.exp(c_last[None, :] - c)), y, PREC)
-    tl.store(out_ptr + (bh * SLOTS + ci) * DK * DV + rk[:, None] * DV + rv[None, :], local)
+    tl.store(out_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :],
+             local.to(out_ptr.dtype.element_ty))
     if pv == 0:
         tl.store(decay_ptr + (bh * n_chunks + ci) * DK + rk, c_last)
 
 
 @triton.jit
-def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks, SLOTS, last_stride,
+def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks,
              DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FIRST: tl.constexpr,
              REVERSE: tl.constexpr):  # fmt: skip
     r"""The chunk-parallel form of the state passes, second half: one (BK, BV) tile of one (batch, head) walks the
     chunks (in reverse for the gradient), :math:`S \leftarrow \mathrm{Diag}(e^{c_\text{last}}) S + \text{local}`,
     in place: each chunk's slot holds its local share on entry and the state entering the chunk (the gradient
-    leaving it) on exit. ``first`` is the initial state (the final state's gradient), ``last`` receives the final
-    state (the initial state's gradient)."""
+    leaving it) on exit, in the slots' dtype (the sum runs in float32). ``first`` is the initial state (the final
+    state's gradient), ``last`` receives the final state (the initial state's gradient), float32."""
     bh, pk, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rk, rv = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
     s_off = rk[:, None] * DV + rv[None, :]
@@ -271,26 +290,43 @@ def _combine(states_ptr, decay_ptr, first_ptr, last_ptr, n_chunks, SLOTS, last_s
     step = -1 if REVERSE else 1
     ci = n_chunks - 1 if REVERSE else 0
     # each chunk's share and decay are loaded one chunk ahead, so that their loads overlap the previous step
-    local = tl.load(states_ptr + (bh * SLOTS + ci) * DK * DV + s_off)
+    local = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off).to(tl.float32)
     decay = tl.load(decay_ptr + (bh * n_chunks + ci) * DK + rk)
     for i in range(n_chunks):
         more = rk * 0 + i + 1 < n_chunks  # (BK,): is there a next chunk
         nxt = ci + step
-        local_next = tl.load(states_ptr + (bh * SLOTS + nxt) * DK * DV + s_off, mask=more[:, None], other=0.0)
+        local_next = tl.load(states_ptr + (bh * n_chunks + nxt) * DK * DV + s_off, mask=more[:, None],
+                             other=0.0).to(tl.float32)
         decay_next = tl.load(decay_ptr + (bh * n_chunks + nxt) * DK + rk, mask=more, other=0.0)
-        tl.store(states_ptr + (bh * SLOTS + ci) * DK * DV + s_off, S)
+        tl.store(states_ptr + (bh * n_chunks + ci) * DK * DV + s_off, S.to(states_ptr.dtype.element_ty))
         S = tl.exp(decay)[:, None] * S + local
         local, decay, ci = local_next, decay_next, nxt
-    tl.store(last_ptr + bh * last_stride + s_off, S)
+    tl.store(last_ptr + bh * DK * DV + s_off, S)
 
 
 @triton.jit
-def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks, BH,
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr, PERSIST: tl.constexpr):  # fmt: skip
+    """``o = s ((q e^{c^q}) S_in + A v)`` for one block of value columns of one chunk (grid: chunks, batch * heads,
+    value blocks) or, ``PERSIST``, of every ``num_programs``-th chunk (grid: programs, 1, value blocks): a loop over
+    chunks whose next chunk's loads Triton's pipeliner can issue during this chunk's products."""
+    pv = tl.program_id(2)
+    if PERSIST:
+        for w in tl.range(tl.program_id(0), n_chunks * BH, tl.num_programs(0), num_stages=2):
+            _fwd_chunk(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+                       w % n_chunks, w // n_chunks, pv, DK, DV, T, BK, BV, BONUS, PREC, STEEP)  # fmt: skip
+    else:
+        _fwd_chunk(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+                   tl.program_id(0), tl.program_id(1), pv, DK, DV, T, BK, BV, BONUS, PREC, STEEP)  # fmt: skip
+
+
+@triton.jit
+def _fwd_chunk(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks, ci, bh, pv,
                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                BONUS: tl.constexpr, PREC: tl.constexpr, STEEP: tl.constexpr):  # fmt: skip
-    """``o = s ((q e^{c^q}) S_in + A v)`` for one chunk and one block of value columns, the weights ``A`` formed
-    here (key blocks in a loop) and not stored."""
-    ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``_chunk_fwd``'s work on chunk ``ci`` of (batch, head) ``bh``, value block ``pv``: the weights ``A``
+    formed here (key blocks in a loop) and not stored."""
     b, h = bh // H, bh % H
     rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
     rows = (b * Lp + ci * T + rt) * H + h
@@ -311,7 +347,7 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, 
             ref, block_decay = _halves(c, rt, T)
             decay = tl.maximum(decay, block_decay)
             A += _weights(q, k, c, cq, ref, rt, T, BONUS, PREC, STEEP)
-            S = tl.load(states_ptr + (bh * (n_chunks + 1) + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+            S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
             o += _dot(q * tl.exp(cq), S, PREC)
             if BONUS:
                 diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
@@ -341,7 +377,7 @@ def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp,
     dS = tl.load(dsl_ptr + bh * DK * DV + s_off)
     for i in range(n_chunks):
         ci = n_chunks - 1 - i
-        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS)
+        tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty))
         rows = (b * Lp + ci * T + rt) * H + h
         q = _load_rows(q_ptr, rows, rk, DK)
         do = _load_rows(do_ptr, rows, rv, DV)
@@ -374,7 +410,7 @@ def _chunk_dv(q_ptr, k_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, dstates_ptr, dv_ptr
             q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
             c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
             A += _weights(q, k, c, cq, _halves(c, rt, T)[0], rt, T, BONUS, PREC, STEEP)
-            dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :])
+            dS = tl.load(dstates_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
             dv += _dot(k * tl.exp(_last_row(c, rt, T)[None, :] - c), dS, PREC)
             if BONUS:
                 diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
@@ -402,8 +438,7 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
     else:  # every chunk, as if none were steep (see _chunk_fwd)
         go = True
     if go:
-        st_base = (bh * (n_chunks + 1) + ci) * DK * DV  # states: n_chunks + 1 per (batch, head)
-        ds_base = (bh * n_chunks + ci) * DK * DV  # their gradients: n_chunks
+        st_base = (bh * n_chunks + ci) * DK * DV  # the states and their gradients: n_chunks per (batch, head)
         # 1. through the states, dq = s e^{c^q} (do S_in^T), dk = e^{c_last - c} (v dS_out^T) (the factors are applied
         # below), and the weights' gradient dA = s do v^T
         dq = tl.zeros([T, BK], dtype=tl.float32)
@@ -414,8 +449,8 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, u_ptr, steep_ptr, states_ptr,
             rv = pv * BV + tl.arange(0, BV)
             s_tile = rk[:, None] * DV + rv[None, :]
             do, v = _load_rows(do_ptr, rows, rv, DV), _load_rows(v_ptr, rows, rv, DV)
-            s_in = tl.load(states_ptr + st_base + s_tile)
-            ds_out = tl.load(dstates_ptr + ds_base + s_tile)
+            s_in = tl.load(states_ptr + st_base + s_tile).to(tl.float32)
+            ds_out = tl.load(dstates_ptr + st_base + s_tile).to(tl.float32)
             dq += _dot(do, tl.trans(s_in), PREC)
             dk += _dot(v, tl.trans(ds_out), PREC)
             dA += _dot(do, tl.trans(v), PREC)
@@ -490,10 +525,27 @@ def _tiles(DK, DV):
     + ``_combine``, both directions) against one walk per (64, 32) tile 479 / 1318; ``_chunk_dqk`` in key blocks
     of 64 on 4 warps 644 / 840, of 32 on 8 warps 1560 / 2018 (though it spills no registers there and the 64 on 4
     warps does), of 16 on 4 warps 1028 / 1927; ``_chunk_fwd`` and ``_chunk_dv`` in value blocks of 64 on 4 warps
-    384 / 654 and 293 / 625, one value block of d_v on 8 warps 581 / 763 and 421 / 691."""
+    384 / 654 and 293 / 625, one value block of d_v on 8 warps 581 / 763 and 421 / 691. ``fwd_persist``: 0, or
+    ``_chunk_fwd``'s non-steep launch on that many programs per SM, each looping over chunks."""
     return dict(split=True, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
                 combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
-                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4))
+                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4), fwd_persist=0)
+
+
+def _processors(device):
+    """Streaming multiprocessors of a CUDA device (a few on CPU, where the interpreter runs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def _state_dtype(dtype):
+    """The dtype of the per-chunk states and their gradients (``KEEP_16BIT``)."""
+    return torch.bfloat16 if KEEP_16BIT and dtype == torch.bfloat16 else torch.float32
+
+
+def _precisions(dtype):
+    """The matrix products' precision in the backward and in the forward (``FWD_BF16``), as ``_dot`` takes it."""
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return prec, "bf16" if FWD_BF16 and dtype == torch.bfloat16 else prec
 
 
 class GLA(torch.autograd.Function):
@@ -503,37 +555,44 @@ class GLA(torch.autograd.Function):
         DV = v.shape[-1]
         T, n = CHUNK, triton.cdiv(L, CHUNK)
         Lp = n * T
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        _, prec = _precisions(q.dtype)
         tiles = _tiles(DK, DV)
         qp, kp, vp, g = pad_to(q, Lp), pad_to(k, Lp), pad_to(v, Lp), pad_to(log_alpha, Lp)
-        states = torch.empty(B * H, n + 1, DK, DV, dtype=torch.float32, device=q.device)  # + the final state
-        s0 = S0.float().contiguous() if S0 is not None else states
+        states = torch.empty(B * H, n, DK, DV, dtype=_state_dtype(q.dtype), device=q.device)
+        final = torch.empty(B * H, DK, DV, dtype=torch.float32, device=q.device)
+        s0 = S0.float().contiguous() if S0 is not None else final
         if tiles["split"]:  # every chunk's own share at once, then a short walk that adds them up
             decay = torch.empty(B * H, n, DK, dtype=torch.float32, device=q.device)
             BK, BV, warps = tiles["local"]
-            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](kp, vp, g, states, decay, 1.0, Lp, H, n, n + 1, DK=DK,
-                                                              DV=DV, T=T, BK=BK, BV=BV, GRAD=False, BONUS=False,
-                                                              PREC=prec, num_warps=warps)  # fmt: skip
+            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](kp, vp, g, states, decay, 1.0, Lp, H, n, DK=DK, DV=DV,
+                                                              T=T, BK=BK, BV=BV, GRAD=False, BONUS=False, PREC=prec,
+                                                              num_warps=warps)  # fmt: skip
             BK, BV, warps = tiles["combine"]
-            _combine[(B * H, DK // BK, DV // BV)](states, decay, s0, states[:, n], n, n + 1, (n + 1) * DK * DV, DK=DK,
-                                                  DV=DV, BK=BK, BV=BV,
+            _combine[(B * H, DK // BK, DV // BV)](states, decay, s0, final, n, DK=DK, DV=DV, BK=BK, BV=BV,
                                                   HAS_FIRST=S0 is not None, REVERSE=False, num_warps=warps)  # fmt: skip
         else:
             BK, BV, warps = tiles["state"]
-            _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, s0, states, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
-                                                     HAS_S0=S0 is not None, PREC=prec, num_warps=warps)  # fmt: skip
-        u = bonus.float().contiguous() if bonus is not None else states
+            _state_pass[(B * H, DK // BK, DV // BV)](kp, vp, g, s0, states, final, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK,
+                                                     BV=BV, HAS_S0=S0 is not None, PREC=prec,
+                                                     num_warps=warps)  # fmt: skip
+        u = bonus.float().contiguous() if bonus is not None else final
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
         steep = torch.empty(B * H, n, dtype=torch.int8, device=q.device)  # which chunks take the columns
         BK, BV, warps = tiles["fwd"]
+        per_sm = tiles["fwd_persist"]
         for columns in (False, True):  # the chunks of 64-row products, then the others (module docstring)
-            _chunk_fwd[(n, B * H, DV // BV)](qp, kp, vp, g, u, steep, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T,
-                                             BK=BK, BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=columns,
-                                             num_warps=warps)  # fmt: skip
+            persist = bool(per_sm) and not columns  # (the steep chunks, rare, one program each)
+            if persist:
+                grid = (min(n * B * H, max(1, per_sm * _processors(q.device) // (DV // BV))), 1, DV // BV)
+            else:
+                grid = (n, B * H, DV // BV)
+            _chunk_fwd[grid](qp, kp, vp, g, u, steep, states, o, scale, Lp, H, n, B * H, DK=DK, DV=DV, T=T, BK=BK,
+                             BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=columns, PERSIST=persist,
+                             num_warps=warps)  # fmt: skip
         ctx.save_for_backward(qp, kp, vp, g, u, steep, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
-        return o[:, :L], states[:, n].view(B, H, DK, DV).clone()
+        return o[:, :L], final.view(B, H, DK, DV)
 
     @staticmethod
     def backward(ctx, do, dS_final):
@@ -541,19 +600,19 @@ class GLA(torch.autograd.Function):
         B, Lp, H, DK = qp.shape
         DV, T, L, scale, bonus = vp.shape[-1], CHUNK, ctx.L, ctx.scale, ctx.has_bonus
         n = Lp // T
-        prec = "ieee" if qp.dtype == torch.float32 else "tf32"
+        prec, _ = _precisions(qp.dtype)
         tiles = _tiles(DK, DV)
         dop = pad_to(do if do is not None else torch.zeros(B, L, H, DV, dtype=vp.dtype, device=vp.device), Lp)
         dsl = (dS_final if dS_final is not None else torch.zeros(B, H, DK, DV, device=qp.device)).float().contiguous()
-        dstates, dS0 = torch.empty(B * H, n, DK, DV, dtype=torch.float32, device=qp.device), torch.empty_like(dsl)
+        dstates, dS0 = torch.empty(B * H, n, DK, DV, dtype=states.dtype, device=qp.device), torch.empty_like(dsl)
         if tiles["split"]:
             decay = torch.empty(B * H, n, DK, dtype=torch.float32, device=qp.device)
             BK, BV, warps = tiles["local"]
-            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](qp, dop, g, dstates, decay, scale, Lp, H, n, n, DK=DK,
+            _chunk_local[(n, B * H, (DK // BK) * (DV // BV))](qp, dop, g, dstates, decay, scale, Lp, H, n, DK=DK,
                                                               DV=DV, T=T, BK=BK, BV=BV, GRAD=True, BONUS=bonus,
                                                               PREC=prec, num_warps=warps)  # fmt: skip
             BK, BV, warps = tiles["combine"]
-            _combine[(B * H, DK // BK, DV // BV)](dstates, decay, dsl, dS0, n, n, DK * DV, DK=DK, DV=DV, BK=BK, BV=BV,
+            _combine[(B * H, DK // BK, DV // BV)](dstates, decay, dsl, dS0, n, DK=DK, DV=DV, BK=BK, BV=BV,
                                                   HAS_FIRST=True, REVERSE=True, num_warps=warps)  # fmt: skip
         else:
             BK, BV, warps = tiles["state"]
