@@ -416,6 +416,36 @@ def test_kernel_half_precision(device, dtype, rel):
         assert_near(got[name], want[name], rel[0] if name in ("o", "final_state") else rel[1], f"{name}, {dtype}")
 
 
+# The walk's two forms (one walk per state tile; every chunk's share at once, then a walk
+# that adds them up) and the 16-bit saved states, each run through the whole training path.
+# float16 stands in for bfloat16 where the interpreter runs (NumPy has no bfloat16).
+WALKS = [dict(split=True), dict(split=True, combine_block_k=16, local_block_v=16),
+         dict(split=False, state_16bit=(torch.float16, torch.bfloat16)),
+         dict(split=True, state_16bit=(torch.float16, torch.bfloat16))]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", WALKS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_kernel_walk_forms(device, config, monkeypatch):
+    from seqbook.kernels import linear_attention as kernel
+
+    monkeypatch.setattr(kernel, "CONFIG", dict(kernel.CONFIG, **config))
+    half = bool(config.get("state_16bit"))
+    dtype = (torch.bfloat16 if ON_GPU else torch.float16) if half else torch.float32
+    shapes = [(2, 37, 2, 32, 16, 16), (1, 50, 1, 16, 32, 16)] if device == "cpu" else [(1, 1000, 2, 128, 128, 64),
+                                                                                          (2, 333, 3, 64, 32, 32)]
+    for shape in shapes:
+        for decay, state in ((True, True), (False, False)):
+            got, want = kernel_and_reference(device, shape, decay=decay, state=state, dtype=dtype, seed=shape[1])
+            assert got["final_state"].dtype == torch.float32
+            for name in want:
+                # 16-bit saved states: one more rounding to the inputs' format, of the size of theirs
+                rel = (HALF_REL[dtype][0] if name in ("o", "final_state") else HALF_REL[dtype][1]) if half else 1e-5
+                assert_near(got[name], want[name], rel, f"{name} at {shape}, decay={decay}, {config}")
+
+
+HALF_REL = {dtype: rel for dtype, rel in [(torch.float16, (3e-3, 1e-2)), (torch.bfloat16, (2e-2, 5e-2))]}
+
+
 def test_kernel_only_output_gradient(device):
     # A loss on o alone: the final state's gradient arrives as None and counts as zero.
     B, L, H, d, C = 1, 20, 1, 16, 16

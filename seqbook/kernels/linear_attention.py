@@ -151,7 +151,7 @@ def _state_pass(
             chunk = i
         t = chunk * C + steps
         live = t < L
-        tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S)
+        tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
         tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
         x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_K)
         y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
@@ -164,6 +164,82 @@ def _state_pass(
         xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
         S = tl.exp(c_last) * S + _mm(tl.trans(xw), y, PRECISION, WIDEN)
     tl.store(S_END + bh.to(tl.int64) * DK * DV + state_offs, S)
+
+
+@triton.jit
+def _chunk_local(
+    X, Y,  # (B, L, H, DK), (B, L, H, DV): k and v (forward), q and do (reverse)
+    A,  # (B, L, H) log-decays (if HAS_DECAY)
+    LOCAL,  # (B, H, NC, DK, DV) out: each chunk's own share of the state
+    DECAY,  # (B * H, NC) float32 out: each chunk's whole log-decay c_last (if HAS_DECAY)
+    L, H, NC, x_scale,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    r"""The chunk-parallel walk, first half: every chunk's own share of the state at once,
+    :math:`(k \circ e^{c_\text{last} - c})^\top v` (forward) or :math:`s\,(q \circ e^{c})^\top do`
+    (reverse), and the chunk's whole log-decay. All the decay arithmetic is here, in parallel."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    tile = tl.program_id(2)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    cols = (tile % (DV // BLOCK_V)) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows_k = (tile // (DV // BLOCK_V)) * BLOCK_K + tl.arange(0, BLOCK_K)
+    steps = tl.arange(0, C)
+    t = chunk * C + steps
+    live = t < L
+    tok = (b * L + t.to(tl.int64)) * H + h
+    x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_K)
+    y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
+    c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+    c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)
+    if REVERSE:
+        w = tl.exp(c)
+    else:
+        w = tl.exp(c_last - c)
+    xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
+    local = _mm(tl.trans(xw), y, PRECISION, WIDEN)
+    state_offs = rows_k[:, None] * DV + cols[None, :]
+    tl.store(LOCAL + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, local.to(LOCAL.dtype.element_ty))
+    if HAS_DECAY:  # every tile of the chunk stores the same number
+        tl.store(DECAY + bh.to(tl.int64) * NC + chunk, c_last)
+
+
+@triton.jit
+def _combine(
+    STATES,  # (B, H, NC, DK, DV): each chunk's own share in, the state entering it (in walk order) out
+    DECAY,  # (B * H, NC) float32: each chunk's whole log-decay (if HAS_DECAY)
+    S0, S_END,  # (B, H, DK, DV) float32: the state before the walk (if HAS_S0), the state after it (out)
+    NC,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    r"""The chunk-parallel walk, second half: one tile adds the shares up in walk order,
+    :math:`S \leftarrow e^{c_\text{last}} S + \text{local}`, in place: each chunk's slot is read
+    and then receives the state entering the chunk. The loads do not depend on the carried
+    state, so the compiler's pipelining issues them stages ahead; nothing in the loop waits on
+    a product or a reduction."""
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    state_offs = rows_k[:, None] * DV + cols[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + bh * DK * DV + state_offs)
+    else:
+        S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
+    for i in tl.range(0, NC, num_stages=STAGES):
+        if REVERSE:
+            chunk = NC - 1 - i
+        else:
+            chunk = i
+        slot = STATES + (bh * NC + chunk) * DK * DV + state_offs
+        local = tl.load(slot).to(tl.float32)  # independent of S: the compiler loads it stages ahead
+        tl.store(slot, S.to(STATES.dtype.element_ty))
+        if HAS_DECAY:
+            S = tl.exp(tl.load(DECAY + bh * NC + chunk)) * S + local
+        else:
+            S = S + local
+    tl.store(S_END + bh * DK * DV + state_offs, S)
 
 
 @triton.jit
@@ -193,7 +269,7 @@ def _chunk_out(
     scores = _mm(q, tl.trans(k), PRECISION, WIDEN) * (D * scale)  # (C, C)
     o = _mm(scores.to(v.dtype), v, PRECISION, WIDEN)
     # 2. inter-chunk: the entering state, decayed to step t
-    o += (tl.exp(c) * scale)[:, None] * _mm(q.to(tl.float32), S, STATE_PRECISION, WIDEN)
+    o += (tl.exp(c) * scale)[:, None] * _mm(q.to(S.dtype), S, STATE_PRECISION, WIDEN)
     tl.store(O + tok[:, None] * DV + cols[None, :], o.to(O.dtype.element_ty), mask=live[:, None])
 
 
@@ -235,10 +311,10 @@ def _chunk_grads(
         S_in = tl.load(STATES + state)  # (DK, BLOCK_V) float32: the state entering the chunk
         dS_out = tl.load(DSTATES + state)  # ... and the gradient of the one leaving it
         dA += _mm(do, tl.trans(v), PRECISION, WIDEN)
-        dq_state += _mm(do.to(tl.float32), tl.trans(S_in), STATE_PRECISION, WIDEN)
-        dk_state += _mm(v.to(tl.float32), tl.trans(dS_out), STATE_PRECISION, WIDEN)
+        dq_state += _mm(do.to(S_in.dtype), tl.trans(S_in), STATE_PRECISION, WIDEN)
+        dk_state += _mm(v.to(dS_out.dtype), tl.trans(dS_out), STATE_PRECISION, WIDEN)
         # dv: through the intra-chunk scores, and through the state the chunk leaves behind
-        dv = _mm(A_T, do, PRECISION, WIDEN) + to_end[:, None] * _mm(k.to(tl.float32), dS_out, STATE_PRECISION, WIDEN)
+        dv = _mm(A_T, do, PRECISION, WIDEN) + to_end[:, None] * _mm(k.to(dS_out.dtype), dS_out, STATE_PRECISION, WIDEN)
         tl.store(DV_ + tok[:, None] * DV + cols[None, :], dv.to(DV_.dtype.element_ty), mask=live[:, None])
     dA = dA * D  # masked like the scores
     # dq: through the intra-chunk scores, and through the entering state
@@ -256,9 +332,18 @@ def _chunk_grads(
 #: Warps by kernel, the value block of the output kernel and the state tile of the
 #: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
 #: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
-#: (module docstring).
+#: (module docstring). ``split``: the chunk-parallel walk (``_chunk_local`` with its
+#: ``local_*`` tile, then ``_combine`` with its ``combine_*`` tile) instead of ``_state_pass``.
+#: ``state_16bit``: the input dtypes whose per-chunk states are stored in that dtype
+#: (carried in float32 all the same); others store float32.
 CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
-              grad_warps=8)  # fmt: skip
+              grad_warps=8, split=False, local_block_k=64, local_block_v=64, local_warps=4,
+              combine_block_k=32, combine_block_v=32, combine_warps=4, combine_stages=4, state_16bit=())  # fmt: skip
+
+
+def _state_dtype(dtype):
+    """The dtype of the per-chunk states saved for inputs of ``dtype``."""
+    return dtype if dtype in CONFIG["state_16bit"] else torch.float32
 
 
 def _state_grid_blocks(B, H, DK, DV):
@@ -273,16 +358,34 @@ def _precisions(dtype):
 
 
 def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
-    """Launch ``_state_pass``: forward ``x, y = k, v``; reverse ``x, y = q, do`` (module docstring).
+    """The state-passing walk: forward ``x, y = k, v``; reverse ``x, y = q, do`` (module docstring).
     Fills ``states`` (the state entering each chunk, in walk order) and ``s_end``."""
     B, L, H, DK = x.shape
     DV = y.shape[-1]
+    NC = states.shape[2]
+    has_decay, widen = log_decay is not None, _backend.interpreting()
+    a = log_decay if has_decay else x
+    if CONFIG["split"]:
+        bk, bv = min(CONFIG["local_block_k"], DK), min(CONFIG["local_block_v"], DV)
+        decay = torch.empty(B * H, NC, dtype=torch.float32, device=x.device) if has_decay else s_end
+        _chunk_local[(B * H, NC, (DK // bk) * (DV // bv))](
+            x, y, a, states, decay, L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=bk, BLOCK_V=bv,
+            HAS_DECAY=has_decay, REVERSE=reverse, PRECISION=_precisions(x.dtype)[0], WIDEN=widen,
+            num_warps=CONFIG["local_warps"],
+        )  # fmt: skip
+        bk, bv = min(CONFIG["combine_block_k"], DK), min(CONFIG["combine_block_v"], DV)
+        _combine[(B * H, DV // bv, DK // bk)](
+            states, decay, s0 if s0 is not None else s_end, s_end, NC, DK=DK, DV=DV, BLOCK_K=bk, BLOCK_V=bv,
+            HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, STAGES=CONFIG["combine_stages"],
+            num_warps=CONFIG["combine_warps"],
+        )  # fmt: skip
+        return
     grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
     _state_pass[grid](
-        x, y, log_decay if log_decay is not None else x, s0 if s0 is not None else s_end, states, s_end,
-        L, H, states.shape[2], x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
-        HAS_DECAY=log_decay is not None, HAS_S0=s0 is not None, REVERSE=reverse,
-        PRECISION=_precisions(x.dtype)[1], WIDEN=_backend.interpreting(), num_warps=CONFIG["state_warps"],
+        x, y, a, s0 if s0 is not None else s_end, states, s_end,
+        L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse,
+        PRECISION=_precisions(x.dtype)[1], WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
 
@@ -303,10 +406,11 @@ def _outputs(q, k, v, log_decay, states, scale, C):
 
 
 def _forward(q, k, v, log_decay, initial_state, scale, C):
-    """``(o, final_state, states)``; inputs contiguous; ``states (B, H, n_chunks, d_k, d_v)`` float32."""
+    """``(o, final_state, states)``; inputs contiguous; ``states (B, H, n_chunks, d_k, d_v)`` in
+    :func:`_state_dtype`, the final state float32."""
     B, L, H, DK = q.shape
     DV = v.shape[-1]
-    states = torch.empty(B, H, triton.cdiv(L, C), DK, DV, dtype=torch.float32, device=q.device)
+    states = torch.empty(B, H, triton.cdiv(L, C), DK, DV, dtype=_state_dtype(q.dtype), device=q.device)
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
     _walk(k, v, log_decay, initial_state, states, final, 1.0, C, reverse=False)
     return _outputs(q, k, v, log_decay, states, scale, C), final, states
