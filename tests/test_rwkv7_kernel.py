@@ -33,11 +33,12 @@ else:
 RECURRENT_CASES = [((1, 37, 1, 16, 32, 1.0), 8), (SHAPES[2], 16)] + ([(SHAPES[0], 64)] if ON_GPU else [])
 
 
-def rel_tolerance(shape):
+def rel_tolerance(shape, chunk=16):
     """1e-5 for float32 (compare.py), plus the chunked kernel's exponents, differences of float32
-    cumulative sums of log w over a chunk of 16 steps: off by about u * 16 * strength (u = 6e-8;
-    the kernel's docstring), taken twice. 2e-5 at strength 1, 7e-5 at 30; measured 3e-7 and 1.1e-5."""
-    return 1e-5 + 2 * 2**-24 * 16 * max(strengths(shape))
+    cumulative sums of log w over a chunk (16 steps; 64 in the forward without gradients): off by about
+    u * chunk * strength (u = 6e-8; the kernel's docstring), taken twice. 2e-5 at strength 1, 7e-5 at 30
+    (chunks of 16); measured 3e-7 and 1.1e-5."""
+    return 1e-5 + 2 * 2**-24 * chunk * max(strengths(shape))
 
 
 def strengths(shape):
@@ -101,11 +102,18 @@ def test_kernel_matches_float64_recurrence(device, shape, state):
         assert_near(got[name], want[name], rel_tolerance(shape), f"{name} at {shape}, state={state}")
 
 
-# two of SHAPES (fewer compilations on CUDA) and a sequence mixing strong and weak decays
-@pytest.mark.parametrize("shape", SHAPES[:2] + [(1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0])])
-def test_kernel_forward_without_gradients(device, shape):
-    """Inputs that need no gradient take the kernel's one-walk forward (``_infer_pass``, which saves
-    nothing for a backward): its output and final state against the float64 recurrence."""
+# two of SHAPES (fewer compilations on CUDA), a sequence mixing strong and weak decays, and lengths past one
+# chunk of 64 that are not multiples of it
+NO_GRAD_SHAPES = SHAPES[:2] + [(1, 90, 2, 16, 16, [30.0, 1.0, 7.0, 0.1, 3.0, 60.0]), (1, 150, 1, 32, 16, 1.0)]
+
+
+@pytest.mark.parametrize("shape", NO_GRAD_SHAPES)
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_kernel_forward_without_gradients(device, shape, chunk, monkeypatch):
+    """Inputs that need no gradient take the kernel's forward that keeps nothing for a backward
+    (``INFER_CHUNK`` = 64: ``_infer_prep`` and ``_infer_walk``; 16: ``_infer_pass``): its output and final
+    state, with an initial state, against the float64 recurrence."""
+    monkeypatch.setattr(rwkv7_kernel, "INFER_CHUNK", chunk)
     B, L, H, N, d_v, strength = shape
     if isinstance(strength, list):
         strength = torch.tensor(strength, dtype=F64).repeat_interleave(16)[:L].view(1, L, 1, 1)
@@ -113,8 +121,41 @@ def test_kernel_forward_without_gradients(device, shape):
     assert not any(x.requires_grad for x in xs)
     o, S = rwkv.wkv7(*xs[:6], initial_state=xs[6], return_final_state=True, backend="triton")
     o_ref, S_ref = rwkv.wkv7_recurrent(*(x.double() for x in xs))
-    assert_near(o, o_ref, rel_tolerance(shape), f"o at {shape}, no gradients")
-    assert_near(S, S_ref, rel_tolerance(shape), f"final state at {shape}, no gradients")
+    assert_near(o, o_ref, rel_tolerance(shape, chunk), f"o at {shape}, no gradients, chunks of {chunk}")
+    assert_near(S, S_ref, rel_tolerance(shape, chunk), f"final state at {shape}, no gradients, chunks of {chunk}")
+
+
+@pytest.mark.parametrize("strength", [1.0, 40.0])
+def test_forward_without_gradients_chunks_of_64(device, strength, monkeypatch):
+    """The forward without gradients by chunks of 64 with several value blocks per (batch, head) in its walk
+    (``INFER_BLOCK_V`` = 16, d_v = 64 > N = 32), with no initial state and with one: at strength 1 (a chunk's
+    cumulated decays spread up to 64, around ``SPLIT_SPREAD``: split and column-wise chunks) and 40 (every
+    chunk column-wise; w underflows to 0 in float32 at some steps), lengths 64 + 1 and 2 * 64 - 3."""
+    monkeypatch.setattr(rwkv7_kernel, "INFER_CHUNK", 64)
+    monkeypatch.setattr(rwkv7_kernel, "INFER_BLOCK_V", 16)
+    for L, state in ((65, False), (125, True)):
+        shape = (1, L, 1, 32, 64, strength)
+        xs = [x.float().to(device) for x in wkv7_problem(*shape, seed=L)]
+        s0 = xs[6] if state else None
+        with torch.no_grad():
+            o, S = rwkv.wkv7(*xs[:6], initial_state=s0, return_final_state=True, backend="triton")
+        o_ref, S_ref = rwkv.wkv7_recurrent(*(x.double() for x in xs[:6]), None if s0 is None else s0.double())
+        assert_near(o, o_ref, rel_tolerance(shape, 64), f"o at {shape}, state={state}, chunks of 64")
+        assert_near(S, S_ref, rel_tolerance(shape, 64), f"final state at {shape}, state={state}, chunks of 64")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_forward_without_gradients_16_bit(device, dtype):
+    """16-bit inputs through the forward without gradients (for bfloat16: rows kept in bfloat16 and the walk's
+    products on bfloat16 operands, ``INFER_16BIT``): the 16-bit tolerance for o and the state."""
+    xs = wkv7_problem(1, 100, 2, 16, 32, 1.0, seed=13)
+    xs = [x.to(device=device, dtype=dtype) for x in xs[:6]] + [xs[6].float().to(device)]
+    with torch.no_grad():
+        o, S = rwkv.wkv7(*xs[:6], initial_state=xs[6], return_final_state=True, backend="triton")
+    o_ref, S_ref = rwkv.wkv7_recurrent(*(x.double() for x in xs))
+    assert o.dtype == dtype
+    assert_near(o, o_ref, HALF[dtype][0], f"o, {dtype}, no gradients")
+    assert_near(S, S_ref, HALF[dtype][0], f"final state, {dtype}, no gradients")
 
 
 def test_kernel_split_and_column_chunks(device):

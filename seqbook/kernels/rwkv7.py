@@ -166,12 +166,28 @@ import triton
 import triton.language as tl
 
 from .chunked_state import pad_to, state_tile
+from .delta import _unit_lower_inverse
 
 #: steps per chunk (the chunked kernel)
 CHUNK = 16
 #: value columns per program in the chunked kernel's walks over chunks (16 where 32 leaves too few programs),
 #: and per loop step of its backward's per-chunk kernel
 BLOCK_V = 32
+#: steps per chunk of the forward without gradients: 64 (``_infer_prep`` and ``_infer_walk``) or 16
+#: (``_infer_pass``, the previous design)
+INFER_CHUNK = 64
+#: value columns per program of the walk without gradients (chunks of 64); None: as ``_state_block_v``
+INFER_BLOCK_V = None
+#: warps of that walk; None: as ``_warps``
+INFER_WARPS = None
+#: software pipelining stages of that walk's loop over chunks (float32 rows at N = 128 take 1: two stages
+#: of their tiles exceed the H200's shared memory per block)
+INFER_STAGES = 2
+#: warps of the per-chunk kernel before that walk (``_infer_prep``); None: as ``_warps``
+INFER_PREP_WARPS = None
+#: for bfloat16 inputs the rows the walk without gradients reads are kept in bfloat16 and its products take
+#: bfloat16 operands (True), else float32 rows and TF32 products
+INFER_16BIT = True
 #: value columns per program of the chunked kernel's output kernel
 OUT_BLOCK_V = 64
 #: the chunked kernel keeps the states entering the chunks, X and the states' gradients in bfloat16 for
@@ -217,6 +233,46 @@ def _chunk_decays(lw_ptr, offs, rt, T: tl.constexpr):
 
 
 @triton.jit
+def _tt_products(Kgm, Rgm, Km, Bm_rows, rt, LOW: tl.constexpr):
+    """A, Bm, Pk, Pa (T, T) from the split factors (T, N): the rows' K_g, R_g times e^{-m} and the columns'
+    k~, b times e^{m - g}."""
+    Kj, Bj = tl.trans(Km), tl.trans(Bm_rows)
+    strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
+    A = tl.where(strict, _mm(Kgm, Bj, LOW), 0.0)
+    Bm = tl.where(strict, _mm(Kgm, Kj, LOW), 0.0)
+    Pk = tl.where(causal, _mm(Rgm, Kj, LOW), 0.0)
+    Pa = tl.where(causal, _mm(Rgm, Bj, LOW), 0.0)
+    return A, Bm, Pk, Pa
+
+
+@triton.jit
+def _tt_matrices(r, g, gp, k, kh, bb, split, m, rt, T: tl.constexpr, LOW: tl.constexpr):
+    """A chunk's (T, T) matrices A, Bm (strictly lower), Pk, Pa (lower) from its rows (T, N) in float32: four
+    matrix products where the decays' spread allows the split at ``m``, else one column at a time."""
+    if split:  # e^{g_t - g_j} = e^{g_t - m} e^{m - g_j}: products on tensor cores
+        up = tl.exp(m[None, :] - g)
+        A, Bm, Pk, Pa = _tt_products(kh * tl.exp(gp - m[None, :]), r * tl.exp(g - m[None, :]), k * up, bb * up, rt, LOW)
+    else:
+        A = tl.zeros([T, T], dtype=tl.float32)
+        Bm = tl.zeros([T, T], dtype=tl.float32)
+        Pk = tl.zeros([T, T], dtype=tl.float32)
+        Pa = tl.zeros([T, T], dtype=tl.float32)
+        for j in range(T):
+            one = (rt == j).to(tl.float32)
+            g_j = tl.sum(g * one[:, None], axis=0)
+            k_j = tl.sum(k * one[:, None], axis=0)
+            b_j = tl.sum(bb * one[:, None], axis=0)
+            # decays from after step j to the start (E) and the end (F) of step t; exponents <= 0
+            E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
+            F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
+            A += one[None, :] * tl.sum(kh * E * b_j[None, :], axis=1)[:, None]
+            Bm += one[None, :] * tl.sum(kh * E * k_j[None, :], axis=1)[:, None]
+            Pk += one[None, :] * tl.sum(r * F * k_j[None, :], axis=1)[:, None]
+            Pa += one[None, :] * tl.sum(r * F * b_j[None, :], axis=1)[:, None]
+    return A, Bm, Pk, Pa
+
+
+@triton.jit
 def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, dec_ptr, Lp, H, n_chunks,
                     DK: tl.constexpr, T: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
                     GRAD: tl.constexpr):  # fmt: skip
@@ -236,33 +292,7 @@ def _chunk_matrices(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, mat_ptr, wy_ptr, dec_pt
     k = tl.load(k_ptr + offs).to(tl.float32)
     kh = tl.load(kh_ptr + offs).to(tl.float32)
     bb = tl.load(a_ptr + offs).to(tl.float32) * kh
-    if split:  # e^{g_t - g_j} = e^{g_t - m} e^{m - g_j}: products on tensor cores
-        Kgm = kh * tl.exp(gp - m[None, :])
-        Rgm = r * tl.exp(g - m[None, :])
-        up = tl.exp(m[None, :] - g)
-        Kj, Bj = tl.trans(k * up), tl.trans(bb * up)
-        strict, causal = rt[:, None] > rt[None, :], rt[:, None] >= rt[None, :]
-        A = tl.where(strict, _mm(Kgm, Bj, LOW), 0.0)
-        Bm = tl.where(strict, _mm(Kgm, Kj, LOW), 0.0)
-        Pk = tl.where(causal, _mm(Rgm, Kj, LOW), 0.0)
-        Pa = tl.where(causal, _mm(Rgm, Bj, LOW), 0.0)
-    else:
-        A = tl.zeros([T, T], dtype=tl.float32)
-        Bm = tl.zeros([T, T], dtype=tl.float32)
-        Pk = tl.zeros([T, T], dtype=tl.float32)
-        Pa = tl.zeros([T, T], dtype=tl.float32)
-        for j in range(T):
-            one = (rt == j).to(tl.float32)
-            g_j = tl.sum(g * one[:, None], axis=0)
-            k_j = tl.sum(k * one[:, None], axis=0)
-            b_j = tl.sum(bb * one[:, None], axis=0)
-            # decays from after step j to the start (E) and the end (F) of step t; exponents <= 0
-            E = tl.exp(tl.where(rt[:, None] > j, gp - g_j[None, :], float("-inf")))
-            F = tl.exp(tl.where(rt[:, None] >= j, g - g_j[None, :], float("-inf")))
-            A += one[None, :] * tl.sum(kh * E * b_j[None, :], axis=1)[:, None]
-            Bm += one[None, :] * tl.sum(kh * E * k_j[None, :], axis=1)[:, None]
-            Pk += one[None, :] * tl.sum(r * F * k_j[None, :], axis=1)[:, None]
-            Pa += one[None, :] * tl.sum(r * F * b_j[None, :], axis=1)[:, None]
+    A, Bm, Pk, Pa = _tt_matrices(r, g, gp, k, kh, bb, split, m, rt, T, LOW)
     # (I + A)^{-1} by forward substitution, one row at a time
     Tinv = tl.zeros([T, T], dtype=tl.float32)
     for i in range(T):
@@ -330,6 +360,102 @@ def _infer_pass(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, mat_ptr, s0_ptr, o_p
         tl.store(o_ptr + rows[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
         S = tl.exp(g_last)[:, None] * S + tl.dot(tl.trans(Kd), v, input_precision=PREC) \
             - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
+    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
+
+
+@triton.jit
+def _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last):
+    """A chunk's K_g = kappa_hat e^{g^-}, R_g = r e^{g}, K_d = k~ e^{g_T - g}, B_d = b e^{g_T - g} (T, N), float32."""
+    to_end = tl.exp(g_last[None, :] - g)
+    kh = tl.load(kh_ptr + offs).to(tl.float32)
+    Kg = kh * tl.exp(gp)
+    Rg = tl.load(r_ptr + offs).to(tl.float32) * tl.exp(g)
+    Kd = tl.load(k_ptr + offs).to(tl.float32) * to_end
+    Bd = tl.load(a_ptr + offs).to(tl.float32) * kh * to_end
+    return Kg, Rg, Kd, Bd
+
+
+@triton.jit
+def _infer_prep(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, wy_ptr, uo_ptr, dec_ptr, Lp, H, n_chunks,
+                DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
+    """The forward without gradients by chunks of ``INFER_CHUNK`` steps, step 1 (per chunk, all in parallel):
+    everything of a chunk that does not depend on the state entering it, so that the walk is left with
+    X = W S + U, o = Q S + O_V and S <- Diag(e^{g_T}) S + K_d^T V - B_d^T X. With (I + A)^{-1} by blocks of 16
+    rows (``delta._unit_lower_inverse``): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d, K_d in ``wy_ptr``
+    (4, batch, Lp, H, N); U = (I + A)^{-1} B_m V and O_V = P_k V - P_a U in ``uo_ptr`` (2, batch, Lp, H, d_v);
+    e^{g_T} in ``dec_ptr`` (batch * H, chunks, N)."""
+    bh, ci = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk, rt = tl.arange(0, DK), tl.arange(0, T)
+    rows = (b * Lp + ci * T + rt) * H + h
+    offs = rows[:, None] * DK + rk[None, :]
+    g, gp, split, m = _chunk_decays(lw_ptr, offs, rt, T)
+    g_last = tl.sum(tl.where(rt[:, None] == T - 1, g, 0.0), axis=0)
+    tl.store(dec_ptr + (bh * n_chunks + ci) * DK + rk, tl.exp(g_last))
+    if split:  # e^{g_t - m} = e^{g_t} e^{-m}, e^{m - g_j} = e^{g_T - g_j} e^{m - g_T}: all within e^{+-spread}
+        Kg, Rg, Kd, Bd = _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last)
+        to_m, from_m = tl.exp(-m)[None, :], tl.exp(m - g_last)[None, :]
+        A, Bm, Pk, Pa = _tt_products(Kg * to_m, Rg * to_m, Kd * from_m, Bd * from_m, rt, LOW)
+    else:  # one column at a time
+        k = tl.load(k_ptr + offs).to(tl.float32)
+        kh = tl.load(kh_ptr + offs).to(tl.float32)
+        A, Bm, Pk, Pa = _tt_matrices(tl.load(r_ptr + offs).to(tl.float32), g, gp, k, kh,
+                                     tl.load(a_ptr + offs).to(tl.float32) * kh, split, m, rt, T, LOW)  # fmt: skip
+    # the rows again rather than live through either branch (registers: (T, N) tiles at N = 128 are large)
+    Kg, Rg, Kd, Bd = _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last)
+    Tinv = _unit_lower_inverse(A, rt, T, 16, PREC, True)
+    W = tl.dot(Tinv, Kg, input_precision=PREC)
+    one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
+    dt = wy_ptr.dtype.element_ty
+    tl.store(wy_ptr + offs, W.to(dt))
+    tl.store(wy_ptr + one_wy + offs, (Rg - tl.dot(Pa, W, input_precision=PREC)).to(dt))  # Q
+    tl.store(wy_ptr + 2 * one_wy + offs, Bd.to(dt))
+    tl.store(wy_ptr + 3 * one_wy + offs, Kd.to(dt))
+    one_uo = tl.num_programs(0) * Lp * DV
+    for v0 in range(0, DV, BV):
+        v_off = rows[:, None] * DV + (v0 + tl.arange(0, BV))[None, :]
+        v = tl.load(v_ptr + v_off).to(tl.float32)
+        U = tl.dot(Tinv, tl.dot(Bm, v, input_precision=PREC), input_precision=PREC)
+        tl.store(uo_ptr + v_off, U.to(dt))
+        tl.store(uo_ptr + one_uo + v_off, (tl.dot(Pk, v, input_precision=PREC) - tl.dot(Pa, U, input_precision=PREC)).to(dt))
+
+
+@triton.jit
+def _infer_walk(wy_ptr, uo_ptr, dec_ptr, v_ptr, s0_ptr, o_ptr, final_ptr, Lp, H, n_chunks, DK: tl.constexpr,
+                DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
+                LOW: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """The forward without gradients, step 2: one walk per (batch, head, ``BV`` value columns) over chunks of
+    ``INFER_CHUNK`` steps, from ``_infer_prep``'s rows: X = W S + U, o = Q S + O_V,
+    S <- Diag(e^{g_T}) S + K_d^T V - B_d^T X (four products, two on the sequential path). ``LOW``: the
+    products take bfloat16 operands (the state rounded to 16 bits as an operand only; it is kept in float32),
+    else ``PREC``."""
+    bh, b, h, rk, rv, rt, vmask, s_off, S = state_tile(s0_ptr, H, DK, DV, T, BV, HAS_S0)
+    one_wy = tl.num_programs(0) * Lp * DK
+    one_uo = tl.num_programs(0) * Lp * DV
+    for ci in tl.range(0, n_chunks, num_stages=STAGES):
+        rows = (b * Lp + ci * T + rt) * H + h
+        offs = rows[:, None] * DK + rk[None, :]
+        v_off = rows[:, None] * DV + rv[None, :]
+        W = tl.load(wy_ptr + offs)
+        Q = tl.load(wy_ptr + one_wy + offs)
+        Bd = tl.load(wy_ptr + 2 * one_wy + offs)
+        Kd = tl.load(wy_ptr + 3 * one_wy + offs)
+        U = tl.load(uo_ptr + v_off, mask=vmask[None, :], other=0.0).to(tl.float32)
+        Ov = tl.load(uo_ptr + one_uo + v_off, mask=vmask[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + v_off, mask=vmask[None, :], other=0.0)
+        decay = tl.load(dec_ptr + (bh * n_chunks + ci) * DK + rk)
+        if LOW:
+            Sl = S.to(tl.bfloat16)
+            X = tl.dot(W, Sl) + U
+            o = tl.dot(Q, Sl) + Ov
+            S = decay[:, None] * S + tl.dot(tl.trans(Kd), v.to(tl.bfloat16)) - tl.dot(tl.trans(Bd), X.to(tl.bfloat16))
+        else:
+            X = tl.dot(W, S, input_precision=PREC) + U
+            o = tl.dot(Q, S, input_precision=PREC) + Ov
+            S = decay[:, None] * S + tl.dot(tl.trans(Kd), v.to(tl.float32), input_precision=PREC) \
+                - tl.dot(tl.trans(Bd), X, input_precision=PREC)  # fmt: skip
+        tl.store(o_ptr + v_off, o.to(o_ptr.dtype.element_ty), mask=vmask[None, :])
     tl.store(final_ptr + bh * DK * DV + s_off, S, mask=vmask[None, :])
 
 
@@ -637,8 +763,42 @@ class WKV7Chunked(torch.autograd.Function):
 
 
 def _wkv7_inference(r, log_w, k, v, kappa_hat, a, S0):
-    """The forward without gradients: the four matrices of every chunk, then one walk that computes the outputs
-    too and saves nothing (``_infer_pass``, module docstring)."""
+    """The forward without gradients, keeping nothing for a backward: by chunks of ``INFER_CHUNK`` = 64 steps,
+    everything that does not depend on the state in parallel (``_infer_prep``), then one walk per (batch, head,
+    value block) with two products per chunk on its sequential path (``_infer_walk``); or with ``INFER_CHUNK`` = 16
+    the four matrices of every chunk, then one walk that computes the outputs too (``_infer_pass``, eight
+    products per chunk)."""
+    if INFER_CHUNK == 16:
+        return _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0)
+    B, L, H, DK = r.shape
+    DV, T = v.shape[-1], INFER_CHUNK
+    n = triton.cdiv(L, T)
+    Lp = n * T
+    rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
+    dev = r.device
+    low = INFER_16BIT and r.dtype == torch.bfloat16
+    rows_dtype = torch.bfloat16 if low else torch.float32
+    wy = torch.empty(4, B, Lp, H, DK, dtype=rows_dtype, device=dev)
+    uo = torch.empty(2, B, Lp, H, DV, dtype=rows_dtype, device=dev)
+    decays = torch.empty(B * H, n, DK, dtype=torch.float32, device=dev)
+    prec = _precision(r.dtype)
+    _infer_prep[(B * H, n)](rp, wp, kp, khp, ap, vp, wy, uo, decays, Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, 64),
+                            LOW=r.dtype == torch.bfloat16, PREC=prec,
+                            num_warps=INFER_PREP_WARPS or _warps(DK))  # fmt: skip
+    final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
+    o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
+    s0 = S0.float().contiguous() if S0 is not None else final
+    bv = min(DV, INFER_BLOCK_V) if INFER_BLOCK_V is not None else _state_block_v(B * H, DV)
+    stages = INFER_STAGES if low or DK <= 64 else 1
+    _infer_walk[(B * H, triton.cdiv(DV, bv))](wy, uo, decays, vp, s0, o, final, Lp, H, n, DK=DK, DV=DV, T=T, BV=bv,
+                                              HAS_S0=S0 is not None, PREC=prec, LOW=low, STAGES=stages,
+                                              num_warps=INFER_WARPS or _warps(DK))  # fmt: skip
+    return o[:, :L], final
+
+
+def _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0):
+    """The forward without gradients by chunks of 16: the four matrices of every chunk, then one walk that
+    computes the outputs too and saves nothing (``_infer_pass``)."""
     B, L, H, DK = r.shape
     DV, T = v.shape[-1], CHUNK
     n = triton.cdiv(L, T)
