@@ -484,7 +484,7 @@ def test_mha_uses_the_kernel(device):
 # exponentials), checked against float64 like the default. LAZY is exact arithmetic; POLY's
 # cubic (relative error 7.5e-5) is for 16-bit inputs only, so it is checked in float16 with
 # float16's tolerance. Interpreted: (32, 16) tiles, so POLY = 4 splits 16 columns into 8 + 4 + 4.
-FWD_VARIANTS = [dict(LAZY=True), dict(POLY=2), dict(POLY=4), dict(LAZY=True, POLY=4)]
+FWD_VARIANTS = [dict(LAZY=1), dict(LAZY=2), dict(POLY=2), dict(POLY=4), dict(LAZY=1, POLY=4), dict(LAZY=2, POLY=4)]
 
 
 @pytest.mark.parametrize("variant", FWD_VARIANTS, ids=lambda v: "+".join(f"{k}{v[k]}" for k in v))
@@ -503,18 +503,20 @@ def test_kernel_forward_variants(device, causal, variant):
         assert_near(lse, torch.logsumexp(attn.attention_scores(*wide[:2], causal), -1), 1e-5, f"lse {variant}")
 
 
+@pytest.mark.parametrize("lazy", [1, 2])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_kernel_lazy_rescaling_when_scores_climb(device, causal):
+def test_kernel_lazy_rescaling_when_scores_climb(device, causal, lazy):
     # Scores that rise along the keys by far more than the 2^8 slack (keys scaled up with their
     # position, |s| up to several hundred): the reference point must move many times, and
-    # every move must rescale the accumulator, or o would be off by powers of two.
+    # every move must rescale the accumulator (and, LAZY = 2, take the tile's exponentials
+    # again), or o would be off by powers of two.
     kernel = backend.kernels("attention")
     shape = (1, 300, 2, 32) if device == "cuda" else (1, 45, 2, 16)
     q, k, v = qkv(*shape, seed=41, dtype=torch.float32, device=device)
     k = k * torch.linspace(0.1, 30.0, shape[1], device=device, dtype=k.dtype)[None, :, None, None]
     q = q.abs()
     k = k.abs()  # all scores positive, growing with the key's position
-    cfg = dict(kernel.config_for("fwd", torch.float32, shape[-1]), LAZY=True)
+    cfg = dict(kernel.config_for("fwd", torch.float32, shape[-1]), LAZY=lazy)
     o, lse = kernel.attention_with_lse(q, k, v, causal, config=cfg)
     wide = [x.double() for x in (q, k, v)]
     S = attn.attention_scores(*wide[:2], causal)
@@ -523,7 +525,7 @@ def test_kernel_lazy_rescaling_when_scores_climb(device, causal):
     assert_near(lse, torch.logsumexp(S, -1), 1e-5, "lse, lazy, climbing scores")
 
 
-def test_kernel_refuses_poly_for_float32(device):
+def test_kernel_refuses_bad_forward_options(device):
     kernel = backend.kernels("attention")
     q, k, v = qkv(1, 20, 1, 16, dtype=torch.float32, device=device)
     cfg = dict(kernel.config_for("fwd", torch.float32, 16), POLY=2)
@@ -531,6 +533,9 @@ def test_kernel_refuses_poly_for_float32(device):
         kernel.attention_with_lse(q, k, v, True, config=cfg)
     cfg = dict(kernel.config_for("fwd", torch.float16, 16), POLY=3)
     with pytest.raises(ValueError, match="POLY must be 0"):
+        kernel.attention_with_lse(q.half(), k.half(), v.half(), True, config=cfg)
+    cfg = dict(kernel.config_for("fwd", torch.float16, 16), LAZY=3)
+    with pytest.raises(ValueError, match="LAZY must be 0"):
         kernel.attention_with_lse(q.half(), k.half(), v.half(), True, config=cfg)
 
 

@@ -154,6 +154,14 @@ def _exp2_shared(x, POLY: tl.constexpr):
 
 
 @triton.jit
+def _exp2_tile(x, POLY: tl.constexpr, MASKED: tl.constexpr):
+    if POLY and not MASKED:
+        return _exp2_shared(x, POLY)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -163,7 +171,8 @@ def _fwd_tiles(
 
     ``k_src, v_src``: the (batch, head)'s first key and value (pointers), or, with ``TMA``,
     tensor descriptors of its ``(L, d)`` keys and values (the copy engine fills rows past
-    ``L`` with zeros). ``LAZY``, ``POLY``: see :data:`LAZY_SLACK` and :func:`_exp2_shared`."""
+    ``L`` with zeros). ``LAZY``, ``POLY``: see :data:`LAZY_SLACK` and :func:`_exp2_shared`;
+    ``LAZY = 2`` also takes the exponentials before the block's max (see below)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -182,6 +191,11 @@ def _fwd_tiles(
         # The online softmax in base-2 units, scores s = qk_scale * q.k with qk_scale = s log2(e) > 0:
         # move the reference point to the new max, rescale what was summed. Since the scale is
         # positive, max(s) = qk_scale * max(q.k), and s - m' is one fused multiply-add per score.
+        if LAZY == 2:
+            # Exponentials against the reference point as it stands, before the block's max is
+            # known, so that the max's reductions and the exponentials can run side by side; in
+            # the rare tile where some row's reference moves they are taken again below.
+            p = _exp2_tile(qk * qk_scale - m_i[:, None], POLY, MASKED)
         m_blk = tl.max(qk, 1) * qk_scale
         if LAZY:
             # Any reference point gives the same o = acc / l, as long as acc and l share it and
@@ -189,14 +203,15 @@ def _fwd_tiles(
             # (From m = -inf every row moves.) Rows that keep theirs get alpha = 2^0 = 1 exactly.
             m_new = tl.where(m_blk - m_i > LAZY_SLACK, m_blk, m_i)
             # One decision for the whole tile (a branch all threads take alike), taken here so that
-            # its exchange between warps overlaps the exponentials below.
+            # its exchange between warps overlaps the exponentials.
             moved = tl.max(m_new - m_i, 0) > 0.0
         else:
             m_new = tl.maximum(m_i, m_blk)
-        if POLY and not MASKED:
-            p = _exp2_shared(qk * qk_scale - m_new[:, None], POLY)
+        if LAZY == 2:
+            if moved:
+                p = _exp2_tile(qk * qk_scale - m_new[:, None], POLY, MASKED)
         else:
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            p = _exp2_tile(qk * qk_scale - m_new[:, None], POLY, MASKED)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
@@ -580,6 +595,8 @@ def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     if cfg.get("POLY") and q.dtype == torch.float32:
         raise ValueError("attention kernel fwd: POLY (exp2 by a cubic, relative error 7.5e-5) is for 16-bit inputs, "
                          "whose P is rounded to 16 bits anyway; float32 inputs take exp2 throughout")
+    if cfg.get("LAZY", 0) not in (0, 1, 2):
+        raise ValueError(f"attention kernel fwd: LAZY must be 0 (off), 1 or 2, got {cfg['LAZY']}")
     if cfg.get("POLY", 0) not in (0, 2, 4):
         raise ValueError(f"attention kernel fwd: POLY must be 0 (off), 2 or 4 (one score in 2 or 4), got {cfg['POLY']}")
     if cfg.get("TMA") and not _tma_ok(q, k, v):
