@@ -52,8 +52,11 @@ def run(fn, inputs, do, dS, device):
     return dict(o=o.detach().cpu(), final_state=S.detach().cpu(), **grads)
 
 
-def compare(shape, dtype, device, seed, beta_max=1.0, state=True):
+def compare(shape, dtype, device, seed, beta_max=1.0, state=True, n_keys=None):
     inputs, do, dS = problem(shape, seed, dtype, beta_max, state)
+    if n_keys is not None:  # every key one of n_keys unit vectors
+        k = inputs[1]
+        inputs[1] = k[:, :n_keys].repeat(1, k.shape[1] // n_keys + 1, 1, 1)[:, : k.shape[1]].contiguous()
     got = run(lambda q, k, v, b, S0: la.delta_rule(q, k, v, b, initial_state=S0, return_final_state=True,
                                                    backend="triton"), inputs, do, dS, device)  # fmt: skip
     want = run(la.delta_rule_recurrent, [None if x is None else x.double() for x in inputs], do, dS, device)
@@ -82,6 +85,12 @@ def test_kernel_beta_up_to_two(device):
     compare(SHAPES[1], torch.float32, device, seed=5, beta_max=2.0)
 
 
+def test_kernel_repeated_keys(device):
+    """Three keys, each repeated every third step, beta in (0, 2): the chunk's A = tril(Diag(beta) K K^T)
+    has many equal columns and the entries of its inverse are as large as they get for unit keys."""
+    compare(SHAPES[0], torch.float32, device, seed=9, beta_max=2.0, n_keys=3)
+
+
 def test_chunk_is_64_steps_in_blocks_of_16():
     """The cases above span several chunks and a partial chunk only if the chunk is what they assume."""
     assert delta_kernel.CHUNK == 64 and delta_kernel.SUB == 16
@@ -89,11 +98,11 @@ def test_chunk_is_64_steps_in_blocks_of_16():
     assert any(s[1] % delta_kernel.CHUNK not in (0, 16, 32, 48) for s in SHAPES)
 
 
-@pytest.mark.parametrize("stacked,fused", [(False, False), (False, True), (True, False)])
-def test_kernel_variants(device, monkeypatch, stacked, fused):
-    """The other ways the module can run (the defaults are STACKED_DIAGONAL and FUSED_BACKWARD, the
-    cases above): the diagonal blocks' inverses with (64, 64) products, the backward's steps 6 and 7
-    in two kernels."""
-    monkeypatch.setattr(delta_kernel, "STACKED_DIAGONAL", stacked)
+@pytest.mark.parametrize("inverse,fused", [("stacked", True), ("substitution", True), ("doubling", False)])
+def test_kernel_variants(device, monkeypatch, inverse, fused):
+    """The other ways the module can run (the defaults, INVERSE = "doubling" and FUSED_BACKWARD, are the
+    cases above): the chunk's inverse by forward substitution in blocks of 16 rows (the diagonal blocks'
+    inverses on a (4, 16, 16) stack or with (64, 64) products), the backward's steps 6 and 7 in two kernels."""
+    monkeypatch.setattr(delta_kernel, "INVERSE", inverse)
     monkeypatch.setattr(delta_kernel, "FUSED_BACKWARD", fused)
     compare(SHAPES[0], torch.float32, device, seed=7)

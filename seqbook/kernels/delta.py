@@ -12,7 +12,7 @@ pass over chunks stays sequential. Per chunk, with :math:`K, V` its rows and :ma
 ``(d_k, d_v)`` entering it:
 
 1. ``_wy_fwd`` (all chunks in parallel): :math:`A = \mathrm{tril}_{-1}(\mathrm{Diag}(\beta) K K^\top)`,
-   :math:`T = (I + A)^{-1}` (``_unit_lower_inverse``), the WY representation
+   :math:`T = (I + A)^{-1}` (``_unit_lower_inverse_doubling``), the WY representation
    :math:`W = T\,\mathrm{Diag}(\beta) K` and :math:`\tilde U = T\,\mathrm{Diag}(\beta) V`.
 2. ``_state_fwd`` (one program per (batch, head, ``BV`` value columns): the transition
    :math:`I - \beta k k^\top` mixes rows of the state, never its columns) walks the chunks in order:
@@ -20,14 +20,26 @@ pass over chunks stays sequential. Per chunk, with :math:`K, V` its rows and :ma
    :math:`S \leftarrow S + K^\top U`. Two matrix products per chunk.
 3. ``_out_fwd`` (all chunks in parallel): :math:`o = s\,(Q S + \mathrm{tril}(Q K^\top)\, U)`.
 
-The inverse of the unit lower triangular :math:`I + A` (64 by 64) is forward substitution by
-blocks of 16 rows: first the four diagonal blocks all at once, as a ``(4, 16, 16)`` stack (step ``i``
-finishes row ``i`` of every block from the rows above it in its block: elementwise, no products),
-then block row ``b`` of :math:`T` from the block rows above it with matrix products (tensor cores),
-:math:`T_b = D_b (I - L_b T)` (:math:`D_b` the inverse of the diagonal block, :math:`L_b` the part of
-:math:`A` left of it). Each row is computed from finished rows only, as in forward substitution (a
-product form such as :math:`(I - A)(I + A^2)(I + A^4)\cdots` would take fewer steps, but its powers of
-:math:`A` grow large for repeated keys, and so do their rounding errors).
+The inverse of the unit lower triangular :math:`I + A` (64 by 64) is built by doubling the
+diagonal blocks (``_unit_lower_inverse_doubling``). Let :math:`D_s` be the block-diagonal matrix of
+the inverses of the diagonal :math:`(s, s)` blocks of :math:`I + A`, so :math:`D_1 = I` and
+:math:`D_{64} = T`. A diagonal block of :math:`2s` rows is :math:`\begin{pmatrix} I + A_{11} & 0 \\ A_{21} &
+I + A_{22}\end{pmatrix}` with inverse :math:`\begin{pmatrix} D_1 & 0 \\ -D_2 A_{21} D_1 & D_2\end{pmatrix}`, for
+every such block at once
+
+.. math::
+
+    D_{2s} = D_s - D_s\, A_s\, D_s,
+
+with :math:`A_s` the entries of :math:`A` inside the diagonal blocks of :math:`2s` rows and outside those
+of :math:`s` rows. :math:`D_2 = I - A_1` needs no product; :math:`D_4 \dots D_{64}` take two (64, 64)
+products each (tensor cores), ten in all, a chain of ten dependent steps. Every intermediate is a
+block of :math:`T` itself, so nothing grows larger than the inverse does (a product form such as
+:math:`(I - A)(I + A^2)(I + A^4)\cdots` takes as few steps, but its powers of :math:`A` grow large for
+repeated keys, and so do their rounding errors). The module keeps forward substitution by blocks of
+16 rows (``INVERSE = "stacked"``: the four diagonal blocks at once on a ``(4, 16, 16)`` stack, 15
+dependent elementwise steps, then block row :math:`b` as :math:`T_b = D_b (I - L_b T)`; ``"substitution"``:
+the diagonal blocks with (64, 64) products) for comparison.
 
 The backward, with :math:`\bar S` the gradient of the state leaving a chunk:
 
@@ -79,8 +91,14 @@ from .chunked_state import pad_to
 CHUNK = 64
 #: rows per diagonal block of the inverse (forward substitution by blocks)
 SUB = 16
-#: the diagonal blocks' inverses on a (4, 16, 16) stack (True) or with (64, 64) products (False)
-STACKED_DIAGONAL = True
+#: how ``_wy_fwd`` inverts I + A: "doubling" (``_unit_lower_inverse_doubling``), or forward substitution by
+#: blocks of SUB rows with the diagonal blocks' inverses on a (4, 16, 16) stack ("stacked") or with (64, 64)
+#: products ("substitution")
+INVERSE = "doubling"
+#: warps per program of ``_wy_fwd``
+WY_WARPS = 4
+#: warps and pipeline stages of the passes over chunks (``_state_fwd``, ``_state_bwd``)
+STATE_WARPS, STATE_STAGES = 4, 2
 #: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
 FUSED_BACKWARD = True
 #: value columns per program of the passes over chunks (16 or 32); None: chosen from the shape
@@ -136,6 +154,21 @@ def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.con
 
 
 @triton.jit
+def _unit_lower_inverse_doubling(A, rt, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^{-1} for A (BT, BT) strictly lower triangular, float32, by doubling the diagonal
+    blocks: with D_s the block-diagonal matrix of the inverses of the diagonal (s, s) blocks of I + A,
+    D_1 = I and D_2s = D_s - D_s A_s D_s, where A_s holds the entries of A inside a diagonal block of
+    2s rows and outside the diagonal blocks of s rows (module docstring). log2(BT) - 1 steps of two
+    products each, every intermediate a block of the inverse itself."""
+    D = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0) - tl.where((rt[:, None] >> 1) == (rt[None, :] >> 1), A, 0.0)  # D_2
+    for lvl in tl.static_range(1, LOG2_BT):  # s = 2^lvl = 2, 4, ..., BT / 2
+        A_s = tl.where(((rt[:, None] >> (lvl + 1)) == (rt[None, :] >> (lvl + 1))) & ((rt[:, None] >> lvl) != (rt[None, :] >> lvl)),
+                       A, 0.0)  # fmt: skip
+        D -= tl.dot(D, tl.dot(A_s, D, input_precision=PREC), input_precision=PREC)
+    return D
+
+
+@triton.jit
 def _chunk_rows(Lp, H, BT: tl.constexpr):
     """For a program on the grid (chunk, batch * heads): chunk, bh, rt (BT,) and the rows of the
     (batch * Lp * heads) row-major inputs that hold this chunk's steps."""
@@ -148,14 +181,17 @@ def _chunk_rows(Lp, H, BT: tl.constexpr):
 @triton.jit
 def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
             BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
-            STACKED: tl.constexpr):  # fmt: skip
+            INVERSE: tl.constexpr):  # fmt: skip
     ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
     rk = tl.arange(0, DK)
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
     dt = k.dtype
     beta = tl.load(b_ptr + rows)
     A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
-    Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, STACKED)
+    if INVERSE == "doubling":
+        Tinv = _unit_lower_inverse_doubling(A, rt, BT.bit_length() - 1, INV_PREC)
+    else:
+        Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, INVERSE == "stacked")
     tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv.to(tinv_ptr.dtype.element_ty))
     Tc = Tinv.to(dt)
     W = tl.dot(Tc, (beta[:, None] * k.to(tl.float32)).to(dt), input_precision=PREC)
@@ -373,7 +409,7 @@ class DeltaRule(torch.autograd.Function):
         W, U = torch.empty_like(kp), torch.empty_like(vp)
         BVw = min(DV, 64)
         _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
-                            INV_PREC=inv_prec, STACKED=STACKED_DIAGONAL, num_warps=4)  # fmt: skip
+                            INV_PREC=inv_prec, INVERSE=INVERSE, num_warps=WY_WARPS)  # fmt: skip
         # 2. the pass over chunks
         BV = _state_block_v(B * H, DV)
         states = torch.empty(B * H, n, DK, DV, dtype=q.dtype, device=dev)
@@ -381,8 +417,8 @@ class DeltaRule(torch.autograd.Function):
         vn = torch.empty_like(vp)
         s0 = S0.float().contiguous() if S0 is not None else final
         _state_fwd[(B * H, triton.cdiv(DV, BV))](kp, W, U, s0, states, vn, final, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BV,
-                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=4,
-                                                 num_stages=2)  # fmt: skip
+                                                 HAS_S0=S0 is not None, PREC=prec, num_warps=STATE_WARPS,
+                                                 num_stages=STATE_STAGES)  # fmt: skip
         # 3. the outputs
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=dev)
         BVo = min(DV, 64)
@@ -413,7 +449,8 @@ class DeltaRule(torch.autograd.Function):
         dstates = torch.empty(B * H, n, DK, DV, dtype=qp.dtype, device=dev)
         dvn, dS0 = torch.empty_like(vp), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
-                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=4, num_stages=2)  # fmt: skip
+                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=STATE_WARPS,
+                                                 num_stages=STATE_STAGES)  # fmt: skip
         dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)  # the final gradients
         db = torch.empty(B, Lp, H, **f32)
         BVg = min(DV, 32 if DK > 64 else 64)
