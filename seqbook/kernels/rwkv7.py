@@ -81,10 +81,31 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
    times ``4 N d_v / BLOCK_V`` per step, and summed them in a second kernel).
 
 Without gradients (:func:`wkv7` with grad mode off or no input requiring one) nothing is kept for a
-backward, and one walk per (batch, head, value block), ``_infer_pass``, applies the three lines above
-directly from the inputs and the first four matrices of 1 (eight small products per chunk, outputs
-included). It is the previous design's forward, which took 1.53 / 6.11 ms at the two benchmark shapes
-below (H200, bf16) where 1-2 plus ``_fwd_out`` took 2.20 / 7.53 (GPU call B2, ``benchmarks/NOTES.md``).
+backward, and the chunks need not be the backward's: the forward takes chunks of ``T = INFER_CHUNK`` = 64
+steps, four times fewer sequential steps. Of the lines above only :math:`W S` and :math:`B_d^\top X`
+depend on the state entering the chunk, so everything else is done for all chunks at once first:
+
+.. math::
+
+    X = W S + U, \qquad o = Q S + O_V, \qquad
+    S \leftarrow \mathrm{Diag}(e^{g_T}) S + K_d^\top V - B_d^\top X,
+    \qquad U = (I+A)^{-1} B_m V, \quad O_V = P_k V - P_a U .
+
+- ``_infer_prep``, one program per (batch, head, chunk of 64): the ``(64, 64)`` matrices as in 1 (split
+  products where the chunk's spread is below ``SPLIT_SPREAD``, else one column at a time), :math:`(I+A)^{-1}`
+  by blocks of 16 rows (the delta kernel's ``_unit_lower_inverse``: the four diagonal blocks by forward
+  substitution at once, then block rows by products), and the rows :math:`W, Q, B_d, K_d` (``(64, N)``)
+  and :math:`U, O_V` (``(64, d_v)``), in bfloat16 for bfloat16 inputs (``INFER_16BIT``).
+- ``_infer_walk``, one program per (batch, head, value block): per chunk the four products above, two of
+  them on the sequential path (with bfloat16 operands for bfloat16 inputs: the state is rounded only as an
+  operand, it is carried in float32).
+
+Over 64 steps the cumulated decays spread further: RWKV-7's own (:math:`\log w \ge -e^{-1/2}`) up to 38.8,
+still below ``SPLIT_SPREAD``; stronger decays take the column-wise build (slower, exact exponents
+:math:`\le 0`), chunk by chunk. The cumulative sums' rounding grows with the chunk (:math:`u \cdot 64\,|\log w|`).
+``INFER_CHUNK = 16`` keeps the previous design's walk, ``_infer_pass``: per chunk of 16 the three lines from
+the inputs and the first four matrices of 1 (eight small products, outputs included), 1.53 / 6.11 ms at the
+two benchmark shapes below (H200, bf16; GPU call C).
 
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
@@ -819,7 +840,7 @@ def _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0):
 
 
 def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
-    """``(o, final_state)`` by chunks of 16 steps; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
+    """``(o, final_state)`` by chunks of 16 steps (64 without gradients); shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
     (powers of two). ``final_state`` is float32 and differentiable, like ``o``. Without gradients (grad mode
     off, or no input requiring one) the forward takes one walk and keeps nothing for a backward."""
     inputs = (r, log_w, k, v, kappa_hat, a, initial_state)
