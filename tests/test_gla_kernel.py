@@ -77,8 +77,17 @@ def test_benchmark_gates_take_the_product(device, bonus):
         assert_near(got[name], want[name], 2e-5, f"{name}, benchmark gates, bonus={bonus}")
 
 
+# the output's forms (``_tiles``): one kernel per (chunk, value block) forming the weights; the same on a fixed
+# number of programs looping over chunks (``fwd_persist``); the weights stored once per chunk and read per value
+# block (``stored``)
+FORMS = {"one kernel": {}, "persistent": {"fwd_persist": 2}, "stored weights": {"stored": True}}
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bonus", [False, True])
-def test_paths_mix_per_chunk_and_key_block(device, bonus):
+def test_paths_mix_per_chunk_and_key_block(device, bonus, form, monkeypatch):
+    default = kernel._tiles
+    monkeypatch.setattr(kernel, "_tiles", lambda DK, DV: {**default(DK, DV), **FORMS[form]})
     B, L, H, d_k, d_v, seed = 1, 3 * CHUNK - 20, 1, 128, 16, 31
     q, k, v = randn(B, L, H, d_k, seed=seed), randn(B, L, H, d_k, seed=seed + 1), randn(B, L, H, d_v, seed=seed + 2)
     gen = torch.Generator().manual_seed(seed + 3)
@@ -90,7 +99,7 @@ def test_paths_mix_per_chunk_and_key_block(device, bonus):
     S0, u = randn(B, H, d_k, d_v, seed=seed + 4), randn(H, d_k, seed=seed + 5)
     got, want = kernel_and_reference(device, q, k, v, a, S0, u if bonus else None, seed + 6)
     for name in want:
-        assert_near(got[name], want[name], 2e-5, f"{name}, mixed paths, bonus={bonus}")
+        assert_near(got[name], want[name], 2e-5, f"{name}, mixed paths, bonus={bonus}, {form}")
 
 
 @pytest.mark.parametrize("shape", [(2, 150, 2, 32, 32, 1.0), (1, 100, 1, 16, 16, 20.0)])

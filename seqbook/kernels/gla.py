@@ -365,6 +365,66 @@ def _fwd_chunk(q_ptr, k_ptr, v_ptr, g_ptr, u_ptr, steep_ptr, states_ptr, o_ptr, 
 
 
 @triton.jit
+def _chunk_weights(q_ptr, k_ptr, g_ptr, u_ptr, steep_ptr, a_ptr, Lp, H, n_chunks,
+                   DK: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BONUS: tl.constexpr, PREC: tl.constexpr,
+                   STEEP: tl.constexpr):  # fmt: skip
+    """The stored-weights form of the output, first half: one chunk's weights ``A`` (T, T), the bonus on its
+    diagonal, zeros above it, written in ``a``'s dtype (the STEEP pair as in ``_chunk_fwd``; the first launch
+    records each chunk's kind)."""
+    ci, bh = tl.program_id(0), tl.program_id(1)
+    h = bh % H
+    rt = tl.arange(0, T)
+    rows = ((bh // H) * Lp + ci * T + rt) * H + h
+    flag = steep_ptr + bh * n_chunks + ci
+    if STEEP:
+        go = tl.load(flag) != 0
+    else:
+        go = True
+    if go:
+        A = tl.zeros([T, T], dtype=tl.float32)
+        diag = tl.zeros([T], dtype=tl.float32)
+        decay = 0.0
+        for pk in tl.static_range(DK // BK):
+            rk = pk * BK + tl.arange(0, BK)
+            q, k = _load_rows(q_ptr, rows, rk, DK), _load_rows(k_ptr, rows, rk, DK)
+            c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+            ref, block_decay = _halves(c, rt, T)
+            decay = tl.maximum(decay, block_decay)
+            A += _weights(q, k, c, cq, ref, rt, T, BONUS, PREC, STEEP)
+            if BONUS:
+                diag += tl.sum(q * tl.load(u_ptr + h * DK + rk)[None, :] * k, axis=1)
+        if BONUS:
+            A += tl.where(rt[:, None] == rt[None, :], diag[:, None], 0.0)
+        if STEEP:
+            keep = _kept(go, rt, STEEP)
+        else:
+            keep = rt * 0.0 + decay <= SPAN
+            tl.store(flag, (decay > SPAN).to(tl.int8))
+        tl.store(a_ptr + ((bh * n_chunks + ci) * T + rt[:, None]) * T + rt[None, :], A.to(a_ptr.dtype.element_ty),
+                 mask=keep[:, None])
+
+
+@triton.jit
+def _chunk_out(q_ptr, v_ptr, g_ptr, a_ptr, states_ptr, o_ptr, scale, Lp, H, n_chunks,
+               DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The stored-weights form of the output, second half: ``o = s ((q e^{c^q}) S_in + A v)`` for one chunk and
+    one block of value columns, ``A`` read from ``_chunk_weights`` (every exponent here is <= 0: no steep path)."""
+    ci, bh, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rv, rt = pv * BV + tl.arange(0, BV), tl.arange(0, T)
+    rows = ((bh // H) * Lp + ci * T + rt) * H + bh % H
+    o = tl.zeros([T, BV], dtype=tl.float32)
+    for pk in tl.static_range(DK // BK):
+        rk = pk * BK + tl.arange(0, BK)
+        c, cq = _gates(g_ptr, rows, rk, DK, BONUS)
+        S = tl.load(states_ptr + (bh * n_chunks + ci) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
+        o += _dot(_load_rows(q_ptr, rows, rk, DK) * tl.exp(cq), S, PREC)
+    A = tl.load(a_ptr + ((bh * n_chunks + ci) * T + rt[:, None]) * T + rt[None, :]).to(tl.float32)
+    o += _dot(A, _load_rows(v_ptr, rows, rv, DV), PREC)
+    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _dstate_pass(q_ptr, do_ptr, g_ptr, dsl_ptr, dstates_ptr, ds0_ptr, scale, Lp, H, n_chunks,
                  DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BONUS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -526,15 +586,19 @@ def _tiles(DK, DV):
     of 64 on 4 warps 644 / 840, of 32 on 8 warps 1560 / 2018 (though it spills no registers there and the 64 on 4
     warps does), of 16 on 4 warps 1028 / 1927; ``_chunk_fwd`` and ``_chunk_dv`` in value blocks of 64 on 4 warps
     384 / 654 and 293 / 625, one value block of d_v on 8 warps 581 / 763 and 421 / 691. ``fwd_persist``: 0, or
-    ``_chunk_fwd``'s non-steep launch on that many programs per SM, each looping over chunks."""
+    ``_chunk_fwd``'s non-steep launch on that many programs per SM, each looping over chunks. ``stored``: the
+    output in two kernels instead of ``_chunk_fwd``, ``_chunk_weights`` (``weights``: key block, warps) storing each
+    chunk's ``A`` once and ``_chunk_out`` (``fwd``'s tiles) reading it per value block."""
     return dict(split=True, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
                 combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
-                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4), fwd_persist=0)
+                dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4), fwd_persist=0,
+                stored=False, weights=(min(DK, 64), 4))
 
 
 def _processors(device):
-    """Streaming multiprocessors of a CUDA device (a few on CPU, where the interpreter runs)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    """Streaming multiprocessors of a CUDA device (one on CPU, where the interpreter runs: the tests' few chunks
+    then take several turns of the persistent loop)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _state_dtype(dtype):
@@ -578,17 +642,27 @@ class GLA(torch.autograd.Function):
         u = bonus.float().contiguous() if bonus is not None else final
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=q.device)
         steep = torch.empty(B * H, n, dtype=torch.int8, device=q.device)  # which chunks take the columns
-        BK, BV, warps = tiles["fwd"]
-        per_sm = tiles["fwd_persist"]
-        for columns in (False, True):  # the chunks of 64-row products, then the others (module docstring)
-            persist = bool(per_sm) and not columns  # (the steep chunks, rare, one program each)
-            if persist:
-                grid = (min(n * B * H, max(1, per_sm * _processors(q.device) // (DV // BV))), 1, DV // BV)
-            else:
-                grid = (n, B * H, DV // BV)
-            _chunk_fwd[grid](qp, kp, vp, g, u, steep, states, o, scale, Lp, H, n, B * H, DK=DK, DV=DV, T=T, BK=BK,
-                             BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=columns, PERSIST=persist,
-                             num_warps=warps)  # fmt: skip
+        if tiles["stored"]:  # the weights once per chunk, stored, then the output per value block
+            A = torch.empty(B * H, n, T, T, dtype=torch.bfloat16 if prec == "bf16" else torch.float32, device=q.device)
+            BK, warps = tiles["weights"]
+            for columns in (False, True):
+                _chunk_weights[(n, B * H)](qp, kp, g, u, steep, A, Lp, H, n, DK=DK, T=T, BK=BK, BONUS=bonus is not None,
+                                           PREC=prec, STEEP=columns, num_warps=warps)  # fmt: skip
+            BK, BV, warps = tiles["fwd"]
+            _chunk_out[(n, B * H, DV // BV)](qp, vp, g, A, states, o, scale, Lp, H, n, DK=DK, DV=DV, T=T, BK=BK, BV=BV,
+                                             BONUS=bonus is not None, PREC=prec, num_warps=warps)  # fmt: skip
+        else:
+            BK, BV, warps = tiles["fwd"]
+            per_sm = tiles["fwd_persist"]
+            for columns in (False, True):  # the chunks of 64-row products, then the others (module docstring)
+                persist = bool(per_sm) and not columns  # (the steep chunks, rare, one program each)
+                if persist:
+                    grid = (min(n * B * H, max(1, per_sm * _processors(q.device) // (DV // BV))), 1, DV // BV)
+                else:
+                    grid = (n, B * H, DV // BV)
+                _chunk_fwd[grid](qp, kp, vp, g, u, steep, states, o, scale, Lp, H, n, B * H, DK=DK, DV=DV, T=T, BK=BK,
+                                 BV=BV, BONUS=bonus is not None, PREC=prec, STEEP=columns, PERSIST=persist,
+                                 num_warps=warps)  # fmt: skip
         ctx.save_for_backward(qp, kp, vp, g, u, steep, states)
         ctx.scale, ctx.L, ctx.has_s0, ctx.has_bonus = scale, L, S0 is not None, bonus is not None
         ctx.dtypes = (log_alpha.dtype, None if S0 is None else S0.dtype, None if bonus is None else bonus.dtype)
