@@ -98,11 +98,14 @@ def test_chunk_is_64_steps_in_blocks_of_16():
     assert any(s[1] % delta_kernel.CHUNK not in (0, 16, 32, 48) for s in SHAPES)
 
 
-@pytest.mark.parametrize("inverse,fused", [("stacked", True), ("substitution", True), ("doubling", False)])
-def test_kernel_variants(device, monkeypatch, inverse, fused):
-    """The other ways the module can run (the defaults, INVERSE = "doubling" and FUSED_BACKWARD, are the
-    cases above): the chunk's inverse by forward substitution in blocks of 16 rows (the diagonal blocks'
-    inverses on a (4, 16, 16) stack or with (64, 64) products), the backward's steps 6 and 7 in two kernels."""
+@pytest.mark.parametrize("inverse,fused,prefetch", [("stacked", True, True), ("substitution", True, True),
+                                                    ("doubling", False, False)])
+def test_kernel_variants(device, monkeypatch, inverse, fused, prefetch):
+    """The other ways the module can run (the defaults, INVERSE = "doubling", FUSED_BACKWARD and
+    STATE_BWD_PREFETCH, are the cases above): the chunk's inverse by forward substitution in blocks of 16
+    rows (the diagonal blocks' inverses on a (4, 16, 16) stack or with (64, 64) products), the backward's
+    steps 6 and 7 in two kernels, the backward pass over chunks loading each chunk's inputs in its step."""
     monkeypatch.setattr(delta_kernel, "INVERSE", inverse)
     monkeypatch.setattr(delta_kernel, "FUSED_BACKWARD", fused)
+    monkeypatch.setattr(delta_kernel, "STATE_BWD_PREFETCH", prefetch)
     compare(SHAPES[0], torch.float32, device, seed=7)

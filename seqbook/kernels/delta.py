@@ -99,6 +99,8 @@ INVERSE = "doubling"
 WY_WARPS = 4
 #: warps and pipeline stages of the passes over chunks (``_state_fwd``, ``_state_bwd``)
 STATE_WARPS, STATE_STAGES = 4, 2
+#: ``_state_bwd`` loads each chunk's dU share one step ahead (its docstring)
+STATE_BWD_PREFETCH = True
 #: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
 FUSED_BACKWARD = True
 #: value columns per program of the passes over chunks (16 or 32); None: chosen from the shape
@@ -258,19 +260,30 @@ def _dv_local(q_ptr, k_ptr, do_ptr, dvl_ptr, scale, Lp, H, DK: tl.constexpr, DV:
 
 @triton.jit
 def _state_bwd(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, dsl_ptr, dstates_ptr, dvn_ptr, ds0_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+               PREFETCH: tl.constexpr):  # fmt: skip
+    """With PREFETCH, each chunk's share of dU from inside it (``dvl``) is loaded one step ahead: it is added
+    to a product's result, so the compiler makes it that product's accumulator, a plain load that its
+    software pipelining does not prefetch, and the load would otherwise sit on the pass's dependent chain."""
     bh, pid_v = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     s_off = rk[:, None] * DV + rv[None, :]
     dS = tl.load(dsl_ptr + bh * DK * DV + s_off)  # the gradient of the state leaving the chunk
+    if PREFETCH:
+        dvl_next = tl.load(dvl_ptr + ((b * Lp + (n_chunks - 1) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
         tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty))
         rows = (b * Lp + ci * BT + rt) * H + h
+        if PREFETCH:
+            dvl = dvl_next
+            dvl_next = tl.load(dvl_ptr + ((b * Lp + tl.maximum(ci - 1, 0) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
+        else:
+            dvl = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :])
         k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
         dt = k.dtype
-        dvn = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :]).to(tl.float32) + tl.dot(k, dS.to(dt), input_precision=PREC)
+        dvn = dvl.to(tl.float32) + tl.dot(k, dS.to(dt), input_precision=PREC)
         tl.store(dvn_ptr + rows[:, None] * DV + rv[None, :], dvn.to(dvn_ptr.dtype.element_ty))
         q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :])
         w = tl.load(w_ptr + rows[:, None] * DK + rk[None, :])
@@ -449,8 +462,8 @@ class DeltaRule(torch.autograd.Function):
         dstates = torch.empty(B * H, n, DK, DV, dtype=qp.dtype, device=dev)
         dvn, dS0 = torch.empty_like(vp), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
-                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=STATE_WARPS,
-                                                 num_stages=STATE_STAGES)  # fmt: skip
+                                                 DV=DV, BT=T, BV=BV, PREC=prec, PREFETCH=STATE_BWD_PREFETCH,
+                                                 num_warps=STATE_WARPS, num_stages=STATE_STAGES)  # fmt: skip
         dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)  # the final gradients
         db = torch.empty(B, Lp, H, **f32)
         BVg = min(DV, 32 if DK > 64 else 64)
