@@ -101,6 +101,9 @@ WY_WARPS = 4
 STATE_WARPS, STATE_STAGES = 4, 2
 #: ``_state_bwd`` loads each chunk's dU share one step ahead (its docstring)
 STATE_BWD_PREFETCH = True
+#: value columns per step and warps of the backward's per-chunk kernels; None: 64 and 4 warps for d_k <= 64,
+#: else 32 and 8 warps
+BWD_BLOCK_V, BWD_WARPS = None, None
 #: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
 FUSED_BACKWARD = True
 #: value columns per program of the passes over chunks (16 or 32); None: chosen from the shape
@@ -466,18 +469,18 @@ class DeltaRule(torch.autograd.Function):
                                                  num_warps=STATE_WARPS, num_stages=STATE_STAGES)  # fmt: skip
         dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)  # the final gradients
         db = torch.empty(B, Lp, H, **f32)
-        BVg = min(DV, 32 if DK > 64 else 64)
+        BVg = min(DV, BWD_BLOCK_V or (32 if DK > 64 else 64))
         if FUSED_BACKWARD:  # 6 and 7 in one kernel
             _bwd_chunk[(n, B * H)](qp, kp, vp, bp, vn, dop, states, dstates, dvn, Tinv, W, U, dq, dk, dv, db, scale,
-                                   Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+                                   Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
         else:
             # 6. dq, dk (so far), dW
             dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty_like(kp)
             _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV,
-                                 BT=T, BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+                                 BT=T, BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
             # 7. through the WY representation
             _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk_part, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T,
-                                BV=BVg, PREC=prec, num_warps=_warps(DK))  # fmt: skip
+                                BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
         b_dt, s0_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], db[:, :L].to(b_dt),
                 dS0.to(s0_dt) if ctx.has_s0 else None, None)  # fmt: skip
