@@ -840,9 +840,10 @@ def _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0):
 
 
 def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
-    """``(o, final_state)`` by chunks of 16 steps (64 without gradients); shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
+    """``(o, final_state)`` by chunks of 16 steps; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
     (powers of two). ``final_state`` is float32 and differentiable, like ``o``. Without gradients (grad mode
-    off, or no input requiring one) the forward takes one walk and keeps nothing for a backward."""
+    off, or no input requiring one) the forward takes chunks of ``INFER_CHUNK`` = 64 steps and keeps nothing
+    for a backward."""
     inputs = (r, log_w, k, v, kappa_hat, a, initial_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         return WKV7Chunked.apply(*inputs)
