@@ -206,6 +206,9 @@ INFER_WARPS = None
 INFER_STAGES = 2
 #: warps of the per-chunk kernel before that walk (``_infer_prep``); None: as ``_warps``
 INFER_PREP_WARPS = None
+#: with ``INFER_16BIT``, ``_infer_prep``'s products after the inverse (W, Q, U, O_V) take bfloat16 operands too
+#: (True), else TF32
+INFER_PREP_16BIT = False
 #: for bfloat16 inputs the rows the walk without gradients reads are kept in bfloat16 and its products take
 #: bfloat16 operands (True), else float32 rows and TF32 products
 INFER_16BIT = True
@@ -232,6 +235,15 @@ def _mm(a, b, LOW: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _dot(a, b, LOW: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` accumulated in float32: bfloat16 operands on tensor cores if ``LOW``, else ``PREC``."""
+    if LOW:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -399,13 +411,14 @@ def _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last):
 @triton.jit
 def _infer_prep(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, wy_ptr, uo_ptr, dec_ptr, Lp, H, n_chunks,
                 DK: tl.constexpr, DV: tl.constexpr, T: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
-                PREC: tl.constexpr):  # fmt: skip
+                PREC: tl.constexpr, LOW_ROWS: tl.constexpr):  # fmt: skip
     """The forward without gradients by chunks of ``INFER_CHUNK`` steps, step 1 (per chunk, all in parallel):
     everything of a chunk that does not depend on the state entering it, so that the walk is left with
     X = W S + U, o = Q S + O_V and S <- Diag(e^{g_T}) S + K_d^T V - B_d^T X. With (I + A)^{-1} by blocks of 16
     rows (``delta._unit_lower_inverse``): W = (I + A)^{-1} K_g, Q = R_g - P_a W, B_d, K_d in ``wy_ptr``
     (4, batch, Lp, H, N); U = (I + A)^{-1} B_m V and O_V = P_k V - P_a U in ``uo_ptr`` (2, batch, Lp, H, d_v);
-    e^{g_T} in ``dec_ptr`` (batch * H, chunks, N)."""
+    e^{g_T} in ``dec_ptr`` (batch * H, chunks, N). ``LOW_ROWS``: the products after the inverse take bfloat16
+    operands (what they make is stored in bfloat16), else ``PREC``."""
     bh, ci = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rt = tl.arange(0, DK), tl.arange(0, T)
@@ -426,20 +439,20 @@ def _infer_prep(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, wy_ptr, uo_ptr, dec_
     # the rows again rather than live through either branch (registers: (T, N) tiles at N = 128 are large)
     Kg, Rg, Kd, Bd = _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last)
     Tinv = _unit_lower_inverse(A, rt, T, 16, PREC, True)
-    W = tl.dot(Tinv, Kg, input_precision=PREC)
+    W = _dot(Tinv, Kg, LOW_ROWS, PREC)
     one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
     dt = wy_ptr.dtype.element_ty
     tl.store(wy_ptr + offs, W.to(dt))
-    tl.store(wy_ptr + one_wy + offs, (Rg - tl.dot(Pa, W, input_precision=PREC)).to(dt))  # Q
+    tl.store(wy_ptr + one_wy + offs, (Rg - _dot(Pa, W, LOW_ROWS, PREC)).to(dt))  # Q
     tl.store(wy_ptr + 2 * one_wy + offs, Bd.to(dt))
     tl.store(wy_ptr + 3 * one_wy + offs, Kd.to(dt))
     one_uo = tl.num_programs(0) * Lp * DV
     for v0 in range(0, DV, BV):
         v_off = rows[:, None] * DV + (v0 + tl.arange(0, BV))[None, :]
         v = tl.load(v_ptr + v_off).to(tl.float32)
-        U = tl.dot(Tinv, tl.dot(Bm, v, input_precision=PREC), input_precision=PREC)
+        U = _dot(Tinv, _dot(Bm, v, LOW_ROWS, PREC), LOW_ROWS, PREC)
         tl.store(uo_ptr + v_off, U.to(dt))
-        tl.store(uo_ptr + one_uo + v_off, (tl.dot(Pk, v, input_precision=PREC) - tl.dot(Pa, U, input_precision=PREC)).to(dt))
+        tl.store(uo_ptr + one_uo + v_off, (_dot(Pk, v, LOW_ROWS, PREC) - _dot(Pa, U, LOW_ROWS, PREC)).to(dt))
 
 
 @triton.jit
@@ -804,7 +817,7 @@ def _wkv7_inference(r, log_w, k, v, kappa_hat, a, S0):
     decays = torch.empty(B * H, n, DK, dtype=torch.float32, device=dev)
     prec = _precision(r.dtype)
     _infer_prep[(B * H, n)](rp, wp, kp, khp, ap, vp, wy, uo, decays, Lp, H, n, DK=DK, DV=DV, T=T, BV=min(DV, 64),
-                            LOW=r.dtype == torch.bfloat16, PREC=prec,
+                            LOW=r.dtype == torch.bfloat16, PREC=prec, LOW_ROWS=low and INFER_PREP_16BIT,
                             num_warps=INFER_PREP_WARPS or _warps(DK))  # fmt: skip
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev)
     o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
