@@ -186,7 +186,7 @@ def _chunk_rows(Lp, H, BT: tl.constexpr):
 @triton.jit
 def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
             BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
-            INVERSE: tl.constexpr):  # fmt: skip
+            INVERSE: tl.constexpr, LOG2_BT: tl.constexpr):  # fmt: skip
     ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
     rk = tl.arange(0, DK)
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
@@ -194,7 +194,7 @@ def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl
     beta = tl.load(b_ptr + rows)
     A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
     if INVERSE == "doubling":
-        Tinv = _unit_lower_inverse_doubling(A, rt, BT.bit_length() - 1, INV_PREC)
+        Tinv = _unit_lower_inverse_doubling(A, rt, LOG2_BT, INV_PREC)
     else:
         Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, INVERSE == "stacked")
     tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv.to(tinv_ptr.dtype.element_ty))
@@ -425,7 +425,8 @@ class DeltaRule(torch.autograd.Function):
         W, U = torch.empty_like(kp), torch.empty_like(vp)
         BVw = min(DV, 64)
         _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
-                            INV_PREC=inv_prec, INVERSE=INVERSE, num_warps=WY_WARPS)  # fmt: skip
+                            INV_PREC=inv_prec, INVERSE=INVERSE, LOG2_BT=T.bit_length() - 1,
+                            num_warps=WY_WARPS)  # fmt: skip
         # 2. the pass over chunks
         BV = _state_block_v(B * H, DV)
         states = torch.empty(B * H, n, DK, DV, dtype=q.dtype, device=dev)
