@@ -101,6 +101,8 @@ WY_WARPS = 4
 STATE_WARPS, STATE_STAGES = 4, 2
 #: ``_state_bwd`` loads each chunk's dU share one step ahead (its docstring)
 STATE_BWD_PREFETCH = True
+#: value columns per program and warps of ``_out_fwd``
+OUT_BLOCK_V, OUT_WARPS = 64, 4
 #: value columns per step and warps of the backward's per-chunk kernels; None: 64 and 4 warps for d_k <= 64,
 #: else 32 and 8 warps
 BWD_BLOCK_V, BWD_WARPS = None, None
@@ -438,9 +440,9 @@ class DeltaRule(torch.autograd.Function):
                                                  num_stages=STATE_STAGES)  # fmt: skip
         # 3. the outputs
         o = torch.empty(B, Lp, H, DV, dtype=q.dtype, device=dev)
-        BVo = min(DV, 64)
+        BVo = min(DV, OUT_BLOCK_V)
         _out_fwd[(n, B * H, triton.cdiv(DV, BVo))](qp, kp, vn, states, o, scale, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVo,
-                                                   PREC=prec, num_warps=4)  # fmt: skip
+                                                   PREC=prec, num_warps=OUT_WARPS)  # fmt: skip
         ctx.save_for_backward(qp, kp, vp, bp, Tinv, W, U, states, vn)
         ctx.scale, ctx.L, ctx.has_s0, ctx.dtypes = scale, L, S0 is not None, (beta.dtype, None if S0 is None else S0.dtype)
         return o[:, :L], final
