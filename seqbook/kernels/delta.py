@@ -77,6 +77,13 @@ but its timing did not finish inside that call's time limit; fla's
 ``chunk_delta_rule`` was not timed in that call, nor was B=1, L=16384, H=16, d=128. The previous
 kernel (one program per (batch, head) walking chunks of 16 with the WY step inside the walk) took
 10.6 ms forward and 92 ms forward+backward at the first shape (GPU call 1).
+
+Before the doubling inverse (the forward substitution, ``INVERSE = "stacked"``), on the H200 of
+2026-12-02 (``benchmarks.profile``, 5 runs): forward 690 us at d=64 (``_wy_fwd`` 472, ``_state_fwd`` 127,
+``_out_fwd`` 87) and 753 us at B=1, L=16384, H=16, d=128 (``_state_fwd`` 337, ``_wy_fwd`` 276, ``_out_fwd``
+137); forward+backward at d=128 2060 us. fla's ``chunk_delta_rule``: 0.675 / 0.679 ms forward. The
+doubling inverse and ``STATE_BWD_PREFETCH`` are untimed so far (tested under the interpreter, compiled
+for sm_90 under Triton 3.6 without spills).
 """
 
 from __future__ import annotations
