@@ -105,7 +105,8 @@ still below ``SPLIT_SPREAD``; stronger decays take the column-wise build (slower
 :math:`\le 0`), chunk by chunk. The cumulative sums' rounding grows with the chunk (:math:`u \cdot 64\,|\log w|`).
 ``INFER_CHUNK = 16`` keeps the previous design's walk, ``_infer_pass``: per chunk of 16 the three lines from
 the inputs and the first four matrices of 1 (eight small products, outputs included), 1.53 / 6.11 ms at the
-two benchmark shapes below (H200, bf16; GPU call C).
+two benchmark shapes below (H200, bf16; GPU call C). The chunks of 64 are not timed yet (2026-12-02: they
+compile for sm_90 under Triton 3.6 without spills in the walk; tested under the interpreter).
 
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
