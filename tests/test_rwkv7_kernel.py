@@ -144,10 +144,13 @@ def test_forward_without_gradients_chunks_of_64(device, strength, monkeypatch):
         assert_near(S, S_ref, rel_tolerance(shape, 64), f"final state at {shape}, state={state}, chunks of 64")
 
 
+@pytest.mark.parametrize("chunk", [64, 16])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
-def test_forward_without_gradients_16_bit(device, dtype):
-    """16-bit inputs through the forward without gradients (for bfloat16: rows kept in bfloat16 and the walk's
-    products on bfloat16 operands, ``INFER_16BIT``): the 16-bit tolerance for o and the state."""
+def test_forward_without_gradients_16_bit(device, dtype, chunk, monkeypatch):
+    """16-bit inputs through the forward without gradients by chunks of 64 and of 16 (for bfloat16: rows kept in
+    bfloat16 and the products after the inverse and the walk's on bfloat16 operands, ``INFER_16BIT``,
+    ``INFER_PREP_16BIT``): the 16-bit tolerance for o and the state."""
+    monkeypatch.setattr(rwkv7_kernel, "INFER_CHUNK", chunk)
     xs = wkv7_problem(1, 100, 2, 16, 32, 1.0, seed=13)
     xs = [x.to(device=device, dtype=dtype) for x in xs[:6]] + [xs[6].float().to(device)]
     with torch.no_grad():

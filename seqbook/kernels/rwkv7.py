@@ -81,7 +81,7 @@ with :math:`K_g = \hat\kappa \odot e^{g^-}`, :math:`R_g = r \odot e^{g}`,
    times ``4 N d_v / BLOCK_V`` per step, and summed them in a second kernel).
 
 Without gradients (:func:`wkv7` with grad mode off or no input requiring one) nothing is kept for a
-backward, and the chunks need not be the backward's: the forward takes chunks of ``T = INFER_CHUNK`` = 64
+backward, and the chunks need not be the backward's: the forward can take chunks of ``T`` = 64
 steps, four times fewer sequential steps. Of the lines above only :math:`W S` and :math:`B_d^\top X`
 depend on the state entering the chunk, so everything else is done for all chunks at once first:
 
@@ -105,8 +105,10 @@ still below ``SPLIT_SPREAD``; stronger decays take the column-wise build (slower
 :math:`\le 0`), chunk by chunk. The cumulative sums' rounding grows with the chunk (:math:`u \cdot 64\,|\log w|`).
 ``INFER_CHUNK = 16`` keeps the previous design's walk, ``_infer_pass``: per chunk of 16 the three lines from
 the inputs and the first four matrices of 1 (eight small products, outputs included), 1.53 / 6.11 ms at the
-two benchmark shapes below (H200, bf16; GPU call C). The chunks of 64 are not timed yet (2026-12-02: they
-compile for sm_90 under Triton 3.6 without spills in the walk; tested under the interpreter).
+two benchmark shapes below (H200, bf16; GPU call C). On the H200 (bf16, call 2 of 2026-12-03, do_bench
+medians) the chunks of 64 take 2.37 ms against 6.09 at B1 L16384 H16 d128 (``_infer_prep`` 1.75 ms,
+``_infer_walk`` 0.64) but 1.70 against 1.53 at B4 L4096 H32 d64, where the per-chunk work dominates and the
+walk was short anyway; ``INFER_CHUNK = None`` takes each where it won.
 
 The decays' gradient needs no kernel. Scaling channel :math:`c` of the state by :math:`e^\epsilon` from
 step :math:`t` on is the same as scaling :math:`w_{t,c}`, which gives (checked against autograd on
@@ -196,20 +198,24 @@ CHUNK = 16
 #: and per loop step of its backward's per-chunk kernel
 BLOCK_V = 32
 #: steps per chunk of the forward without gradients: 64 (``_infer_prep`` and ``_infer_walk``) or 16
-#: (``_infer_pass``, the previous design)
-INFER_CHUNK = 64
+#: (``_infer_pass``); None chooses by what the H200 measured (GPU call 2 of 2026-12-03, bf16): 64 for
+#: bfloat16 inputs with N > 64 (2.37 against 6.09 ms at B1 L16384 H16 d128), 16 elsewhere (1.53 against 1.70 ms
+#: at B4 L4096 H32 d64, and float32 rows at N = 128, see ``INFER_STAGES``)
+INFER_CHUNK = None
 #: value columns per program of the walk without gradients (chunks of 64); None: as ``_state_block_v``
 INFER_BLOCK_V = None
 #: warps of that walk; None: as ``_warps``
 INFER_WARPS = None
-#: software pipelining stages of that walk's loop over chunks (float32 rows at N = 128 take 1: two stages
-#: of their tiles exceed the H200's shared memory per block)
-INFER_STAGES = 2
+#: software pipelining stages of that walk's loop over chunks with bfloat16 rows (3: 2.18 against 2.37 ms with
+#: 2 at d128). Float32 rows take 2 at N <= 64 and 1 above (two stages of their tiles exceed the H200's shared
+#: memory per block); one stage crashed with an illegal address on the H200 (bf16, d128, call 2, not
+#: understood), so the default choice never takes it on a GPU
+INFER_STAGES = 3
 #: warps of the per-chunk kernel before that walk (``_infer_prep``); None: as ``_warps``
 INFER_PREP_WARPS = None
 #: with ``INFER_16BIT``, ``_infer_prep``'s products after the inverse (W, Q, U, O_V) take bfloat16 operands too
-#: (True), else TF32
-INFER_PREP_16BIT = False
+#: (True: 2.25 against 2.37 ms at d128, errors 5.5e-3 against 4.0e-3 of max|o| for bf16 inputs), else TF32
+INFER_PREP_16BIT = True
 #: for bfloat16 inputs the rows the walk without gradients reads are kept in bfloat16 and its products take
 #: bfloat16 operands (True), else float32 rows and TF32 products
 INFER_16BIT = True
@@ -798,20 +804,22 @@ class WKV7Chunked(torch.autograd.Function):
 
 
 def _wkv7_inference(r, log_w, k, v, kappa_hat, a, S0):
-    """The forward without gradients, keeping nothing for a backward: by chunks of ``INFER_CHUNK`` = 64 steps,
+    """The forward without gradients, keeping nothing for a backward: by chunks of 64 steps (``INFER_CHUNK``),
     everything that does not depend on the state in parallel (``_infer_prep``), then one walk per (batch, head,
-    value block) with two products per chunk on its sequential path (``_infer_walk``); or with ``INFER_CHUNK`` = 16
+    value block) with two products per chunk on its sequential path (``_infer_walk``); or by chunks of 16
     the four matrices of every chunk, then one walk that computes the outputs too (``_infer_pass``, eight
     products per chunk)."""
-    if INFER_CHUNK == 16:
-        return _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0)
     B, L, H, DK = r.shape
-    DV, T = v.shape[-1], INFER_CHUNK
+    low = INFER_16BIT and r.dtype == torch.bfloat16
+    stages = INFER_STAGES if low else 2 if DK <= 64 else 1
+    chunk = INFER_CHUNK or (64 if low and DK > 64 else 16)
+    if chunk == 16 or (stages == 1 and r.is_cuda):
+        return _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0)
+    DV, T = v.shape[-1], chunk
     n = triton.cdiv(L, T)
     Lp = n * T
     rp, wp, kp, vp, khp, ap = (pad_to(x, Lp) for x in (r, log_w, k, v, kappa_hat, a))
     dev = r.device
-    low = INFER_16BIT and r.dtype == torch.bfloat16
     rows_dtype = torch.bfloat16 if low else torch.float32
     wy = torch.empty(4, B, Lp, H, DK, dtype=rows_dtype, device=dev)
     uo = torch.empty(2, B, Lp, H, DV, dtype=rows_dtype, device=dev)
@@ -824,7 +832,6 @@ def _wkv7_inference(r, log_w, k, v, kappa_hat, a, S0):
     o = torch.empty(B, Lp, H, DV, dtype=r.dtype, device=dev)
     s0 = S0.float().contiguous() if S0 is not None else final
     bv = min(DV, INFER_BLOCK_V) if INFER_BLOCK_V is not None else _state_block_v(B * H, DV)
-    stages = INFER_STAGES if low or DK <= 64 else 1
     _infer_walk[(B * H, triton.cdiv(DV, bv))](wy, uo, decays, vp, s0, o, final, Lp, H, n, DK=DK, DV=DV, T=T, BV=bv,
                                               HAS_S0=S0 is not None, PREC=prec, LOW=low, STAGES=stages,
                                               num_warps=INFER_WARPS or _warps(DK))  # fmt: skip
@@ -856,8 +863,8 @@ def _wkv7_inference16(r, log_w, k, v, kappa_hat, a, S0):
 def wkv7(r, log_w, k, v, kappa_hat, a, initial_state=None):
     """``(o, final_state)`` by chunks of 16 steps; shapes as in :func:`seqbook.rwkv.wkv7`; N, d_v in 16..128
     (powers of two). ``final_state`` is float32 and differentiable, like ``o``. Without gradients (grad mode
-    off, or no input requiring one) the forward takes chunks of ``INFER_CHUNK`` = 64 steps and keeps nothing
-    for a backward."""
+    off, or no input requiring one) the forward keeps nothing for a backward and takes chunks of 64 steps
+    where that was measured faster (``INFER_CHUNK``)."""
     inputs = (r, log_w, k, v, kappa_hat, a, initial_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         return WKV7Chunked.apply(*inputs)
