@@ -81,9 +81,16 @@ kernel (one program per (batch, head) walking chunks of 16 with the WY step insi
 Before the doubling inverse (the forward substitution, ``INVERSE = "stacked"``), on the H200 of
 2026-12-02 (``benchmarks.profile``, 5 runs): forward 690 us at d=64 (``_wy_fwd`` 472, ``_state_fwd`` 127,
 ``_out_fwd`` 87) and 753 us at B=1, L=16384, H=16, d=128 (``_state_fwd`` 337, ``_wy_fwd`` 276, ``_out_fwd``
-137); forward+backward at d=128 2060 us. fla's ``chunk_delta_rule``: 0.675 / 0.679 ms forward. The
-doubling inverse and ``STATE_BWD_PREFETCH`` are untimed so far (tested under the interpreter, compiled
-for sm_90 under Triton 3.6 without spills).
+137); forward+backward at d=128 2060 us. fla's ``chunk_delta_rule``: 0.675 / 0.679 ms forward.
+
+GPU call 2 of 2026-12-03 (H200, bf16, do_bench medians, variants interleaved with the default; errors
+against float64 4e-3 to 6e-3 of max for every variant): the doubling inverse takes the forward to 0.512 ms
+at d=64 (stacked 0.697) and 0.666 at d=128 (stacked 0.761; ``_wy_fwd`` 286 / 181 us against 472 / 276),
+forward+backward 1.112 / 1.792 ms; ``STATE_BWD_PREFETCH`` 1.792 against 1.962 ms at d=128 (``_state_bwd``
+412 against 583 us). Three pipeline stages in the passes over chunks (``STATE_STAGES``, was 2): forward
+0.479 / 0.535 ms, forward+backward 1.044 / 1.539 ms (four: 0.498 / 0.523, 1.146 / 1.564). Slower and left
+at their defaults: 8 warps in ``_wy_fwd`` (0.82 / 0.88 ms) or the walk (0.72), ``OUT_BLOCK_V`` 128 (0.64 at
+d=128 with 2 stages, untried with 3), the unfused backward (1.93), ``BWD_BLOCK_V`` 16 (1.94).
 """
 
 from __future__ import annotations
@@ -104,8 +111,8 @@ SUB = 16
 INVERSE = "doubling"
 #: warps per program of ``_wy_fwd``
 WY_WARPS = 4
-#: warps and pipeline stages of the passes over chunks (``_state_fwd``, ``_state_bwd``)
-STATE_WARPS, STATE_STAGES = 4, 2
+#: warps and pipeline stages of the passes over chunks (``_state_fwd``, ``_state_bwd``; 3 stages: module docstring)
+STATE_WARPS, STATE_STAGES = 4, 3
 #: ``_state_bwd`` loads each chunk's dU share one step ahead (its docstring)
 STATE_BWD_PREFETCH = True
 #: value columns per program and warps of ``_out_fwd``
