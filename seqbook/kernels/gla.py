@@ -86,6 +86,11 @@ Measured on the H200 (GPU call B2 of 2026-12-02, bf16 inputs as in ``benchmarks.
 blocks of 64 (the default now) its profile drops from 1.56 / 2.02 ms to 0.64 / 0.84 ms. The version before this
 one (sub-chunks of 16, ``A`` and ``c`` stored; GPU call 3) took 1.30 / 3.32 ms and 2.81 / 6.05 ms. Errors against
 float64 at B=1, L=1000, H=16 (bf16 inputs): at most 4.3e-3 of the largest value (the output's bf16 rounding).
+
+GPU call 2 of 2026-12-03 (H200, do_bench medians, interleaved): with ``KEEP_16BIT`` and ``FWD_BF16`` (the
+defaults) GLA forward 0.327 / 0.800 ms and forward+backward 1.49 / 2.66 ms at the two shapes, against 0.52 / 1.10
+and 1.74 / 3.05 without them; RWKV-6 0.385 / 0.822 and 1.84 / 2.97 ms. The stored-weights output (``_tiles``)
+took the d=128 forward to 0.696 ms.
 """
 
 from __future__ import annotations
@@ -588,11 +593,13 @@ def _tiles(DK, DV):
     384 / 654 and 293 / 625, one value block of d_v on 8 warps 581 / 763 and 421 / 691. ``fwd_persist``: 0, or
     ``_chunk_fwd``'s non-steep launch on that many programs per SM, each looping over chunks. ``stored``: the
     output in two kernels instead of ``_chunk_fwd``, ``_chunk_weights`` (``weights``: key block, warps) storing each
-    chunk's ``A`` once and ``_chunk_out`` (``fwd``'s tiles) reading it per value block."""
+    chunk's ``A`` once and ``_chunk_out`` (``fwd``'s tiles) reading it per value block: for d_k > 64 only (GPU call
+    2 of 2026-12-03, GLA forward at the two shapes: 0.388 against 0.327 ms at d=64, 0.696 against 0.800 at d=128;
+    there two persistent programs per SM took 0.747, tiles of 128 values 0.87, 8 warps 1.06)."""
     return dict(split=True, state=(min(DK, 64), min(DV, 32), 4), local=(min(DK, 64), min(DV, 64), 4),
                 combine=(min(DK, 32), min(DV, 64), 4), fwd=(min(DK, 64), min(DV, 64), 4),
                 dv=(min(DK, 64), min(DV, 64), 4), dqk=(min(DK, 64), min(DV, 64), 4), fwd_persist=0,
-                stored=False, weights=(min(DK, 64), 4))
+                stored=DK > 64, weights=(min(DK, 64), 4))
 
 
 def _processors(device):
