@@ -27,8 +27,8 @@ forward is two kernels:
    outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from its own
    inputs and the saved state: every chunk at once, all matrix products.
 
-The saved states are what the backward needs (``n_chunks * d_k * d_v`` float32 numbers per
-head: the keys' count times ``d_v / C``, as many as the keys at ``C = d_v``), so the backward
+The saved states are what the backward needs (``n_chunks * d_k * d_v`` numbers per head: the
+keys' count times ``d_v / C``, as many as the keys at ``C = d_v``), so the backward
 reads them instead of running the forward scan again; memory for time, and the scan is the
 part that parallelizes worst.
 
@@ -58,7 +58,7 @@ per (batch, head, chunk), has everything to hand: with :math:`D_{tj} = e^{c_t - 
 It visits the value columns in blocks of ``BLOCK_V``: each block finishes its columns of
 ``dv`` and adds its share to the sums over columns that ``dq`` and ``dk`` need
 (:math:`do\,v^\top`, :math:`do\,S_\text{in}^\top`, :math:`v\,\bar S_\text{out}^\top`), so that
-only a ``(d_k, BLOCK_V)`` slice of each float32 state is on chip at a time. Holding both
+only a ``(d_k, BLOCK_V)`` slice of each state is on chip at a time. Holding both
 whole states at ``d = 128`` needed 256 KB of shared memory, more than a Hopper block has.
 
 The decay's gradient needs no kernel of its own. On paper :math:`q_t` enters only as
@@ -81,8 +81,12 @@ Precision: float32 inputs multiply in true float32 (``ieee``). With float16 or b
 inputs, the products of inputs (:math:`qk^\top`, :math:`do\,v^\top`, the masked scores
 times ``v``, and the state updates :math:`(k \circ w)^\top v`, the decay weights rounded to
 the input format) feed the tensor cores in that format; products that read a float32 state
-take float32 operands at TF32 precision; everything accumulates in float32, and the state
-and the final state are float32.
+take float32 operands at TF32 precision. The states saved per chunk are float32, except
+for bfloat16 inputs (``CONFIG["state_16bit"]``): their states are saved in bfloat16, half
+the bytes that the walk writes and the output and gradient kernels read, and multiplied in
+bfloat16. float16 inputs keep float32 states: float16's range (65504) is too small for a
+long undecayed state in general. Everything accumulates in float32; the walk carries its
+state in float32 and the final state is float32, rounded only where it is saved per chunk.
 
 Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the interpreter): ``tl.dot``,
 ``tl.cumsum``; no tensor descriptors. Head dimensions ``d_k, d_v`` in 16..128, chunk ``C``
@@ -164,82 +168,6 @@ def _state_pass(
         xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
         S = tl.exp(c_last) * S + _mm(tl.trans(xw), y, PRECISION, WIDEN)
     tl.store(S_END + bh.to(tl.int64) * DK * DV + state_offs, S)
-
-
-@triton.jit
-def _chunk_local(
-    X, Y,  # (B, L, H, DK), (B, L, H, DV): k and v (forward), q and do (reverse)
-    A,  # (B, L, H) log-decays (if HAS_DECAY)
-    LOCAL,  # (B, H, NC, DK, DV) out: each chunk's own share of the state
-    DECAY,  # (B * H, NC) float32 out: each chunk's whole log-decay c_last (if HAS_DECAY)
-    L, H, NC, x_scale,
-    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
-):  # fmt: skip
-    r"""The chunk-parallel walk, first half: every chunk's own share of the state at once,
-    :math:`(k \circ e^{c_\text{last} - c})^\top v` (forward) or :math:`s\,(q \circ e^{c})^\top do`
-    (reverse), and the chunk's whole log-decay. All the decay arithmetic is here, in parallel."""
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
-    tile = tl.program_id(2)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    cols = (tile % (DV // BLOCK_V)) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows_k = (tile // (DV // BLOCK_V)) * BLOCK_K + tl.arange(0, BLOCK_K)
-    steps = tl.arange(0, C)
-    t = chunk * C + steps
-    live = t < L
-    tok = (b * L + t.to(tl.int64)) * H + h
-    x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_K)
-    y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
-    c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
-    c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)
-    if REVERSE:
-        w = tl.exp(c)
-    else:
-        w = tl.exp(c_last - c)
-    xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
-    local = _mm(tl.trans(xw), y, PRECISION, WIDEN)
-    state_offs = rows_k[:, None] * DV + cols[None, :]
-    tl.store(LOCAL + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, local.to(LOCAL.dtype.element_ty))
-    if HAS_DECAY:  # every tile of the chunk stores the same number
-        tl.store(DECAY + bh.to(tl.int64) * NC + chunk, c_last)
-
-
-@triton.jit
-def _combine(
-    STATES,  # (B, H, NC, DK, DV): each chunk's own share in, the state entering it (in walk order) out
-    DECAY,  # (B * H, NC) float32: each chunk's whole log-decay (if HAS_DECAY)
-    S0, S_END,  # (B, H, DK, DV) float32: the state before the walk (if HAS_S0), the state after it (out)
-    NC,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    r"""The chunk-parallel walk, second half: one tile adds the shares up in walk order,
-    :math:`S \leftarrow e^{c_\text{last}} S + \text{local}`, in place: each chunk's slot is read
-    and then receives the state entering the chunk. The loads do not depend on the carried
-    state, so the compiler's pipelining issues them stages ahead; nothing in the loop waits on
-    a product or a reduction."""
-    bh = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    state_offs = rows_k[:, None] * DV + cols[None, :]
-    if HAS_S0:
-        S = tl.load(S0 + bh * DK * DV + state_offs)
-    else:
-        S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-    for i in tl.range(0, NC, num_stages=STAGES):
-        if REVERSE:
-            chunk = NC - 1 - i
-        else:
-            chunk = i
-        slot = STATES + (bh * NC + chunk) * DK * DV + state_offs
-        local = tl.load(slot).to(tl.float32)  # independent of S: the compiler loads it stages ahead
-        tl.store(slot, S.to(STATES.dtype.element_ty))
-        if HAS_DECAY:
-            S = tl.exp(tl.load(DECAY + bh * NC + chunk)) * S + local
-        else:
-            S = S + local
-    tl.store(S_END + bh * DK * DV + state_offs, S)
 
 
 @triton.jit
@@ -332,13 +260,10 @@ def _chunk_grads(
 #: Warps by kernel, the value block of the output kernel and the state tile of the
 #: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
 #: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
-#: (module docstring). ``split``: the chunk-parallel walk (``_chunk_local`` with its
-#: ``local_*`` tile, then ``_combine`` with its ``combine_*`` tile) instead of ``_state_pass``.
-#: ``state_16bit``: the input dtypes whose per-chunk states are stored in that dtype
-#: (carried in float32 all the same); others store float32.
+#: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
+#: that dtype (module docstring, Precision).
 CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
-              grad_warps=8, split=False, local_block_k=64, local_block_v=64, local_warps=4,
-              combine_block_k=32, combine_block_v=32, combine_warps=4, combine_stages=4, state_16bit=())  # fmt: skip
+              grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
 
 
 def _state_dtype(dtype):
@@ -365,21 +290,6 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
     NC = states.shape[2]
     has_decay, widen = log_decay is not None, _backend.interpreting()
     a = log_decay if has_decay else x
-    if CONFIG["split"]:
-        bk, bv = min(CONFIG["local_block_k"], DK), min(CONFIG["local_block_v"], DV)
-        decay = torch.empty(B * H, NC, dtype=torch.float32, device=x.device) if has_decay else s_end
-        _chunk_local[(B * H, NC, (DK // bk) * (DV // bv))](
-            x, y, a, states, decay, L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=bk, BLOCK_V=bv,
-            HAS_DECAY=has_decay, REVERSE=reverse, PRECISION=_precisions(x.dtype)[0], WIDEN=widen,
-            num_warps=CONFIG["local_warps"],
-        )  # fmt: skip
-        bk, bv = min(CONFIG["combine_block_k"], DK), min(CONFIG["combine_block_v"], DV)
-        _combine[(B * H, DV // bv, DK // bk)](
-            states, decay, s0 if s0 is not None else s_end, s_end, NC, DK=DK, DV=DV, BLOCK_K=bk, BLOCK_V=bv,
-            HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, STAGES=CONFIG["combine_stages"],
-            num_warps=CONFIG["combine_warps"],
-        )  # fmt: skip
-        return
     grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
     _state_pass[grid](
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
