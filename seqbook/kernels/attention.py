@@ -104,75 +104,22 @@ LN2 = 0.6931471805599453  # ln(2): ln x = log2(x) ln 2
 #: Lazy rescaling (``LAZY`` in a forward configuration): the reference point of a row's
 #: exponentials moves only when a key block's max passes it by more than this many powers
 #: of two, so every P stays <= 2^8 (float32 and bf16 hold that with room to spare).
+#: Two other ways of saving softmax work, exponentials by a cubic on the FMA units and
+#: ``LAZY = 2`` (exponentials against the standing reference point before the block's max),
+#: were timed on the H200 on 2026-12-03 and lost at both head sizes, so they were removed.
 LAZY_SLACK = tl.constexpr(8.0)
-
-#: 2^f on [-1/2, 1/2] as a cubic, c0 + c1 f + c2 f^2 + c3 f^3: coefficients fitted here to the
-#: least largest relative error (iteratively reweighted least squares on 20001 points), which is
-#: 7.5e-5 in float32 Horner arithmetic, under a tenth of bf16's rounding (2^-9 = 2.0e-3).
-EXP2_C0 = tl.constexpr(0.9999281167984009)
-EXP2_C1 = tl.constexpr(0.6932609677314758)
-EXP2_C2 = tl.constexpr(0.24261081218719482)
-EXP2_C3 = tl.constexpr(0.055171433836221695)
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x for x >= -126 with no special-function unit: fused multiply-adds and integer adds.
-
-    Write x = n + f with n = round(x), |f| <= 1/2. Then 2^x = 2^n 2^f: 2^f by the cubic above,
-    in [0.707, 1.414], and 2^n by adding n to its exponent bits. n comes from the float adder:
-    t = x + 1.5 * 2^23 lies in [2^23, 2^24), where float32's spacing is 1, so t is rounded
-    to round(x) + 1.5 * 2^23 and its low bits hold n (two's complement); t << 23 is n << 23.
-    Inputs are clamped at -126 (so that n + 127 stays a valid exponent): below about -125 the
-    result is some value in [0, 2^-125] instead of 2^x, beside a row sum >= 1 a difference of
-    1e-38, but not the exact 0 a masked score (-inf) must give, so masked tiles keep ``tl.exp2``."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0  # 1.5 * 2^23
-    f = x - (t - 12582912.0)  # exact: t - 1.5 * 2^23 = round(x)
-    p = (EXP2_C3 * f + EXP2_C2) * f + EXP2_C1
-    p = p * f + EXP2_C0
-    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_shared(x, POLY: tl.constexpr):
-    """2^x of a (BLOCK_M, BLOCK_N) tile, one column in ``POLY`` (2 or 4) by :func:`_exp2_fma` on
-    the FMA units and the rest by ``exp2`` on the special-function unit (MUFU), which alone
-    takes a quarter-rate slot per score (FlashAttention-4 shares the work out the same way).
-    The columns are split by index bits that each thread holds both sides of (adjacent pairs;
-    then the top half), so the split should move no data between threads."""
-    M: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    a, b = tl.split(tl.reshape(x, [M, N // 2, 2]))  # even and odd columns
-    if POLY == 2:
-        b = _exp2_fma(b)
-    else:
-        # odd columns of the first half by polynomial, of the second half by exp2
-        b1, b2 = tl.split(tl.permute(tl.reshape(b, [M, 2, N // 4]), [0, 2, 1]))
-        b = tl.reshape(tl.permute(tl.join(_exp2_fma(b1), tl.exp2(b2)), [0, 2, 1]), [M, N // 2])
-    return tl.reshape(tl.join(tl.exp2(a), b), [M, N])
-
-
-@triton.jit
-def _exp2_tile(x, POLY: tl.constexpr, MASKED: tl.constexpr):
-    if POLY and not MASKED:
-        return _exp2_shared(x, POLY)
-    else:
-        return tl.exp2(x)
-
 
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, lo, hi, L, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr, POLY: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):  # fmt: skip
     """Fold key blocks [lo, hi) into (acc, l, m); MASKED: blocks on the diagonal or at the end.
 
     ``k_src, v_src``: the (batch, head)'s first key and value (pointers), or, with ``TMA``,
     tensor descriptors of its ``(L, d)`` keys and values (the copy engine fills rows past
-    ``L`` with zeros). ``LAZY``, ``POLY``: see :data:`LAZY_SLACK` and :func:`_exp2_shared`;
-    ``LAZY = 2`` also takes the exponentials before the block's max (see below)."""
+    ``L`` with zeros). ``LAZY``: see :data:`LAZY_SLACK`."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -191,11 +138,6 @@ def _fwd_tiles(
         # The online softmax in base-2 units, scores s = qk_scale * q.k with qk_scale = s log2(e) > 0:
         # move the reference point to the new max, rescale what was summed. Since the scale is
         # positive, max(s) = qk_scale * max(q.k), and s - m' is one fused multiply-add per score.
-        if LAZY == 2:
-            # Exponentials against the reference point as it stands, before the block's max is
-            # known, so that the max's reductions and the exponentials can run side by side; in
-            # the rare tile where some row's reference moves they are taken again below.
-            p = _exp2_tile(qk * qk_scale - m_i[:, None], POLY, MASKED)
         m_blk = tl.max(qk, 1) * qk_scale
         if LAZY:
             # Any reference point gives the same o = acc / l, as long as acc and l share it and
@@ -203,15 +145,11 @@ def _fwd_tiles(
             # (From m = -inf every row moves.) Rows that keep theirs get alpha = 2^0 = 1 exactly.
             m_new = tl.where(m_blk - m_i > LAZY_SLACK, m_blk, m_i)
             # One decision for the whole tile (a branch all threads take alike), taken here so that
-            # its exchange between warps overlaps the exponentials.
+            # its exchange between warps overlaps the exponentials below.
             moved = tl.max(m_new - m_i, 0) > 0.0
         else:
             m_new = tl.maximum(m_i, m_blk)
-        if LAZY == 2:
-            if moved:
-                p = _exp2_tile(qk * qk_scale - m_new[:, None], POLY, MASKED)
-        else:
-            p = _exp2_tile(qk * qk_scale - m_new[:, None], POLY, MASKED)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
@@ -240,7 +178,6 @@ def _attn_fwd(
     H, L, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, TMA: tl.constexpr = False, LAZY: tl.constexpr = False,
-    POLY: tl.constexpr = 0,
 ):  # fmt: skip
     # Program (query block, batch x head); causal: the last query block (the most work) first.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -266,18 +203,18 @@ def _attn_fwd(
         # Keys before the block: all visible, no mask. Then the diagonal: masked.
         diagonal = start_m * BLOCK_M
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, diagonal, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY, POLY)
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, diagonal,
                                    tl.minimum(diagonal + BLOCK_M, L), L, qk_scale, True, CAUSAL, HEAD_DIM,
-                                   BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY, POLY)  # fmt: skip
+                                   BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY)  # fmt: skip
     else:
         # Whole key blocks without a mask, then the partial block at the end (if any) with one.
         whole = (L // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, 0, whole, L,
-                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY, POLY)
+                                   qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kl, stride_vl, offs_m, whole, L, L,
-                                   qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA, LAZY,
-                                   POLY)  # fmt: skip
+                                   qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION, NUM_STAGES, TMA,
+                                   LAZY)  # fmt: skip
 
     # Every row saw at least its own key (or key 0), so l >= 1: no division by zero.
     o = acc / l_i[:, None]
@@ -504,8 +441,15 @@ def _attn_bwd_dq(
 #: default kernel itself took 2.27 ms 1.1 s after its first 2.17; SDPA cuDNN 1.72 then
 #: 1.87 ms 2 s later): about 2.09 ms on equal terms, the fastest forward of that run, so it
 #: is now the d = 128 default. Re-time it against (128, 64, 8, 3) alternately to confirm.
+#:
+#: GPU call 2 of 2026-12-03 (H200, bf16, causal, four rounds interleaved with SDPA cuDNN, order
+#: reversed every other round, do_bench medians): at d = 128 (B1 H16 L16384) lazy rescaling
+#: (``LAZY = 1``) beat the plain forward in every round (2.155 / 2.211 / 2.257 / 2.233 ms against
+#: 2.255 / 2.235 / 2.330 / 2.298; cuDNN 1.742 / 2.000 / 1.982 / 2.056), so it is the d = 128
+#: default; at d = 64 (B4 H32 L4096) it lost in every round (0.79-0.83 against 0.73-0.78 ms).
+#: Exponentials by a cubic on the FMA units (POLY 2 or 4) and LAZY = 2 lost at both sizes.
 CONFIGS = {
-    ("fwd", 2, 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, NUM_STAGES=3, TMA=True),
+    ("fwd", 2, 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, NUM_STAGES=3, TMA=True, LAZY=1),
     ("fwd", 2, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     ("fwd", 2, 32): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     ("fwd", 2, 16): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
@@ -592,13 +536,8 @@ def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     B, L, H, d = q.shape
     cfg = dict(config or config_for("fwd", q.dtype, d))
     _check_tiles("fwd", cfg)
-    if cfg.get("POLY") and q.dtype == torch.float32:
-        raise ValueError("attention kernel fwd: POLY (exp2 by a cubic, relative error 7.5e-5) is for 16-bit inputs, "
-                         "whose P is rounded to 16 bits anyway; float32 inputs take exp2 throughout")
-    if cfg.get("LAZY", 0) not in (0, 1, 2):
-        raise ValueError(f"attention kernel fwd: LAZY must be 0 (off), 1 or 2, got {cfg['LAZY']}")
-    if cfg.get("POLY", 0) not in (0, 2, 4):
-        raise ValueError(f"attention kernel fwd: POLY must be 0 (off), 2 or 4 (one score in 2 or 4), got {cfg['POLY']}")
+    if cfg.get("LAZY", 0) not in (0, 1):
+        raise ValueError(f"attention kernel fwd: LAZY must be 0 (off) or 1 (lazy rescaling), got {cfg['LAZY']!r}")
     if cfg.get("TMA") and not _tma_ok(q, k, v):
         cfg["TMA"] = False
     if cfg.get("TMA"):
