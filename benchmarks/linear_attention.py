@@ -274,7 +274,7 @@ def sweep(device: str = "cuda") -> list[dict]:
         q, kk, v = x["q"], x["k"], x["v"]
         B, L, H, d = (shape[n] for n in ("B", "L", "H", "d"))
         scale = d**-0.5
-        states = torch.empty(B, H, -(-L // CHUNK), d, d, dtype=torch.float32, device=device)
+        states = torch.empty(B, H, -(-L // CHUNK), d, d, dtype=k._state_dtype(q.dtype), device=device)
         final = torch.empty(B, H, d, d, dtype=torch.float32, device=device)
         token_bytes = B * L * H * d * q.element_size()
         walk_bytes, out_bytes = 2 * token_bytes + states.nbytes, 4 * token_bytes + states.nbytes
@@ -282,6 +282,8 @@ def sweep(device: str = "cuda") -> list[dict]:
         runs = [("walk", dict(state_block_k=bk, state_block_v=bv, state_warps=w), walk_bytes,
                  lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))
                 for bk, bv, w in WALK_TILES]  # fmt: skip
+        runs += [("walk", dict(walk_prefetch=False), walk_bytes,
+                  lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))]  # the default tile
         runs += [("out", dict(BLOCK_V=bv, out_warps=w), out_bytes,
                   lambda: k._outputs(q, kk, v, None, states, scale, CHUNK)) for bv, w in OUT_TILES]  # fmt: skip
         runs += [("bwd", dict(grad_block_v=bv, grad_warps=w), None,

@@ -136,17 +136,36 @@ def _chunk_log_decay(A, base, t, live, H, C: tl.constexpr, HAS_DECAY: tl.constex
 
 
 @triton.jit
+def _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK: tl.constexpr, DV: tl.constexpr,
+                 HAS_DECAY: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and log-decays ``a (C,)`` (zeros without decay)."""
+    t = chunk * C + steps
+    live = t < L
+    tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
+    x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
+    y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
+    if HAS_DECAY:
+        a = tl.load(A + tok, mask=live, other=0.0).to(tl.float32)
+    else:
+        a = tl.zeros((C,), dtype=tl.float32)
+    return x, y, a
+
+
+@triton.jit
 def _state_pass(
     X, Y,  # (B, L, H, DK), (B, L, H, DV): k and v (forward), q and do (reverse)
     A,  # (B, L, H) log-decays (if HAS_DECAY)
     S0,  # (B, H, DK, DV) float32: the state before the first chunk of the walk (if HAS_S0)
-    STATES,  # (B, H, NC, DK, DV) float32 out: the state entering each chunk (in walk order)
+    STATES,  # (B, H, NC, DK, DV) out: the state entering each chunk (in walk order)
     S_END,  # (B, H, DK, DV) float32 out: the state after the walk
     L, H, NC, x_scale,
     DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
+    """The walk over chunks for one (batch, head, ``BLOCK_K`` x ``BLOCK_V`` tile of the state). With
+    ``PREFETCH`` the next chunk's inputs are loaded one step ahead, so that their latency overlaps this
+    chunk's product (the walk is latency-bound: one small product per chunk on its sequential path)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -157,18 +176,27 @@ def _state_pass(
         S = tl.load(S0 + bh.to(tl.int64) * DK * DV + state_offs)
     else:
         S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
+    first = 0
+    if REVERSE:
+        first = NC - 1
+    x_next, y_next, a_next = _walk_inputs(X, Y, A, b, h, first, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
     for i in range(0, NC):
         if REVERSE:
             chunk = NC - 1 - i
         else:
             chunk = i
-        t = chunk * C + steps
-        live = t < L
+        if PREFETCH:
+            x, y, a = x_next, y_next, a_next
+            if REVERSE:  # the last chunk of the walk loads itself again
+                ahead = tl.maximum(chunk - 1, 0)
+            else:
+                ahead = tl.minimum(chunk + 1, NC - 1)
+            x_next, y_next, a_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV,
+                                                  HAS_DECAY, C)  # fmt: skip
+        else:
+            x, y, a = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
-        tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
-        x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_K)
-        y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
-        c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+        c = tl.cumsum(a, axis=0)  # the cumulative log-decay inside the chunk
         c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
         if REVERSE:
             w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
@@ -270,9 +298,10 @@ def _chunk_grads(
 #: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
 #: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
 #: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
-#: that dtype (module docstring, Precision).
+#: that dtype (module docstring, Precision). ``walk_prefetch``: the walk loads each chunk's inputs
+#: one step ahead (``_state_pass``).
 CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
-              grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
+              grad_warps=8, state_16bit=(torch.bfloat16,), walk_prefetch=True)  # fmt: skip
 
 
 def _state_dtype(dtype):
@@ -303,8 +332,8 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
     _state_pass[grid](
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
         L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse,
-        PRECISION=_precisions(x.dtype)[1], WIDEN=widen, num_warps=CONFIG["state_warps"],
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, PRECISION=_precisions(x.dtype)[1],
+        WIDEN=widen, PREFETCH=CONFIG["walk_prefetch"], num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
 
