@@ -138,17 +138,18 @@ def _chunk_log_decay(A, base, t, live, H, C: tl.constexpr, HAS_DECAY: tl.constex
 @triton.jit
 def _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK: tl.constexpr, DV: tl.constexpr,
                  HAS_DECAY: tl.constexpr, C: tl.constexpr):  # fmt: skip
-    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and log-decays ``a (C,)`` (zeros without decay)."""
+    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and cumulative log-decays ``c (C,)`` (zeros without
+    decay: a constant the compiler folds, where a cumulative sum of zeros would cost a scan per chunk)."""
     t = chunk * C + steps
     live = t < L
     tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
     x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
     y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
     if HAS_DECAY:
-        a = tl.load(A + tok, mask=live, other=0.0).to(tl.float32)
+        c = tl.cumsum(tl.load(A + tok, mask=live, other=0.0).to(tl.float32), axis=0)
     else:
-        a = tl.zeros((C,), dtype=tl.float32)
-    return x, y, a
+        c = tl.zeros((C,), dtype=tl.float32)
+    return x, y, c
 
 
 @triton.jit
@@ -179,24 +180,23 @@ def _state_pass(
     first = 0
     if REVERSE:
         first = NC - 1
-    x_next, y_next, a_next = _walk_inputs(X, Y, A, b, h, first, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
+    x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, first, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
     for i in range(0, NC):
         if REVERSE:
             chunk = NC - 1 - i
         else:
             chunk = i
         if PREFETCH:
-            x, y, a = x_next, y_next, a_next
+            x, y, c = x_next, y_next, c_next
             if REVERSE:  # the last chunk of the walk loads itself again
                 ahead = tl.maximum(chunk - 1, 0)
             else:
                 ahead = tl.minimum(chunk + 1, NC - 1)
-            x_next, y_next, a_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV,
+            x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV,
                                                   HAS_DECAY, C)  # fmt: skip
         else:
-            x, y, a = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
+            x, y, c = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
-        c = tl.cumsum(a, axis=0)  # the cumulative log-decay inside the chunk
         c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
         if REVERSE:
             w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
