@@ -41,6 +41,12 @@ and we are ahead at the other shapes (0.150 against 0.328 ms at B=4, L=4096, H=3
 ``_chunk_out`` moves about 540 MB at that shape (``q`` and ``k`` once per value block, the
 states once, ``v`` and ``o``): that, not its products, is its floor, and the next thing to cut.
 
+The walk's one-step-ahead loads (``walk_prefetch``) were timed on the H200 against the same walk
+without them, interleaved, three rounds (``benchmarks/results/sweeps/2026-12-03-h200-stop22-linear_attention-prefetch.json``),
+in a version that still took a cumulative sum of zeros per chunk without a decay: at d=128 the
+decayed forward 0.52 against 0.62 ms, the undecayed 0.387 against 0.410, forward and backward
+0.969 against 1.005 (eager calls). The version here, without that sum, is not timed yet.
+
 The backward: the same recurrence, run in reverse
 -------------------------------------------------
 Write :math:`\bar S` for the gradient of the loss with respect to the state leaving a chunk.
