@@ -6,8 +6,8 @@ Interpreted on CPU (small head dims: the interpreter runs every program in NumPy
 and :func:`seqbook.linear_attention.delta_rule_recurrent` in float64 on the same rounded inputs,
 and compares the output, the final state and the gradient of every input (``q, k, v, beta,
 initial_state``) for the loss ``<o, do> + <S_L, dS>``. Lengths of several chunks and lengths that
-are not a multiple of the chunk are among the cases (the kernel's inverse works by blocks of 16 rows
-inside a 64-step chunk, so a chunk's rows past 16, 32 and 48 are all exercised).
+are not a multiple of the chunk are among the cases (the kernel's inverse doubles diagonal blocks of
+2, 4, ..., 32 rows inside a 64-step chunk, so a chunk's rows past 16, 32 and 48 are all exercised).
 """
 
 from __future__ import annotations
@@ -98,14 +98,14 @@ def test_chunk_is_64_steps_in_blocks_of_16():
     assert any(s[1] % delta_kernel.CHUNK not in (0, 16, 32, 48) for s in SHAPES)
 
 
-@pytest.mark.parametrize("inverse,fused,prefetch", [("stacked", True, True), ("substitution", True, True),
-                                                    ("doubling", False, False)])
-def test_kernel_variants(device, monkeypatch, inverse, fused, prefetch):
-    """The other ways the module can run (the defaults, INVERSE = "doubling", FUSED_BACKWARD and
-    STATE_BWD_PREFETCH, are the cases above): the chunk's inverse by forward substitution in blocks of 16
-    rows (the diagonal blocks' inverses on a (4, 16, 16) stack or with (64, 64) products), the backward's
-    steps 6 and 7 in two kernels, the backward pass over chunks loading each chunk's inputs in its step."""
-    monkeypatch.setattr(delta_kernel, "INVERSE", inverse)
-    monkeypatch.setattr(delta_kernel, "FUSED_BACKWARD", fused)
-    monkeypatch.setattr(delta_kernel, "STATE_BWD_PREFETCH", prefetch)
-    compare(SHAPES[0], torch.float32, device, seed=7)
+def test_kernel_value_blocks(device, monkeypatch):
+    """The value columns split other ways than the defaults take at the shapes above: one program of 32
+    columns in the passes over chunks (``STATE_BLOCK_V``), the outputs by programs of 16 columns
+    (``OUT_BLOCK_V``), and the backward's per-chunk kernel summing over value blocks of 16 in more than one
+    step (``BWD_BLOCK_V``; at d_k = d_v = 128 its default, 32 columns, takes four)."""
+    shape = SHAPES[1]
+    assert shape[4] >= 32
+    monkeypatch.setattr(delta_kernel, "STATE_BLOCK_V", 32)
+    monkeypatch.setattr(delta_kernel, "OUT_BLOCK_V", 16)
+    monkeypatch.setattr(delta_kernel, "BWD_BLOCK_V", 16)
+    compare(shape, torch.float32, device, seed=7)

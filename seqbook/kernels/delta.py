@@ -36,18 +36,20 @@ of :math:`s` rows. :math:`D_2 = I - A_1` needs no product; :math:`D_4 \dots D_{6
 products each (tensor cores), ten in all, a chain of ten dependent steps. Every intermediate is a
 block of :math:`T` itself, so nothing grows larger than the inverse does (a product form such as
 :math:`(I - A)(I + A^2)(I + A^4)\cdots` takes as few steps, but its powers of :math:`A` grow large for
-repeated keys, and so do their rounding errors). The module keeps forward substitution by blocks of
-16 rows (``INVERSE = "stacked"``: the four diagonal blocks at once on a ``(4, 16, 16)`` stack, 15
-dependent elementwise steps, then block row :math:`b` as :math:`T_b = D_b (I - L_b T)`; ``"substitution"``:
-the diagonal blocks with (64, 64) products) for comparison.
+repeated keys, and so do their rounding errors). Forward substitution by blocks of 16 rows
+(``_unit_lower_inverse``: the four diagonal blocks at once on a ``(4, 16, 16)`` stack, 15 dependent
+elementwise steps, then block row :math:`b` as :math:`T_b = D_b (I - L_b T)`) was this kernel's inverse
+before 2026-12-03 and lost to the doubling on the H200 (below); the RWKV-7 kernel uses it
+(:mod:`seqbook.kernels.rwkv7`).
 
 The backward, with :math:`\bar S` the gradient of the state leaving a chunk:
 
 4. ``_dv_local`` (parallel): :math:`\partial U \mathrel{+}= s\, M^\top do`, :math:`M = \mathrm{tril}(QK^\top)`.
-5. ``_state_bwd`` (per value block, chunks in reverse): saves :math:`\bar S`, then
+5. ``_state_bwd`` (per value block, chunks in reverse; each chunk's share of :math:`\partial U` from
+   step 4 loaded one step ahead): saves :math:`\bar S`, then
    :math:`\partial U \mathrel{+}= K \bar S` and :math:`\bar S \leftarrow \bar S + s\,Q^\top do - W^\top \partial U`.
-6. ``_bwd_chunk`` (parallel; with ``FUSED_BACKWARD = False``, two kernels: ``_bwd_qkw`` for this
-   step and ``_bwd_wy`` for the next, passing :math:`\partial K, \partial W` through memory):
+6. ``_bwd_chunk`` (parallel, one program per chunk for this step and the next, so that
+   :math:`\partial K, \partial W` stay in registers):
    :math:`\partial M = s\,\mathrm{tril}(do\, U^\top)`,
    :math:`\partial Q = \partial M K + s\, do\, S^\top`,
    :math:`\partial K = \partial M^\top Q + U \bar S^\top` (so far), :math:`\partial W = -\partial U S^\top`.
@@ -67,7 +69,7 @@ gradients, :math:`\partial U, \partial W`. For float32 inputs every product is e
 16-bit inputs, whose products round :math:`T` to 16 bits afterwards anyway).
 
 Measured (H200, GPU call 2, ``triton.testing.do_bench`` medians, B=4, L=4096, H=32, d=64 bf16):
-forward 0.73 ms, forward+backward 1.85 ms (``_wy_fwd`` 483 us, ``_bwd_wy`` 363, ``_bwd_qkw`` 272,
+forward 0.73 ms, forward+backward 1.85 ms (``_wy_fwd`` 483 us, steps 7 and 6 as two kernels 363 and 272,
 ``_state_bwd`` 242, ``_state_fwd`` 147, ``_out_fwd`` 100, ``_dv_local`` 84, torch's casts of the
 gradients to bfloat16 142), errors against the float64 recurrence 4e-3 to 6e-3 of the largest
 value on the output, the final state and every gradient. That was before the stacked diagonal
@@ -78,19 +80,23 @@ but its timing did not finish inside that call's time limit; fla's
 kernel (one program per (batch, head) walking chunks of 16 with the WY step inside the walk) took
 10.6 ms forward and 92 ms forward+backward at the first shape (GPU call 1).
 
-Before the doubling inverse (the forward substitution, ``INVERSE = "stacked"``), on the H200 of
+Before the doubling inverse (with the forward substitution by blocks, "stacked"), on the H200 of
 2026-12-02 (``benchmarks.profile``, 5 runs): forward 690 us at d=64 (``_wy_fwd`` 472, ``_state_fwd`` 127,
 ``_out_fwd`` 87) and 753 us at B=1, L=16384, H=16, d=128 (``_state_fwd`` 337, ``_wy_fwd`` 276, ``_out_fwd``
 137); forward+backward at d=128 2060 us. fla's ``chunk_delta_rule``: 0.675 / 0.679 ms forward.
 
-GPU call 2 of 2026-12-03 (H200, bf16, do_bench medians, variants interleaved with the default; errors
-against float64 4e-3 to 6e-3 of max for every variant): the doubling inverse takes the forward to 0.512 ms
-at d=64 (stacked 0.697) and 0.666 at d=128 (stacked 0.761; ``_wy_fwd`` 286 / 181 us against 472 / 276),
-forward+backward 1.112 / 1.792 ms; ``STATE_BWD_PREFETCH`` 1.792 against 1.962 ms at d=128 (``_state_bwd``
-412 against 583 us). Three pipeline stages in the passes over chunks (``STATE_STAGES``, was 2): forward
-0.479 / 0.535 ms, forward+backward 1.044 / 1.539 ms (four: 0.498 / 0.523, 1.146 / 1.564). Slower and left
-at their defaults: 8 warps in ``_wy_fwd`` (0.82 / 0.88 ms) or the walk (0.72), ``OUT_BLOCK_V`` 128 (0.64 at
-d=128 with 2 stages, untried with 3), the unfused backward (1.93), ``BWD_BLOCK_V`` 16 (1.94).
+GPU call 2 of 2026-12-03 (H200, bf16, do_bench medians, variants interleaved with the default; errors against
+float64 4e-3 to 6e-3 of max for every variant): the doubling inverse takes the forward to 0.512 ms at d=64
+(stacked 0.697) and 0.666 at d=128 (stacked 0.761; ``_wy_fwd`` 286 / 181 us against 472 / 276),
+forward+backward 1.112 / 1.792 ms; ``_state_bwd`` loading step 4's share one step ahead 1.792 against 1.962 ms
+without at d=128 (``_state_bwd`` 412 against 583 us). Three pipeline stages in the passes over chunks
+(``STATE_STAGES``, was 2): forward 0.479 / 0.535 ms, forward+backward 1.044 / 1.539 ms (four: 0.498 / 0.523,
+1.146 / 1.564). Slower and left at their defaults: 8 warps in ``_wy_fwd`` (0.82 / 0.88 ms) or the walk (0.72),
+``OUT_BLOCK_V`` 128 (0.64 at d=128 with 2 stages, untried with 3), ``BWD_BLOCK_V`` 16 (1.94). Removed after
+that call, as losers: the stacked forward substitution as ``_wy_fwd``'s inverse (and its variant with the
+diagonal blocks by (64, 64) products, not timed in that call), steps 6 and 7 as two kernels passing
+:math:`\partial K, \partial W` through memory (1.93 against 1.79 ms forward+backward at d=128), ``_state_bwd``
+without the load ahead (1.96 against 1.79).
 """
 
 from __future__ import annotations
@@ -103,25 +109,17 @@ from .chunked_state import pad_to
 
 #: steps per chunk
 CHUNK = 64
-#: rows per diagonal block of the inverse (forward substitution by blocks)
+#: rows per diagonal block of the inverse by forward substitution (``_unit_lower_inverse``, used by rwkv7)
 SUB = 16
-#: how ``_wy_fwd`` inverts I + A: "doubling" (``_unit_lower_inverse_doubling``), or forward substitution by
-#: blocks of SUB rows with the diagonal blocks' inverses on a (4, 16, 16) stack ("stacked") or with (64, 64)
-#: products ("substitution")
-INVERSE = "doubling"
 #: warps per program of ``_wy_fwd``
 WY_WARPS = 4
 #: warps and pipeline stages of the passes over chunks (``_state_fwd``, ``_state_bwd``; 3 stages: module docstring)
 STATE_WARPS, STATE_STAGES = 4, 3
-#: ``_state_bwd`` loads each chunk's dU share one step ahead (its docstring)
-STATE_BWD_PREFETCH = True
 #: value columns per program and warps of ``_out_fwd``
 OUT_BLOCK_V, OUT_WARPS = 64, 4
 #: value columns per step and warps of the backward's per-chunk kernels; None: 64 and 4 warps for d_k <= 64,
 #: else 32 and 8 warps
 BWD_BLOCK_V, BWD_WARPS = None, None
-#: the backward's steps 6 and 7 in one kernel (True) or two (False; dk and dW go through memory)
-FUSED_BACKWARD = True
 #: value columns per program of the passes over chunks (16 or 32); None: chosen from the shape
 STATE_BLOCK_V = None
 
@@ -152,20 +150,15 @@ def _diagonal_block_inverses(A, BT: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr):
+def _unit_lower_inverse(A, rt, BT: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^{-1} for A (BT, BT) strictly lower triangular, float32: forward substitution by
-    blocks of SUB rows (module docstring)."""
+    blocks of SUB rows (module docstring; the RWKV-7 kernel's inverse)."""
     eye = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
     blk = rt // SUB
     A_diag = tl.where(blk[:, None] == blk[None, :], A, 0.0)  # the diagonal blocks
     A_left = A - A_diag  # the blocks left of the diagonal
-    # 1. the diagonal blocks' inverses, all at once
-    if STACKED:  # as a stack of (SUB, SUB) blocks
-        D = _diagonal_block_inverses(A_diag, BT, SUB)
-    else:  # with (BT, BT) products: step i finishes row i of every block
-        D = eye
-        for i in range(1, SUB):
-            D = tl.where((rt % SUB == i)[:, None], eye - tl.dot(A_diag, D, input_precision=PREC), D)
+    # 1. the diagonal blocks' inverses, all at once, as a stack of (SUB, SUB) blocks
+    D = _diagonal_block_inverses(A_diag, BT, SUB)
     # 2. block row b from the block rows above it: T_b = D_b (I - A_left,b T)
     Tinv = D
     for bi in range(1, BT // SUB):
@@ -201,18 +194,15 @@ def _chunk_rows(Lp, H, BT: tl.constexpr):
 
 @triton.jit
 def _wy_fwd(k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, tinv_ptr, Lp, H, n_chunks, DK: tl.constexpr, DV: tl.constexpr,
-            BT: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
-            INVERSE: tl.constexpr, LOG2_BT: tl.constexpr):  # fmt: skip
+            BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
+            LOG2_BT: tl.constexpr):  # fmt: skip
     ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
     rk = tl.arange(0, DK)
     k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
     dt = k.dtype
     beta = tl.load(b_ptr + rows)
     A = tl.where(rt[:, None] > rt[None, :], beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC), 0.0)
-    if INVERSE == "doubling":
-        Tinv = _unit_lower_inverse_doubling(A, rt, LOG2_BT, INV_PREC)
-    else:
-        Tinv = _unit_lower_inverse(A, rt, BT, SUB, INV_PREC, INVERSE == "stacked")
+    Tinv = _unit_lower_inverse_doubling(A, rt, LOG2_BT, INV_PREC)
     tl.store(tinv_ptr + (bh * n_chunks + ci) * BT * BT + rt[:, None] * BT + rt[None, :], Tinv.to(tinv_ptr.dtype.element_ty))
     Tc = Tinv.to(dt)
     W = tl.dot(Tc, (beta[:, None] * k.to(tl.float32)).to(dt), input_precision=PREC)
@@ -279,27 +269,23 @@ def _dv_local(q_ptr, k_ptr, do_ptr, dvl_ptr, scale, Lp, H, DK: tl.constexpr, DV:
 
 @triton.jit
 def _state_bwd(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, dsl_ptr, dstates_ptr, dvn_ptr, ds0_ptr, scale, Lp, H, n_chunks,
-               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-               PREFETCH: tl.constexpr):  # fmt: skip
-    """With PREFETCH, each chunk's share of dU from inside it (``dvl``) is loaded one step ahead: it is added
-    to a product's result, so the compiler makes it that product's accumulator, a plain load that its
-    software pipelining does not prefetch, and the load would otherwise sit on the pass's dependent chain."""
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Each chunk's share of dU from inside it (``dvl``) is loaded one step ahead: it is added to a product's
+    result, so the compiler makes it that product's accumulator, a plain load that its software pipelining
+    does not prefetch, and the load would otherwise sit on the pass's dependent chain (1.96 against 1.79 ms
+    forward+backward at d=128 on the H200, module docstring)."""
     bh, pid_v = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rk, rv, rt = tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     s_off = rk[:, None] * DV + rv[None, :]
     dS = tl.load(dsl_ptr + bh * DK * DV + s_off)  # the gradient of the state leaving the chunk
-    if PREFETCH:
-        dvl_next = tl.load(dvl_ptr + ((b * Lp + (n_chunks - 1) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
+    dvl_next = tl.load(dvl_ptr + ((b * Lp + (n_chunks - 1) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
     for cr in range(n_chunks):
         ci = n_chunks - 1 - cr
         tl.store(dstates_ptr + (bh * n_chunks + ci) * DK * DV + s_off, dS.to(dstates_ptr.dtype.element_ty))
         rows = (b * Lp + ci * BT + rt) * H + h
-        if PREFETCH:
-            dvl = dvl_next
-            dvl_next = tl.load(dvl_ptr + ((b * Lp + tl.maximum(ci - 1, 0) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
-        else:
-            dvl = tl.load(dvl_ptr + rows[:, None] * DV + rv[None, :])
+        dvl = dvl_next
+        dvl_next = tl.load(dvl_ptr + ((b * Lp + tl.maximum(ci - 1, 0) * BT + rt) * H + h)[:, None] * DV + rv[None, :])
         k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :])
         dt = k.dtype
         dvn = dvl.to(tl.float32) + tl.dot(k, dS.to(dt), input_precision=PREC)
@@ -391,30 +377,6 @@ def _bwd_chunk(q_ptr, k_ptr, v_ptr, b_ptr, vn_ptr, do_ptr, states_ptr, dstates_p
     tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _bwd_qkw(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, dq_ptr, dk_ptr, dw_ptr, scale, Lp, H,
-             n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Step 6 alone (``FUSED_BACKWARD = False``): dq, and dk so far (float32) and dW for ``_bwd_wy``."""
-    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
-    offs = rows[:, None] * DK + tl.arange(0, DK)[None, :]
-    dq, dk, dw = _qkw_grads(q_ptr, k_ptr, vn_ptr, do_ptr, states_ptr, dstates_ptr, dvn_ptr, scale, ci, bh, rt, rows,
-                            n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
-    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty))
-    tl.store(dk_ptr + offs, dk)
-    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _bwd_wy(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dw_ptr, dvn_ptr, dkp_ptr, dk_ptr, dv_ptr, db_ptr, Lp, H,
-            n_chunks, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Step 7 alone, from ``_bwd_qkw``'s dk (``dkp``) and dW."""
-    ci, bh, rt, rows = _chunk_rows(Lp, H, BT)
-    offs = rows[:, None] * DK + tl.arange(0, DK)[None, :]
-    dk = _wy_grads(k_ptr, v_ptr, b_ptr, tinv_ptr, w_ptr, u_ptr, dvn_ptr, dv_ptr, db_ptr, tl.load(dkp_ptr + offs),
-                   tl.load(dw_ptr + offs), ci, bh, rt, rows, n_chunks, DK, DV, BT, BV, PREC)  # fmt: skip
-    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty))
-
-
 def _precisions(dtype):
     """(products of the inputs' dtype, products inside the inverse): exact float32 for float32 inputs."""
     return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
@@ -440,9 +402,8 @@ class DeltaRule(torch.autograd.Function):
         Tinv = torch.empty(B * H, n, T, T, dtype=q.dtype, device=dev)
         W, U = torch.empty_like(kp), torch.empty_like(vp)
         BVw = min(DV, 64)
-        _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, SUB=SUB, BV=BVw, PREC=prec,
-                            INV_PREC=inv_prec, INVERSE=INVERSE, LOG2_BT=T.bit_length() - 1,
-                            num_warps=WY_WARPS)  # fmt: skip
+        _wy_fwd[(n, B * H)](kp, vp, bp, W, U, Tinv, Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVw, PREC=prec,
+                            INV_PREC=inv_prec, LOG2_BT=T.bit_length() - 1, num_warps=WY_WARPS)  # fmt: skip
         # 2. the pass over chunks
         BV = _state_block_v(B * H, DV)
         states = torch.empty(B * H, n, DK, DV, dtype=q.dtype, device=dev)
@@ -482,22 +443,14 @@ class DeltaRule(torch.autograd.Function):
         dstates = torch.empty(B * H, n, DK, DV, dtype=qp.dtype, device=dev)
         dvn, dS0 = torch.empty_like(vp), torch.empty_like(dsl)
         _state_bwd[(B * H, triton.cdiv(DV, BV))](qp, kp, W, dop, dvl, dsl, dstates, dvn, dS0, scale, Lp, H, n, DK=DK,
-                                                 DV=DV, BT=T, BV=BV, PREC=prec, PREFETCH=STATE_BWD_PREFETCH,
-                                                 num_warps=STATE_WARPS, num_stages=STATE_STAGES)  # fmt: skip
+                                                 DV=DV, BT=T, BV=BV, PREC=prec, num_warps=STATE_WARPS,
+                                                 num_stages=STATE_STAGES)  # fmt: skip
         dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)  # the final gradients
         db = torch.empty(B, Lp, H, **f32)
         BVg = min(DV, BWD_BLOCK_V or (32 if DK > 64 else 64))
-        if FUSED_BACKWARD:  # 6 and 7 in one kernel
-            _bwd_chunk[(n, B * H)](qp, kp, vp, bp, vn, dop, states, dstates, dvn, Tinv, W, U, dq, dk, dv, db, scale,
-                                   Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
-        else:
-            # 6. dq, dk (so far), dW
-            dk_part, dW = torch.empty(B, Lp, H, DK, **f32), torch.empty_like(kp)
-            _bwd_qkw[(n, B * H)](qp, kp, vn, dop, states, dstates, dvn, dq, dk_part, dW, scale, Lp, H, n, DK=DK, DV=DV,
-                                 BT=T, BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
-            # 7. through the WY representation
-            _bwd_wy[(n, B * H)](kp, vp, bp, Tinv, W, U, dW, dvn, dk_part, dk, dv, db, Lp, H, n, DK=DK, DV=DV, BT=T,
-                                BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
+        # 6 and 7: dq, dk, dW, then through the WY representation, in one kernel
+        _bwd_chunk[(n, B * H)](qp, kp, vp, bp, vn, dop, states, dstates, dvn, Tinv, W, U, dq, dk, dv, db, scale,
+                               Lp, H, n, DK=DK, DV=DV, BT=T, BV=BVg, PREC=prec, num_warps=BWD_WARPS or _warps(DK))  # fmt: skip
         b_dt, s0_dt = ctx.dtypes
         return (dq[:, :L], dk[:, :L], dv[:, :L], db[:, :L].to(b_dt),
                 dS0.to(s0_dt) if ctx.has_s0 else None, None)  # fmt: skip

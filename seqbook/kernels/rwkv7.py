@@ -445,7 +445,7 @@ def _infer_prep(r_ptr, lw_ptr, k_ptr, kh_ptr, a_ptr, v_ptr, wy_ptr, uo_ptr, dec_
                                      tl.load(a_ptr + offs).to(tl.float32) * kh, split, m, rt, T, LOW)  # fmt: skip
     # the rows again rather than live through either branch (registers: (T, N) tiles at N = 128 are large)
     Kg, Rg, Kd, Bd = _decayed_rows(r_ptr, k_ptr, kh_ptr, a_ptr, offs, g, gp, g_last)
-    Tinv = _unit_lower_inverse(A, rt, T, 16, PREC, True)
+    Tinv = _unit_lower_inverse(A, rt, T, 16, PREC)
     W = _dot(Tinv, Kg, LOW_ROWS, PREC)
     one_wy = tl.num_programs(0) * Lp * DK  # (batch * H) * Lp * N
     dt = wy_ptr.dtype.element_ty
