@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_kernel_compiles_for_sm90(tmp_path):
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
+    # About 15 minutes of ptxas on one core of the 2-core CI machine while the other runs the notebooks
+    # (2026-12-03: the float32 cases of linear attention, the delta rule and RWKV-7 take a minute each);
+    # 900 s was exceeded there, so the limit only guards against a hang.
     proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--arch", "90"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, timeout=2700)  # fmt: skip
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "\n0 failure(s)" in proc.stdout, report[-4000:]
     compiled = [line for line in proc.stdout.splitlines() if " ok " in line]
