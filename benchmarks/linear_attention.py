@@ -282,8 +282,6 @@ def sweep(device: str = "cuda") -> list[dict]:
         runs = [("walk", dict(state_block_k=bk, state_block_v=bv, state_warps=w), walk_bytes,
                  lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))
                 for bk, bv, w in WALK_TILES]  # fmt: skip
-        runs += [("walk", dict(walk_prefetch=False), walk_bytes,
-                  lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))]  # the default tile
         runs += [("out", dict(BLOCK_V=bv, out_warps=w), out_bytes,
                   lambda: k._outputs(q, kk, v, None, states, scale, CHUNK)) for bv, w in OUT_TILES]  # fmt: skip
         runs += [("bwd", dict(grad_block_v=bv, grad_warps=w), None,

@@ -416,11 +416,10 @@ def test_kernel_half_precision(device, dtype, rel):
         assert_near(got[name], want[name], rel[0] if name in ("o", "final_state") else rel[1], f"{name}, {dtype}")
 
 
-# The per-chunk states saved in 16 bits (bfloat16's default) or in float32, and the walk with and
-# without its one-step-ahead loads, each run through the whole training path (the walk runs forward and
-# in reverse there). float16 stands in for bfloat16 where the interpreter runs (NumPy has no bfloat16).
-WALKS = [dict(state_16bit=(torch.float16, torch.bfloat16)), dict(state_16bit=()),
-         dict(state_16bit=(), walk_prefetch=False)]
+# The per-chunk states saved in 16 bits (bfloat16's default) or in float32, each run through the
+# whole training path (the walk runs forward and in reverse there). float16 stands in for bfloat16
+# where the interpreter runs (NumPy has no bfloat16).
+WALKS = [dict(state_16bit=(torch.float16, torch.bfloat16)), dict(state_16bit=())]
 
 
 @pytest.mark.parametrize("config", WALKS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))

@@ -41,9 +41,10 @@ and we are ahead at the other shapes (0.150 against 0.328 ms at B=4, L=4096, H=3
 ``_chunk_out`` moves about 540 MB at that shape (``q`` and ``k`` once per value block, the
 states once, ``v`` and ``o``): that, not its products, is its floor, and the next thing to cut.
 
-The walk's one-step-ahead loads (``walk_prefetch``) were timed on the H200 against the same walk
-without them, interleaved, three rounds (``benchmarks/results/sweeps/2026-12-03-h200-stop22-linear_attention-prefetch.json``),
-in a version that still took a cumulative sum of zeros per chunk without a decay: at d=128 the
+The walk's one-step-ahead loads were timed on the H200 against the same walk without them
+(removed since), interleaved, three rounds
+(``benchmarks/results/sweeps/2026-12-03-h200-stop22-linear_attention-prefetch.json``), in a
+version that still took a cumulative sum of zeros per chunk without a decay: at d=128 the
 decayed forward 0.52 against 0.62 ms, the undecayed 0.387 against 0.410, forward and backward
 0.969 against 1.005 (eager calls). The version here, without that sum, is not timed yet.
 
@@ -144,18 +145,13 @@ def _chunk_log_decay(A, base, t, live, H, C: tl.constexpr, HAS_DECAY: tl.constex
 @triton.jit
 def _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK: tl.constexpr, DV: tl.constexpr,
                  HAS_DECAY: tl.constexpr, C: tl.constexpr):  # fmt: skip
-    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and cumulative log-decays ``c (C,)`` (zeros without
-    decay: a constant the compiler folds, where a cumulative sum of zeros would cost a scan per chunk)."""
+    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and cumulative log-decays ``c (C,)``."""
     t = chunk * C + steps
     live = t < L
     tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
     x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
     y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
-    if HAS_DECAY:
-        c = tl.cumsum(tl.load(A + tok, mask=live, other=0.0).to(tl.float32), axis=0)
-    else:
-        c = tl.zeros((C,), dtype=tl.float32)
-    return x, y, c
+    return x, y, _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
 
 
 @triton.jit
@@ -168,11 +164,11 @@ def _state_pass(
     L, H, NC, x_scale,
     DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, PREFETCH: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
-    """The walk over chunks for one (batch, head, ``BLOCK_K`` x ``BLOCK_V`` tile of the state). With
-    ``PREFETCH`` the next chunk's inputs are loaded one step ahead, so that their latency overlaps this
-    chunk's product (the walk is latency-bound: one small product per chunk on its sequential path)."""
+    """The walk over chunks for one (batch, head, ``BLOCK_K`` x ``BLOCK_V`` tile of the state). The next
+    chunk's inputs are loaded one step ahead, so that their latency overlaps this chunk's product (the walk
+    is latency-bound: one small product per chunk on its sequential path)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -192,16 +188,12 @@ def _state_pass(
             chunk = NC - 1 - i
         else:
             chunk = i
-        if PREFETCH:
-            x, y, c = x_next, y_next, c_next
-            if REVERSE:  # the last chunk of the walk loads itself again
-                ahead = tl.maximum(chunk - 1, 0)
-            else:
-                ahead = tl.minimum(chunk + 1, NC - 1)
-            x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV,
-                                                  HAS_DECAY, C)  # fmt: skip
+        x, y, c = x_next, y_next, c_next
+        if REVERSE:  # the last chunk of the walk loads itself again
+            ahead = tl.maximum(chunk - 1, 0)
         else:
-            x, y, c = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
+            ahead = tl.minimum(chunk + 1, NC - 1)
+        x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
         c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
         if REVERSE:
@@ -304,10 +296,9 @@ def _chunk_grads(
 #: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
 #: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
 #: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
-#: that dtype (module docstring, Precision). ``walk_prefetch``: the walk loads each chunk's inputs
-#: one step ahead (``_state_pass``).
+#: that dtype (module docstring, Precision).
 CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
-              grad_warps=8, state_16bit=(torch.bfloat16,), walk_prefetch=True)  # fmt: skip
+              grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
 
 
 def _state_dtype(dtype):
@@ -339,7 +330,7 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
         L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
         HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, PRECISION=_precisions(x.dtype)[1],
-        WIDEN=widen, PREFETCH=CONFIG["walk_prefetch"], num_warps=CONFIG["state_warps"],
+        WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
 
