@@ -80,7 +80,8 @@ def test_benchmark_gates_take_the_product(device, bonus):
 # the output's forms (``_tiles``): one kernel per (chunk, value block) forming the weights; the same on a fixed
 # number of programs looping over chunks (``fwd_persist``); the weights stored once per chunk and read per value
 # block (``stored``)
-FORMS = {"one kernel": {"stored": False}, "persistent": {"stored": False, "fwd_persist": 2}, "stored weights": {"stored": True}}
+FORMS = {"one kernel": {"stored": False}, "persistent": {"stored": False, "fwd_persist": 2},
+         "stored weights": {"stored": True}}
 
 
 @pytest.mark.parametrize("form", FORMS)
