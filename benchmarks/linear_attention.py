@@ -250,18 +250,21 @@ register_check("linear_attention", check)
 # Kernel configurations (to choose seqbook.kernels.linear_attention.CONFIG)
 # --------------------------------------------------------------------------------------
 
-# The walk (_state_pass): (state_block_k, state_block_v, state_warps); the first is the default.
-WALK_TILES = [(64, 32, 4), (64, 64, 4), (128, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 4), (128, 32, 8),
-              (64, 32, 2)]  # fmt: skip
-# The outputs (_chunk_out): (BLOCK_V, out_warps).
-OUT_TILES = [(64, 4), (64, 8), (32, 4), (128, 8), (128, 4)]
+# The walk (_state_pass): (state_block_k, state_block_v, state_warps, state_stages).
+WALK_TILES = [(64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 5), (64, 32, 4, 6), (64, 32, 2, 4), (64, 64, 8, 4),
+              (64, 64, 4, 4), (64, 64, 8, 5), (32, 32, 2, 4), (32, 32, 1, 4), (32, 64, 2, 4), (128, 32, 4, 4),
+              (64, 16, 2, 4)]  # fmt: skip
+# The outputs (_chunk_out): (BLOCK_V, out_warps, out_group, out_stages).
+OUT_TILES = [(64, 4, 1, 1), (128, 4, 1, 1), (128, 8, 1, 1), (128, 4, 2, 2), (128, 4, 4, 2), (128, 4, 4, 3),
+             (64, 4, 4, 2), (64, 4, 4, 3), (128, 8, 4, 2), (64, 4, 8, 3)]  # fmt: skip
 # The backward's per-chunk gradients (_chunk_grads): (grad_block_v, grad_warps).
 GRAD_TILES = [(32, 8), (16, 8), (32, 4), (64, 8)]
 
 
 def sweep(device: str = "cuda") -> list[dict]:
-    """At the target and at ``B=4, L=4096, H=32, d=64`` (bf16, no decay, chunk 64): the walk
-    alone over :data:`WALK_TILES`, the output kernel alone over :data:`OUT_TILES`, and the
+    """At the target and at ``B=4, L=4096, H=32, d=64`` (bf16, chunk 64): the walk alone over
+    :data:`WALK_TILES` and the output kernel alone over :data:`OUT_TILES`, each without and with
+    a decay, and the
     whole backward (reverse walk + gradients) over :data:`GRAD_TILES`, each with the other
     settings at their defaults. Rows carry the kernel's bytes over its time (the walk:
     ``k, v`` read and the states written; the outputs: ``q, k, v`` and the states read, ``o``
@@ -270,8 +273,8 @@ def sweep(device: str = "cuda") -> list[dict]:
     default = dict(k.CONFIG)
     found = []
     for shape in (TARGET, WIDE):
-        x = make_inputs(shape, device, seed=3)
-        q, kk, v = x["q"], x["k"], x["v"]
+        x = make_inputs(shape, device, seed=3, decay=True)
+        q, kk, v, a = x["q"], x["k"], x["v"], x["log_decay"]
         B, L, H, d = (shape[n] for n in ("B", "L", "H", "d"))
         scale = d**-0.5
         states = torch.empty(B, H, -(-L // CHUNK), d, d, dtype=k._state_dtype(q.dtype), device=device)
@@ -279,11 +282,16 @@ def sweep(device: str = "cuda") -> list[dict]:
         token_bytes = B * L * H * d * q.element_size()
         walk_bytes, out_bytes = 2 * token_bytes + states.nbytes, 4 * token_bytes + states.nbytes
         do = torch.randn_like(v)
-        runs = [("walk", dict(state_block_k=bk, state_block_v=bv, state_warps=w), walk_bytes,
-                 lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False))
-                for bk, bv, w in WALK_TILES]  # fmt: skip
-        runs += [("out", dict(BLOCK_V=bv, out_warps=w), out_bytes,
-                  lambda: k._outputs(q, kk, v, None, states, scale, CHUNK)) for bv, w in OUT_TILES]  # fmt: skip
+        walk = lambda: k._walk(kk, v, None, None, states, final, 1.0, CHUNK, reverse=False)  # noqa: E731
+        walk_decay = lambda: k._walk(kk, v, a, None, states, final, 1.0, CHUNK, reverse=False)  # noqa: E731
+        out = lambda: k._outputs(q, kk, v, None, states, scale, CHUNK)  # noqa: E731
+        out_decay = lambda: k._outputs(q, kk, v, a, states, scale, CHUNK)  # noqa: E731
+        runs = [(kind, dict(state_block_k=bk, state_block_v=bv, state_warps=w, state_stages=st), walk_bytes, fn)
+                for bk, bv, w, st in WALK_TILES
+                for kind, fn in (("walk", walk), ("walk decay", walk_decay))]  # fmt: skip
+        runs += [(kind, dict(BLOCK_V=bv, out_warps=w, out_group=g, out_stages=st), out_bytes, fn)
+                 for bv, w, g, st in OUT_TILES
+                 for kind, fn in (("out", out), ("out decay", out_decay))]  # fmt: skip
         runs += [("bwd", dict(grad_block_v=bv, grad_warps=w), None,
                   lambda: k._backward(q, kk, v, None, states, do, None, scale, CHUNK)) for bv, w in GRAD_TILES]  # fmt: skip
         for kind, cfg, nbytes, fn in runs:
@@ -302,7 +310,7 @@ def sweep(device: str = "cuda") -> list[dict]:
                 row["tbps"] = round(nbytes / (ms * 1e-3) / 1e12, 3)
             found.append(row)
             print("sweep", row, flush=True)
-        del x, q, kk, v, states, final, do
+        del x, q, kk, v, a, states, final, do
         torch.cuda.empty_cache()
     return found
 

@@ -441,6 +441,19 @@ def test_kernel_walk_forms(device, config, monkeypatch):
                 assert_near(got[name], want[name], rel, f"{name} at {shape}, decay={decay}, {config}")
 
 
+@pytest.mark.parametrize("group", [2, 3])
+def test_kernel_output_groups(device, group, monkeypatch):
+    # Output programs that take several chunks each: the last group runs past the sequence's end
+    # (5 chunks on the CPU, 16 on the GPU, neither a multiple of 3), and those chunks store nothing.
+    from seqbook.kernels import linear_attention as kernel
+
+    monkeypatch.setattr(kernel, "CONFIG", dict(kernel.CONFIG, out_group=group, out_stages=2))
+    shape = (1, 70, 2, 16, 32, 16) if device == "cpu" else (2, 1000, 2, 128, 128, 64)
+    for decay in (False, True):
+        got, want = kernel_and_reference(device, shape, decay=decay, state=decay, seed=group)
+        assert_near(got["o"], want["o"], 1e-5, f"o with {group} chunks per output program, decay={decay}")
+
+
 HALF_REL = {dtype: rel for dtype, rel in [(torch.float16, (3e-3, 1e-2)), (torch.bfloat16, (2e-2, 5e-2))]}
 
 

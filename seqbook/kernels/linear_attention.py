@@ -145,13 +145,13 @@ def _chunk_log_decay(A, base, t, live, H, C: tl.constexpr, HAS_DECAY: tl.constex
 @triton.jit
 def _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK: tl.constexpr, DV: tl.constexpr,
                  HAS_DECAY: tl.constexpr, C: tl.constexpr):  # fmt: skip
-    """One chunk's ``x (C, BLOCK_K)``, ``y (C, BLOCK_V)`` and cumulative log-decays ``c (C,)``."""
+    """One chunk's ``x`` transposed ``(BLOCK_K, C)``, ``y (C, BLOCK_V)`` and cumulative log-decays ``c (C,)``."""
     t = chunk * C + steps
     live = t < L
     tok = (b * L + t.to(tl.int64)) * H + h  # (C,) token index into (B, L, H)
-    x = tl.load(X + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
+    xt = tl.load(X + tok[None, :] * DK + rows_k[:, None], mask=live[None, :], other=0.0)
     y = tl.load(Y + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)
-    return x, y, _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+    return xt, y, _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
 
 
 @triton.jit
@@ -163,12 +163,13 @@ def _state_pass(
     S_END,  # (B, H, DK, DV) float32 out: the state after the walk
     L, H, NC, x_scale,
     DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, SCALED: tl.constexpr,
+    STAGES: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
-    """The walk over chunks for one (batch, head, ``BLOCK_K`` x ``BLOCK_V`` tile of the state). The next
-    chunk's inputs are loaded one step ahead, so that their latency overlaps this chunk's product (the walk
-    is latency-bound: one small product per chunk on its sequential path)."""
+    r"""The walk over chunks for one (batch, head, ``BLOCK_K`` x ``BLOCK_V`` tile of the state). The chunk's
+    weights multiply ``y`` (:math:`(x \circ w)^\top y = x^\top (w \circ y)`), so that ``x`` goes from memory
+    to the product untouched, through the loop's pipelined loads (``STAGES``); without a decay and with
+    ``x_scale = 1`` (``SCALED`` false) nothing is multiplied at all."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -179,29 +180,25 @@ def _state_pass(
         S = tl.load(S0 + bh.to(tl.int64) * DK * DV + state_offs)
     else:
         S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-    first = 0
-    if REVERSE:
-        first = NC - 1
-    x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, first, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
-    for i in range(0, NC):
+    for i in tl.range(0, NC, num_stages=STAGES):
         if REVERSE:
             chunk = NC - 1 - i
         else:
             chunk = i
-        x, y, c = x_next, y_next, c_next
-        if REVERSE:  # the last chunk of the walk loads itself again
-            ahead = tl.maximum(chunk - 1, 0)
-        else:
-            ahead = tl.minimum(chunk + 1, NC - 1)
-        x_next, y_next, c_next = _walk_inputs(X, Y, A, b, h, ahead, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
+        xt, y, c = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
-        c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
-        if REVERSE:
-            w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
-        else:
-            w = tl.exp(c_last - c)  # from step j to the chunk's end
-        xw = (x.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
-        S = tl.exp(c_last) * S + _mm(tl.trans(xw), y, PRECISION, WIDEN)
+        if SCALED:
+            if HAS_DECAY:
+                c_last = tl.sum(tl.where(steps == C - 1, c, 0.0), axis=0)  # padded steps add 0: the last real one's
+                if REVERSE:
+                    w = tl.exp(c)  # the decay from the chunk's start to step t: how the entering state reached it
+                else:
+                    w = tl.exp(c_last - c)  # from step j to the chunk's end
+                y = (y.to(tl.float32) * (w * x_scale)[:, None]).to(y.dtype)
+                S = tl.exp(c_last) * S
+            else:
+                y = (y.to(tl.float32) * x_scale).to(y.dtype)
+        S += _mm(xt, y, PRECISION, WIDEN)
     tl.store(S_END + bh.to(tl.int64) * DK * DV + state_offs, S)
 
 
@@ -209,31 +206,44 @@ def _state_pass(
 def _chunk_out(
     Q, K, V, A, STATES, O,
     L, H, NC, scale,
-    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
+    STAGES: tl.constexpr, HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """The outputs of ``GROUP`` consecutive chunks, one ``BLOCK_V`` block of value columns: the loop's loads are
+    pipelined (``STAGES``), so that the next chunk's inputs arrive while this one's products run. The value
+    block is the grid's first axis: the blocks of one chunk run side by side and read its q and k from memory once."""
+    vb, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     rows_k = tl.arange(0, DK)
     steps = tl.arange(0, C)
-    t = chunk * C + steps
-    live = t < L
-    tok = (b * L + t.to(tl.int64)) * H + h
-    q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
-    k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
-    v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
-    S = tl.load(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + rows_k[:, None] * DV + cols[None, :])
-    c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
-    # 1. intra-chunk: (s q k^T o D) v, D_tj = exp(c_t - c_j) for j <= t
     causal = steps[:, None] >= steps[None, :]
-    D = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
-    scores = _mm(q, tl.trans(k), PRECISION, WIDEN) * (D * scale)  # (C, C)
-    o = _mm(scores.to(v.dtype), v, PRECISION, WIDEN)
-    # 2. inter-chunk: the entering state, decayed to step t
-    o += (tl.exp(c) * scale)[:, None] * _mm(q.to(S.dtype), S, STATE_PRECISION, WIDEN)
-    tl.store(O + tok[:, None] * DV + cols[None, :], o.to(O.dtype.element_ty), mask=live[:, None])
+    for j in tl.range(0, GROUP, num_stages=STAGES):
+        chunk = tl.program_id(2) * GROUP + j
+        t = chunk * C + steps
+        live = t < L  # all false for a chunk past the end (the last program's group may run over)
+        tok = (b * L + t.to(tl.int64)) * H + h
+        q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
+        k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
+        state = bh.to(tl.int64) * NC + tl.minimum(chunk, NC - 1)  # past the end: any state, nothing is stored
+        S = tl.load(STATES + state * DK * DV + rows_k[:, None] * DV + cols[None, :])
+        # 1. intra-chunk: (s q k^T o D) v, D_tj = exp(c_t - c_j) for j <= t
+        scores = _mm(q, tl.trans(k), PRECISION, WIDEN)  # (C, C)
+        if HAS_DECAY:
+            c = _chunk_log_decay(A, b * L * H + h, t.to(tl.int64), live, H, C, HAS_DECAY)
+            scores *= tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf"))) * scale
+        else:
+            scores = tl.where(causal, scores * scale, 0.0)
+        o = _mm(scores.to(v.dtype), v, PRECISION, WIDEN)
+        # 2. inter-chunk: the entering state, decayed to step t
+        qS = _mm(q.to(S.dtype), S, STATE_PRECISION, WIDEN)
+        if HAS_DECAY:
+            o += (tl.exp(c) * scale)[:, None] * qS
+        else:
+            o += scale * qS
+        tl.store(O + tok[:, None] * DV + cols[None, :], o.to(O.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
@@ -297,8 +307,8 @@ def _chunk_grads(
 #: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
 #: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
 #: that dtype (module docstring, Precision).
-CONFIG = dict(BLOCK_V=64, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, out_warps=4,
-              grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
+CONFIG = dict(BLOCK_V=128, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, state_stages=4,
+              out_warps=4, out_group=1, out_stages=1, grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
 
 
 def _state_dtype(dtype):
@@ -329,7 +339,8 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
     _state_pass[grid](
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
         L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, PRECISION=_precisions(x.dtype)[1],
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, SCALED=has_decay or x_scale != 1.0,
+        STAGES=CONFIG["state_stages"], PRECISION=_precisions(x.dtype)[1],
         WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
@@ -342,10 +353,11 @@ def _outputs(q, k, v, log_decay, states, scale, C):
     BLOCK_V = min(CONFIG["BLOCK_V"], DV)
     precision, state_precision = _precisions(q.dtype)
     o = torch.empty_like(v)
-    _chunk_out[(B * H, NC, triton.cdiv(DV, BLOCK_V))](
+    group = CONFIG["out_group"]
+    _chunk_out[(triton.cdiv(DV, BLOCK_V), B * H, triton.cdiv(NC, group))](
         q, k, v, log_decay if log_decay is not None else q, states, o, L, H, NC, scale, DK=DK, DV=DV, C=C,
-        BLOCK_V=BLOCK_V, HAS_DECAY=log_decay is not None, PRECISION=precision, STATE_PRECISION=state_precision,
-        WIDEN=_backend.interpreting(), num_warps=CONFIG["out_warps"],
+        BLOCK_V=BLOCK_V, GROUP=group, STAGES=CONFIG["out_stages"], HAS_DECAY=log_decay is not None, PRECISION=precision,
+        STATE_PRECISION=state_precision, WIDEN=_backend.interpreting(), num_warps=CONFIG["out_warps"],
     )  # fmt: skip
     return o
 
