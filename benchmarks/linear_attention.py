@@ -55,7 +55,7 @@ from seqbook import linear_attention as la
 
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, anchor_module, register, register_check, register_sweep, relative_error, time_ms
+from .suite import Impl, Op, anchor_module, graphed, register, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WIDE = dict(B=4, L=4096, H=32, d=64, dtype="bf16")
@@ -257,6 +257,8 @@ WALK_TILES = [(64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 5), (64, 32, 4, 6), (6
 # The outputs (_chunk_out): (BLOCK_V, out_warps, out_group, out_stages).
 OUT_TILES = [(64, 4, 1, 1), (128, 4, 1, 1), (128, 8, 1, 1), (128, 4, 2, 2), (128, 4, 4, 2), (128, 4, 4, 3),
              (64, 4, 4, 2), (64, 4, 4, 3), (128, 8, 4, 2), (64, 4, 8, 3)]  # fmt: skip
+# The whole forward (graph replays): (segments, out_group, out_stages), the walk and outputs at their defaults.
+FORWARDS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (16, 1, 1), (4, 4, 2), (8, 2, 2)]
 # The backward's per-chunk gradients (_chunk_grads): (grad_block_v, grad_warps).
 GRAD_TILES = [(32, 8), (16, 8), (32, 4), (64, 8)]
 
@@ -264,7 +266,7 @@ GRAD_TILES = [(32, 8), (16, 8), (32, 4), (64, 8)]
 def sweep(device: str = "cuda") -> list[dict]:
     """At the target and at ``B=4, L=4096, H=32, d=64`` (bf16, chunk 64): the walk alone over
     :data:`WALK_TILES` and the output kernel alone over :data:`OUT_TILES`, each without and with
-    a decay, and the
+    a decay, the whole forward over :data:`FORWARDS` (the walk's segments), and the
     whole backward (reverse walk + gradients) over :data:`GRAD_TILES`, each with the other
     settings at their defaults. Rows carry the kernel's bytes over its time (the walk:
     ``k, v`` read and the states written; the outputs: ``q, k, v`` and the states read, ``o``
@@ -292,13 +294,19 @@ def sweep(device: str = "cuda") -> list[dict]:
         runs += [(kind, dict(BLOCK_V=bv, out_warps=w, out_group=g, out_stages=st), out_bytes, fn)
                  for bv, w, g, st in OUT_TILES
                  for kind, fn in (("out", out), ("out decay", out_decay))]  # fmt: skip
+        fwd = lambda: k._forward(q, kk, v, None, None, scale, CHUNK)  # noqa: E731
+        fwd_decay = lambda: k._forward(q, kk, v, a, None, scale, CHUNK)  # noqa: E731
+        runs += [(kind, dict(segments=sg, out_group=g, out_stages=st), None, fn)
+                 for sg, g, st in FORWARDS
+                 for kind, fn in (("fwd", fwd), ("fwd decay", fwd_decay))]  # fmt: skip
         runs += [("bwd", dict(grad_block_v=bv, grad_warps=w), None,
                   lambda: k._backward(q, kk, v, None, states, do, None, scale, CHUNK)) for bv, w in GRAD_TILES]  # fmt: skip
         for kind, cfg, nbytes, fn in runs:
             k.CONFIG.update(cfg)
             try:
                 fn()  # compile
-                ms = time_ms(fn, warmup=10, rep=40)
+                # whole forwards as graph replays: Python's launch gaps between segments are not the GPU's
+                ms = time_ms(graphed(fn) if kind.startswith("fwd") else fn, warmup=10, rep=40)
             except Exception as e:  # e.g. out of shared memory or registers
                 ms = float("nan")
                 print("sweep linear_attention", kind, cfg, "failed:", type(e).__name__, str(e)[:160], flush=True)

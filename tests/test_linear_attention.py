@@ -441,17 +441,22 @@ def test_kernel_walk_forms(device, config, monkeypatch):
                 assert_near(got[name], want[name], rel, f"{name} at {shape}, decay={decay}, {config}")
 
 
-@pytest.mark.parametrize("group", [2, 3])
-def test_kernel_output_groups(device, group, monkeypatch):
-    # Output programs that take several chunks each: the last group runs past the sequence's end
-    # (5 chunks on the CPU, 16 on the GPU, neither a multiple of 3), and those chunks store nothing.
+# The forward's walk in segments (each segment's outputs beside the next segment's walk on a GPU), and
+# output programs that take several chunks each: a group may run past its segment's end (or the
+# sequence's), and those chunks must store nothing. 5 chunks on the CPU, 16 on the GPU.
+SEGMENTS = [dict(segments=1), dict(segments=3, out_group=2, out_stages=2), dict(segments=5, out_group=3)]
+
+
+@pytest.mark.parametrize("config", SEGMENTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_kernel_segments_and_output_groups(device, config, monkeypatch):
     from seqbook.kernels import linear_attention as kernel
 
-    monkeypatch.setattr(kernel, "CONFIG", dict(kernel.CONFIG, out_group=group, out_stages=2))
+    monkeypatch.setattr(kernel, "CONFIG", dict(kernel.CONFIG, **config))
     shape = (1, 70, 2, 16, 32, 16) if device == "cpu" else (2, 1000, 2, 128, 128, 64)
-    for decay in (False, True):
-        got, want = kernel_and_reference(device, shape, decay=decay, state=decay, seed=group)
-        assert_near(got["o"], want["o"], 1e-5, f"o with {group} chunks per output program, decay={decay}")
+    for decay, state in ((False, False), (True, True)):
+        got, want = kernel_and_reference(device, shape, decay=decay, state=state, seed=config["segments"])
+        for name in want:
+            assert_near(got[name], want[name], 1e-5, f"{name} with {config}, decay={decay}, state={state}")
 
 
 HALF_REL = {dtype: rel for dtype, rel in [(torch.float16, (3e-3, 1e-2)), (torch.bfloat16, (2e-2, 5e-2))]}

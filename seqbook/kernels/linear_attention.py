@@ -114,6 +114,8 @@ in shared memory (the largest, ``_chunk_grads`` for float32 at ``d = 128``, ``C 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -160,8 +162,8 @@ def _state_pass(
     A,  # (B, L, H) log-decays (if HAS_DECAY)
     S0,  # (B, H, DK, DV) float32: the state before the first chunk of the walk (if HAS_S0)
     STATES,  # (B, H, NC, DK, DV) out: the state entering each chunk (in walk order)
-    S_END,  # (B, H, DK, DV) float32 out: the state after the walk
-    L, H, NC, x_scale,
+    S_END,  # (B, H, DK, DV) float32 out: the state after the walk (may be S0: each program reads its tile first)
+    L, H, NC, FIRST, N_STEPS, x_scale,  # the walk visits chunks FIRST, FIRST +- 1, ... (N_STEPS of them)
     DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, SCALED: tl.constexpr,
     STAGES: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
@@ -180,11 +182,11 @@ def _state_pass(
         S = tl.load(S0 + bh.to(tl.int64) * DK * DV + state_offs)
     else:
         S = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-    for i in tl.range(0, NC, num_stages=STAGES):
+    for i in tl.range(0, N_STEPS, num_stages=STAGES):
         if REVERSE:
-            chunk = NC - 1 - i
+            chunk = FIRST - i
         else:
-            chunk = i
+            chunk = FIRST + i
         xt, y, c = _walk_inputs(X, Y, A, b, h, chunk, steps, rows_k, cols, L, H, DK, DV, HAS_DECAY, C)
         tl.store(STATES + (bh.to(tl.int64) * NC + chunk) * DK * DV + state_offs, S.to(STATES.dtype.element_ty))
         if SCALED:
@@ -205,7 +207,7 @@ def _state_pass(
 @triton.jit
 def _chunk_out(
     Q, K, V, A, STATES, O,
-    L, H, NC, scale,
+    L, H, NC, FIRST, END, scale,  # the outputs of chunks FIRST .. END - 1
     DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
     STAGES: tl.constexpr, HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
@@ -219,15 +221,16 @@ def _chunk_out(
     rows_k = tl.arange(0, DK)
     steps = tl.arange(0, C)
     causal = steps[:, None] >= steps[None, :]
+    stop = tl.minimum(L, END * C)  # the steps past the last chunk
     for j in tl.range(0, GROUP, num_stages=STAGES):
-        chunk = tl.program_id(2) * GROUP + j
+        chunk = FIRST + tl.program_id(2) * GROUP + j
         t = chunk * C + steps
-        live = t < L  # all false for a chunk past the end (the last program's group may run over)
+        live = t < stop  # all false past the end (the last program's group may run over)
         tok = (b * L + t.to(tl.int64)) * H + h
         q = tl.load(Q + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)  # (C, DK)
         k = tl.load(K + tok[:, None] * DK + rows_k[None, :], mask=live[:, None], other=0.0)
         v = tl.load(V + tok[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # (C, BLOCK_V)
-        state = bh.to(tl.int64) * NC + tl.minimum(chunk, NC - 1)  # past the end: any state, nothing is stored
+        state = bh.to(tl.int64) * NC + tl.minimum(chunk, END - 1)  # past the end: any state, nothing is stored
         S = tl.load(STATES + state * DK * DV + rows_k[:, None] * DV + cols[None, :])
         # 1. intra-chunk: (s q k^T o D) v, D_tj = exp(c_t - c_j) for j <= t
         scores = _mm(q, tl.trans(k), PRECISION, WIDEN)  # (C, C)
@@ -308,7 +311,7 @@ def _chunk_grads(
 #: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
 #: that dtype (module docstring, Precision).
 CONFIG = dict(BLOCK_V=128, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, state_stages=4,
-              out_warps=4, out_group=1, out_stages=1, grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
+              out_warps=4, out_group=1, out_stages=1, segments=4, grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
 
 
 def _state_dtype(dtype):
@@ -327,35 +330,40 @@ def _precisions(dtype):
     return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
 
 
-def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse):
+def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse, chunks=None):
     """The state-passing walk: forward ``x, y = k, v``; reverse ``x, y = q, do`` (module docstring).
-    Fills ``states`` (the state entering each chunk, in walk order) and ``s_end``."""
+    Fills ``states`` (the state entering each chunk, in walk order) and ``s_end``. ``chunks = (first, end)``:
+    the forward walk over those chunks only, from the state ``s0`` entering ``first``."""
     B, L, H, DK = x.shape
     DV = y.shape[-1]
     NC = states.shape[2]
+    first, end = chunks or (0, NC)
     has_decay, widen = log_decay is not None, _backend.interpreting()
     a = log_decay if has_decay else x
     grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
     _state_pass[grid](
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
-        L, H, NC, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v,
+        L, H, NC, NC - 1 if reverse else first, end - first, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k,
+        BLOCK_V=block_v,
         HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, SCALED=has_decay or x_scale != 1.0,
         STAGES=CONFIG["state_stages"], PRECISION=_precisions(x.dtype)[1],
         WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
 
-def _outputs(q, k, v, log_decay, states, scale, C):
-    """Launch ``_chunk_out``: every chunk's outputs from its inputs and its entering state."""
+def _outputs(q, k, v, log_decay, states, scale, C, o=None, chunks=None):
+    """Launch ``_chunk_out``: the outputs of every chunk (or of ``chunks = (first, end)``, into ``o``) from
+    its inputs and its entering state."""
     B, L, H, DK = q.shape
     DV = v.shape[-1]
     NC = states.shape[2]
+    first, end = chunks or (0, NC)
     BLOCK_V = min(CONFIG["BLOCK_V"], DV)
     precision, state_precision = _precisions(q.dtype)
-    o = torch.empty_like(v)
+    o = torch.empty_like(v) if o is None else o
     group = CONFIG["out_group"]
-    _chunk_out[(triton.cdiv(DV, BLOCK_V), B * H, triton.cdiv(NC, group))](
-        q, k, v, log_decay if log_decay is not None else q, states, o, L, H, NC, scale, DK=DK, DV=DV, C=C,
+    _chunk_out[(triton.cdiv(DV, BLOCK_V), B * H, triton.cdiv(end - first, group))](
+        q, k, v, log_decay if log_decay is not None else q, states, o, L, H, NC, first, end, scale, DK=DK, DV=DV, C=C,
         BLOCK_V=BLOCK_V, GROUP=group, STAGES=CONFIG["out_stages"], HAS_DECAY=log_decay is not None, PRECISION=precision,
         STATE_PRECISION=state_precision, WIDEN=_backend.interpreting(), num_warps=CONFIG["out_warps"],
     )  # fmt: skip
@@ -367,10 +375,38 @@ def _forward(q, k, v, log_decay, initial_state, scale, C):
     :func:`_state_dtype`, the final state float32."""
     B, L, H, DK = q.shape
     DV = v.shape[-1]
-    states = torch.empty(B, H, triton.cdiv(L, C), DK, DV, dtype=_state_dtype(q.dtype), device=q.device)
+    NC = triton.cdiv(L, C)
+    states = torch.empty(B, H, NC, DK, DV, dtype=_state_dtype(q.dtype), device=q.device)
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
-    _walk(k, v, log_decay, initial_state, states, final, 1.0, C, reverse=False)
-    return _outputs(q, k, v, log_decay, states, scale, C), final, states
+    segments = min(CONFIG["segments"], NC)
+    if segments <= 1:
+        _walk(k, v, log_decay, initial_state, states, final, 1.0, C, reverse=False)
+        return _outputs(q, k, v, log_decay, states, scale, C), final, states
+    # The walk in segments, on a stream of its own on a GPU, and each segment's outputs on the caller's
+    # stream as soon as its states are written: they run beside the walk through the next segment.
+    o = torch.empty_like(v)
+    here, walker = (torch.cuda.current_stream(q.device), _walk_stream(q.device)) if q.is_cuda else (None, None)
+    if walker is not None:
+        walker.wait_stream(here)
+    bounds = [NC * j // segments for j in range(segments + 1)]
+    s_in = initial_state
+    for first, end in zip(bounds, bounds[1:]):
+        with torch.cuda.stream(walker) if walker is not None else contextlib.nullcontext():
+            _walk(k, v, log_decay, s_in, states, final, 1.0, C, reverse=False, chunks=(first, end))
+        if walker is not None:
+            walked = torch.cuda.Event()
+            walked.record(walker)
+            here.wait_event(walked)  # the last segment's event joins the walker back
+        _outputs(q, k, v, log_decay, states, scale, C, o=o, chunks=(first, end))
+        s_in = final  # the state leaving this segment enters the next (each program reads its tile first)
+    return o, final, states
+
+
+@functools.cache
+def _walk_stream(device):
+    """The stream the segmented forward walks on, at the highest priority: its programs are the sequential
+    path, so they should go first when the outputs' programs compete with them for a multiprocessor."""
+    return torch.cuda.Stream(device, priority=-1024)  # beyond the device's range: its highest
 
 
 def _backward(q, k, v, log_decay, states, do, d_final, scale, C, float32_dqdk=False):
