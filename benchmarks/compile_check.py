@@ -162,6 +162,20 @@ def cases():
             ("linear_attention torch.float32, d=128, decay + state", lambda: linear_attention(torch.float32, 128, True)),
             ("linear_attention torch.bfloat16, d=16, chunk 16", lambda: linear_attention(torch.bfloat16, 16, True, 16))]
 
+    def linear_attention_narrow(d, chunk):
+        # the plan a GPU takes for bf16 when the walk has fewer programs than multiprocessors
+        la = k["linear_attention"]
+        saved = dict(la.CONFIG)
+        la.CONFIG.update(la.SCHEDULES["narrow"])
+        try:
+            linear_attention(torch.bfloat16, d, True, chunk)
+        finally:
+            la.CONFIG.clear()
+            la.CONFIG.update(saved)
+
+    out += [(f"linear_attention torch.bfloat16, d={d}, chunk {c}, narrow schedule",
+             lambda d=d, c=c: linear_attention_narrow(d, c)) for d, c in ((128, 64), (64, 64), (128, 32))]
+
     def wkv4(dtype, with_state):
         w, u = _grads(torch.rand(2048), r(2048))
         kk, v = _grads(r(1, 300, 2048).to(dtype), r(1, 300, 2048).to(dtype))

@@ -16,16 +16,34 @@ forward is two kernels:
    block of ``BLOCK_K`` key rows) walks the chunks in order with its ``(BLOCK_K, BLOCK_V)``
    tile of the state in registers (float32), writes the state *entering* each chunk to
    ``states (B, H, n_chunks, d_k, d_v)``, and folds the chunk in: :math:`S \leftarrow
-   e^{c_\text{last}} S + (k \circ e^{c_\text{last} - c})^\top v`, one ``(BLOCK_K, C) x (C,
+   e^{c_\text{last}} S + k^\top (e^{c_\text{last} - c} \circ v)`, one ``(BLOCK_K, C) x (C,
    BLOCK_V)`` product per chunk. The decay is a scalar per step, so neither the rows nor
    the columns of the state ever mix: the walk splits into independent tiles. That split
    is what keeps the GPU busy: the walk is sequential over chunks, so its programs are the
    only parallelism: at B=1, H=16, d=128, tiles of 64 x 32 give 128 programs for 132
    multiprocessors where whole-row tiles of 128 x 64 gave 32, and the forward went from
    0.658 to 0.444 ms on an H200 (benchmarks/NOTES.md).
-2. ``_chunk_out``: one program per (batch, head, chunk, value block) computes the chunk's
-   outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from its own
-   inputs and the saved state: every chunk at once, all matrix products.
+   The walk is bound by latency, one small product after another, so what matters is that
+   nothing stands between memory and the product: ``k`` is loaded already transposed and goes
+   to ``tl.dot`` untouched (the chunk's weights multiply ``v`` instead, and without a decay
+   nothing is multiplied), so Triton's pipeliner fetches the next chunks through shared memory
+   while this one's product runs (``state_stages = 4``). On the H200 at that shape the walk
+   alone went from 0.248 ms (loads one chunk ahead by hand, through registers, then scaled)
+   to 0.168 ms with 3 stages and 0.128 with 4; with a decay from 0.328 to 0.201.
+2. ``_chunk_out``: one program per (value block, batch x head, group of chunks) computes the
+   chunks' outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from their
+   own inputs and the saved states: every chunk at once, all matrix products. The value block
+   is the grid's first axis, so the programs that share a chunk's ``q`` and ``k`` run side by
+   side and read them from memory once (0.149 -> 0.129 ms alone at d=128), and value blocks of
+   128 halve those reads again (0.117 ms; 32-wide blocks took 0.186).
+
+The two overlap: the forward walks in ``segments`` (4) on a high-priority stream of its own, and
+each segment's outputs run on the caller's stream as soon as its states are written, beside the
+walk through the next segment. The walk keeps one program per multiprocessor busy and waits on
+latency; the outputs are bound by bandwidth; side by side, only the last segment's outputs are
+left on the critical path. (A stream is not a thread: the same kernels, in the same order for
+each chunk, and the same numbers as one walk then all the outputs; on the CPU the segments run
+one after another.)
 
 The saved states are what the backward needs (``n_chunks * d_k * d_v`` numbers per head: the
 keys' count times ``d_v / C``, as many as the keys at ``C = d_v``), so the backward
@@ -33,20 +51,12 @@ reads them instead of running the forward scan again; memory for time, and the s
 part that parallelizes worst.
 
 Measured on the H200 (bf16, 2026-12-03, ``benchmarks/NOTES.md``): with the states saved in
-bfloat16 the forward at B=1, L=16384, H=16, d=128 went from 0.443 to 0.310 ms (walk ~166 us,
-outputs ~150 us) and the forward and backward from 1.122 to 0.802 ms; a chunk-parallel walk
-(every chunk's own share at once, then a pipelined walk adding them up) took 0.414 / 1.009 ms
-and was removed. flash-linear-attention's ``chunk_linear_attn`` takes 0.230 ms there (0.74x),
-and we are ahead at the other shapes (0.150 against 0.328 ms at B=4, L=4096, H=32, d=64).
-``_chunk_out`` moves about 540 MB at that shape (``q`` and ``k`` once per value block, the
-states once, ``v`` and ``o``): that, not its products, is its floor, and the next thing to cut.
-
-The walk's one-step-ahead loads were timed on the H200 against the same walk without them
-(removed since), interleaved, three rounds
-(``benchmarks/results/sweeps/2026-12-03-h200-stop22-linear_attention-prefetch.json``), in a
-version that still took a cumulative sum of zeros per chunk without a decay: at d=128 the
-decayed forward 0.52 against 0.62 ms, the undecayed 0.387 against 0.410, forward and backward
-0.969 against 1.005 (eager calls). The version here, without that sum, is not timed yet.
+bfloat16 the forward at B=1, L=16384, H=16, d=128 went from 0.443 to 0.310 ms and the forward
+and backward from 1.122 to 0.802 ms; a chunk-parallel walk (every chunk's own share at once,
+then a pipelined walk adding them up) took 0.414 / 1.009 ms and was removed. The walk's and
+the outputs' changes above are from the A/B in
+``benchmarks/results/sweeps/2026-12-03-h200-stop23-linear_attention-walk.json``; flash-linear-
+attention's own two kernels took 0.115 (``chunk_fwd_h``) and 0.118 ms (``chunk_fwd_o``) there.
 
 The backward: the same recurrence, run in reverse
 -------------------------------------------------
@@ -95,7 +105,7 @@ an earlier step to a later one. Padded steps past the end of the sequence load
 
 Precision: float32 inputs multiply in true float32 (``ieee``). With float16 or bfloat16
 inputs, the products of inputs (:math:`qk^\top`, :math:`do\,v^\top`, the masked scores
-times ``v``, and the state updates :math:`(k \circ w)^\top v`, the decay weights rounded to
+times ``v``, and the state updates :math:`k^\top (w \circ v)`, the weighted values rounded to
 the input format) feed the tensor cores in that format; products that read a float32 state
 take float32 operands at TF32 precision. The states saved per chunk are float32, except
 for bfloat16 inputs (``CONFIG["state_16bit"]``): their states are saved in bfloat16, half
@@ -305,13 +315,37 @@ def _chunk_grads(
 # Launchers
 # --------------------------------------------------------------------------------------
 
-#: Warps by kernel, the value block of the output kernel and the state tile of the
-#: state-passing walk (``state_block_k x state_block_v``). Chosen by compiling for sm_90
-#: (Triton 3.6) so that nothing is refused; the state tile from the walk's program count
-#: (module docstring). ``state_16bit``: the input dtypes whose per-chunk states are saved in
-#: that dtype (module docstring, Precision).
-CONFIG = dict(BLOCK_V=128, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, state_stages=4,
-              out_warps=4, out_group=1, out_stages=1, segments=4, grad_warps=8, state_16bit=(torch.bfloat16,))  # fmt: skip
+#: Warps by kernel, the value block of the output kernel, the state tile of the state-passing walk
+#: (``state_block_k x state_block_v``) and its pipeline stages, the forward's walk segments and the
+#: chunks per output program (with their stages). From the H200 sweeps of 2026-12-03
+#: (``benchmarks/NOTES.md``); ``None``: chosen by :func:`_schedule`. ``state_16bit``: the input dtypes
+#: whose per-chunk states are saved in that dtype (module docstring, Precision).
+CONFIG = dict(BLOCK_V=128, grad_block_v=32, state_block_k=64, state_block_v=32, state_warps=4, state_stages=None,
+              out_warps=4, out_group=None, out_stages=None, segments=None, grad_warps=8,
+              state_16bit=(torch.bfloat16,))  # fmt: skip
+
+#: :func:`_schedule`'s two plans: a walk with at least one program per multiprocessor hides its latency across
+#: programs; a walk with fewer leaves the GPU to the outputs, so it takes deeper pipelining and runs in segments
+#: beside the outputs, which come in fewer, longer programs so as not to crowd it out. "narrow" is taken with
+#: 16-bit saved states only (the sweeps' case; float32 tiles in 2 output stages would pass shared memory).
+SCHEDULES = {"wide": dict(state_stages=4, segments=1, out_group=1, out_stages=1),
+             "narrow": dict(state_stages=6, segments=4, out_group=4, out_stages=2)}  # fmt: skip
+
+
+def _schedule(x, y):
+    """The walk's stages, the forward's segments and the output programs' chunks for keys ``x`` and values
+    ``y``: :data:`SCHEDULES` by the walk's program count against the multiprocessors, and CONFIG where set."""
+    B, _, H, DK = x.shape
+    grid, _, _ = _state_grid_blocks(B, H, DK, y.shape[-1])
+    narrow = x.is_cuda and _state_dtype(x.dtype).itemsize == 2 and math.prod(grid) < _multiprocessors(x.device)
+    plan = dict(SCHEDULES["narrow" if narrow else "wide"])
+    plan.update({key: CONFIG[key] for key in plan if CONFIG[key] is not None})
+    return plan
+
+
+@functools.cache
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _state_dtype(dtype):
@@ -346,7 +380,7 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse, chunks=None):
         L, H, NC, NC - 1 if reverse else first, end - first, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k,
         BLOCK_V=block_v,
         HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, SCALED=has_decay or x_scale != 1.0,
-        STAGES=CONFIG["state_stages"], PRECISION=_precisions(x.dtype)[1],
+        STAGES=_schedule(x, y)["state_stages"], PRECISION=_precisions(x.dtype)[1],
         WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
@@ -361,10 +395,11 @@ def _outputs(q, k, v, log_decay, states, scale, C, o=None, chunks=None):
     BLOCK_V = min(CONFIG["BLOCK_V"], DV)
     precision, state_precision = _precisions(q.dtype)
     o = torch.empty_like(v) if o is None else o
-    group = CONFIG["out_group"]
+    plan = _schedule(k, v)
+    group = plan["out_group"]
     _chunk_out[(triton.cdiv(DV, BLOCK_V), B * H, triton.cdiv(end - first, group))](
         q, k, v, log_decay if log_decay is not None else q, states, o, L, H, NC, first, end, scale, DK=DK, DV=DV, C=C,
-        BLOCK_V=BLOCK_V, GROUP=group, STAGES=CONFIG["out_stages"], HAS_DECAY=log_decay is not None, PRECISION=precision,
+        BLOCK_V=BLOCK_V, GROUP=group, STAGES=plan["out_stages"], HAS_DECAY=log_decay is not None, PRECISION=precision,
         STATE_PRECISION=state_precision, WIDEN=_backend.interpreting(), num_warps=CONFIG["out_warps"],
     )  # fmt: skip
     return o
@@ -378,7 +413,7 @@ def _forward(q, k, v, log_decay, initial_state, scale, C):
     NC = triton.cdiv(L, C)
     states = torch.empty(B, H, NC, DK, DV, dtype=_state_dtype(q.dtype), device=q.device)
     final = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)
-    segments = min(CONFIG["segments"], NC)
+    segments = min(_schedule(k, v)["segments"], NC)
     if segments <= 1:
         _walk(k, v, log_decay, initial_state, states, final, 1.0, C, reverse=False)
         return _outputs(q, k, v, log_decay, states, scale, C), final, states
