@@ -459,6 +459,15 @@ def test_kernel_segments_and_output_groups(device, config, monkeypatch):
             assert_near(got[name], want[name], 1e-5, f"{name} with {config}, decay={decay}, state={state}")
 
 
+@pytest.mark.parametrize("L", [1, 63, 64, 65, 200])
+def test_reverse_cumsum_in_two_levels(L):
+    # The decay's gradient sums from each step to the end in blocks of 64, then over the blocks.
+    from seqbook.kernels.linear_attention import _reverse_cumsum
+
+    g = randn(2, L, 3, seed=L)
+    assert_near(_reverse_cumsum(g), g.flip(1).cumsum(1).flip(1), 1e-12, f"reverse cumulative sum at L={L}")
+
+
 HALF_REL = {dtype: rel for dtype, rel in [(torch.float16, (3e-3, 1e-2)), (torch.bfloat16, (2e-2, 5e-2))]}
 
 

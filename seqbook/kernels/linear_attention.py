@@ -475,7 +475,20 @@ def _log_decay_grad(q, k, dq, dk, final, d_final):
     g = (q.float() * dq.float()).sum(-1) - (k.float() * dk.float()).sum(-1)  # (B, L, H)
     if d_final is not None:
         g[:, -1] += (d_final.float() * final).sum((-2, -1))
-    return g.flip(1).cumsum(1).flip(1)
+    return _reverse_cumsum(g)
+
+
+def _reverse_cumsum(g, C=64):
+    """``out[:, t] = sum over r >= t of g[:, r]`` for ``g (B, L, H)``, in two levels: inside blocks of ``C`` steps,
+    then over the blocks' totals. One cumulative sum along L has only ``B * H`` independent columns (16 at
+    B=1, H=16) and took 2.77 ms on the H200 at L=16384; the two levels, 0.083 ms (NOTES, session 23)."""
+    B, L, H = g.shape
+    n = triton.cdiv(L, C)
+    blocks = torch.nn.functional.pad(g, (0, 0, 0, n * C - L)).view(B, n, C, H)  # zeros add nothing
+    inside = blocks.flip(2).cumsum(2).flip(2)  # (B, n, C, H): from each step to its block's end
+    totals = inside[:, :, 0]  # (B, n, H)
+    after = totals.flip(1).cumsum(1).flip(1) - totals  # the blocks after each block
+    return (inside + after[:, :, None]).view(B, n * C, H)[:, :L]
 
 
 class ChunkedLinearAttention(torch.autograd.Function):
