@@ -41,8 +41,11 @@ Implementations
   its backward refuses gated inputs (GPU.md).
 
 ``python -m benchmarks.run --ops linear_attention [--quick] [--sweep]``; the sweep times the
-forward's two kernels apart (the walk over chunks and the per-chunk outputs) and the backward,
-over the tiles and warps of :data:`seqbook.kernels.linear_attention.CONFIG`.
+forward's two kernels apart (the walk over chunks and the per-chunk outputs, each with and
+without a decay), the whole forward over its walk segments and output groups (graph replays),
+and the backward, over the tiles, warps and stages of
+:data:`seqbook.kernels.linear_attention.CONFIG`; :data:`~seqbook.kernels.linear_attention.SCHEDULES`
+were chosen from it (``results/sweeps/2026-12-03-h200-stop23-*``).
 """
 
 from __future__ import annotations

@@ -55,8 +55,18 @@ bfloat16 the forward at B=1, L=16384, H=16, d=128 went from 0.443 to 0.310 ms an
 and backward from 1.122 to 0.802 ms; a chunk-parallel walk (every chunk's own share at once,
 then a pipelined walk adding them up) took 0.414 / 1.009 ms and was removed. The walk's and
 the outputs' changes above are from the A/B in
-``benchmarks/results/sweeps/2026-12-03-h200-stop23-linear_attention-walk.json``; flash-linear-
-attention's own two kernels took 0.115 (``chunk_fwd_h``) and 0.118 ms (``chunk_fwd_o``) there.
+``benchmarks/results/sweeps/2026-12-03-h200-stop23-linear_attention-walk.json`` (flash-linear-
+attention's own two kernels took 0.115 ms, ``chunk_fwd_h``, and 0.118, ``chunk_fwd_o``, there).
+Segments alone gained nothing: one-chunk output programs fill every multiprocessor and the
+walk's next segment waits behind them; with four chunks per output program they left room. The
+"narrow" plan of ``SCHEDULES`` (6 walk stages, 4 segments, 4-chunk outputs) took 0.217 ms at the
+target against 0.246 for the "wide" one (one walk with 4 stages, then one-chunk outputs; with 6
+stages, 0.227); it is taken only where the walk has fewer programs than multiprocessors: at B=4,
+L=4096, H=32, d=64 it lost (0.164 against 0.144). Same run, the suite's rows
+(``benchmarks/results/2026-12-03-h200-stop23b-linear_attention.json``): 0.217 ms against
+``chunk_linear_attn``'s 0.230 at the target, 0.144 against 0.178 at d=64, decayed 0.328 and
+0.193 against ``chunk_simple_gla``'s 0.485 and 0.483; at B=4, L=4096, H=16, d=128 still
+behind (0.236 against 0.191).
 
 The backward: the same recurrence, run in reverse
 -------------------------------------------------
