@@ -387,11 +387,10 @@ def _walk(x, y, log_decay, s0, states, s_end, x_scale, C, reverse, chunks=None):
     grid, block_k, block_v = _state_grid_blocks(B, H, DK, DV)
     _state_pass[grid](
         x, y, a, s0 if s0 is not None else s_end, states, s_end,
-        L, H, NC, NC - 1 if reverse else first, end - first, x_scale, DK=DK, DV=DV, C=C, BLOCK_K=block_k,
-        BLOCK_V=block_v,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, REVERSE=reverse, SCALED=has_decay or x_scale != 1.0,
-        STAGES=_schedule(x, y)["state_stages"], PRECISION=_precisions(x.dtype)[1],
-        WIDEN=widen, num_warps=CONFIG["state_warps"],
+        L, H, NC, NC - 1 if reverse else first, end - first, x_scale,
+        DK=DK, DV=DV, C=C, BLOCK_K=block_k, BLOCK_V=block_v, HAS_DECAY=has_decay, HAS_S0=s0 is not None,
+        REVERSE=reverse, SCALED=has_decay or x_scale != 1.0, STAGES=_schedule(x, y)["state_stages"],
+        PRECISION=_precisions(x.dtype)[1], WIDEN=widen, num_warps=CONFIG["state_warps"],
     )  # fmt: skip
 
 
