@@ -27,9 +27,10 @@ forward is two kernels:
    nothing stands between memory and the product: ``k`` is loaded already transposed and goes
    to ``tl.dot`` untouched (the chunk's weights multiply ``v`` instead, and without a decay
    nothing is multiplied), so Triton's pipeliner fetches the next chunks through shared memory
-   while this one's product runs (``state_stages = 4``). On the H200 at that shape the walk
-   alone went from 0.248 ms (loads one chunk ahead by hand, through registers, then scaled)
-   to 0.168 ms with 3 stages and 0.128 with 4; with a decay from 0.328 to 0.201.
+   while this one's product runs (``state_stages``, 4 or 6: :data:`SCHEDULES`). On the H200 at
+   that shape the walk alone went from 0.248 ms (loads one chunk ahead by hand, through
+   registers, then scaled) to 0.168 ms with 3 stages, 0.128 with 4 and 0.106 with 6; with a
+   decay from 0.328 to 0.201.
 2. ``_chunk_out``: one program per (value block, batch x head, group of chunks) computes the
    chunks' outputs, :math:`o = (s\,q k^\top \circ D)\, v + s\, e^{c} \circ (q S)`, from their
    own inputs and the saved states: every chunk at once, all matrix products. The value block
@@ -37,11 +38,12 @@ forward is two kernels:
    side and read them from memory once (0.149 -> 0.129 ms alone at d=128), and value blocks of
    128 halve those reads again (0.117 ms; 32-wide blocks took 0.186).
 
-The two overlap: the forward walks in ``segments`` (4) on a high-priority stream of its own, and
-each segment's outputs run on the caller's stream as soon as its states are written, beside the
-walk through the next segment. The walk keeps one program per multiprocessor busy and waits on
-latency; the outputs are bound by bandwidth; side by side, only the last segment's outputs are
-left on the critical path. (A stream is not a thread: the same kernels, in the same order for
+The two can overlap: where the walk has fewer programs than the GPU has multiprocessors (the
+"narrow" plan of :data:`SCHEDULES`), the forward walks in 4 segments on a high-priority stream of
+its own, and each segment's outputs run on the caller's stream as soon as its states are written,
+beside the walk through the next segment. Such a walk leaves most multiprocessors idle and waits
+on latency; the outputs are bound by bandwidth; side by side, ideally only the last segment's
+outputs stay on the critical path (measured below: less than that). (A stream is not a thread: the same kernels, in the same order for
 each chunk, and the same numbers as one walk then all the outputs; on the CPU the segments run
 one after another.)
 
