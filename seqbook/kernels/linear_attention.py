@@ -43,9 +43,9 @@ The two can overlap: where the walk has fewer programs than the GPU has multipro
 its own, and each segment's outputs run on the caller's stream as soon as its states are written,
 beside the walk through the next segment. Such a walk leaves most multiprocessors idle and waits
 on latency; the outputs are bound by bandwidth; side by side, ideally only the last segment's
-outputs stay on the critical path (measured below: less than that). (A stream is not a thread: the same kernels, in the same order for
-each chunk, and the same numbers as one walk then all the outputs; on the CPU the segments run
-one after another.)
+outputs stay on the critical path (measured below: less than that). A stream is not a thread:
+the same kernels, in the same order for each chunk, and the same numbers as one walk then all the
+outputs; on the CPU the segments run one after another.
 
 The saved states are what the backward needs (``n_chunks * d_k * d_v`` numbers per head: the
 keys' count times ``d_v / C``, as many as the keys at ``C = d_v``), so the backward
