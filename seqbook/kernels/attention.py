@@ -91,6 +91,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
+from . import attention_hopper as _hopper
 
 LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2 e)
 LN2 = 0.6931471805599453  # ln(2): ln x = log2(x) ln 2
@@ -531,9 +532,17 @@ def _set_allocator(device: torch.device) -> None:
     triton.set_allocator(alloc)
 
 
+#: Whether the default forward goes to :mod:`.attention_hopper` (the Gluon kernel with two
+#: warp groups taking turns) where that kernel applies: an sm_90 GPU, 16-bit inputs, d = 128.
+#: A configuration passed to :func:`_forward` always selects this module's Triton kernel.
+HOPPER_FORWARD = True
+
+
 def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     """``(o, lse)``: ``o`` like ``q``; ``lse (B, H, L)`` float32, natural log."""
     B, L, H, d = q.shape
+    if config is None and HOPPER_FORWARD and not _backend.interpreting() and _hopper.applies(q, k, v):
+        return _hopper.forward(q, k, v, causal, scale)
     cfg = dict(config or config_for("fwd", q.dtype, d))
     _check_tiles("fwd", cfg)
     if cfg.get("LAZY", 0) not in (0, 1):
