@@ -29,7 +29,9 @@ written, backward.
 Implementations
 ---------------
 - ``seqbook.triton``: :mod:`seqbook.kernels.attention` through the public entry, reading
-  ``(B, L, H, d)`` in place;
+  ``(B, L, H, d)`` in place (on an sm_90 GPU the d = 128 forward is the Gluon kernel of
+  :mod:`seqbook.kernels.attention_hopper`, which that entry takes by default; the backward is
+  Triton's everywhere);
 - ``seqbook.reference``: :func:`seqbook.attention.attention_naive` (materializes the
   ``(B, H, L, L)`` scores), at ``L <= 4096`` only;
 - ``anchor:sdpa-cudnn``, ``anchor:sdpa-flash``: ``torch.nn.functional.scaled_dot_product_attention``

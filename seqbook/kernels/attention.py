@@ -77,6 +77,13 @@ computing addresses: fewer registers (dk/dv at d = 128: 136 bytes of spill down 
 ordinary loads, and it needs a Triton allocator for the descriptors, which the launch sets
 (``triton.set_allocator``, torch's memory).
 
+On an sm_90 GPU, 16-bit inputs with ``d = 128`` and ``L`` a multiple of 128 take another forward
+by default, :mod:`seqbook.kernels.attention_hopper` (Gluon; two warp groups per program overlap
+their softmax with the tensor cores' products, which this kernel's compiled loop cannot; 1.09x
+cuDNN's speed at B=1 L=16384 H=16 where this kernel reaches 0.85x): same outputs, the same
+backward. :data:`HOPPER_FORWARD` switches it off; a configuration passed to :func:`_forward`
+selects this kernel.
+
 Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the CPU interpreter): ``tl.dot``,
 ``tl.range``, ``tl.exp2``, ``tl.make_tensor_descriptor``. Head dimension a power of two in
 16..128 (a tile holds whole rows). ``Lq == Lk``.
