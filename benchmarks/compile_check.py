@@ -135,14 +135,14 @@ def cases():
         q, kk, v = _grads(*(r(1, 300, 2, d).to(dtype) for _ in range(3)))
         k["attention"].attention(q, kk, v, causal).float().sum().backward()
 
-    def attention_hopper(causal):
+    def attention_hopper(d, causal):
         # the Gluon forward (sm_90 only), which the launcher takes where it applies
-        q, kk, v = (r(2, 256, 2, 128).to(torch.bfloat16) for _ in range(3))
+        q, kk, v = (r(2, 256, 2, d).to(torch.bfloat16) for _ in range(3))
         importlib.import_module("seqbook.kernels.attention_hopper").forward(q, kk, v, causal, 0.088)
 
     if _driver.active.get_current_target().arch == 90:
-        out_hopper = [(f"attention bfloat16, d=128, {'causal' if c else 'full'}, Gluon forward",
-                       lambda c=c: attention_hopper(c)) for c in (True, False)]
+        out_hopper = [(f"attention bfloat16, d={d}, {'causal' if c else 'full'}, Gluon forward",
+                       lambda d=d, c=c: attention_hopper(d, c)) for d in (64, 128) for c in (True, False)]
     else:
         out_hopper = []
 

@@ -41,15 +41,15 @@ def test_not_taken_on_cpu_or_where_it_does_not_apply():
         assert hopper.applies(q, k, v) == hopper.HAVE_GLUON
         assert not hopper.applies(q[:, :100], k[:, :100], v[:, :100])  # L not a multiple of 128
         assert not hopper.applies(q.float(), k.float(), v.float())
-        assert not hopper.applies(q[..., :64].contiguous(), k[..., :64].contiguous(), v[..., :64].contiguous())
+        assert not hopper.applies(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous())
         assert not hopper.applies(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # not contiguous
 
 
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [(1, 128, 1, 128), (2, 384, 3, 128), (1, 1024, 2, 128)],
-                         ids=lambda s: "B={},L={},H={}".format(*s[:3]))  # fmt: skip
+@pytest.mark.parametrize("shape", [(1, 128, 1, 128), (2, 384, 3, 128), (1, 1024, 2, 128), (2, 384, 3, 64),
+                                   (1, 1024, 2, 64)], ids=lambda s: "B={},L={},H={},d={}".format(*s))  # fmt: skip
 @pytest.mark.parametrize("num_buffers", [2, 3])
 def test_forward_matches_reference(shape, causal, dtype, num_buffers):
     # L = 128: one key block (causal: only the diagonal); 384: three, so a two-buffer ring
@@ -64,13 +64,14 @@ def test_forward_matches_reference(shape, causal, dtype, num_buffers):
 
 
 @needs_sm90
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_forward_equals_the_triton_kernel(causal):
+def test_forward_equals_the_triton_kernel(causal, d):
     # Same rounding of the same inputs, different order of float32 sums: close to a few
     # bf16 units of the output; the log-sum-exp (float32 throughout) to float32 rounding.
-    q, k, v = qkv(2, 512, 2, 128, seed=7, dtype=torch.bfloat16, device="cuda")
+    q, k, v = qkv(2, 512, 2, d, seed=7, dtype=torch.bfloat16, device="cuda")
     o, lse = hopper.forward(q, k, v, causal, 0.1)
-    cfg = kernel.config_for("fwd", q.dtype, 128)
+    cfg = kernel.config_for("fwd", q.dtype, d)
     o_ref, lse_ref = kernel.attention_with_lse(q, k, v, causal, 0.1, config=cfg)
     assert_near(o, o_ref.double(), 2e-2, "o")
     assert_near(lse, lse_ref.double(), 1e-5, "lse")

@@ -77,7 +77,7 @@ computing addresses: fewer registers (dk/dv at d = 128: 136 bytes of spill down 
 ordinary loads, and it needs a Triton allocator for the descriptors, which the launch sets
 (``triton.set_allocator``, torch's memory).
 
-On an sm_90 GPU, 16-bit inputs with ``d = 128`` and ``L`` a multiple of 128 take another forward
+On an sm_90 GPU, 16-bit inputs with ``d`` = 64 or 128 and ``L`` a multiple of 128 take another forward
 by default, :mod:`seqbook.kernels.attention_hopper` (Gluon; two warp groups per program overlap
 their softmax with the tensor cores' products, which this kernel's compiled loop cannot; 1.09x
 cuDNN's speed at B=1 L=16384 H=16 where this kernel reaches 0.85x): same outputs, the same
@@ -540,8 +540,9 @@ def _set_allocator(device: torch.device) -> None:
 
 
 #: Whether the default forward goes to :mod:`.attention_hopper` (the Gluon kernel with two
-#: warp groups taking turns) where that kernel applies: an sm_90 GPU, 16-bit inputs, d = 128.
-#: A configuration passed to :func:`_forward` always selects this module's Triton kernel.
+#: warp groups taking turns) where that kernel applies: an sm_90 GPU, 16-bit inputs, d = 64
+#: or 128, L a multiple of 128. A configuration passed to :func:`_forward` always selects
+#: this module's Triton kernel.
 HOPPER_FORWARD = True
 
 

@@ -2,7 +2,7 @@ r"""The attention forward for Hopper GPUs, written in Gluon: two warp groups tak
 
 :mod:`seqbook.kernels.attention` is the portable kernel (Triton, any GPU, the CPU
 interpreter); this module is one more forward behind the same ``_forward``, used only where
-it applies (:func:`applies`: an sm_90 GPU, 16-bit inputs, ``d = 128``, ``L`` a multiple of
+it applies (:func:`applies`: an sm_90 GPU, 16-bit inputs, ``d`` = 64 or 128, ``L`` a multiple of
 128, Gluon importable). Same inputs, same outputs, same algorithm (FlashAttention's online
 softmax, base-2 exponentials, the log-sum-exp for the backward); read the portable kernel's
 docstring first. What differs is who does what, and when.
@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 LOG2E = 1.4426950408889634
 BLOCK_M = triton.language.constexpr(128)  # query rows per program: two consumer warp groups of 64
 BLOCK_N = triton.language.constexpr(128)  # keys per streamed block
-HEAD_DIM = triton.language.constexpr(128)
+HEAD_DIMS = (64, 128)  # a tile holds whole rows of q, k, v; d is read from the descriptors' blocks
 #: Key/value buffers in the ring (each 32 KB per tensor at d = 128): 2 or 3 fit in shared memory.
 NUM_BUFFERS = 2
 #: Registers per thread: the loader's warp group gives its share to the two consumers. The
@@ -96,7 +96,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         q.dtype in (torch.bfloat16, torch.float16)
         and k.dtype == v.dtype == q.dtype
-        and d == HEAD_DIM.value
+        and d in HEAD_DIMS
         and L % BLOCK_M.value == 0
         and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))
     )
@@ -105,14 +105,14 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _program(L, H, CAUSAL: gl.constexpr):
+    def _program(L, H, D: gl.constexpr, CAUSAL: gl.constexpr):
         """This program's query block, and where its (batch, head)'s rows start in the 2-D views."""
         if CAUSAL:  # the last query block (the most key blocks) first
             start_m = gl.num_programs(0) - 1 - gl.program_id(0)
         else:
             start_m = gl.program_id(0)
         bh = gl.program_id(1)
-        return start_m, (bh // H) * L, (bh % H) * HEAD_DIM
+        return start_m, (bh // H) * L, (bh % H) * D
 
     @gluon.jit
     def _num_blocks(start_m, L, CAUSAL: gl.constexpr):
@@ -127,7 +127,7 @@ if HAVE_GLUON:
         q_smem, k_bufs, v_bufs = bufs
         q_ready, k_ready, k_free, v_ready, v_free = bars
         NBUF: gl.constexpr = k_bufs.type.shape[0]
-        start_m, row0, col = _program(L, H, CAUSAL)
+        start_m, row0, col = _program(L, H, q_desc.block_type.shape[1], CAUSAL)
         for i in gl.static_range(2):
             mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
             _tma_load(q_desc, [row0 + start_m * BLOCK_M + i * 64, col], q_ready.index(i),
@@ -157,7 +157,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout: gl.constexpr,
-              p_layout: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
+              o_layout: gl.constexpr, p_layout: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
         """Key block ``j``: its scores' product, the previous block's ``P V`` behind it, then block
         ``j``'s softmax while that product runs."""
         q_smem, k_bufs, v_bufs = bufs
@@ -176,7 +176,9 @@ if HAVE_GLUON:
         p_new, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, cols, qk_scale, MASK)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(v_free.index(prev), count=1)
-        acc = acc * alpha[:, None]  # to block j's reference point, before its P V is added
+        # To block j's reference point, before its P V is added (the scores' rows and the
+        # accumulator's are held by the same threads: the conversion moves nothing).
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p = gl.convert_layout(p_new.to(q.dtype), p_layout)
         return acc, p, m_i, l_i
 
@@ -186,12 +188,13 @@ if HAVE_GLUON:
         q_smem, k_bufs, v_bufs = bufs
         q_ready, k_ready, k_free, v_ready, v_free = bars
         NBUF: gl.constexpr = k_bufs.type.shape[0]
+        D: gl.constexpr = q_smem.type.shape[2]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+                                                           instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        start_m, row0, col = _program(L, H, CAUSAL)
+        start_m, row0, col = _program(L, H, D, CAUSAL)
         n = _num_blocks(start_m, L, CAUSAL)
         rows = start_m * BLOCK_M + half * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
         q = q_smem.index(half)
@@ -209,16 +212,16 @@ if HAVE_GLUON:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         p, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, cols, qk_scale, CAUSAL)
         p = gl.convert_layout(p.to(q.dtype), p_layout)
-        acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+        acc = gl.zeros([64, D], gl.float32, o_layout)
 
         if CAUSAL:
             unmasked_end = gl.maximum(n - 1, 1)
         else:
             unmasked_end = n
         for j in range(1, unmasked_end):
-            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, p_layout, False)
+            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, o_layout, p_layout, False)
         for j in range(unmasked_end, n):  # causal: the diagonal block (none when n == 1)
-            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, p_layout, True)
+            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, o_layout, p_layout, True)
 
         last = (n - 1) % NBUF
         mbarrier.wait(v_ready.index(last), ((n - 1) // NBUF) & 1)
@@ -230,7 +233,7 @@ if HAVE_GLUON:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         o = (acc / l_o[:, None]).to(O.dtype.element_ty)
         rows_o = start_m * BLOCK_M + half * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         offs = (row0 + rows_o).to(gl.int64)[:, None] * stride_ol + (col + cols_o)[None, :]
         gl.store(O + offs, o)
         bh = gl.program_id(1)
@@ -240,9 +243,10 @@ if HAVE_GLUON:
     def _attn_fwd_ws(q_desc, k_desc, v_desc, O, LSE, L, H, stride_ol, qk_scale, CAUSAL: gl.constexpr,
                      NBUF: gl.constexpr):  # fmt: skip
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, HEAD_DIM], v_desc.layout)
+        D: gl.constexpr = q_desc.block_type.shape[1]
+        q_smem = gl.allocate_shared_memory(dtype, [2, 64, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, D], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         k_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -271,11 +275,11 @@ def forward(q, k, v, causal: bool, scale: float, num_buffers: int = NUM_BUFFERS)
     B, L, H, d = q.shape
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     # Each (batch, head)'s rows are a (L, d) block of the (B L, H d) view: row b L + l, column h d.
-    q_layout = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM.value], gdtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N.value, HEAD_DIM.value], gdtype)
-    q_desc = TensorDescriptor.from_tensor(q.view(B * L, H * d), [64, HEAD_DIM.value], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k.view(B * L, H * d), [BLOCK_N.value, HEAD_DIM.value], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v.view(B * L, H * d), [BLOCK_N.value, HEAD_DIM.value], kv_layout)
+    q_layout = gl.NVMMASharedLayout.get_default_for([64, d], gdtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N.value, d], gdtype)
+    q_desc = TensorDescriptor.from_tensor(q.view(B * L, H * d), [64, d], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k.view(B * L, H * d), [BLOCK_N.value, d], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(B * L, H * d), [BLOCK_N.value, d], kv_layout)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = (L // BLOCK_M.value, B * H)
