@@ -77,12 +77,12 @@ computing addresses: fewer registers (dk/dv at d = 128: 136 bytes of spill down 
 ordinary loads, and it needs a Triton allocator for the descriptors, which the launch sets
 (``triton.set_allocator``, torch's memory).
 
-On an sm_90 GPU, 16-bit inputs with ``d`` = 64 or 128 and ``L`` a multiple of 128 take another forward
+On an sm_90 GPU, 16-bit inputs with ``d = 128`` and ``L`` a multiple of 128 take another forward
 by default, :mod:`seqbook.kernels.attention_hopper` (Gluon; two warp groups per program overlap
 their softmax with the tensor cores' products, which this kernel's compiled loop cannot; 1.09x
 cuDNN's speed at B=1 L=16384 H=16 where this kernel reaches 0.85x): same outputs, the same
-backward. :data:`HOPPER_FORWARD` switches it off; a configuration passed to :func:`_forward`
-selects this kernel.
+backward. :data:`HOPPER_HEAD_DIMS` says at which head sizes; a configuration passed to
+:func:`_forward` selects this kernel.
 
 Portability: Triton 3.6 (compiled, Hopper) and 3.9 (the CPU interpreter): ``tl.dot``,
 ``tl.range``, ``tl.exp2``, ``tl.make_tensor_descriptor``. Head dimension a power of two in
@@ -539,17 +539,20 @@ def _set_allocator(device: torch.device) -> None:
     triton.set_allocator(alloc)
 
 
-#: Whether the default forward goes to :mod:`.attention_hopper` (the Gluon kernel with two
-#: warp groups taking turns) where that kernel applies: an sm_90 GPU, 16-bit inputs, d = 64
-#: or 128, L a multiple of 128. A configuration passed to :func:`_forward` always selects
-#: this module's Triton kernel.
-HOPPER_FORWARD = True
+#: Head sizes at which the default forward goes to :mod:`.attention_hopper` (the Gluon kernel
+#: with two warp groups taking turns) where that kernel applies (an sm_90 GPU, 16-bit inputs,
+#: L a multiple of 128); empty: never. At d = 128 it beat this module's kernel at every length
+#: timed on an H200 (1.29-1.44x, L = 512 ... 16384, causal and not); at d = 64 it lost at
+#: B4 L4096 H32 (0.747 against 0.719 ms) and won at B1 L16384 (1.27 against 1.36), so d = 64
+#: stays here (``results/sweeps/2026-12-03-h200-stop24-attention-gluon-*.json``). A
+#: configuration passed to :func:`_forward` always selects this module's Triton kernel.
+HOPPER_HEAD_DIMS = (128,)
 
 
 def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
     """``(o, lse)``: ``o`` like ``q``; ``lse (B, H, L)`` float32, natural log."""
     B, L, H, d = q.shape
-    if config is None and HOPPER_FORWARD and not _backend.interpreting() and _hopper.applies(q, k, v):
+    if config is None and d in HOPPER_HEAD_DIMS and not _backend.interpreting() and _hopper.applies(q, k, v):
         return _hopper.forward(q, k, v, causal, scale)
     cfg = dict(config or config_for("fwd", q.dtype, d))
     _check_tiles("fwd", cfg)
