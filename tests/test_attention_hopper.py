@@ -52,6 +52,23 @@ def test_not_taken_on_cpu_or_where_it_does_not_apply():
         assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
 
 
+def test_refuses_what_it_cannot_take():
+    # Checked before any launch, so on any machine: a clear error, never a Triton crash.
+    q, k, v = qkv(1, 256, 2, 128, seed=0, dtype=torch.bfloat16, device="cpu")
+    assert hopper.unsupported(q, k, v) is None
+    cases = {
+        "d in (64, 128)": (q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous()),
+        "L a multiple of 128": (q[:, :200].contiguous(), k[:, :200].contiguous(), v[:, :200].contiguous()),
+        "bfloat16 or all float16": (q.float(), k.float(), v.float()),
+        "one shape": (q, k[:, :128], v),
+        "contiguous": tuple(torch.cat([x, x], -1)[..., :128] for x in (q, k, v)),  # rows 256 apart
+    }
+    for message, (a, b, c) in cases.items():
+        assert message in hopper.unsupported(a, b, c)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            hopper.forward(a, b, c, True, 0.1)
+
+
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

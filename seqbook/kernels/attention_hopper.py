@@ -95,18 +95,24 @@ CONSUMER_REGISTERS = triton.language.constexpr(240)
 LOADER_REGISTERS = triton.language.constexpr(24)
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether this kernel can take the forward of these ``(B, L, H, d)`` tensors."""
-    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
-        return False
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """What this kernel cannot take in these ``(B, L, H, d)`` tensors (None: nothing)."""
     B, L, H, d = q.shape
-    return (
-        q.dtype in (torch.bfloat16, torch.float16)
-        and k.dtype == v.dtype == q.dtype
-        and d in HEAD_DIMS
-        and L % BLOCK_M.value == 0
-        and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))
-    )
+    if q.dtype not in (torch.bfloat16, torch.float16) or not k.dtype == v.dtype == q.dtype:
+        return f"q, k, v must all be bfloat16 or all float16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not q.shape == k.shape == v.shape:
+        return f"q, k, v must have one shape (B, L, H, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if d not in HEAD_DIMS or L % BLOCK_M.value:
+        return f"needs d in {HEAD_DIMS} and L a multiple of {BLOCK_M.value}, got (B, L, H, d) = {tuple(q.shape)}"
+    if not all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v)):
+        return "q, k, v must be contiguous (B, L, H, d) tensors starting on 16-byte boundaries"
+    return None
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this kernel can take the forward of these ``(B, L, H, d)`` tensors, here."""
+    on_sm90 = HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    return on_sm90 and unsupported(q, k, v) is None
 
 
 if HAVE_GLUON:
@@ -137,8 +143,7 @@ if HAVE_GLUON:
         start_m, row0, col = _program(L, H, q_desc.block_type.shape[1], CAUSAL)
         for i in gl.static_range(2):
             mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row0 + start_m * BLOCK_M + i * 64, col], q_ready.index(i),
-                                            q_smem.index(i))
+            _tma_load(q_desc, [row0 + start_m * BLOCK_M + i * 64, col], q_ready.index(i), q_smem.index(i))
         for j in range(_num_blocks(start_m, L, CAUSAL)):
             slot = j % NBUF
             phase = (j // NBUF) & 1
@@ -207,8 +212,8 @@ if HAVE_GLUON:
         q = q_smem.index(half)
         mbarrier.wait(q_ready.index(half), 0)
 
-        # Block 0: scores and softmax (masked: when causal it may be the diagonal; elsewhere the
-        # mask keeps everything), nothing to overlap yet.
+        # Block 0: scores and softmax, nothing to overlap yet. Causal, it is masked: it is the
+        # diagonal of the first query block, and for the others the mask keeps every key.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), gl.zeros([64, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
@@ -226,9 +231,11 @@ if HAVE_GLUON:
         else:
             unmasked_end = n
         for j in range(1, unmasked_end):
-            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, o_layout, p_layout, False)
+            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale,
+                                     s_layout, o_layout, p_layout, False)
         for j in range(unmasked_end, n):  # causal: the diagonal block (none when n == 1)
-            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale, s_layout, o_layout, p_layout, True)
+            acc, p, m_i, l_i = _step(j, q, acc, p, m_i, l_i, rows, bufs, bars, qk_scale,
+                                     s_layout, o_layout, p_layout, True)
 
         last = (n - 1) % NBUF
         mbarrier.wait(v_ready.index(last), ((n - 1) // NBUF) & 1)
@@ -277,8 +284,11 @@ if HAVE_GLUON:
 
 
 def forward(q, k, v, causal: bool, scale: float, num_buffers: int = NUM_BUFFERS):
-    """``(o, lse)`` as :func:`seqbook.kernels.attention._forward` returns them; call only where
-    :func:`applies` is true."""
+    """``(o, lse)`` as :func:`seqbook.kernels.attention._forward` returns them, on an sm_90 GPU
+    (:func:`applies`)."""
+    problem = unsupported(q, k, v)
+    if problem:
+        raise ValueError(f"attention_hopper.forward: {problem}")
     B, L, H, d = q.shape
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     # Each (batch, head)'s rows are a (L, d) block of the (B L, H d) view: row b L + l, column h d.
