@@ -52,9 +52,11 @@ blocks per program: the unhidden prologue and epilogue weigh) to 1.09x at 16384
 (``results/sweeps/2026-12-03-h200-stop24-attention-gluon-lengths.json``). At d = 64 it lost to the
 portable kernel at B=4 L=4096 H=32 (0.747 against 0.719 ms) and won at L = 16384 (1.27 against
 1.36): with half the product work per score there is less to hide the softmax behind, and the
-default forward keeps the portable kernel there (``attention.HOPPER_HEAD_DIMS``). Not done:
-the order of the two warp groups' turns is left to the warp schedulers (FlashAttention-3 also
-orders them with named barriers), and the programs are not persistent.
+default forward keeps the portable kernel there (``attention.HOPPER_HEAD_DIMS``). The order of
+the two warp groups' products is left to the warp schedulers: strict turns (FlashAttention-3's
+ping-pong, here with a pair of barriers) lost, 1.80 against 1.75 ms at the shape above and 0.541
+against 0.529 at B=4 L=4096 (``results/sweeps/2026-12-03-h200-stop24-attention-gluon-pingpong.json``),
+and were not kept. Not done: persistent programs.
 """
 
 from __future__ import annotations
