@@ -49,7 +49,7 @@ import torch
 from seqbook import scan
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, kernel_info, register, register_check, register_sweep, relative_error, time_ms
+from .suite import Impl, Op, kernel_info, measure_ceilings, register, register_check, register_sweep, relative_error, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = dict(B=4, L=4096, D=2048, dtype="fp32")
@@ -215,6 +215,7 @@ def sweep(device: str = "cuda") -> list[dict]:
     time segments, at the target and at a small grid (B * D / BLOCK_D = 4 programs)."""
     k = kernels("scan")
     found = []
+    copy = measure_ceilings(device)["copy_TBps"] * 1e12  # bytes/s, this GPU, this run
     for shape in (TARGET, dict(TARGET, dtype="bf16")):
         inp = make_inputs(shape, device, seed=3)
         a, b, h0 = inp["a"], inp["b"], inp["h0"]
@@ -223,7 +224,7 @@ def sweep(device: str = "cuda") -> list[dict]:
         B, L, D = a.shape
         h_last, delta = torch.empty_like(h0), torch.empty(B, 1, D, device=device)
         da, db = torch.empty_like(a), torch.empty_like(a)
-        floors = {"fwd": _bytes(shape, 3) / 3.0e12 * 1e3, "bwd": _bytes(shape, 5) / 3.0e12 * 1e3}
+        floors = {"fwd": _bytes(shape, 3) / copy * 1e3, "bwd": _bytes(shape, 5) / copy * 1e3}
         for chunk, block_d in TILES:
             for warps in (4, 8):
                 for stages in (1, 3):
@@ -250,7 +251,7 @@ def sweep(device: str = "cuda") -> list[dict]:
     for shape in (TARGET, SMALL_GRID):
         inp = make_inputs(shape, device, seed=4)
         a, b, h0 = inp["a"], inp["b"], inp["h0"]
-        floor = _bytes(shape, 3) / 3.0e12 * 1e3
+        floor = _bytes(shape, 3) / copy * 1e3
         auto = k.choose_segments(shape["B"], shape["L"], shape["D"], k._fit(k.config_for(a.dtype, "fwd"), shape["L"], shape["D"]), a.device)
         for segments in sorted({1, 2, 4, 8, 16, 32, 64, auto}):
             ms = time_ms(lambda: k._forward(a, b, h0, a.dtype, segments=segments), warmup=10, rep=40)
