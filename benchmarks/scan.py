@@ -49,7 +49,8 @@ import torch
 from seqbook import scan
 from seqbook.backend import kernels
 
-from .suite import Impl, Op, kernel_info, measure_ceilings, register, register_check, register_sweep, relative_error, time_ms
+from .suite import (Impl, Op, kernel_info, measure_ceilings, register, register_check, register_sweep, relative_error,
+                    time_ms)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = dict(B=4, L=4096, D=2048, dtype="fp32")

@@ -30,6 +30,6 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     compiled = [line for line in proc.stdout.splitlines() if " ok " in line]
     assert len(compiled) >= 43, f"expected 43 cases, each compiling its kernels:\n{proc.stdout}"
     for kernel in ("_scan_fwd", "_vandermonde_bwd", "_cauchy_bwd", "_selective_scan_fwd_chunked", "_ssd_fwd",
-                   "_attn_fwd", "_attn_fwd_ws", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ladder_kernel", "_state_pass", "_chunk_out",
-                   "_chunk_grads"):  # fmt: skip
+                   "_attn_fwd", "_attn_fwd_ws", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ladder_kernel", "_state_pass",
+                   "_chunk_out", "_chunk_grads"):  # fmt: skip
         assert kernel in proc.stdout, f"{kernel} was not compiled:\n{proc.stdout}"

@@ -1,9 +1,10 @@
 r"""The attention forward for Hopper GPUs, written in Gluon: two warp groups take turns.
 
 :mod:`seqbook.kernels.attention` is the portable kernel (Triton, any GPU, the CPU
-interpreter); this module is one more forward behind the same ``_forward``, used only where
-it applies (:func:`applies`: an sm_90 GPU, 16-bit inputs, ``d`` = 64 or 128, ``L`` a multiple of
-128, Gluon importable). Same inputs, same outputs, same algorithm (FlashAttention's online
+interpreter); this module is one more forward behind the same ``_forward``, which takes it
+where it applies (:func:`applies`: an sm_90 GPU, 16-bit inputs, ``d`` = 64 or 128, ``L`` a
+multiple of 128, Gluon importable) and at the head sizes where it was measured faster
+(``attention.HOPPER_HEAD_DIMS``: 128). Same inputs, same outputs, same algorithm (FlashAttention's online
 softmax, base-2 exponentials, the log-sum-exp for the backward); read the portable kernel's
 docstring first. What differs is who does what, and when.
 
