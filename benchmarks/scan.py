@@ -206,8 +206,10 @@ register_check("scan", check)
 # Kernel configurations (to choose seqbook.kernels.scan.CONFIGS)
 # --------------------------------------------------------------------------------------
 
-# (CHUNK, BLOCK_D), each with 4 and 8 warps and 1 and 3 pipeline stages.
-TILES = [(32, 64), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64)]
+# (CHUNK, BLOCK_D), each with 1, 2 and 4 warps and 3 and 4 pipeline stages: around the
+# choices of 2026-12-03 (CONFIGS' comment), and the 64x64 tiles of four warps before them.
+TILES = [(32, 16), (64, 16), (32, 32), (64, 32), (128, 32), (64, 64)]
+WARPS, STAGES = (1, 2, 4), (3, 4)
 
 
 def sweep(device: str = "cuda") -> list[dict]:
@@ -227,8 +229,8 @@ def sweep(device: str = "cuda") -> list[dict]:
         da, db = torch.empty_like(a), torch.empty_like(a)
         floors = {"fwd": _bytes(shape, 3) / copy * 1e3, "bwd": _bytes(shape, 5) / copy * 1e3}
         for chunk, block_d in TILES:
-            for warps in (4, 8):
-                for stages in (1, 3):
+            for warps in WARPS:
+                for stages in STAGES:
                     cfg = dict(CHUNK=chunk, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=warps)
                     for kind in ("fwd", "bwd"):
                         if kind == "fwd":

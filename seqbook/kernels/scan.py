@@ -36,7 +36,8 @@ flight per program and reaches 8% of the bandwidth: shared/GPU.md.)
 
 This reads each input once and writes each output once, the floor's bytes, as long as
 there are enough column blocks to fill the GPU. When there are not (a small batch and
-few channels: ``B * D / BLOCK_D`` programs below half the multiprocessors), time is
+few channels: ``B * D / BLOCK_D`` programs with fewer than two warps per multiprocessor
+in all), time is
 cut into ``S`` *segments* too, in three passes (the classic way to scan more elements
 than there are processors; Blelloch 1990):
 
@@ -255,17 +256,22 @@ def _scan_bwd(
 # --------------------------------------------------------------------------------------
 
 #: Tile and launch parameters of the compiled kernels, by direction and input element size
-#: (bytes). Chosen on an H100 (Triton 3.6) at B=4, L=4096, D=2048 from the sweep of
-#: benchmarks/scan.py (kept in benchmarks/results/sweeps/): float32 forward 0.145 ms and
-#: backward 0.240 ms alone, 93% of their floors; bfloat16 0.110 and 0.143 ms, where the
-#: in-tile scan's arithmetic, not memory, sets the pace (61% and 78%). NUM_STAGES=3 lets the
-#: compiler load the next tiles while this one is scanned (asynchronous copies into shared
-#: memory): 1.2 to 1.6 times faster than NUM_STAGES=1 with 64-step tiles.
+#: (bytes). Chosen on the H200 (Triton 3.6) at B=4, L=4096, D=2048 from a sweep of 168
+#: configurations per kernel and dtype, then checked against the runners-up at seven shapes
+#: (benchmarks/results/sweeps/2026-12-03-h200-stop25-scan-*.json). The float32 forward alone
+#: takes 0.108 ms there, 88% of the floor at the copy bandwidth measured in the same run
+#: (4.25 TB/s; the earlier 64x64 tiles of four warps: 0.136 ms, 70%), the backward 0.175 ms,
+#: 91% (0.201 ms). Small programs win: a program of one or two warps scans its tile with warp
+#: shuffles alone, with no barrier across warps, and a multiprocessor holds several such
+#: programs that wait independently, where one four-warp program per multiprocessor (the
+#: 64x64 tiles gave 128 programs for 132 multiprocessors) stalls as a whole at every barrier.
+#: NUM_STAGES > 1 lets the compiler load the next tiles while this one is scanned
+#: (asynchronous copies into shared memory).
 CONFIGS = {
-    ("fwd", 4): dict(CHUNK=64, BLOCK_D=64, NUM_STAGES=3, num_warps=4),
-    ("bwd", 4): dict(CHUNK=32, BLOCK_D=64, NUM_STAGES=3, num_warps=4),
-    ("fwd", 2): dict(CHUNK=128, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
-    ("bwd", 2): dict(CHUNK=64, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
+    ("fwd", 4): dict(CHUNK=32, BLOCK_D=16, NUM_STAGES=4, num_warps=1),
+    ("bwd", 4): dict(CHUNK=32, BLOCK_D=32, NUM_STAGES=4, num_warps=2),
+    ("fwd", 2): dict(CHUNK=64, BLOCK_D=16, NUM_STAGES=4, num_warps=1),
+    ("bwd", 2): dict(CHUNK=128, BLOCK_D=32, NUM_STAGES=3, num_warps=4),
 }
 
 
@@ -287,20 +293,21 @@ def choose_segments(batch: int, L: int, D: int, cfg: dict, device: torch.device)
     """How many segments to cut time into (1 = a single pass; see the module docstring).
 
     A single pass moves the fewest bytes; three passes move 5/3 of them but give
-    ``S`` times more programs. Split only when the column blocks alone would leave
-    more than half the multiprocessors idle, into enough segments for about two
-    programs per multiprocessor, each segment at least 8 tiles long. On the H100 at
-    B=1, L=65536, D=256 (4 column blocks) that is 66 segments: the forward takes 0.23 ms
-    against 2.0 ms in one pass (eager calls; benchmarks/results/sweeps/).
+    ``S`` times more programs. Split only when the column blocks alone would give the
+    GPU fewer than two warps per multiprocessor, into enough segments for about eight
+    (two programs of four warps, or eight of one), each segment at least 8 tiles long.
+    Counted in warps, not programs, because the configurations differ in warps per program.
+    On the H100 at B=1, L=65536, D=256 (4 column blocks of 4 warps) that is 66 segments:
+    the forward takes 0.23 ms against 2.0 ms in one pass (eager calls; benchmarks/results/sweeps/).
     """
     if device.type != "cuda":
         return 1
-    programs = batch * triton.cdiv(D, cfg["BLOCK_D"])
+    warps = batch * triton.cdiv(D, cfg["BLOCK_D"]) * cfg["num_warps"]
     sms = _multiprocessors(device.index)
-    if 2 * programs >= sms:
+    if warps >= 2 * sms:
         return 1
     longest = triton.cdiv(L, 8 * cfg["CHUNK"])
-    return max(1, min(triton.cdiv(2 * sms, programs), longest))
+    return max(1, min(triton.cdiv(8 * sms, warps), longest))
 
 
 @functools.cache
