@@ -10,8 +10,11 @@ Two FLOPs per element against twelve bytes (float32: read ``a_t`` and ``b_t``, w
 ``h_t``): the scan is bound by memory. At ``B=4, L=4096, D=2048`` the forward must move
 403 MB, 0.134 ms at the H100's 3.0 TB/s; that time is the floor, and the kernel is
 judged by the fraction of it that it reaches. Measured there (Triton 3.6, CUDA-graph
-replays, benchmarks/results/): forward 0.145 ms, 92% of the floor; forward and backward
-0.394 ms, 91% of theirs (1.07 GB).
+replays, benchmarks/results/, with the 64x64 tiles of four warps used then): forward
+0.145 ms, 92% of the floor; forward and backward 0.394 ms, 91% of theirs (1.07 GB). On the
+H200 (4.23 TB/s) those tiles stayed at the same speed, 70% and 67%; the smaller tiles of
+:data:`CONFIGS` reach 0.109 ms, 88%, and 0.277 ms, 92%
+(2026-12-03-h200-stop25-scan.json).
 
 Where the parallelism comes from
 --------------------------------
@@ -259,14 +262,17 @@ def _scan_bwd(
 #: (bytes). Chosen on the H200 (Triton 3.6) at B=4, L=4096, D=2048 from a sweep of 168
 #: configurations per kernel and dtype, then checked against the runners-up at seven shapes
 #: (benchmarks/results/sweeps/2026-12-03-h200-stop25-scan-*.json). The float32 forward alone
-#: takes 0.108 ms there, 88% of the floor at the copy bandwidth measured in the same run
-#: (4.25 TB/s; the earlier 64x64 tiles of four warps: 0.136 ms, 70%), the backward 0.175 ms,
-#: 91% (0.201 ms). Small programs win: a program of one or two warps scans its tile with warp
-#: shuffles alone, with no barrier across warps, and a multiprocessor holds several such
-#: programs that wait independently, where one four-warp program per multiprocessor (the
-#: 64x64 tiles gave 128 programs for 132 multiprocessors) stalls as a whole at every barrier.
-#: NUM_STAGES > 1 lets the compiler load the next tiles while this one is scanned
-#: (asynchronous copies into shared memory).
+#: takes 0.108 ms there, 88% of the floor at the copy bandwidth measured in the same run (4.25
+#: TB/s; the earlier 64x64 tiles of four warps: 0.136 ms, 70%), the backward 0.175 ms, 91%
+#: (0.201 ms); bfloat16 0.099 and 0.122 ms (0.110 and 0.139). Where they lose: at L = 32768 the
+#: 128x32 tiles of four warps are 8 to 10% faster on the forward (3% slower at the target), and
+#: at B=2, L=2048, D=512 the float32 backward takes 1.22 times as long (eight short segments).
+#: Our reading of why small programs win: a program of one or two warps scans its tile with
+#: warp shuffles alone, with no barrier across warps, and a multiprocessor holds several such
+#: programs that wait independently, where one four-warp program per multiprocessor (the 64x64
+#: tiles gave 128 programs for 132 multiprocessors) stalls as a whole at every barrier.
+#: NUM_STAGES > 1 lets the compiler load the next tiles while this one is scanned (asynchronous
+#: copies into shared memory).
 CONFIGS = {
     ("fwd", 4): dict(CHUNK=32, BLOCK_D=16, NUM_STAGES=4, num_warps=1),
     ("bwd", 4): dict(CHUNK=32, BLOCK_D=32, NUM_STAGES=4, num_warps=2),
@@ -297,8 +303,11 @@ def choose_segments(batch: int, L: int, D: int, cfg: dict, device: torch.device)
     GPU fewer than two warps per multiprocessor, into enough segments for about eight
     (two programs of four warps, or eight of one), each segment at least 8 tiles long.
     Counted in warps, not programs, because the configurations differ in warps per program.
-    On the H100 at B=1, L=65536, D=256 (4 column blocks of 4 warps) that is 66 segments:
-    the forward takes 0.23 ms against 2.0 ms in one pass (eager calls; benchmarks/results/sweeps/).
+    At B=1, L=65536, D=256 that is 66 segments; on the H100, with the earlier 64x64 tiles
+    of four warps, the forward took 0.23 ms there against 2.0 ms in one pass (eager calls;
+    benchmarks/results/sweeps/). With the configurations of :data:`CONFIGS` the thresholds
+    stay where they were in channels: on 132 multiprocessors, split when ``B * D < 4224``
+    (``2112`` for the bfloat16 backward).
     """
     if device.type != "cuda":
         return 1
