@@ -262,17 +262,18 @@ def _scan_bwd(
 #: (bytes). Chosen on the H200 (Triton 3.6) at B=4, L=4096, D=2048 from a sweep of 168
 #: configurations per kernel and dtype, then checked against the runners-up at seven shapes
 #: (benchmarks/results/sweeps/2026-12-03-h200-stop25-scan-*.json). The float32 forward alone
-#: takes 0.108 ms there, 88% of the floor at the copy bandwidth measured in the same run (4.25
-#: TB/s; the earlier 64x64 tiles of four warps: 0.136 ms, 70%), the backward 0.175 ms, 91%
-#: (0.201 ms); bfloat16 0.099 and 0.122 ms (0.110 and 0.139). Where they lose: at L = 32768 the
-#: 128x32 tiles of four warps are 8 to 10% faster on the forward (3% slower at the target), and
-#: at B=2, L=2048, D=512 the float32 backward takes 1.22 times as long (eight short segments).
-#: Our reading of why small programs win: a program of one or two warps scans its tile with
-#: warp shuffles alone, with no barrier across warps, and a multiprocessor holds several such
-#: programs that wait independently, where one four-warp program per multiprocessor (the 64x64
-#: tiles gave 128 programs for 132 multiprocessors) stalls as a whole at every barrier.
-#: NUM_STAGES > 1 lets the compiler load the next tiles while this one is scanned (asynchronous
-#: copies into shared memory).
+#: takes 0.108 ms there, 88% of the floor at the copy bandwidth measured in the same run
+#: (4.25 TB/s; the earlier 64x64 tiles of four warps: 0.136 ms, 70%), the backward 0.175 ms,
+#: 91% (0.201 ms); bfloat16 0.099 and 0.122 ms (0.110 and 0.139). Where they lose: at L = 32768
+#: the 128x32 tiles of four warps are 8 to 10% faster on the forward (3% slower at the target),
+#: and at B=2, L=2048, D=512 the float32 backward takes 1.22 times as long (eight short
+#: segments). Our reading: with the 64x64 tiles each multiprocessor held one program (128
+#: programs for 132), which stalls as a whole at every barrier of the in-tile scan; eight warps
+#: per program made it slower (0.205 ms), more programs per multiprocessor faster (64x32 tiles,
+#: four warps, two programs: 0.122 ms), and programs of one warp, which scan a tile with warp
+#: shuffles alone and no barrier, fastest (four per multiprocessor). NUM_STAGES > 1 lets the
+#: compiler load the next tiles while this one is scanned (asynchronous copies into shared
+#: memory).
 CONFIGS = {
     ("fwd", 4): dict(CHUNK=32, BLOCK_D=16, NUM_STAGES=4, num_warps=1),
     ("bwd", 4): dict(CHUNK=32, BLOCK_D=32, NUM_STAGES=4, num_warps=2),
