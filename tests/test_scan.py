@@ -220,6 +220,35 @@ def test_auto_backend_by_device(device):
         scan.linear_recurrence(a.to(F64), b.to(F64), backend="triton")
 
 
+@pytest.mark.parametrize("key", sorted(backend.kernels("scan").CONFIGS))
+def test_time_segments_only_for_small_grids(monkeypatch, key):
+    # The rule alone, on a pretend GPU of 132 multiprocessors (no GPU needed).
+    kernels = backend.kernels("scan")
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    cuda, cfg = torch.device("cuda", 0), kernels.CONFIGS[key]
+    assert kernels.choose_segments(4, 4096, 2048, cfg, cuda) == 1  # enough channel blocks: one pass
+    assert kernels.choose_segments(1, 65536, 256, cfg, torch.device("cpu")) == 1  # the interpreter: one pass
+    S = kernels.choose_segments(1, 65536, 256, cfg, cuda)
+    warps = 256 // cfg["BLOCK_D"] * cfg["num_warps"]
+    assert S > 1 and S * warps >= 2 * 132, (S, warps)  # a few channels: enough warps with segments
+    assert 65536 // S >= 8 * cfg["CHUNK"], S  # each segment at least 8 tiles long
+
+
+def test_time_segments_count_warps(monkeypatch):
+    # Programs of one warp over 16 channels split time at the same channel counts as
+    # programs of four warps over 64: the rule counts warps, not programs.
+    kernels = backend.kernels("scan")
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    narrow = dict(CHUNK=32, BLOCK_D=16, NUM_STAGES=4, num_warps=1)
+    wide = dict(CHUNK=32, BLOCK_D=64, NUM_STAGES=4, num_warps=4)
+    for channels in range(64, 8192 + 1, 64):
+        assert kernels.choose_segments(1, 8192, channels, narrow, cuda) == kernels.choose_segments(
+            1, 8192, channels, wide, cuda
+        ), channels
+    assert kernels.choose_segments(1, 8192, 64 * 65, wide, cuda) > 1  # 260 warps: under two per multiprocessor
+    assert kernels.choose_segments(1, 8192, 64 * 66, wide, cuda) == 1  # 264 warps: two per multiprocessor
+
 # --------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument
 # --------------------------------------------------------------------------------------

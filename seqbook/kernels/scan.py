@@ -39,10 +39,9 @@ flight per program and reaches 8% of the bandwidth: shared/GPU.md.)
 
 This reads each input once and writes each output once, the floor's bytes, as long as
 there are enough column blocks to fill the GPU. When there are not (a small batch and
-few channels: ``B * D / BLOCK_D`` programs with fewer than two warps per multiprocessor
-in all), time is
-cut into ``S`` *segments* too, in three passes (the classic way to scan more elements
-than there are processors; Blelloch 1990):
+few channels: the ``B * D / BLOCK_D`` programs bring fewer than two warps per
+multiprocessor), time is cut into ``S`` *segments* too, in three passes (the classic way
+to scan more elements than there are processors; Blelloch 1990):
 
 1. each segment is scanned from a zero state, keeping only its composite map
    ``(A_seg, B_seg)`` (the product of its decays and its final state from zero);
