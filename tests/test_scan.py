@@ -246,8 +246,8 @@ def test_time_segments_count_warps(monkeypatch):
         assert kernels.choose_segments(1, 8192, channels, narrow, cuda) == kernels.choose_segments(
             1, 8192, channels, wide, cuda
         ), channels
-    assert kernels.choose_segments(1, 8192, 64 * 65, wide, cuda) > 1  # 260 warps: under two per multiprocessor
-    assert kernels.choose_segments(1, 8192, 64 * 66, wide, cuda) == 1  # 264 warps: two per multiprocessor
+    assert kernels.choose_segments(1, 8192, 64 * 49, wide, cuda) > 1  # 196 warps: under 1.5 per multiprocessor
+    assert kernels.choose_segments(1, 8192, 64 * 50, wide, cuda) == 1  # 200 warps: over
 
 # --------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument

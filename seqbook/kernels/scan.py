@@ -39,7 +39,7 @@ flight per program and reaches 8% of the bandwidth: shared/GPU.md.)
 
 This reads each input once and writes each output once, the floor's bytes, as long as
 there are enough column blocks to fill the GPU. When there are not (a small batch and
-few channels: the ``B * D / BLOCK_D`` programs bring fewer than two warps per
+few channels: the ``B * D / BLOCK_D`` programs bring fewer than 1.5 warps per
 multiprocessor), time is cut into ``S`` *segments* too, in three passes (the classic way
 to scan more elements than there are processors; Blelloch 1990):
 
@@ -300,20 +300,22 @@ def choose_segments(batch: int, L: int, D: int, cfg: dict, device: torch.device)
 
     A single pass moves the fewest bytes; three passes move 5/3 of them but give
     ``S`` times more programs. Split only when the column blocks alone would give the
-    GPU fewer than two warps per multiprocessor, into enough segments for about eight
+    GPU fewer than 1.5 warps per multiprocessor, into enough segments for about eight
     (two programs of four warps, or eight of one), each segment at least 8 tiles long.
     Counted in warps, not programs, because the configurations differ in warps per program.
-    At B=1, L=65536, D=256 that is 66 segments; on the H100, with the earlier 64x64 tiles
-    of four warps, the forward took 0.23 ms there against 2.0 ms in one pass (eager calls;
-    benchmarks/results/sweeps/). With the configurations of :data:`CONFIGS` the thresholds
-    stay where they were in channels: on 132 multiprocessors, split when ``B * D < 4224``
-    (``2112`` for the bfloat16 backward).
+    On 132 multiprocessors, with :data:`CONFIGS`, that splits when ``B * D < 3168``
+    (``1584`` for the bfloat16 backward). Measured on the H200 at B=1 (eager calls,
+    benchmarks/results/sweeps/2026-12-03-h200-stop25-scan-segments.json), float32: at
+    D=4096 (1.9 warps per multiprocessor) one pass beat every split forward, 0.164 against
+    0.20 ms or more at L=8192 and 0.635 against 0.79 or more at L=32768; at D=2048 (one warp
+    per multiprocessor) five segments won, 0.111 against 0.159 ms. At B=1, L=65536, D=256 the
+    rule gives 66 segments: 0.224 ms against 1.22 in one pass.
     """
     if device.type != "cuda":
         return 1
     warps = batch * triton.cdiv(D, cfg["BLOCK_D"]) * cfg["num_warps"]
     sms = _multiprocessors(device.index)
-    if warps >= 2 * sms:
+    if 2 * warps >= 3 * sms:
         return 1
     longest = triton.cdiv(L, 8 * cfg["CHUNK"])
     return max(1, min(triton.cdiv(8 * sms, warps), longest))
